@@ -1,0 +1,1 @@
+"""Ray actors: thin adapters over `fleet` (robots, replay, learner)."""

@@ -1,0 +1,1 @@
+"""Ray Serve deployments: the batched policy server and the HTTP ingress."""

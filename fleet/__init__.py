@@ -1,0 +1,7 @@
+"""vla-fleet: one multi-embodiment VLA policy served to a fleet of robots on Ray.
+
+The core library (this package) imports neither Ray nor, for the control layer, torch; the Ray
+adapters live in `actors/` and `deployments/`, and `fleet.launcher` / `fleet.cli` import Ray lazily.
+"""
+
+__version__ = "0.1.0"

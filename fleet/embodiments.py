@@ -1,0 +1,238 @@
+"""The embodiment registry: what each robot body looks like to the policy and to the safety layer.
+
+A spec is a frozen, validated dataclass. `EMBODIMENTS` holds the four bodies from the course notes;
+`register_embodiment(spec)` adds a fifth without editing the package.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+HeadKind = Literal["token", "flow"]
+
+
+@dataclass(frozen=True)
+class EmbodimentSpec:
+    """One robot body. Every per-dimension field has `action_dim` entries."""
+
+    name: str
+    # short lowercase identifier, also the embodiment token: "franka" -> [EMB_FRANKA]
+    action_dim: int
+    # number of action dimensions the head emits per control step
+    head: HeadKind
+    # "token": per-dimension bins decoded step by step; "flow": flow matching over the chunk
+    proprio_dim: int
+    # length of the float32 proprioception vector in observations
+    action_low: tuple[float, ...]
+    # workspace lower bound per action dimension (the safety layer clips here)
+    action_high: tuple[float, ...]
+    # workspace upper bound per action dimension
+    max_velocity: tuple[float, ...]
+    # fastest allowed change of each commanded dimension, in units per second
+    max_force: float
+    # measured force/torque norm (N) above which the robot emergency-stops
+    control_hz: float
+    # control ticks per second in real-time mode
+    chunk_size: int = 16
+    # actions per policy reply
+    recompute_every: int = 4
+    # ask for a new chunk after this many actions of the current one were used
+    max_velocity_norm: float | None = None
+    # optional bound on the norm of the per-second change vector; None = sqrt(sum(max_velocity^2))
+    max_acceleration: tuple[float, ...] | None = None
+    # optional per-dimension bound on the change of the change, units per second^2
+    max_episode_steps: int = 100
+    # time limit of one simulated episode, in control ticks
+    dim_names: tuple[str, ...] = field(default=())
+    # human-readable name per action dimension (for plots and errors); empty = "a0", "a1", ...
+    description: str = ""
+    # one line shown in `fleet status` and the README
+
+    def __post_init__(self) -> None:
+        def fail(field_name: str, expected: str, got: object) -> None:
+            raise ValueError(f"EmbodimentSpec {self.name!r}: field {field_name!r} must be {expected}, got {got!r}")
+
+        if not isinstance(self.name, str) or not self.name.isidentifier() or self.name.lower() != self.name:
+            fail("name", "a lowercase identifier such as 'franka'", self.name)
+        if not isinstance(self.action_dim, int) or self.action_dim < 1:
+            fail("action_dim", "a positive int", self.action_dim)
+        if self.head not in ("token", "flow"):
+            fail("head", "'token' or 'flow'", self.head)
+        if not isinstance(self.proprio_dim, int) or self.proprio_dim < 1:
+            fail("proprio_dim", "a positive int", self.proprio_dim)
+        for fname in ("action_low", "action_high", "max_velocity"):
+            value = getattr(self, fname)
+            if len(value) != self.action_dim:
+                fail(fname, f"a tuple of {self.action_dim} floats (action_dim)", value)
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value):
+                fail(fname, "finite numbers", value)
+            object.__setattr__(self, fname, tuple(float(v) for v in value))
+        if any(lo >= hi for lo, hi in zip(self.action_low, self.action_high, strict=True)):
+            fail("action_low/action_high", "low < high in every dimension", (self.action_low, self.action_high))
+        if any(v <= 0 for v in self.max_velocity):
+            fail("max_velocity", "positive in every dimension", self.max_velocity)
+        if self.max_acceleration is not None:
+            if len(self.max_acceleration) != self.action_dim or any(
+                not math.isfinite(v) or v <= 0 for v in self.max_acceleration
+            ):
+                fail("max_acceleration", f"None or {self.action_dim} positive finite floats", self.max_acceleration)
+            object.__setattr__(self, "max_acceleration", tuple(float(v) for v in self.max_acceleration))
+        if not (isinstance(self.max_force, (int, float)) and math.isfinite(self.max_force) and self.max_force > 0):
+            fail("max_force", "a positive finite number of newtons", self.max_force)
+        if not (isinstance(self.control_hz, (int, float)) and 0 < self.control_hz <= 1000):
+            fail("control_hz", "a number in (0, 1000]", self.control_hz)
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            fail("chunk_size", "a positive int", self.chunk_size)
+        if not isinstance(self.recompute_every, int) or not 1 <= self.recompute_every <= self.chunk_size:
+            fail("recompute_every", f"an int in [1, chunk_size={self.chunk_size}]", self.recompute_every)
+        if self.max_velocity_norm is not None and not (self.max_velocity_norm > 0):
+            fail("max_velocity_norm", "None or a positive number", self.max_velocity_norm)
+        if not isinstance(self.max_episode_steps, int) or self.max_episode_steps < 1:
+            fail("max_episode_steps", "a positive int", self.max_episode_steps)
+        if self.dim_names and len(self.dim_names) != self.action_dim:
+            fail("dim_names", f"empty or {self.action_dim} names", self.dim_names)
+        if not self.dim_names:
+            object.__setattr__(self, "dim_names", tuple(f"a{i}" for i in range(self.action_dim)))
+
+    @property
+    def token(self) -> str:
+        """The embodiment token prepended to the policy's input sequence."""
+        return f"[EMB_{self.name.upper()}]"
+
+    @property
+    def dt(self) -> float:
+        """Control period in seconds."""
+        return 1.0 / self.control_hz
+
+    @property
+    def velocity_norm_bound(self) -> float:
+        if self.max_velocity_norm is not None:
+            return float(self.max_velocity_norm)
+        return math.sqrt(sum(v * v for v in self.max_velocity))
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (stored in checkpoint metadata)."""
+        return {
+            "name": self.name,
+            "action_dim": self.action_dim,
+            "head": self.head,
+            "proprio_dim": self.proprio_dim,
+            "action_low": list(self.action_low),
+            "action_high": list(self.action_high),
+            "max_velocity": list(self.max_velocity),
+            "max_force": self.max_force,
+            "control_hz": self.control_hz,
+            "chunk_size": self.chunk_size,
+            "recompute_every": self.recompute_every,
+            "max_velocity_norm": self.max_velocity_norm,
+            "max_acceleration": None if self.max_acceleration is None else list(self.max_acceleration),
+            "max_episode_steps": self.max_episode_steps,
+            "dim_names": list(self.dim_names),
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EmbodimentSpec:
+        kw = dict(d)
+        for k in ("action_low", "action_high", "max_velocity", "dim_names"):
+            if k in kw and kw[k] is not None:
+                kw[k] = tuple(kw[k])
+        if kw.get("max_acceleration") is not None:
+            kw["max_acceleration"] = tuple(kw["max_acceleration"])
+        return cls(**kw)
+
+
+def _arm(prefix: str = "") -> tuple[str, ...]:
+    return tuple(f"{prefix}{n}" for n in ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"))
+
+
+# Arm actions are end-effector delta poses per tick (metres, radians) plus a gripper command in [-1, 1]
+# (-1 open, +1 closed). Velocity limits bound how fast each command may change; they allow the full
+# gripper stroke in 0.2 s and a full-scale translation command change in about 3 ticks.
+_FRANKA = EmbodimentSpec(
+    name="franka",
+    action_dim=7,
+    head="token",
+    proprio_dim=8,
+    action_low=(-0.05, -0.05, -0.05, -0.1, -0.1, -0.1, -1.0),
+    action_high=(0.05, 0.05, 0.05, 0.1, 0.1, 0.1, 1.0),
+    max_velocity=(0.4, 0.4, 0.4, 0.8, 0.8, 0.8, 10.0),
+    max_force=30.0,
+    control_hz=10.0,
+    max_episode_steps=80,
+    dim_names=_arm(),
+    description="7-DOF arm: pick up the named object (end-effector delta pose + gripper)",
+)
+
+_ALOHA = EmbodimentSpec(
+    name="aloha",
+    action_dim=14,
+    head="flow",
+    proprio_dim=16,
+    action_low=(-0.05, -0.05, -0.05, -0.1, -0.1, -0.1, -1.0) * 2,
+    action_high=(0.05, 0.05, 0.05, 0.1, 0.1, 0.1, 1.0) * 2,
+    max_velocity=(0.8, 0.8, 0.8, 1.6, 1.6, 1.6, 20.0) * 2,
+    max_force=40.0,
+    control_hz=20.0,
+    max_episode_steps=100,
+    dim_names=_arm("left_") + _arm("right_"),
+    description="bimanual arms: grasp both ends of the bar and lift (2 x delta pose + gripper)",
+)
+
+# Mobile base actions are body-frame velocities (m/s, m/s, rad/s).
+_HELLO = EmbodimentSpec(
+    name="hello",
+    action_dim=3,
+    head="token",
+    proprio_dim=5,
+    action_low=(-0.6, -0.6, -1.5),
+    action_high=(0.6, 0.6, 1.5),
+    max_velocity=(2.4, 2.4, 6.0),
+    max_force=60.0,
+    control_hz=5.0,
+    max_episode_steps=60,
+    dim_names=("vx", "vy", "yaw_rate"),
+    description="mobile base (Stretch): drive to the named marker around obstacles (vx, vy, yaw rate)",
+)
+
+# Hand actions are absolute joint and wrist targets (radians), normalised joint range [0, 1.6];
+# the simulated hand tracks targets with a first-order lag.
+_LEAP = EmbodimentSpec(
+    name="leap",
+    action_dim=24,
+    head="flow",
+    proprio_dim=24,
+    action_low=(0.0,) * 16 + (-0.6,) * 8,
+    action_high=(1.6,) * 16 + (0.6,) * 8,
+    max_velocity=(6.0,) * 16 + (3.0,) * 8,
+    max_force=20.0,
+    control_hz=10.0,
+    max_episode_steps=40,
+    dim_names=tuple(f"finger{f}_j{j}" for f in range(4) for j in range(4)) + tuple(f"wrist{i}" for i in range(8)),
+    description="dexterous hand: shape the grasp the object in view calls for (24 joint and wrist targets)",
+)
+
+EMBODIMENTS: dict[str, EmbodimentSpec] = {s.name: s for s in (_FRANKA, _ALOHA, _HELLO, _LEAP)}
+BUILTIN_EMBODIMENTS: tuple[str, ...] = tuple(EMBODIMENTS)
+
+
+def register_embodiment(spec: EmbodimentSpec, *, replace: bool = False) -> EmbodimentSpec:
+    """Add a robot body to the registry. Refuses a malformed spec or a silent overwrite."""
+    if not isinstance(spec, EmbodimentSpec):
+        raise TypeError(f"register_embodiment expects an EmbodimentSpec, got {type(spec).__name__}")
+    if spec.name in EMBODIMENTS and not replace:
+        raise ValueError(f"embodiment {spec.name!r} is already registered; pass replace=True to overwrite it")
+    if spec.name in BUILTIN_EMBODIMENTS and replace:
+        raise ValueError(f"embodiment {spec.name!r} is built in and cannot be replaced")
+    EMBODIMENTS[spec.name] = spec
+    return spec
+
+
+def get_embodiment(name: str) -> EmbodimentSpec:
+    """Look up a spec by name with an error that lists what exists."""
+    try:
+        return EMBODIMENTS[name]
+    except KeyError:
+        raise ValueError(f"unknown embodiment {name!r}; known: {sorted(EMBODIMENTS)}") from None

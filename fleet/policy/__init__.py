@@ -1,0 +1,1 @@
+"""The multi-embodiment VLA policy (torch): tokenizer, encoders, backbone, heads, checkpoints, training."""
