@@ -192,7 +192,7 @@ _HELLO = EmbodimentSpec(
     max_velocity=(2.4, 2.4, 6.0),
     max_force=60.0,
     control_hz=5.0,
-    max_episode_steps=60,
+    max_episode_steps=80,
     dim_names=("vx", "vy", "yaw_rate"),
     description="mobile base (Stretch): drive to the named marker around obstacles (vx, vy, yaw rate)",
 )
