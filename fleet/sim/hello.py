@@ -62,9 +62,10 @@ def distance_field(obstacles: np.ndarray, goal: np.ndarray) -> np.ndarray:
     return dist
 
 
-def _lookup(field: np.ndarray, p: np.ndarray) -> float:
-    i = np.clip(((p + ROOM) / CELL).astype(int), 0, N_CELLS - 1)
-    return float(field[i[0], i[1]])
+def _lookup(field: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Field values at (K, 2) world points (nearest cell)."""
+    i = np.clip(((points + ROOM) / CELL).astype(int), 0, N_CELLS - 1)
+    return field[i[:, 0], i[:, 1]]
 
 
 class HelloEnv(FleetEnv):
@@ -137,7 +138,7 @@ class HelloEnv(FleetEnv):
         dist = float(np.hypot(*to_goal))
         step = 0.25
         cands = pos + step * _DIRS
-        vals = np.array([_lookup(s["field"], p) for p in cands])
+        vals = _lookup(s["field"], cands)
         if dist < 0.45 or not np.isfinite(vals).any():
             direction = to_goal / max(dist, 1e-6)
         else:
