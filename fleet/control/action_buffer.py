@@ -1,0 +1,213 @@
+"""Action-chunk recycling: hand out one action per control tick from the policy's chunks, merging seams.
+
+A chunk pushed with `obs_tick` holds the actions meant for ticks obs_tick, obs_tick + 1, ...; where it overlaps
+what is already planned, the `aggregate` rule merges the two, so a new chunk does not jerk the robot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+AGGREGATES = ("latest", "weighted", "temporal_ensemble", "conservative")
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    """How chunks are stored, merged and refilled."""
+
+    chunk_size: int = 16
+    # longest chunk push() accepts: the policy's horizon
+    recompute_every: int = 4
+    # ask for the next chunk once this many ticks have passed since the newest chunk's observation
+    aggregate: str = "latest"
+    # seam rule, one of AGGREGATES (see ActionBuffer)
+    ensemble_m: float = 0.01
+    # temporal_ensemble decay m in w_i = exp(-m * i), i = 0 for the oldest prediction of a tick (ACT's default)
+    low_water: int = 1
+    # also refill when fewer than this many actions are buffered from the current tick on
+    request_timeout: int | None = None
+    # a request pending this many ticks is presumed lost and needs_refill turns true again; None = chunk_size
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, value: object, upper: int | None = None) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upper and value > upper):
+                bound = f"an int in [1, {upper}]" if upper else "a positive int"
+                raise ValueError(f"BufferConfig.{name}: expected {bound}, got {value!r}")
+
+        positive_int("chunk_size", self.chunk_size)
+        positive_int("recompute_every", self.recompute_every, self.chunk_size)
+        positive_int("low_water", self.low_water, self.chunk_size)
+        if self.request_timeout is not None:
+            positive_int("request_timeout", self.request_timeout)
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"BufferConfig.aggregate: expected one of {AGGREGATES}, got {self.aggregate!r}")
+        m = self.ensemble_m
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (math.isfinite(m) and m >= 0):
+            raise ValueError(f"BufferConfig.ensemble_m: expected a finite number >= 0, got {m!r}")
+
+
+class _Slot:
+    """The plan for one tick: action = total / weight (weight is 1 except under temporal_ensemble)."""
+
+    __slots__ = ("total", "weight", "count", "obs_tick")
+
+    def __init__(self, action: np.ndarray, obs_tick: int) -> None:
+        self.total, self.weight, self.count, self.obs_tick = action, 1.0, 1, obs_tick
+
+    @property
+    def action(self) -> np.ndarray:
+        return self.total / self.weight if self.weight != 1.0 else self.total.copy()
+
+
+def _tick(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative int tick, got {value!r}")
+    return int(value)
+
+
+class ActionBuffer:
+    """Planned actions per tick, with seam merging.
+
+    Aggregates, where a new chunk overlaps the plan:
+      latest            the new chunk replaces the plan.
+      weighted          linear cross-fade over the L overlapping ticks: the k-th (k = 0..L-1) gets weight
+                        (k + 1) / (L + 1) on the new chunk, so the seam ramps from the old plan to the new one.
+      temporal_ensemble ACT: every prediction of a tick is averaged with w_i = exp(-m * i), i = 0 for the oldest,
+                        kept as running sums per tick.
+      conservative      per dimension, the candidate closer to the last handed-out action (the smaller change;
+                        before the first pop, the smaller magnitude); ties keep the plan.
+
+    Refill protocol: when `needs_refill(tick)` is true, ask the policy with obs_tick = tick and call
+    `mark_requested(tick)`; `push` clears the request, `cancel_request` drops it. Callers that push
+    synchronously may skip `mark_requested`. Ticks restart at 0 after `reset()`.
+    """
+
+    def __init__(
+        self, chunk_size: int = 16, recompute_every: int = 4, aggregate: str = "latest", **options: object
+    ) -> None:
+        self.config = BufferConfig(chunk_size, recompute_every, aggregate, **options)
+        self.action_dim: int | None = None  # fixed by the first push
+        self.last_obs_tick: int | None = None  # obs_tick of the newest chunk behind the last popped action
+        self._stats = dict.fromkeys(("chunks_pushed", "actions_popped", "dropped_stale", "starved_ticks"), 0)
+        self._stats |= dict.fromkeys(("merges", "seams", "dropped_out_of_order"), 0)
+        self.reset()
+
+    @classmethod
+    def from_config(cls, config: BufferConfig) -> ActionBuffer:
+        return cls(**{f: getattr(config, f) for f in config.__dataclass_fields__})
+
+    def reset(self) -> None:
+        """New episode: forget the plan and any pending request (counters are kept)."""
+        self._slots: dict[int, _Slot] = {}
+        self._next_tick = 0  # the earliest tick pop() may still serve; earlier ones have passed
+        self._newest_obs: int | None = None
+        self._pending_since: int | None = None
+        self._last_action: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def pending(self) -> bool:
+        return self._pending_since is not None
+
+    def mark_requested(self, tick: int) -> None:
+        """A chunk was requested at `tick`; needs_refill stays false until it arrives or times out."""
+        self._pending_since = _tick("tick", tick)
+
+    def cancel_request(self) -> None:
+        """The request failed: allow the next needs_refill to ask again at once."""
+        self._pending_since = None
+
+    def needs_refill(self, tick: int) -> bool:
+        """True when no request is pending (or it timed out) and either the buffer holds fewer than
+        low_water actions from `tick` on, or recompute_every ticks passed since the newest chunk's obs_tick."""
+        tick = _tick("tick", tick)
+        if self._pending_since is not None:
+            timeout = self.config.request_timeout or self.config.chunk_size
+            if tick - self._pending_since < timeout:
+                return False
+        if self._newest_obs is None:
+            return True
+        if sum(1 for t in self._slots if t >= tick) < self.config.low_water:
+            return True
+        return tick - self._newest_obs >= self.config.recompute_every
+
+    def push(self, chunk: np.ndarray, obs_tick: int) -> int:
+        """Add chunk (T, D) with T <= chunk_size, action i meant for tick obs_tick + i.
+        Returns how many of its actions were kept (those for passed ticks are dropped and counted)."""
+        arr = np.asarray(chunk)
+        obs_tick = _tick("obs_tick", obs_tick)
+        want_d = self.action_dim if self.action_dim is not None else "D"
+        if arr.dtype.kind not in "fiu" or arr.ndim != 2 or not 1 <= arr.shape[0] <= self.config.chunk_size:
+            want = f"(T<={self.config.chunk_size}, {want_d})"
+            raise ValueError(f"chunk: expected a numeric array of shape {want}, got {arr.shape}")
+        if self.action_dim is not None and arr.shape[1] != self.action_dim:
+            raise ValueError(f"chunk: expected shape (T, {self.action_dim}) like earlier chunks, got {arr.shape}")
+        self.action_dim = arr.shape[1]
+        self._pending_since = None
+        if self._newest_obs is not None and obs_tick < self._newest_obs:
+            # a reply overtaken by a newer one: its plan is older than what is buffered
+            self._stats["dropped_out_of_order"] += 1
+            return 0
+        self._stats["chunks_pushed"] += 1
+        self._newest_obs = obs_tick
+        first = max(0, self._next_tick - obs_tick)
+        self._stats["dropped_stale"] += min(first, arr.shape[0])
+        ticks = range(obs_tick + first, obs_tick + arr.shape[0])
+        overlap = [t for t in ticks if t in self._slots]
+        ramp = {t: (k + 1) / (len(overlap) + 1) for k, t in enumerate(overlap)}
+        self._stats["merges"] += len(overlap)
+        self._stats["seams"] += int(bool(overlap))
+        for t in ticks:
+            new = np.array(arr[t - obs_tick], np.float64)
+            slot = self._slots.get(t)
+            if slot is None or self.config.aggregate == "latest":
+                self._slots[t] = _Slot(new, obs_tick)
+                continue
+            self._merge(slot, new, ramp[t])
+            slot.obs_tick = obs_tick
+        return len(ticks)
+
+    def _merge(self, slot: _Slot, new: np.ndarray, w_new: float) -> None:
+        how = self.config.aggregate
+        if how == "weighted":
+            slot.total = (1.0 - w_new) * slot.action + w_new * new
+            slot.weight = 1.0
+        elif how == "temporal_ensemble":
+            w = math.exp(-self.config.ensemble_m * slot.count)
+            slot.total = slot.total + w * new
+            slot.weight += w
+        else:  # conservative
+            old = slot.action
+            ref = self._last_action if self._last_action is not None else np.zeros_like(old)
+            slot.total = np.where(np.abs(new - ref) < np.abs(old - ref), new, old)
+            slot.weight = 1.0
+        slot.count += 1
+
+    def pop(self, tick: int) -> np.ndarray | None:
+        """The action (D,) float64 for `tick`, or None when starved. Planned actions for earlier ticks are
+        dropped (counted as stale); ticks must not go backwards."""
+        tick = _tick("tick", tick)
+        if tick < self._next_tick:
+            raise ValueError(f"tick: expected >= {self._next_tick} (ticks already served), got {tick}")
+        for t in [t for t in self._slots if t < tick]:
+            del self._slots[t]
+            self._stats["dropped_stale"] += 1
+        self._next_tick = tick + 1
+        slot = self._slots.pop(tick, None)
+        if slot is None:
+            self._stats["starved_ticks"] += 1
+            return None
+        action = slot.action
+        self._stats["actions_popped"] += 1
+        self._last_action, self.last_obs_tick = action, slot.obs_tick
+        return action.copy()
+
+    def stats(self) -> dict[str, int]:
+        """Counters: chunks_pushed, actions_popped, dropped_stale, starved_ticks, merges (overlapping ticks
+        merged), seams (pushes that overlapped the plan), dropped_out_of_order; plus buffered and pending now."""
+        return dict(self._stats) | {"buffered": len(self._slots), "pending": int(self.pending)}

@@ -1,0 +1,185 @@
+"""How sure the policy is, read from ONE reply: flow-sample spread, token entropy, feature novelty.
+
+The estimator never calls a model. A reply with no uncertainty signal (a single deterministic chunk) is
+reported as unknown (`known=False`, value 1.0, reason "no uncertainty signal"), never as confident: the
+caller decides what unknown means (DegradationPolicy's `unknown_is_low`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureStats:
+    """In-distribution backbone features: mean (F,) and precision (F, F) (inverse covariance)."""
+
+    mean: np.ndarray  # (F,) float64 feature mean of the training data
+    precision: np.ndarray  # (F, F) float64 inverse of the (shrunk) covariance
+
+    def __post_init__(self) -> None:
+        mean = np.asarray(self.mean, np.float64)
+        prec = np.asarray(self.precision, np.float64)
+        if mean.ndim != 1 or mean.size == 0 or not np.isfinite(mean).all():
+            raise ValueError(f"FeatureStats.mean: expected a finite (F,) vector, got shape {mean.shape}")
+        if prec.shape != (mean.size, mean.size) or not np.isfinite(prec).all():
+            raise ValueError(
+                f"FeatureStats.precision: expected finite shape {(mean.size, mean.size)}, got {prec.shape}"
+            )
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "precision", prec)
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.size)
+
+    @classmethod
+    def from_cov(cls, mean: np.ndarray, cov: np.ndarray) -> FeatureStats:
+        """From mean (F,) and covariance (F, F); the covariance must be invertible."""
+        try:
+            return cls(mean, np.linalg.inv(np.asarray(cov, np.float64)))
+        except np.linalg.LinAlgError:
+            raise ValueError("FeatureStats cov: expected an invertible (F, F) covariance; fit with shrinkage") from None
+
+    @classmethod
+    def fit(cls, features: np.ndarray, shrinkage: float = 0.1) -> FeatureStats:
+        """Fit on features (N, F), N >= 2. The covariance is shrunk towards its mean variance times I,
+        which keeps it invertible when N < F and steadies the distance on few samples."""
+        x = np.asarray(features, np.float64)
+        if x.ndim != 2 or x.shape[0] < 2 or not np.isfinite(x).all():
+            raise ValueError(f"features: expected finite shape (N>=2, F), got {x.shape}")
+        if not 0 <= shrinkage <= 1 or (shrinkage == 0 and x.shape[0] <= x.shape[1]):
+            raise ValueError(f"shrinkage: expected a number in [0, 1] (> 0 when N <= F), got {shrinkage!r}")
+        cov = np.atleast_2d(np.cov(x, rowvar=False))
+        target = max(float(np.trace(cov)) / x.shape[1], 1e-12) * np.eye(x.shape[1])
+        return cls.from_cov(x.mean(axis=0), (1 - shrinkage) * cov + shrinkage * target)
+
+    def distance(self, feature: np.ndarray) -> float:
+        """Mahalanobis distance of feature (F,) divided by sqrt(F): about 1 for in-distribution features."""
+        f = np.asarray(feature, np.float64)
+        if f.shape != self.mean.shape:
+            raise ValueError(f"features: expected shape {self.mean.shape} (FeatureStats), got {f.shape}")
+        d = f - self.mean
+        return math.sqrt(max(float(d @ self.precision @ d), 0.0) / self.dim)
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "precision": self.precision.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FeatureStats:
+        if not isinstance(d, dict) or "mean" not in d or "precision" not in d:
+            raise ValueError("FeatureStats.from_dict: expected a dict with 'mean' and 'precision'")
+        return cls(np.asarray(d["mean"], np.float64), np.asarray(d["precision"], np.float64))
+
+
+@dataclass(frozen=True)
+class ConfidenceConfig:
+    """Thresholds per signal. Each component confidence is 1 / (1 + (x / threshold) ** sharpness): exactly 0.5 at
+    its threshold, so one confidence threshold downstream (0.5) lines up with every component's."""
+
+    disagreement_threshold: float = 0.2
+    # mean per-dim std across flow samples, in normalized action units, at which the flow component is 0.5
+    entropy_threshold: float = 0.5
+    # mean token entropy (fraction of log(n_bins) when n_bins is known, else nats) at which it is 0.5
+    ood_threshold: float = 2.0
+    # feature distance (Mahalanobis / sqrt(F), ~1 in distribution) at which the ood component is 0.5
+    novelty_threshold: float = 3.0
+    # feature distance above which the scene counts as novel (Confidence.is_novel)
+    sharpness: float = 4.0
+    # steepness of the mapping around each threshold
+    n_bins: int | None = None
+    # token bins per dimension when replies do not say (reply["n_bins"] wins)
+
+    def __post_init__(self) -> None:
+        for name in ("disagreement_threshold", "entropy_threshold", "ood_threshold", "novelty_threshold", "sharpness"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"ConfidenceConfig.{name}: expected a positive finite number, got {v!r}")
+        if self.n_bins is not None and (not isinstance(self.n_bins, int) or self.n_bins < 2):
+            raise ValueError(f"ConfidenceConfig.n_bins: expected None or an int >= 2, got {self.n_bins!r}")
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """One reply's confidence: value in [0, 1] is the weakest component."""
+
+    value: float  # min over components; 1.0 when unknown
+    reasons: list[str]  # why it is low (or "no uncertainty signal")
+    components: dict[str, float] = field(default_factory=dict)  # raw signals and per-component confidences
+    known: bool = True  # False when the reply carried no uncertainty signal at all
+    is_novel: bool = False  # feature distance above the novelty threshold
+
+    def to_dict(self) -> dict:
+        return {
+            "value": self.value,
+            "reasons": list(self.reasons),
+            "components": dict(self.components),
+            "known": self.known,
+            "is_novel": self.is_novel,
+        }
+
+
+class ConfidenceEstimator:
+    """Scores one policy reply (a dict) from whichever of these keys it carries:
+    samples (K, T, D) flow samples (K >= 2 gives a disagreement), entropy (T, D) token entropies in nats,
+    n_bins (int) bins per dimension, features (F,) backbone feature (scored only when `feature_stats` is given).
+    """
+
+    def __init__(self, config: ConfidenceConfig | None = None, feature_stats: FeatureStats | None = None) -> None:
+        self.config = ConfidenceConfig() if config is None else config
+        self.feature_stats = feature_stats
+
+    def _level(self, x: float, threshold: float) -> float:
+        return 1.0 / (1.0 + (x / threshold) ** self.config.sharpness)
+
+    def estimate(self, reply: dict) -> Confidence:
+        """Confidence of one reply. Malformed arrays raise ValueError; non-finite ones give confidence 0."""
+        if not isinstance(reply, dict):
+            raise ValueError(f"reply: expected a dict, got {type(reply).__name__}")
+        cfg, comps, reasons, levels = self.config, {}, [], []
+
+        def score(name: str, raw: float, threshold: float, label: str) -> None:
+            level = self._level(raw, threshold) if math.isfinite(raw) else 0.0
+            comps[name], comps[f"{name}_confidence"] = raw, level
+            levels.append(level)
+            if not raw <= threshold:
+                reasons.append(f"{label} {raw:.2f} > {threshold:g}")
+
+        samples = reply.get("samples")
+        if samples is not None:
+            s = np.asarray(samples, np.float64)
+            if s.ndim != 3 or 0 in s.shape:
+                raise ValueError(f"samples: expected shape (K, T, D), got {s.shape}")
+            if s.shape[0] >= 2:
+                score(
+                    "disagreement",
+                    float(np.std(s, axis=0, ddof=1).mean()),
+                    cfg.disagreement_threshold,
+                    "flow disagreement",
+                )
+            else:
+                reasons.append("1 flow sample: no disagreement signal")
+        entropy = reply.get("entropy")
+        if entropy is not None:
+            h = np.asarray(entropy, np.float64)
+            if h.ndim != 2 or h.size == 0:
+                raise ValueError(f"entropy: expected shape (T, D) of per-dim entropies in nats, got {h.shape}")
+            n_bins = reply.get("n_bins", cfg.n_bins)
+            if n_bins is not None and (
+                isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 2
+            ):
+                raise ValueError(f"n_bins: expected an int >= 2, got {n_bins!r}")
+            scale = math.log(n_bins) if n_bins else 1.0
+            score("entropy", float(h.mean()) / scale, cfg.entropy_threshold, "token entropy")
+        features = reply.get("features")
+        if features is not None and self.feature_stats is not None:
+            score("ood_distance", self.feature_stats.distance(features), cfg.ood_threshold, "ood distance")
+        if not levels:
+            return Confidence(1.0, reasons + ["no uncertainty signal"], comps, known=False)
+        novel = not comps.get("ood_distance", 0.0) <= cfg.novelty_threshold
+        if novel:
+            reasons.append(f"novel scene: ood distance {comps['ood_distance']:.2f} > {cfg.novelty_threshold:g}")
+        return Confidence(float(min(levels)), reasons, comps, known=True, is_novel=novel)

@@ -1,0 +1,270 @@
+"""The last gate before a robot moves: every action passes `SafetyLayer`, which returns what was actually sent.
+
+Order: force e-stop (latched) > missing/non-finite/stale input (hold) > workspace clip > acceleration >
+velocity (per dimension, then the norm of the change). Limits hold exactly in float64; an action already
+inside every limit is returned bit-identical, in its own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from fleet.embodiments import EmbodimentSpec
+
+COUNTERS = ("calls", "modified", "missing", "non_finite", "stale", "workspace", "acceleration", "velocity")
+COUNTERS += ("estop_trips", "estop_ticks", "held")
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """Robot-side safety settings; the hard limits themselves come from the `EmbodimentSpec`."""
+
+    velocity_scale: float = 1.0
+    # initial factor on both velocity bounds, in (0, 1]; DegradationPolicy's CONSERVATIVE mode lowers it at run time
+    max_action_age_s: float | None = None
+    # an action older than this (the `age_s` argument) is stale and held; None = one chunk (chunk_size * dt)
+    stop_action: tuple[float, ...] | None = None
+    # what holds and e-stops aim for. None = the last sent action, right for position targets; give zeros
+    # for velocity or delta commands, where repeating the last command would keep the robot moving
+    neutral_action: tuple[float, ...] | None = None
+    # held before anything was ever sent; None = zeros clipped into the workspace
+    limit_acceleration: bool = True
+    # enforce spec.max_acceleration when the spec has one (the spec's builtin bodies have none)
+
+    def __post_init__(self) -> None:
+        vs = self.velocity_scale
+        if isinstance(vs, bool) or not isinstance(vs, (int, float)) or not 0 < vs <= 1:
+            raise ValueError(f"SafetyConfig.velocity_scale: expected a number in (0, 1], got {vs!r}")
+        age = self.max_action_age_s
+        if age is not None and (isinstance(age, bool) or not isinstance(age, (int, float)) or not age > 0):
+            raise ValueError(
+                f"SafetyConfig.max_action_age_s: expected None or a positive number of seconds, got {age!r}"
+            )
+        for name in ("stop_action", "neutral_action"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                vec = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ValueError(f"SafetyConfig.{name}: expected None or a sequence of floats, got {value!r}") from None
+            if not vec or not all(math.isfinite(v) for v in vec):
+                raise ValueError(f"SafetyConfig.{name}: expected a non-empty sequence of finite floats, got {value!r}")
+            object.__setattr__(self, name, vec)
+
+
+@dataclass(frozen=True)
+class SafetyReport:
+    """What the layer did to one action. Amounts are max absolute changes over dimensions, 0.0 = did not fire."""
+
+    modified: bool  # the sent action differs from the requested one (always true for a hold on bad input)
+    held: bool  # the hold/stop action was sent instead of the request
+    missing: bool  # no action was given (starved buffer)
+    non_finite: bool  # the request had NaN or Inf
+    stale: bool  # the request was older than max_action_age_s
+    estop: bool  # the e-stop is latched on this tick
+    estop_tripped: bool  # this tick's force reading tripped it
+    force_norm: float | None  # the measured force/torque norm, None when not given
+    workspace: float  # change made by clipping into [action_low, action_high]
+    acceleration: float  # change made by the acceleration limit
+    velocity: float  # change made by the per-dimension and norm velocity limits
+    max_change: float | None  # max |sent - requested|; None when the request was missing or non-finite
+
+    @property
+    def fault(self) -> bool:
+        """The policy's action could not be used at all."""
+        return self.missing or self.non_finite or self.stale
+
+    @property
+    def fired(self) -> tuple[str, ...]:
+        """Names of the constraints that acted, in the order they are applied."""
+        flags = {"force_estop": self.estop, "missing": self.missing, "non_finite": self.non_finite}
+        flags |= {"stale": self.stale, "workspace": self.workspace > 0, "acceleration": self.acceleration > 0}
+        flags["velocity"] = self.velocity > 0
+        return tuple(name for name, on in flags.items() if on)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict, with the `fired` list."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"fault": self.fault, "fired": list(self.fired)}
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+class SafetyLayer:
+    """Stateful safety filter for one robot: remembers the last sent action, the e-stop latch and counters."""
+
+    def __init__(self, spec: EmbodimentSpec, config: SafetyConfig | None = None) -> None:
+        self.spec = spec
+        self.config = config = SafetyConfig() if config is None else config
+        self._low = np.asarray(spec.action_low, np.float64)
+        self._high = np.asarray(spec.action_high, np.float64)
+        self._vmax = np.asarray(spec.max_velocity, np.float64)
+        self._amax = None
+        if spec.max_acceleration is not None and config.limit_acceleration:
+            self._amax = np.asarray(spec.max_acceleration, np.float64)
+        self.max_action_age_s = config.max_action_age_s or spec.chunk_size * spec.dt
+        self._stop = (
+            None if config.stop_action is None else self._config_vector("SafetyConfig.stop_action", config.stop_action)
+        )
+        neutral = np.zeros(spec.action_dim) if config.neutral_action is None else config.neutral_action
+        self._neutral = self._config_vector("SafetyConfig.neutral_action", neutral)
+        self.velocity_scale = config.velocity_scale
+        self._last: np.ndarray | None = None  # float64 copy of the last sent action
+        self._last_delta: np.ndarray | None = None  # its change from the one before (for the acceleration limit)
+        self._estopped = False
+        self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+
+    def _config_vector(self, name: str, value) -> np.ndarray:
+        vec = np.asarray(value, np.float64)
+        if vec.shape != (self.spec.action_dim,) or not np.isfinite(vec).all():
+            d = self.spec.action_dim
+            raise ValueError(f"{name}: expected {d} finite floats for {self.spec.name}, got shape {vec.shape}")
+        # a configured target outside the workspace is clipped in, never sent as given
+        return np.clip(vec, self._low, self._high)
+
+    @property
+    def velocity_scale(self) -> float:
+        """Factor on both velocity bounds, in (0, 1]; 0.5 halves the allowed change per tick."""
+        return self._velocity_scale
+
+    @velocity_scale.setter
+    def velocity_scale(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"velocity_scale: expected a number in (0, 1], got {value!r}")
+        self._velocity_scale = float(value)
+
+    @property
+    def estopped(self) -> bool:
+        """True from a force trip until `reset_estop()`."""
+        return self._estopped
+
+    @property
+    def last_sent(self) -> np.ndarray | None:
+        """(D,) float64 copy of the last sent action, None before the first."""
+        return None if self._last is None else self._last.copy()
+
+    def reset_estop(self) -> None:
+        """Clear the e-stop latch (an operator's explicit decision; nothing else clears it)."""
+        self._estopped = False
+
+    def reset(self, last_action: np.ndarray | None = None) -> None:
+        """New episode: forget the motion history. `last_action` (D,) = where the robot is, if known,
+        so the first action is velocity-limited from there. The e-stop latch is kept."""
+        seed = None if last_action is None else self._config_vector("last_action", last_action)
+        self._last, self._last_delta = seed, None
+
+    def stats(self) -> dict[str, int]:
+        """Counters per constraint since construction."""
+        return dict(self.counts)
+
+    def _validate(self, action, force, age_s) -> tuple[np.ndarray | None, float | None]:
+        """Check every input before any state changes, so a rejected call leaves the layer as it was."""
+        if action is not None:
+            action = np.asarray(action)
+            if action.dtype.kind not in "fiu" or action.shape != (self.spec.action_dim,):
+                raise ValueError(
+                    f"action: expected a numeric array of shape ({self.spec.action_dim},) for {self.spec.name}, "
+                    f"got shape {action.shape} dtype {action.dtype}"
+                )
+        force_norm = None
+        if force is not None:
+            f = np.asarray(force, np.float64) if np.asarray(force).dtype.kind in "fiu" else None
+            if f is None or f.ndim > 1 or f.size == 0:
+                raise ValueError(f"force: expected a number or a 1-D force/torque vector, got {force!r}")
+            # a sensor reading NaN cannot vouch for safety: its norm is NaN and trips the e-stop below
+            force_norm = float(np.sqrt(np.sum(f * f)))
+        if age_s is not None and (isinstance(age_s, bool) or not isinstance(age_s, (int, float)) or not age_s >= 0):
+            raise ValueError(f"age_s: expected None or a non-negative number of seconds, got {age_s!r}")
+        return action, force_norm
+
+    def _limit(self, target: np.ndarray, use_acceleration: bool) -> tuple[np.ndarray, float, float]:
+        """Move from the last sent action towards `target` (inside the workspace) within the rate limits.
+
+        Returns (sent (D,) float64, acceleration change, velocity change). Both limits only shrink the step
+        towards an in-bounds target, and the final clip only moves a component towards the in-bounds last
+        action, so the result is inside the workspace and within the velocity bounds.
+        """
+        last = self._last
+        if last is None:  # nothing sent yet: no motion to limit
+            return target, 0.0, 0.0
+        delta = target - last
+        acc = 0.0
+        if use_acceleration and self._amax is not None and self._last_delta is not None:
+            step = self._amax * self.spec.dt**2
+            limited = np.clip(delta, self._last_delta - step, self._last_delta + step)
+            acc, delta = _max_abs(limited, delta), limited
+        before = delta
+        vlim = self._vmax * self.spec.dt * self._velocity_scale
+        delta = np.clip(delta, -vlim, vlim)
+        norm, bound = float(np.linalg.norm(delta)), self.spec.velocity_norm_bound * self.spec.dt * self._velocity_scale
+        if norm > bound:
+            delta = delta * (bound / norm)
+        vel = _max_abs(delta, before)
+        if acc == 0 and vel == 0:
+            # untouched: return the target itself, since last + (target - last) can differ from it by an ulp
+            return target, 0.0, 0.0
+        return np.clip(last + delta, self._low, self._high), acc, vel
+
+    def __call__(
+        self, action: np.ndarray | None, force=None, age_s: float | None = None
+    ) -> tuple[np.ndarray, SafetyReport]:
+        """Filter one action. action: (D,) float, or None when the buffer had nothing for this tick.
+        force: measured force/torque, a number or a vector (its norm counts), or None. age_s: seconds since the
+        observation the action was computed from, or None if fresh/unknown.
+        Returns (sent (D,): the request's own array values when nothing fired, else float64; the report)."""
+        requested, force_norm = self._validate(action, force, age_s)
+        c = self.counts
+        c["calls"] += 1
+        tripped = force_norm is not None and not force_norm <= self.spec.max_force
+        if tripped and not self._estopped:
+            self._estopped = True
+            c["estop_trips"] += 1
+        missing = requested is None
+        non_finite = not missing and not bool(np.isfinite(requested).all())
+        stale = not missing and not non_finite and age_s is not None and age_s > self.max_action_age_s
+        hold = self._stop if self._stop is not None else (self._last if self._last is not None else self._neutral)
+        ws = acc = vel = 0.0
+        if self._estopped:
+            # braking is the one change that must not wait for the rate limiter
+            sent, held = hold.copy(), True
+            c["estop_ticks"] += 1
+        elif missing or non_finite or stale:
+            # stopping is always allowed, so the acceleration limit does not delay a hold
+            sent, acc, vel = self._limit(hold, use_acceleration=False)
+            held = True
+        else:
+            x = requested.astype(np.float64)
+            clipped = np.clip(x, self._low, self._high)
+            ws = _max_abs(clipped, x)
+            sent, acc, vel = self._limit(clipped, use_acceleration=True)
+            held = False
+        max_change = None if (missing or non_finite) else _max_abs(sent, requested.astype(np.float64))
+        modified = max_change is None or max_change > 0
+        out = sent if modified else requested.copy()  # untouched: bit-identical, own dtype
+        self._last_delta = None if self._last is None else sent - self._last
+        self._last = np.array(sent, np.float64)
+        for name, on in (("modified", modified), ("missing", missing), ("non_finite", non_finite), ("stale", stale)):
+            c[name] += int(on)
+        for name, amount in (("workspace", ws), ("acceleration", acc), ("velocity", vel)):
+            c[name] += int(amount > 0)
+        c["held"] += int(held)
+        report = SafetyReport(
+            modified=modified,
+            held=held,
+            missing=missing,
+            non_finite=non_finite,
+            stale=stale,
+            estop=self._estopped,
+            estop_tripped=tripped,
+            force_norm=force_norm,
+            workspace=ws,
+            acceleration=acc,
+            velocity=vel,
+            max_change=max_change,
+        )
+        return out, report
