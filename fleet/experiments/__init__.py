@@ -1,0 +1,1 @@
+"""Experiments behind `fleet experiment ...`: each returns a JSON-able dict and can write plots and tables."""
