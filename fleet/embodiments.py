@@ -7,6 +7,7 @@ A spec is a frozen, validated dataclass. `EMBODIMENTS` holds the four bodies fro
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -56,17 +57,17 @@ class EmbodimentSpec:
 
         if not isinstance(self.name, str) or not self.name.isidentifier() or self.name.lower() != self.name:
             fail("name", "a lowercase identifier such as 'franka'", self.name)
-        if not isinstance(self.action_dim, int) or self.action_dim < 1:
+        if not _is_int(self.action_dim) or self.action_dim < 1:
             fail("action_dim", "a positive int", self.action_dim)
         if self.head not in ("token", "flow"):
             fail("head", "'token' or 'flow'", self.head)
-        if not isinstance(self.proprio_dim, int) or self.proprio_dim < 1:
+        if not _is_int(self.proprio_dim) or self.proprio_dim < 1:
             fail("proprio_dim", "a positive int", self.proprio_dim)
         for fname in ("action_low", "action_high", "max_velocity"):
             value = getattr(self, fname)
-            if len(value) != self.action_dim:
-                fail(fname, f"a tuple of {self.action_dim} floats (action_dim)", value)
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value):
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != self.action_dim:
+                fail(fname, f"a sequence of {self.action_dim} floats (action_dim)", value)
+            if not all(_is_real(v) and math.isfinite(v) for v in value):
                 fail(fname, "finite numbers", value)
             object.__setattr__(self, fname, tuple(float(v) for v in value))
         if any(lo >= hi for lo, hi in zip(self.action_low, self.action_high, strict=True)):
@@ -74,25 +75,32 @@ class EmbodimentSpec:
         if any(v <= 0 for v in self.max_velocity):
             fail("max_velocity", "positive in every dimension", self.max_velocity)
         if self.max_acceleration is not None:
-            if len(self.max_acceleration) != self.action_dim or any(
-                not math.isfinite(v) or v <= 0 for v in self.max_acceleration
+            acc = self.max_acceleration
+            if (
+                isinstance(acc, (str, bytes))
+                or not hasattr(acc, "__len__")
+                or len(acc) != self.action_dim
+                or not all(_is_real(v) and math.isfinite(v) and v > 0 for v in acc)
             ):
-                fail("max_acceleration", f"None or {self.action_dim} positive finite floats", self.max_acceleration)
-            object.__setattr__(self, "max_acceleration", tuple(float(v) for v in self.max_acceleration))
-        if not (isinstance(self.max_force, (int, float)) and math.isfinite(self.max_force) and self.max_force > 0):
+                fail("max_acceleration", f"None or {self.action_dim} positive finite floats", acc)
+            object.__setattr__(self, "max_acceleration", tuple(float(v) for v in acc))
+        if not (_is_real(self.max_force) and math.isfinite(self.max_force) and self.max_force > 0):
             fail("max_force", "a positive finite number of newtons", self.max_force)
-        if not (isinstance(self.control_hz, (int, float)) and 0 < self.control_hz <= 1000):
+        if not (_is_real(self.control_hz) and 0 < self.control_hz <= 1000):
             fail("control_hz", "a number in (0, 1000]", self.control_hz)
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+        if not _is_int(self.chunk_size) or self.chunk_size < 1:
             fail("chunk_size", "a positive int", self.chunk_size)
-        if not isinstance(self.recompute_every, int) or not 1 <= self.recompute_every <= self.chunk_size:
+        if not _is_int(self.recompute_every) or not 1 <= self.recompute_every <= self.chunk_size:
             fail("recompute_every", f"an int in [1, chunk_size={self.chunk_size}]", self.recompute_every)
-        if self.max_velocity_norm is not None and not (self.max_velocity_norm > 0):
+        if self.max_velocity_norm is not None and not (
+            _is_real(self.max_velocity_norm) and math.isfinite(self.max_velocity_norm) and self.max_velocity_norm > 0
+        ):
             fail("max_velocity_norm", "None or a positive number", self.max_velocity_norm)
-        if not isinstance(self.max_episode_steps, int) or self.max_episode_steps < 1:
+        if not _is_int(self.max_episode_steps) or self.max_episode_steps < 1:
             fail("max_episode_steps", "a positive int", self.max_episode_steps)
-        if self.dim_names and len(self.dim_names) != self.action_dim:
+        if isinstance(self.dim_names, str) or (self.dim_names and len(self.dim_names) != self.action_dim):
             fail("dim_names", f"empty or {self.action_dim} names", self.dim_names)
+        object.__setattr__(self, "dim_names", tuple(str(n) for n in self.dim_names))
         if not self.dim_names:
             object.__setattr__(self, "dim_names", tuple(f"a{i}" for i in range(self.action_dim)))
 
@@ -142,6 +150,14 @@ class EmbodimentSpec:
         if kw.get("max_acceleration") is not None:
             kw["max_acceleration"] = tuple(kw["max_acceleration"])
         return cls(**kw)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _arm(prefix: str = "") -> tuple[str, ...]:

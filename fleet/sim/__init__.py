@@ -10,16 +10,22 @@ import gymnasium as gym
 from fleet.sim.base import SHIFTS, FleetEnv, parse_shift
 
 _REGISTRY: dict[str, type[FleetEnv]] = {}
+_LOADED = False
 
 
 def register_env(name: str, cls: type[FleetEnv]) -> None:
     """Let a user-registered embodiment bring its own simulator class."""
     if not (isinstance(cls, type) and issubclass(cls, FleetEnv)):
         raise TypeError(f"register_env: {cls!r} is not a FleetEnv subclass")
+    _builtin()
     _REGISTRY[name] = cls
 
 
 def _builtin() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
     from fleet.sim.aloha import AlohaEnv
     from fleet.sim.franka import FrankaEnv
     from fleet.sim.hello import HelloEnv
@@ -31,16 +37,14 @@ def _builtin() -> None:
 
 def make_env(name: str, seed: int | None = None, shift=None) -> gym.Env:
     """Build the simulated robot `name`; `seed` fixes the first reset's episode, `shift` names shifts."""
-    if not _REGISTRY:
-        _builtin()
+    _builtin()
     if name not in _REGISTRY:
         raise ValueError(f"make_env: no simulator for embodiment {name!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[name](seed=seed, shift=shift)
 
 
 def env_names() -> list[str]:
-    if not _REGISTRY:
-        _builtin()
+    _builtin()
     return sorted(_REGISTRY)
 
 

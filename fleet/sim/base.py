@@ -105,9 +105,14 @@ class FleetEnv(gym.Env):
         """Return the action as float32 (D,), or raise ValueError naming the problem. No state changes."""
         d = self.embodiment_spec.action_dim
         try:
-            a = np.asarray(action, dtype=np.float32)
+            raw = np.asarray(action)
+            if raw.dtype.kind not in "biuf":
+                raise TypeError(raw.dtype)
+            a = raw.astype(np.float32)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{self.embodiment} action: expected {d} numbers, got {type(action).__name__}") from exc
+            raise ValueError(
+                f"{self.embodiment} action: expected shape ({d},) of numbers, got {type(action).__name__}"
+            ) from exc
         if a.shape != (d,):
             raise ValueError(f"{self.embodiment} action: expected shape ({d},), got {a.shape}")
         bad = ~np.isfinite(a)
@@ -134,7 +139,7 @@ class FleetEnv(gym.Env):
         """The expert's next `n` actions (n, D), looked ahead on a copy of the state; the env is unchanged."""
         if self._state is None:
             raise RuntimeError("expert_chunk() called before reset()")
-        n = n or self.embodiment_spec.chunk_size
+        n = self.embodiment_spec.chunk_size if n is None else int(n)
         state = copy.deepcopy(self._state)
         out = np.empty((n, self.embodiment_spec.action_dim), dtype=np.float32)
         for i in range(n):

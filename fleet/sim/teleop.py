@@ -16,7 +16,7 @@ from fleet.sim.base import FleetEnv
 
 @dataclass(frozen=True)
 class TeleopConfig:
-    tolerance: float = 0.2
+    tolerance: float = 0.15
     # override when the proposal's mean per-step deviation (max over dims, as a share of each
     # dimension's range) from the expert exceeds this
     compare_steps: int = 4

@@ -122,12 +122,6 @@ def test_bounds_are_normalised_to_float_tuples():
     assert spec == EmbodimentSpec(**_kwargs())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG fleet/embodiments.py:69 isinstance(v, (int, float)) rejects numpy scalars other than float64, so "
-    "bounds given as a float32 array (e.g. a gymnasium Box's .low) or an int array fail with the misleading "
-    "'must be finite numbers'; use numbers.Real (excluding bool) instead",
-)
 @pytest.mark.parametrize("dtype", [np.float32, np.int64])
 def test_numpy_bounds_accepted(dtype):
     spec = EmbodimentSpec(**_kwargs(action_low=np.array([-1, -1, 0], dtype=dtype), max_velocity=np.ones(3, dtype)))
@@ -189,56 +183,31 @@ MALFORMED_TYPES = [
     pytest.param(
         "action_low",
         {"action_low": 0.0},
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG fleet/embodiments.py:67 len(value) on a scalar raises TypeError 'object of type float has "
-            "no len()' instead of ValueError naming 'action_low'",
-        ),
         id="scalar-action_low",
     ),
     pytest.param(
         "max_acceleration",
         {"max_acceleration": 1.0},
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG fleet/embodiments.py:77 len(max_acceleration) on a scalar raises a bare TypeError",
-        ),
         id="scalar-max_acceleration",
     ),
     pytest.param(
         "max_velocity_norm",
         {"max_velocity_norm": "fast"},
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG fleet/embodiments.py:90 `not (x > 0)` on a str raises a bare TypeError",
-        ),
         id="str-max_velocity_norm",
     ),
     pytest.param(
         "max_velocity_norm",
         {"max_velocity_norm": float("inf")},
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG fleet/embodiments.py:90 an infinite velocity-norm bound is accepted (no isfinite check)",
-        ),
         id="inf-max_velocity_norm",
     ),
     pytest.param(
         "action_dim",
         {"action_dim": True, "action_low": (0.0,), "action_high": (1.0,), "max_velocity": (1.0,)},
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG fleet/embodiments.py:59 bool passes isinstance(x, int): action_dim=True is accepted",
-        ),
         id="bool-action_dim",
     ),
     pytest.param(
         "max_force",
         {"max_force": True},
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="BUG fleet/embodiments.py:82 bool passes isinstance(x, (int, float)): max_force=True accepted",
-        ),
         id="bool-max_force",
     ),
 ]
@@ -251,11 +220,6 @@ def test_malformed_types_rejected_naming_the_field(field, overrides):
     assert f"field {field!r}" in str(exc.value), str(exc.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG fleet/embodiments.py:94-97 dim_names given as a list is stored as a list (the other sequence "
-    "fields are converted to tuples), so the frozen spec is unhashable and != the tuple-built spec",
-)
 def test_dim_names_list_is_normalised_to_tuple():
     spec = EmbodimentSpec(**_kwargs(dim_names=["x", "y", "z"]))
     assert spec == EmbodimentSpec(**_kwargs(dim_names=("x", "y", "z")))

@@ -270,11 +270,6 @@ def test_expert_chunk_is_the_expert_looked_ahead(name, shift):
             break
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG fleet/sim/base.py:137 `n = n or chunk_size` turns expert_chunk(0) into a 16-step chunk; "
-    "n=0 should give shape (0, D) (or raise ValueError); use `if n is None`",
-)
 def test_expert_chunk_zero_length():
     env = make_env("franka", seed=0)
     env.reset()
@@ -410,11 +405,6 @@ def test_bad_action_rejected_and_state_unchanged(name, kind):
         assert_tree_equal(env.step(action), twin.step(action), "step after rejected action")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG fleet/sim/base.py:108 np.asarray(action, dtype=float32) parses strings, so a list of numeric "
-    "strings ['0.0', ...] is accepted as an action instead of being rejected with a ValueError",
-)
 def test_action_of_numeric_strings_rejected():
     env = make_env("franka", seed=0)
     env.reset()

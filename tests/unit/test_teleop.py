@@ -135,20 +135,9 @@ def test_corrections_rescue_a_wrong_policy(name):
     assert teleop.overrides == teleop.reviews >= 1
 
 
-STALL_BUG = (
-    "BUG fleet/sim/teleop.py:72 (deviation() at 56-65) the human judges only the per-step action "
-    "deviation (share of range), so a policy that stops short of the goal is never corrected: hello's "
-    "expert slows down near the marker (speed = min(0.55, dist)), zeros then deviate 0.19 < tolerance "
-    "0.2, and the base parks 0.309 m from the marker (REACH 0.3) until the time limit. Suggested fix: "
-    "also override when the proposal, rolled out on a copy of the state for compare_steps, makes no "
-    "progress where the expert's chunk would (or normalise the deviation by the expert's own action "
-    "magnitude)"
-)
-
-
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=STALL_BUG)) if n == "hello" else n for n in NAMES],
+    NAMES,
 )
 def test_corrections_rescue_a_stalled_policy(name):
     """A policy that always proposes zeros (does nothing), corrected by the human, still completes the task."""
