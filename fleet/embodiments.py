@@ -46,6 +46,9 @@ class EmbodimentSpec:
     # optional per-dimension bound on the change of the change, units per second^2
     max_episode_steps: int = 100
     # time limit of one simulated episode, in control ticks
+    stop_action: tuple[float, ...] | None = None
+    # what the robot is commanded when it must hold still: zeros for velocity or delta commands (repeating
+    # the last one would keep it moving); None = repeat the last sent command (right for position targets)
     dim_names: tuple[str, ...] = field(default=())
     # human-readable name per action dimension (for plots and errors); empty = "a0", "a1", ...
     description: str = ""
@@ -98,6 +101,13 @@ class EmbodimentSpec:
             fail("max_velocity_norm", "None or a positive number", self.max_velocity_norm)
         if not _is_int(self.max_episode_steps) or self.max_episode_steps < 1:
             fail("max_episode_steps", "a positive int", self.max_episode_steps)
+        if self.stop_action is not None:
+            stop = self.stop_action
+            if isinstance(stop, (str, bytes)) or not hasattr(stop, "__len__") or len(stop) != self.action_dim:
+                fail("stop_action", f"None or {self.action_dim} floats", stop)
+            if not all(_is_real(v) and lo <= v <= hi for v, lo, hi in zip(stop, self.action_low, self.action_high)):
+                fail("stop_action", "values inside [action_low, action_high]", stop)
+            object.__setattr__(self, "stop_action", tuple(float(v) for v in stop))
         if isinstance(self.dim_names, str) or (self.dim_names and len(self.dim_names) != self.action_dim):
             fail("dim_names", f"empty or {self.action_dim} names", self.dim_names)
         object.__setattr__(self, "dim_names", tuple(str(n) for n in self.dim_names))
@@ -137,6 +147,7 @@ class EmbodimentSpec:
             "max_velocity_norm": self.max_velocity_norm,
             "max_acceleration": None if self.max_acceleration is None else list(self.max_acceleration),
             "max_episode_steps": self.max_episode_steps,
+            "stop_action": None if self.stop_action is None else list(self.stop_action),
             "dim_names": list(self.dim_names),
             "description": self.description,
         }
@@ -147,8 +158,9 @@ class EmbodimentSpec:
         for k in ("action_low", "action_high", "max_velocity", "dim_names"):
             if k in kw and kw[k] is not None:
                 kw[k] = tuple(kw[k])
-        if kw.get("max_acceleration") is not None:
-            kw["max_acceleration"] = tuple(kw["max_acceleration"])
+        for k in ("max_acceleration", "stop_action"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
         return cls(**kw)
 
 
@@ -178,6 +190,7 @@ _FRANKA = EmbodimentSpec(
     max_force=30.0,
     control_hz=10.0,
     max_episode_steps=80,
+    stop_action=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0),  # stop moving, keep a held object gripped
     dim_names=_arm(),
     description="7-DOF arm: pick up the named object (end-effector delta pose + gripper)",
 )
@@ -193,6 +206,7 @@ _ALOHA = EmbodimentSpec(
     max_force=40.0,
     control_hz=20.0,
     max_episode_steps=100,
+    stop_action=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0) * 2,
     dim_names=_arm("left_") + _arm("right_"),
     description="bimanual arms: grasp both ends of the bar and lift (2 x delta pose + gripper)",
 )
@@ -209,6 +223,7 @@ _HELLO = EmbodimentSpec(
     max_force=60.0,
     control_hz=5.0,
     max_episode_steps=80,
+    stop_action=(0.0, 0.0, 0.0),
     dim_names=("vx", "vy", "yaw_rate"),
     description="mobile base (Stretch): drive to the named marker around obstacles (vx, vy, yaw rate)",
 )

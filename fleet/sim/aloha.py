@@ -70,7 +70,7 @@ class AlohaEnv(FleetEnv):
             force = max(force, f)
             if not arm["holding"] and closed_now and arm["ee"][2] < GRASP_HEIGHT:
                 arm["holding"] = bool(np.hypot(*(ends[k] - arm["ee"][:2])) < GRASP_RADIUS)
-            if arm["holding"] and arm["grip"] < 0.5:
+            if arm["holding"] and arm["grip"] < 0.3:
                 arm["holding"] = False
         both = all(arm["holding"] for arm in s["arms"])
         success = both and all(arm["ee"][2] > LIFT_HEIGHT for arm in s["arms"])

@@ -109,7 +109,7 @@ class FrankaEnv(FleetEnv):
             if d[i] < GRASP_RADIUS:
                 s["holding"] = i
         if s["holding"] >= 0:
-            if s["grip"] < 0.5:
+            if s["grip"] < 0.3:
                 s["objects"][s["holding"], 2] = 0.0
                 s["holding"] = -1
             else:
