@@ -116,7 +116,8 @@ class Confidence:
         return {
             "value": self.value,
             "reasons": list(self.reasons),
-            "components": dict(self.components),
+            # NaN/Inf are not JSON: a non-finite raw signal is written as null
+            "components": {k: (v if math.isfinite(v) else None) for k, v in self.components.items()},
             "known": self.known,
             "is_novel": self.is_novel,
         }

@@ -2,7 +2,14 @@
 
 Order: force e-stop (latched) > missing/non-finite/stale input (hold) > workspace clip > acceleration >
 velocity (per dimension, then the norm of the change). Limits hold exactly in float64; an action already
-inside every limit is returned bit-identical, in its own dtype.
+inside every limit is returned bit-identical, in its own dtype (a changed one is float64, because rounding
+to float32 could step an ulp outside a limit).
+
+Hold: the target on bad input and under e-stop is `stop_action` if configured, else the last sent action
+("stay where you are", right for position targets), else `neutral_action` before anything was sent. A
+fault's hold still obeys the velocity bounds (so a velocity-commanded base ramps to its stop_action); an
+e-stop sends it at once and stays latched until `reset_estop()`. Bad input is a counted fault, never an
+exception; only a malformed call (wrong shape, bad force or age) raises ValueError, changing nothing.
 """
 
 from __future__ import annotations
@@ -156,7 +163,7 @@ class SafetyLayer:
         """New episode: forget the motion history. `last_action` (D,) = where the robot is, if known,
         so the first action is velocity-limited from there. The e-stop latch is kept."""
         seed = None if last_action is None else self._config_vector("last_action", last_action)
-        self._last, self._last_delta = seed, None
+        self._last, self._last_delta = seed, None if seed is None else np.zeros_like(seed)
 
     def stats(self) -> dict[str, int]:
         """Counters per constraint since construction."""
@@ -246,7 +253,8 @@ class SafetyLayer:
         max_change = None if (missing or non_finite) else _max_abs(sent, requested.astype(np.float64))
         modified = max_change is None or max_change > 0
         out = sent if modified else requested.copy()  # untouched: bit-identical, own dtype
-        self._last_delta = None if self._last is None else sent - self._last
+        # with no earlier action to compare, assume the robot starts at rest
+        self._last_delta = np.zeros_like(sent) if self._last is None else sent - self._last
         self._last = np.array(sent, np.float64)
         for name, on in (("modified", modified), ("missing", missing), ("non_finite", non_finite), ("stale", stale)):
             c[name] += int(on)
