@@ -5,7 +5,7 @@ velocity (per dimension, then the norm of the change). Limits hold exactly in fl
 inside every limit is returned bit-identical, in its own dtype (a changed one is float64, because rounding
 to float32 could step an ulp outside a limit).
 
-Hold: the target on bad input and under e-stop is `stop_action` if configured, else the last sent action
+Hold: the target on bad input and under e-stop is the stop action (config, else spec), else the last sent action
 ("stay where you are", right for position targets), else `neutral_action` before anything was sent. A
 fault's hold still obeys the velocity bounds (so a velocity-commanded base ramps to its stop_action); an
 e-stop sends it at once and stays latched until `reset_estop()`. Bad input is a counted fault, never an
@@ -34,8 +34,8 @@ class SafetyConfig:
     max_action_age_s: float | None = None
     # an action older than this (the `age_s` argument) is stale and held; None = one chunk (chunk_size * dt)
     stop_action: tuple[float, ...] | None = None
-    # what holds and e-stops aim for. None = the last sent action, right for position targets; give zeros
-    # for velocity or delta commands, where repeating the last command would keep the robot moving
+    # what holds and e-stops aim for. None = the spec's stop_action (zeros for velocity/delta commands, where
+    # repeating the last command would keep the robot moving); if that is None too, the last sent action
     neutral_action: tuple[float, ...] | None = None
     # held before anything was ever sent; None = zeros clipped into the workspace
     limit_acceleration: bool = True
@@ -115,9 +115,8 @@ class SafetyLayer:
         if spec.max_acceleration is not None and config.limit_acceleration:
             self._amax = np.asarray(spec.max_acceleration, np.float64)
         self.max_action_age_s = config.max_action_age_s or spec.chunk_size * spec.dt
-        self._stop = (
-            None if config.stop_action is None else self._config_vector("SafetyConfig.stop_action", config.stop_action)
-        )
+        stop = config.stop_action if config.stop_action is not None else spec.stop_action
+        self._stop = None if stop is None else self._config_vector("SafetyConfig.stop_action", stop)
         neutral = np.zeros(spec.action_dim) if config.neutral_action is None else config.neutral_action
         self._neutral = self._config_vector("SafetyConfig.neutral_action", neutral)
         self.velocity_scale = config.velocity_scale

@@ -41,6 +41,13 @@ def assert_safe(spec: EmbodimentSpec, sent: np.ndarray, last: np.ndarray | None,
         assert np.linalg.norm(step) <= nlim * (1 + REL), "velocity norm exceeded"
 
 
+def stop_target(spec: EmbodimentSpec, last: np.ndarray | None) -> np.ndarray:
+    """What holds aim for by default: the spec's stop action, else the last sent action, else zeros (clipped)."""
+    if spec.stop_action is not None:
+        return np.array(spec.stop_action)
+    return last if last is not None else np.clip(np.zeros(spec.action_dim), spec.action_low, spec.action_high)
+
+
 @st.composite
 def requests(draw, spec: EmbodimentSpec, max_len: int = 10):
     """A sequence of (action in normalized units mapped to the spec's range with specials, force or None)."""
@@ -78,9 +85,12 @@ def test_output_always_inside_bounds_and_velocity_limits(name, data, scale):
     last = None
     for action, force in data.draw(requests(spec)):
         sent, report = layer(action, force=force)
-        assert_safe(spec, sent, last, scale)
-        if report.estop:
+        if report.estop:  # brakes at once to the stop action (or holds): exempt from the rate limits
+            assert_safe(spec, sent, None)
+            assert np.array_equal(sent, stop_target(spec, last))
             layer.reset_estop()
+        else:
+            assert_safe(spec, sent, last, scale)
         last = sent.astype(np.float64)
     assert layer.stats()["calls"] > 0
 
@@ -113,11 +123,19 @@ def test_non_finite_is_a_counted_fault_that_holds(name, data, bad):
         layer(x)
     request = walk[-1].copy()
     request[data.draw(st.integers(0, spec.action_dim - 1))] = bad
-    sent, report = layer(request)
-    assert np.array_equal(sent, walk[-1])  # hold = the last sent action
-    assert report.non_finite and report.fault and report.held and report.modified and report.max_change is None
-    assert "non_finite" in report.fired
-    assert layer.stats()["non_finite"] == 1
+    target, last = stop_target(spec, walk[-1]), walk[-1]
+    low, high, vlim, _ = limits(spec)
+    # every dimension ramps to the hold target within the velocity bounds: enough ticks to cover the range
+    ticks = int(np.ceil(np.max((high - low) / vlim))) + 2
+    for _ in range(ticks):
+        sent, report = layer(request)
+        assert_safe(spec, sent, last)
+        assert np.all(np.abs(sent - target) <= np.abs(last - target) + 1e-12)  # never away from the target
+        assert report.non_finite and report.fault and report.held and report.max_change is None
+        assert "non_finite" in report.fired
+        last = sent
+    assert np.allclose(sent, target, rtol=0, atol=1e-12)
+    assert layer.stats()["non_finite"] == ticks
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -129,7 +147,7 @@ def test_estop_latched_until_reset(name, data, over, n_after):
     walk = data.draw(in_limit_walk(spec))
     for x in walk:
         layer(x)
-    held = walk[-1]
+    held = stop_target(spec, walk[-1])
     _, report = layer(walk[0], force=[over * spec.max_force, 0.0, 0.0])  # a force vector: its norm counts
     assert report.estop and report.estop_tripped and layer.estopped
     for action, _ in data.draw(requests(spec, max_len=n_after)):
@@ -145,24 +163,25 @@ def test_first_fault_sends_neutral_clipped_into_the_workspace():
     leap = EMBODIMENTS["leap"]  # zeros lie on its lower bound for the fingers
     sent, report = SafetyLayer(leap)(np.full(leap.action_dim, np.nan))
     assert np.array_equal(sent, np.zeros(leap.action_dim)) and report.non_finite
-    neutral = tuple([0.5] * 7)
-    sent, _ = SafetyLayer(EMBODIMENTS["franka"], SafetyConfig(neutral_action=neutral))(None)
-    assert np.array_equal(sent, [0.05, 0.05, 0.05, 0.1, 0.1, 0.1, 0.5])  # clipped to the workspace
+    neutral = tuple([2.0] * 16 + [-0.2] * 8)
+    sent, _ = SafetyLayer(leap, SafetyConfig(neutral_action=neutral))(None)
+    assert np.array_equal(sent, [1.6] * 16 + [-0.2] * 8)  # clipped to the workspace
 
 
 def test_missing_and_stale_actions_hold():
-    spec = EMBODIMENTS["franka"]
+    spec = EMBODIMENTS["leap"]  # position targets, no stop action: hold = stay at the last sent target
+    assert spec.stop_action is None
     layer = SafetyLayer(spec)
-    first = np.full(7, 0.01)
+    first = np.full(24, 0.3)
     layer(first)
     sent, report = layer(None)
     assert np.array_equal(sent, first) and report.missing and report.fault
     horizon = spec.chunk_size * spec.dt
     assert layer.max_action_age_s == pytest.approx(horizon)
-    sent, report = layer(np.full(7, 0.02), age_s=horizon * 1.01)
+    sent, report = layer(np.full(24, 0.4), age_s=horizon * 1.01)
     assert np.array_equal(sent, first) and report.stale and report.held
-    sent, report = layer(np.full(7, 0.02), age_s=horizon * 0.99)
-    assert np.array_equal(sent, np.full(7, 0.02)) and not report.stale
+    sent, report = layer(np.full(24, 0.4), age_s=horizon * 0.99)
+    assert np.array_equal(sent, np.full(24, 0.4)) and not report.stale
     assert layer.stats()["stale"] == 1 and layer.stats()["missing"] == 1
 
 
@@ -195,8 +214,8 @@ def test_acceleration_limit_and_holds_ignore_it():
     assert np.allclose(sent, [0.08, 0, 0]) and report.acceleration == pytest.approx(0.22) and report.velocity == 0
     sent, _ = layer(np.array([0.3, 0.0, 0.0]))
     assert np.allclose(sent, [0.24, 0, 0])  # step 0.16 = 0.08 + 0.08
-    sent, report = layer(None)  # stopping is always allowed
-    assert np.allclose(sent, [0.24, 0, 0]) and report.acceleration == 0
+    sent, report = layer(None)  # stopping (hello's stop action is zero velocity) is never delayed by it
+    assert np.array_equal(sent, [0.0, 0.0, 0.0]) and report.acceleration == 0
 
 
 def test_stop_action_for_velocity_commands():
@@ -208,6 +227,19 @@ def test_stop_action_for_velocity_commands():
     sent, _ = layer(np.array([0.6, 0.0, 0.0]))
     sent, report = layer(np.array([0.6, 0.0, 0.0]), force=1e3)  # an e-stop brakes at once
     assert np.array_equal(sent, np.zeros(3)) and report.estop
+
+
+def test_spec_stop_action_is_the_default_hold_for_delta_commands():
+    spec = EMBODIMENTS["franka"]  # end-effector deltas: repeating the last one would keep moving
+    layer = SafetyLayer(spec)
+    layer(np.array([0.03, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]))
+    sent, report = layer(None)  # ramps to the stop action: translation 0, gripper towards closed
+    assert np.allclose(sent, [0.0] * 6 + [0.0]) and report.held
+    sent, report = layer(np.zeros(7), force=spec.max_force * 2)
+    assert np.array_equal(sent, spec.stop_action) and report.estop
+    override = SafetyLayer(spec, SafetyConfig(stop_action=(0.0,) * 7))
+    _, _ = override(np.zeros(7), force=spec.max_force * 2)
+    assert np.array_equal(override.last_sent, np.zeros(7))
 
 
 def test_nan_force_trips_estop():
