@@ -58,6 +58,26 @@ def render(
         typer.echo(str(p))
 
 
+@experiment_app.command("safety")
+def experiment_safety(
+    n: Annotated[int, typer.Option("--n", min=1, help="Random actions per embodiment.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    json_out: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Safety-layer stress test: push random (some NaN, some huge) actions through every embodiment's safety
+    layer; report the share modified per constraint and plot the clipping distribution."""
+    from fleet.experiments.safety import format_table, run_safety_experiment
+
+    result = run_safety_experiment(n=n, seed=seed, out=out)
+    if json_out:
+        _emit_json(result)
+        return
+    typer.echo(format_table(result))
+    if out is not None:
+        typer.echo(f"wrote {out / 'safety_clipping.png'} and {out / 'safety_table.md'}")
+
+
 def main() -> None:
     app()
 

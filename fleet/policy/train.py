@@ -1,0 +1,261 @@
+"""Pretraining: multi-task behaviour cloning on teleoperator demonstrations from every simulator,
+with noise-injected demonstrations and DAgger rounds (the policy drives, the expert relabels).
+
+`fleet pretrain` calls `pretrain`; the transfer experiment calls it with fewer embodiments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fleet.embodiments import EMBODIMENTS
+from fleet.policy.backbone import PolicyConfig
+from fleet.policy.demos import DemoSet, collect
+
+
+def default_policy_config() -> PolicyConfig:
+    """The shipped model's sizes: 16x16 patches (16 image tokens) keep a training step near 0.1 s on 2 cores."""
+    return PolicyConfig(patch_size=16, conv_stem=False, n_layers=3, max_instr_len=8, head_layers=2, flow_train_noise=2)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    embodiments: tuple[str, ...] = ("franka", "aloha", "hello", "leap")
+    # which bodies to train (the transfer experiment trains subsets)
+    steps: int = 6000
+    # optimizer steps in total, DAgger rounds included
+    batch_size: int = 128
+    # rows per step, split evenly across embodiments
+    lr: float = 1e-3
+    # peak AdamW learning rate (linear warm-up, cosine decay)
+    warmup: int = 200
+    # warm-up steps
+    weight_decay: float = 0.01
+    demo_episodes: int = 400
+    # expert episodes per embodiment before DAgger
+    noise: float = 0.05
+    # std of action noise (share of range) injected in half of the expert episodes
+    dagger_rounds: int = 2
+    # rounds of: roll out the current policy, relabel with the expert, add to the data
+    dagger_episodes: int = 150
+    # policy-driven episodes per embodiment per DAgger round
+    seed: int = 0
+    # seeds data collection, initialisation and batch sampling
+    threads: int = 2
+    # torch intra-op threads
+    policy: PolicyConfig = field(default_factory=default_policy_config)
+    # model sizes
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.embodiments if e not in EMBODIMENTS]
+        if unknown or not self.embodiments:
+            raise ValueError(f"PretrainConfig.embodiments: unknown {unknown}; known {sorted(EMBODIMENTS)}")
+        for f in ("steps", "batch_size", "demo_episodes"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"PretrainConfig.{f} must be >= 1, got {getattr(self, f)}")
+        if self.dagger_rounds < 0 or self.dagger_episodes < 0:
+            raise ValueError("PretrainConfig.dagger_rounds and dagger_episodes must be >= 0")
+
+
+@dataclass
+class PretrainReport:
+    config: dict
+    samples: dict[str, int] = field(default_factory=dict)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    dagger_success: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class DemoTensors:
+    """All demonstrations as tensors ready to slice into mixed-embodiment batches."""
+
+    def __init__(self, model, demos: dict[str, DemoSet]):
+        from fleet.policy.batch import normalize_actions
+
+        self.model = model
+        self.names = list(demos)
+        p_max = max(model.specs[n].proprio_dim for n in self.names)
+        d_max = max(model.specs[n].action_dim for n in self.names)
+        self.data: dict[str, dict[str, torch.Tensor]] = {}
+        for name, d in demos.items():
+            spec = model.specs[name]
+            proprio = np.zeros((len(d), p_max), np.float32)
+            proprio[:, : spec.proprio_dim] = d.proprio
+            cache: dict[str, np.ndarray] = {}
+            instr = np.stack(
+                [cache.setdefault(t, model.vocab.encode(t, model.config.max_instr_len)) for t in d.instructions]
+            )
+            actions = np.zeros((len(d), spec.chunk_size, d_max), np.float32)
+            actions[:, :, : spec.action_dim] = normalize_actions(spec, d.actions)
+            self.data[name] = {
+                "image": torch.from_numpy(np.ascontiguousarray(d.images)),
+                "proprio": torch.from_numpy(proprio),
+                "instr": torch.from_numpy(instr),
+                "actions": torch.from_numpy(actions),
+                "emb": torch.full((len(d),), model.vocab.token_id(spec.token), dtype=torch.long),
+            }
+
+    def batch(self, batch_size: int, gen: torch.Generator):
+        from fleet.policy.batch import PolicyBatch
+
+        per = max(1, batch_size // len(self.names))
+        parts, names = [], []
+        for name in self.names:
+            d = self.data[name]
+            idx = torch.randint(0, len(d["image"]), (per,), generator=gen)
+            parts.append({k: v.index_select(0, idx) for k, v in d.items()})
+            names += [name] * per
+        cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return PolicyBatch(cat["image"], cat["proprio"], cat["instr"], cat["emb"], names, cat["actions"])
+
+
+def chunk_policy(model, n_samples: int = 1) -> Callable[[list[dict], list[str]], list[np.ndarray]]:
+    """Wrap a FleetPolicy as a ChunkPolicy (observations, embodiment names) -> physical chunks."""
+
+    def act(observations: list[dict], names: list[str]) -> list[np.ndarray]:
+        model.eval()
+        return [r["chunk"] for r in model.predict_obs(observations, names, n_samples=n_samples)]
+
+    return act
+
+
+def build_model(embodiments: tuple[str, ...], seed: int = 0, config: PolicyConfig | None = None):
+    from fleet.policy.model import FleetPolicy
+    from fleet.policy.tokenizer import default_vocabulary
+
+    torch.manual_seed(seed)
+    specs = {n: EMBODIMENTS[n] for n in embodiments}
+    return FleetPolicy(config or default_policy_config(), specs, default_vocabulary(list(EMBODIMENTS)))
+
+
+def fit_feature_stats(model, tensors: DemoTensors, n: int = 2048, seed: int = 0) -> dict[str, dict]:
+    """Per-embodiment mean/covariance of the pooled backbone feature on training data (for OOD scores)."""
+    from fleet.control import FeatureStats
+    from fleet.policy.batch import PolicyBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    model.eval()
+    with torch.inference_mode():
+        for name in tensors.names:
+            d = tensors.data[name]
+            idx = torch.randperm(len(d["image"]), generator=gen)[:n]
+            feats = []
+            for chunk in idx.split(256):
+                sl = {k: v.index_select(0, chunk) for k, v in d.items()}
+                b = PolicyBatch(sl["image"], sl["proprio"], sl["instr"], sl["emb"], [name] * len(chunk), None)
+                feats.append(model.encode(b)[2].numpy())
+            out[name] = FeatureStats.fit(np.concatenate(feats)).to_dict()
+    return out
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    out: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+):
+    """Train a FleetPolicy from scratch; returns (model, report, meta). Writes a checkpoint when `out` is set."""
+    from fleet.policy.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    model = build_model(cfg.embodiments, cfg.seed, cfg.policy)
+    report = PretrainReport(config=asdict(cfg))
+    demos: dict[str, DemoSet] = {}
+    for i, name in enumerate(cfg.embodiments):
+        half = cfg.demo_episodes // 2
+        clean = collect(name, cfg.demo_episodes - half, seed=cfg.seed * 1000 + 10 * i)
+        noisy = collect(name, half, seed=cfg.seed * 1000 + 10 * i + 1, noise=cfg.noise)
+        demos[name] = clean.extend(noisy)
+        log(f"demos {name}: {len(demos[name])} samples from {cfg.demo_episodes} expert episodes")
+    for name, d in demos.items():
+        model.set_proprio_stats(name, d.proprio.mean(0), d.proprio.std(0) + 1e-3)
+    tensors = DemoTensors(model, demos)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    dagger_at = {int(cfg.steps * (k + 1) / (cfg.dagger_rounds + 1)) for k in range(cfg.dagger_rounds)}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = _progress(progress)
+    task = bar.add_task("pretrain", total=cfg.steps) if bar else None
+    running = None
+    try:
+        if bar:
+            bar.start()
+        for step in range(cfg.steps):
+            if step in dagger_at and cfg.dagger_episodes > 0:
+                rates = {}
+                for i, name in enumerate(cfg.embodiments):
+                    new = collect(
+                        name, cfg.dagger_episodes, seed=cfg.seed * 1000 + 500 + 10 * i + step, policy=chunk_policy(model)
+                    )
+                    rates[name] = new.successes / max(1, new.episodes)
+                    demos[name] = demos[name].extend(new)
+                tensors = DemoTensors(model, demos)
+                report.dagger_success.append(rates)
+                log(f"step {step}: DAgger round, policy success while collecting {rates}")
+                model.train()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            model.train()
+            loss, _ = model.action_loss(tensors.batch(cfg.batch_size, gen), generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            running = float(loss) if running is None else 0.98 * running + 0.02 * float(loss)
+            if step % 50 == 0 or step == cfg.steps - 1:
+                report.losses.append((step, running))
+            if bar:
+                bar.update(task, advance=1, description=f"pretrain loss {running:.3f}")
+    finally:
+        if bar:
+            bar.stop()
+    model.eval()
+    report.samples = {n: len(d) for n, d in demos.items()}
+    meta = {
+        "feature_stats": fit_feature_stats(model, tensors, seed=cfg.seed),
+        "pretrain": {"config": asdict(cfg), "samples": report.samples, "dagger_success": report.dagger_success},
+    }
+    report.seconds = time.perf_counter() - t0
+    meta["pretrain"]["seconds"] = report.seconds
+    if out is not None:
+        from fleet.policy.checkpoint import save_checkpoint
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(model, out / "policy", extra_meta=meta)
+        (out / "pretrain_report.json").write_text(json.dumps(asdict(report), indent=1))
+    _ = evaluate  # evaluation is run by the caller (fleet pretrain --eval-episodes)
+    return model, report, meta
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
