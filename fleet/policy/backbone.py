@@ -1,0 +1,221 @@
+"""The shared backbone: one pre-LN transformer over [embodiment][proprio][instruction words][image patches].
+
+Also home to `PolicyConfig` (every size of the model) and the attention blocks the heads reuse.
+The backbone is frozen after pretraining; per-embodiment proprio stems live in the heads (see heads.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fleet.policy.vision import PatchEncoder
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Every size of the policy; stored in checkpoints, so a loaded model has exactly these shapes."""
+
+    d_model: int = 128
+    # width of every token, in the backbone and in the heads (heads cross-attend to backbone memory)
+    n_layers: int = 4
+    # backbone transformer layers
+    n_heads: int = 4
+    # attention heads per backbone layer
+    mlp_ratio: int = 4
+    # backbone MLP hidden width = mlp_ratio * d_model
+    dropout: float = 0.0
+    # residual and attention dropout (0: the data is small and the sims are deterministic)
+    image_size: int = 64
+    # camera images are (image_size, image_size, 3) uint8
+    patch_size: int = 8
+    # 8 -> an 8x8 grid of 64 image tokens
+    conv_stem: bool = True
+    # two overlapping stride-2 convs before the patch projection (better localization, ~8 MMAC/image)
+    max_instr_len: int = 16
+    # instruction words kept (longer instructions are truncated)
+    chunk_size: int = 16
+    # actions per chunk; every embodiment spec must agree
+    n_bins: int = 64
+    # token heads: bins per action dimension over normalized [-1, 1]
+    head_layers: int = 2
+    # decoder layers in each head
+    head_heads: int = 4
+    # attention heads per head layer
+    head_mlp_ratio: int = 2
+    # head MLP hidden width = head_mlp_ratio * d_model (heads are many, so they are kept lean)
+    n_euler: int = 8
+    # flow heads: Euler integration steps from noise to a chunk
+    flow_train_noise: int = 4
+    # flow heads: (noise, time) draws per row in the training loss (variance reduction, head cost only)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "dropout":
+                if not 0.0 <= value < 1.0:
+                    raise ValueError(f"PolicyConfig.dropout must be in [0, 1), got {value!r}")
+            elif f.name == "conv_stem":
+                if not isinstance(value, bool):
+                    raise ValueError(f"PolicyConfig.conv_stem must be a bool, got {value!r}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PolicyConfig.{f.name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads or self.d_model % self.head_heads:
+            raise ValueError(
+                f"PolicyConfig.d_model {self.d_model} must be divisible by n_heads {self.n_heads} "
+                f"and head_heads {self.head_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(f"PolicyConfig.image_size {self.image_size} must be a multiple of patch_size")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PolicyConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"PolicyConfig: unknown fields {unknown}")
+        return cls(**d)
+
+
+def attend_mask(pad_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, S) bool True=padding -> (B, 1, 1, S) bool True=attend for SDPA; None when nothing is padded."""
+    if pad_mask is None or not bool(pad_mask.any()):
+        return None
+    return ~pad_mask[:, None, None, :]
+
+
+class KVCache:
+    """Keys/values of the positions decoded so far, preallocated for a whole chunk: (B, H, T, hd)."""
+
+    def __init__(self, batch: int, n_heads: int, length: int, head_dim: int, like: torch.Tensor) -> None:
+        self.k = like.new_empty(batch, n_heads, length, head_dim)
+        self.v = like.new_empty(batch, n_heads, length, head_dim)
+        self.size = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, s, hd) after the cached positions; return all keys/values so far."""
+        end = self.size + k.shape[2]
+        self.k[:, :, self.size : end] = k
+        self.v[:, :, self.size : end] = v
+        self.size = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x: (B, S, d) -> (B, S, d). With `cache`, x holds only new positions, attending to all cached ones."""
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.append(k, v)
+            causal = causal and s > 1  # one new query may see every cached key
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return self.proj(out.transpose(1, 2).reshape(b, s, d))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the head, keys/values from backbone memory; `memory_kv` runs once per chunk."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(d, d)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory: (B, S, d) -> k, v: (B, H, S, hd)."""
+        b, s, d = memory.shape
+        k, v = self.kv(memory).view(b, s, 2, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x: (B, T, d) -> (B, T, d); mask: (B, 1, 1, S) bool True=attend, or None."""
+        b, t, d = x.shape
+        q = self.q(x).view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=p)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, d: int, ratio: int, dropout: float = 0.0) -> None:
+        super().__init__(nn.Linear(d, ratio * d), nn.GELU(), nn.Linear(ratio * d, d), nn.Dropout(dropout))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, d: int, n_heads: int, mlp_ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), SelfAttention(d, n_heads, dropout)
+        self.ln2, self.mlp = nn.LayerNorm(d), MLP(d, mlp_ratio, dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class Backbone(nn.Module):
+    """Vision encoder, word embeddings (embodiment tokens included) and the shared transformer.
+
+    Sequence: [embodiment token] [proprio token] [max_instr_len words] [image patches], S = 2 + L + N.
+    """
+
+    def __init__(self, config: PolicyConfig, vocab_size: int) -> None:
+        super().__init__()
+        d = config.d_model
+        self.config = config
+        self.vision = PatchEncoder(d, config.image_size, config.patch_size, config.conv_stem)
+        self.word_embed = nn.Embedding(vocab_size, d, padding_idx=0)
+        nn.init.normal_(self.word_embed.weight, std=0.02)
+        with torch.no_grad():
+            self.word_embed.weight[0].zero_()
+        self.instr_pos = nn.Parameter(torch.randn(config.max_instr_len, d) * 0.02)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(d, config.n_heads, config.mlp_ratio, config.dropout) for _ in range(config.n_layers)
+        )
+        self.norm = nn.LayerNorm(d)
+
+    def forward(
+        self, image: torch.Tensor, emb_ids: torch.Tensor, proprio_tok: torch.Tensor, instr_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """image (B,H,W,3) uint8, emb_ids (B,) vocab ids, proprio_tok (B,d), instr_ids (B,L) with L <= max_instr_len.
+
+        Returns memory (B, S, d) after the final LayerNorm, pad_mask (B, S) bool True=padding, and
+        pooled (B, d): the embodiment token's output, the feature OOD scoring uses.
+        """
+        b, length = instr_ids.shape
+        if length > self.config.max_instr_len:
+            raise ValueError(f"instr_ids: length {length} exceeds max_instr_len {self.config.max_instr_len}")
+        words = self.word_embed(instr_ids) + self.instr_pos[:length]
+        head = torch.stack([self.word_embed(emb_ids), proprio_tok], dim=1)
+        x = torch.cat([head, words, self.vision(image)], dim=1)
+        pad_mask = torch.zeros(b, x.shape[1], dtype=torch.bool, device=x.device)
+        pad_mask[:, 2 : 2 + length] = instr_ids == 0
+        mask = attend_mask(pad_mask)
+        for block in self.blocks:
+            x = block(x, mask)
+        memory = self.norm(x)
+        return memory, pad_mask, memory[:, 0]

@@ -1,0 +1,148 @@
+"""Validated, stacked model input for a mixed-embodiment batch, and action (de)normalization.
+
+`collate` checks every observation (a malformed one raises ValueError naming the row, the field and
+the expected shape, so a server can reject that request alone) and stacks each field with numpy
+before a single `torch.from_numpy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fleet.embodiments import EmbodimentSpec
+from fleet.policy.tokenizer import Vocabulary
+
+IMAGE_SHAPE = (64, 64, 3)
+
+
+def normalize_actions(spec: EmbodimentSpec, actions: np.ndarray) -> np.ndarray:
+    """(..., D) physical units -> (..., D) float32 in [-1, 1] (clipped): n = 2 (a - low) / (high - low) - 1."""
+    low, high = np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)
+    return np.clip(2.0 * (np.asarray(actions, np.float32) - low) / (high - low) - 1.0, -1.0, 1.0).astype(np.float32)
+
+
+def denormalize_actions(spec: EmbodimentSpec, normalized: np.ndarray) -> np.ndarray:
+    """(..., D) normalized -> (..., D) float32 physical units: a = low + (n + 1) / 2 (high - low)."""
+    low, high = np.asarray(spec.action_low, np.float32), np.asarray(spec.action_high, np.float32)
+    return (low + (np.asarray(normalized, np.float32) + 1.0) * 0.5 * (high - low)).astype(np.float32)
+
+
+@dataclass
+class PolicyBatch:
+    """B rows, any mix of embodiments."""
+
+    image: torch.Tensor  # (B, 64, 64, 3) uint8
+    proprio: torch.Tensor  # (B, Pmax) float32, row i valid in [:proprio_dim of its embodiment], zeros after
+    instr_ids: torch.Tensor  # (B, L) int64 word ids, [PAD]=0 after the instruction
+    emb_idx: torch.Tensor  # (B,) int64: vocabulary id of the row's [EMB_<NAME>] token (the sequence's first token)
+    embodiments: list[str]  # (B,) embodiment name per row
+    actions: torch.Tensor | None = None  # (B, T, Dmax) float32 normalized, zeros past the row's action_dim
+    _groups: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.embodiments)
+
+    def groups(self) -> dict[str, torch.Tensor]:
+        """Embodiment name -> int64 row indices, in order of first appearance."""
+        if self._groups is None:
+            rows: dict[str, list[int]] = {}
+            for i, name in enumerate(self.embodiments):
+                rows.setdefault(name, []).append(i)
+            self._groups = {n: torch.tensor(r, dtype=torch.long) for n, r in rows.items()}
+        return self._groups
+
+
+def _bad(i: int, name: str, field_name: str, expected: str, got: str) -> ValueError:
+    return ValueError(f"observation {i} ({name}): field {field_name!r} must be {expected}, got {got}")
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, np.ndarray):
+        return f"{x.dtype} array of shape {x.shape}"
+    return type(x).__name__
+
+
+def collate(
+    observations: Sequence[Mapping],
+    embodiments: Sequence[str],
+    vocab: Vocabulary,
+    specs: Mapping[str, EmbodimentSpec],
+    actions: Sequence[np.ndarray] | None = None,
+    max_len: int = 16,
+) -> PolicyBatch:
+    """Validate and stack observations (dicts with image, proprio, instruction) of the named embodiments.
+
+    actions: optional per row (T, D) float32 physical units; normalized (and clipped) here.
+    Raises ValueError naming the row index, the field and the expected shape/dtype.
+    """
+    b = len(observations)
+    if b == 0:
+        raise ValueError("collate: empty batch")
+    if len(embodiments) != b:
+        raise ValueError(f"collate: {b} observations but {len(embodiments)} embodiment names")
+    if actions is not None and len(actions) != b:
+        raise ValueError(f"collate: {b} observations but {len(actions)} action chunks")
+    row_specs: list[EmbodimentSpec] = []
+    for i, name in enumerate(embodiments):
+        spec = specs.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise ValueError(f"observation {i}: unknown embodiment {name!r}; known: {sorted(specs)}")
+        if spec.token not in vocab:
+            raise ValueError(f"observation {i}: embodiment {name!r} has no token {spec.token} in the vocabulary")
+        row_specs.append(spec)
+    p_max = max(s.proprio_dim for s in row_specs)
+    images = []
+    proprio = np.zeros((b, p_max), np.float32)
+    instr = np.empty((b, max_len), np.int64)
+    for i, (obs, spec) in enumerate(zip(observations, row_specs, strict=True)):
+        if not isinstance(obs, Mapping):
+            raise ValueError(f"observation {i} ({spec.name}): expected a dict, got {type(obs).__name__}")
+        for key in ("image", "proprio", "instruction"):
+            if key not in obs:
+                raise ValueError(f"observation {i} ({spec.name}): missing field {key!r}")
+        img = obs["image"]
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.shape != IMAGE_SHAPE:
+            raise _bad(i, spec.name, "image", f"a uint8 array of shape {IMAGE_SHAPE}", _describe(img))
+        images.append(img)
+        prop = obs["proprio"]
+        try:
+            prop = np.asarray(prop, np.float32)
+        except (TypeError, ValueError):
+            raise _bad(i, spec.name, "proprio", f"float32 of shape ({spec.proprio_dim},)", _describe(prop)) from None
+        if prop.shape != (spec.proprio_dim,):
+            raise _bad(i, spec.name, "proprio", f"float32 of shape ({spec.proprio_dim},)", f"shape {prop.shape}")
+        if not np.isfinite(prop).all():
+            raise _bad(i, spec.name, "proprio", "finite (no NaN/inf)", f"{prop.tolist()}")
+        proprio[i, : spec.proprio_dim] = prop
+        text = obs["instruction"]
+        if not isinstance(text, str):
+            raise _bad(i, spec.name, "instruction", "a str", type(text).__name__)
+        instr[i] = vocab.encode(text, max_len)
+    emb_idx = np.array([vocab.token_id(s.token) for s in row_specs], np.int64)
+    norm = None
+    if actions is not None:
+        d_max = max(s.action_dim for s in row_specs)
+        t = row_specs[0].chunk_size
+        sizes = sorted({s.chunk_size for s in row_specs})
+        if len(sizes) > 1:
+            raise ValueError(f"collate: embodiments in one batch must share chunk_size, got {sizes}")
+        norm = np.zeros((b, t, d_max), np.float32)
+        for i, (a, spec) in enumerate(zip(actions, row_specs, strict=True)):
+            a = np.asarray(a, np.float32)
+            if a.shape != (spec.chunk_size, spec.action_dim):
+                raise _bad(i, spec.name, "actions", f"shape ({spec.chunk_size}, {spec.action_dim})", f"{a.shape}")
+            if not np.isfinite(a).all():
+                raise _bad(i, spec.name, "actions", "finite (no NaN/inf)", "non-finite values")
+            norm[i, :, : spec.action_dim] = normalize_actions(spec, a)
+    return PolicyBatch(
+        image=torch.from_numpy(np.stack(images)),
+        proprio=torch.from_numpy(proprio),
+        instr_ids=torch.from_numpy(instr),
+        emb_idx=torch.from_numpy(emb_idx),
+        embodiments=list(embodiments),
+        actions=None if norm is None else torch.from_numpy(norm),
+    )

@@ -1,0 +1,181 @@
+"""`FleetPolicy`: the shared backbone plus one action head per embodiment, selected by name.
+
+A mixed batch runs the backbone once; each head then runs once on its embodiment's rows. The model
+works in normalized actions [-1, 1] and `predict` returns physical units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fleet.embodiments import EmbodimentSpec
+from fleet.policy.backbone import Backbone, PolicyConfig
+from fleet.policy.batch import PolicyBatch, collate, denormalize_actions, normalize_actions
+from fleet.policy.heads import HeadBase, make_head
+from fleet.policy.tokenizer import Vocabulary
+
+
+class FleetPolicy(nn.Module):
+    """state_dict names: `backbone.*` (frozen after pretraining) and `heads.<embodiment>.*` (adapted)."""
+
+    def __init__(self, config: PolicyConfig, specs: Mapping[str, EmbodimentSpec], vocab: Vocabulary) -> None:
+        super().__init__()
+        if not specs:
+            raise ValueError("FleetPolicy: needs at least one embodiment spec")
+        for name, spec in specs.items():
+            if name != spec.name:
+                raise ValueError(f"FleetPolicy: specs key {name!r} holds the spec of {spec.name!r}")
+            if spec.token not in vocab:
+                raise ValueError(f"FleetPolicy: the vocabulary has no embodiment token {spec.token}")
+        self.config = config
+        self.specs: dict[str, EmbodimentSpec] = dict(specs)
+        self.vocab = vocab
+        self.backbone = Backbone(config, len(vocab))
+        self.heads = nn.ModuleDict({name: make_head(spec, config) for name, spec in self.specs.items()})
+        # the pretrained heads are version 1; each adapted head published by the learner increments it
+        self.head_versions: dict[str, int] = dict.fromkeys(self.specs, 1)
+
+    @property
+    def embodiment_names(self) -> list[str]:
+        return list(self.specs)
+
+    def head(self, name: str) -> HeadBase:
+        if name not in self.heads:
+            raise ValueError(f"no head for embodiment {name!r}; this model has {sorted(self.heads)}")
+        return self.heads[name]
+
+    # ----- actions ---------------------------------------------------------------------------------
+    def normalize_actions(self, name: str, actions: np.ndarray) -> np.ndarray:
+        """(..., D) physical -> (..., D) float32 normalized, clipped to [-1, 1]."""
+        return normalize_actions(self.specs[name], actions)
+
+    def denormalize_actions(self, name: str, normalized: np.ndarray) -> np.ndarray:
+        """(..., D) normalized -> (..., D) float32 physical units."""
+        return denormalize_actions(self.specs[name], normalized)
+
+    def set_proprio_stats(self, name: str, mean: np.ndarray, std: np.ndarray) -> None:
+        """Standardization of embodiment `name`'s proprio (P,) before its stem; training sets it from data."""
+        self.head(name).stem.set_stats(torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std).float())
+
+    # ----- forward -----------------------------------------------------------------------------------
+    def collate(
+        self, observations: Sequence[Mapping], embodiments: Sequence[str], actions: Sequence[np.ndarray] | None = None
+    ) -> PolicyBatch:
+        """`batch.collate` with this model's vocabulary, specs and instruction length."""
+        return collate(observations, embodiments, self.vocab, self.specs, actions, self.config.max_instr_len)
+
+    def encode(self, batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backbone once for the whole mixed batch -> memory (B, S, d), pad_mask (B, S) True=padding, pooled (B, d)."""
+        groups = batch.groups()
+        d = self.config.d_model
+        proprio_tok = batch.proprio.new_zeros(len(batch), d)
+        for name, idx in groups.items():
+            stem = self.head(name).stem
+            p = self.specs[name].proprio_dim
+            proprio_tok = proprio_tok.index_copy(0, idx, stem(batch.proprio.index_select(0, idx)[:, :p]))
+        return self.backbone(batch.image, batch.emb_idx, proprio_tok, batch.instr_ids)
+
+    def action_loss(
+        self, batch: PolicyBatch, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
+        """Mean over the embodiments present of each head's loss on its rows.
+
+        Token heads: cross-entropy of the target bins; flow heads: flow-matching MSE (noise and times
+        from `generator`). Metrics: {embodiment: {"loss": float, "rows": n, ...head-specific}}.
+        """
+        if batch.actions is None:
+            raise ValueError("action_loss: the batch has no actions (pass actions to collate)")
+        memory, pad_mask, _ = self.encode(batch)
+        losses, metrics = [], {}
+        for name, idx in batch.groups().items():
+            head = self.head(name)
+            target = batch.actions.index_select(0, idx)[:, :, : head.action_dim]
+            loss, extra = head.loss(memory.index_select(0, idx), pad_mask.index_select(0, idx), target, generator)
+            losses.append(loss)
+            metrics[name] = {"loss": float(loss.detach()), "rows": int(idx.numel()), **extra}
+        return torch.stack(losses).mean(), metrics
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        batch: PolicyBatch,
+        n_samples: int = 1,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> list[dict]:
+        """One dict per row (numpy float32):
+
+        chunk (T, D) physical units; features (d,) pooled backbone feature; head_version; embodiment;
+        token heads: entropy (T, D) nats and probs (T, D) of the chosen bins;
+        flow heads with n_samples > 1: samples (K, T, D) normalized units (the chunk is their mean).
+        """
+        if n_samples < 1:
+            raise ValueError(f"predict: n_samples must be >= 1, got {n_samples}")
+        memory, pad_mask, pooled = self.encode(batch)
+        features = pooled.numpy()
+        rows: list[dict] = [{} for _ in range(len(batch))]
+        for name, idx in batch.groups().items():
+            out = self.head(name).predict(
+                memory.index_select(0, idx), pad_mask.index_select(0, idx), n_samples, temperature, generator
+            )
+            chunks = self.denormalize_actions(name, out["chunk"].numpy())
+            entropy = out["entropy"].numpy() if "entropy" in out else None
+            probs = out["probs"].numpy() if "probs" in out else None
+            samples = out["samples"].numpy() if "samples" in out and n_samples > 1 else None
+            for j, i in enumerate(idx.tolist()):
+                row = {
+                    "chunk": chunks[j],
+                    "features": features[i],
+                    "head_version": self.head_versions[name],
+                    "embodiment": name,
+                }
+                if entropy is not None:
+                    row["entropy"], row["probs"] = entropy[j], probs[j]
+                if samples is not None:
+                    row["samples"] = samples[j]
+                rows[i] = row
+        return rows
+
+    def predict_obs(
+        self,
+        observations: Sequence[Mapping],
+        embodiments: Sequence[str],
+        n_samples: int = 1,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> list[dict]:
+        """`predict` on raw observation dicts (validated by `collate`)."""
+        return self.predict(self.collate(observations, embodiments), n_samples, temperature, generator)
+
+    # ----- heads as separable state ------------------------------------------------------------------
+    def freeze_backbone(self) -> None:
+        """Stop gradients into the backbone (vision, word and embodiment embeddings, transformer)."""
+        self.backbone.requires_grad_(False)
+
+    def trainable_head_parameters(self, name: str) -> list[nn.Parameter]:
+        """Everything embodiment `name` owns: its proprio stem, decoder and output layer."""
+        return list(self.head(name).parameters())
+
+    def head_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """A detached copy of head `name`'s tensors (names relative to the head, buffers included)."""
+        return {k: v.detach().clone() for k, v in self.head(name).state_dict().items()}
+
+    def load_head_state_dict(self, name: str, state: Mapping[str, torch.Tensor], version: int) -> None:
+        """Replace head `name` with `state` and record `version`; refuses missing/unexpected/misshapen tensors."""
+        own = self.head(name).state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"head {name!r}: missing tensors {missing}, unexpected tensors {unexpected}")
+        for key, ref in own.items():
+            if tuple(state[key].shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"head {name!r}: tensor {key!r} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}"
+                )
+        if not isinstance(version, int) or version < 0:
+            raise ValueError(f"head {name!r}: version must be a non-negative int, got {version!r}")
+        self.head(name).load_state_dict(dict(state), strict=True)
+        self.head_versions[name] = version
