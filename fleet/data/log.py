@@ -1,0 +1,211 @@
+"""The durable correction log: a directory of immutable Parquet parts, one per acknowledged batch.
+
+A part appears only by an atomic rename of a complete, fsynced file, so a crash at any moment leaves
+the log readable: at worst a `.tmp-*` file that readers ignore. Reading deduplicates by correction id,
+which makes compaction (write the merged part, then delete the old ones) safe to interrupt.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fleet.data.arrow import CORRECTION_SCHEMA, corrections_to_table, table_to_corrections
+from fleet.data.correction import Correction
+
+log = logging.getLogger(__name__)
+
+_PART_RE = re.compile(r"^part-(\d{8,})(?:-(\d{8,}))?\.parquet$")
+TEMP_PREFIX = ".tmp-"
+
+
+class CorrectionLogError(RuntimeError):
+    """The log directory holds something that should never be there (an unreadable part)."""
+
+
+@dataclass(frozen=True, order=True)
+class LogPart:
+    """One published file: `part-<start>.parquet` (one batch) or `part-<start>-<end>.parquet` (compacted)."""
+
+    start: int
+    # first batch sequence number it holds
+    end: int
+    # last batch sequence number it holds (== start for a single batch)
+    path: Path
+    # where it lies
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CorrectionLog:
+    """Append-only log of corrections under `directory` (created if missing).
+
+    One writer at a time: the replay store. Two writers cannot overwrite each other's parts (a part is
+    published with a no-clobber hard link), but they would interleave sequence numbers.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, publish_delay_s: float = 0.0):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.publish_delay_s = publish_delay_s
+        # fault injection for tests: sleep between the fsync of a temp file and its rename
+        self.ignored_temp_files: list[str] = []
+        # temp files the last read_all() skipped (a write that crashed before its rename)
+        self.duplicates_skipped = 0
+        # rows the last read_all() dropped as repeats of an id (an interrupted compaction)
+        self._next_seq = max((p.end for p in self.parts()), default=0) + 1
+
+    # ---- listing ------------------------------------------------------------------------------
+    def parts(self) -> list[LogPart]:
+        """Published parts in log order (by first sequence number)."""
+        found = []
+        for entry in os.scandir(self.directory):
+            m = _PART_RE.match(entry.name)
+            if m and entry.is_file():
+                start = int(m.group(1))
+                found.append(LogPart(start, int(m.group(2) or start), Path(entry.path)))
+        return sorted(found)
+
+    def temp_files(self) -> list[Path]:
+        """Leftovers of writes that crashed before their rename: never part of the log."""
+        return sorted(Path(e.path) for e in os.scandir(self.directory) if e.name.startswith(TEMP_PREFIX))
+
+    def remove_temp_files(self) -> int:
+        """Delete leftover temp files (only safe while no other writer is mid-append); returns how many."""
+        removed = 0
+        for path in self.temp_files():
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def stats(self) -> dict[str, int]:
+        parts = self.parts()
+        return {
+            "parts": len(parts),
+            "bytes": sum(p.path.stat().st_size for p in parts),
+            "temp_files": len(self.temp_files()),
+            "next_seq": self._next_seq,
+        }
+
+    # ---- writing ------------------------------------------------------------------------------
+    def _write_temp(self, table: pa.Table) -> Path:
+        tmp = self.directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}.parquet"
+        with open(tmp, "xb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if self.publish_delay_s:
+            time.sleep(self.publish_delay_s)
+        return tmp
+
+    def append(self, corrections: Sequence[Correction]) -> Path | None:
+        """Write one new part holding `corrections`; when this returns they are durable. None if empty."""
+        if not corrections:
+            return None
+        tmp = self._write_temp(corrections_to_table(corrections))
+        try:
+            while True:
+                final = self.directory / f"part-{self._next_seq:08d}.parquet"
+                try:
+                    os.link(tmp, final)  # atomic like rename, but never replaces an existing part
+                    break
+                except FileExistsError:
+                    # another writer took this number: skip past everything published so far
+                    self._next_seq = max([self._next_seq, *(p.end for p in self.parts())]) + 1
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                        raise
+                    # a filesystem without hard links: a plain atomic rename
+                    if final.exists():
+                        self._next_seq += 1
+                        continue
+                    os.replace(tmp, final)
+                    break
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.directory)
+        self._next_seq += 1
+        return final
+
+    # ---- reading ------------------------------------------------------------------------------
+    def _read_part(self, part: LogPart) -> pa.Table:
+        try:
+            return pq.read_table(part.path, schema=CORRECTION_SCHEMA)
+        except (OSError, pa.ArrowException) as exc:
+            raise CorrectionLogError(f"{part.path}: unreadable log part ({exc})") from exc
+
+    def read_all(self) -> list[Correction]:
+        """Every stored correction once, in the order it was appended; leftover temp files are ignored."""
+        self.ignored_temp_files = [p.name for p in self.temp_files()]
+        if self.ignored_temp_files:
+            log.warning(
+                "correction log %s: ignoring %d leftover temp file(s) from interrupted writes: %s",
+                self.directory,
+                len(self.ignored_temp_files),
+                self.ignored_temp_files,
+            )
+        seen: set[str] = set()
+        out: list[Correction] = []
+        self.duplicates_skipped = 0
+        for part in self.parts():
+            for c in table_to_corrections(self._read_part(part)):
+                if c.id in seen:
+                    self.duplicates_skipped += 1
+                    continue
+                seen.add(c.id)
+                out.append(c)
+        return out
+
+    # ---- compaction ---------------------------------------------------------------------------
+    def compact(self, small_bytes: int = 16 * 1024 * 1024) -> int:
+        """Merge each run of consecutive parts smaller than `small_bytes` into one part.
+
+        The merged part is published (temp, fsync, rename) before the old parts are deleted; a crash in
+        between leaves rows in two parts, which read_all deduplicates. Returns how many parts were removed.
+        """
+        runs: list[list[LogPart]] = [[]]
+        for part in self.parts():
+            if part.path.stat().st_size < small_bytes:
+                runs[-1].append(part)
+            elif runs[-1]:
+                runs.append([])
+        removed = 0
+        for run in runs:
+            if len(run) < 2:
+                continue
+            seen: set[str] = set()
+            merged: list[pa.Table] = []
+            for part in run:
+                table = self._read_part(part)
+                keep = []
+                for i, ident in enumerate(table.column("id").to_pylist()):
+                    if ident not in seen:
+                        seen.add(ident)
+                        keep.append(i)
+                merged.append(table if len(keep) == table.num_rows else table.take(pa.array(keep, pa.int64())))
+            final = self.directory / f"part-{run[0].start:08d}-{max(p.end for p in run):08d}.parquet"
+            tmp = self._write_temp(pa.concat_tables(merged))
+            os.replace(tmp, final)  # may replace an earlier merge of the same run: a subset of this one
+            _fsync_dir(self.directory)
+            for part in run:
+                if part.path != final:
+                    part.path.unlink(missing_ok=True)
+                    removed += 1
+            _fsync_dir(self.directory)
+        return removed
