@@ -105,7 +105,9 @@ class EmbodimentSpec:
             stop = self.stop_action
             if isinstance(stop, (str, bytes)) or not hasattr(stop, "__len__") or len(stop) != self.action_dim:
                 fail("stop_action", f"None or {self.action_dim} floats", stop)
-            if not all(_is_real(v) and lo <= v <= hi for v, lo, hi in zip(stop, self.action_low, self.action_high)):
+            if not all(
+                _is_real(v) and lo <= v <= hi for v, lo, hi in zip(stop, self.action_low, self.action_high, strict=True)
+            ):
                 fail("stop_action", "values inside [action_low, action_high]", stop)
             object.__setattr__(self, "stop_action", tuple(float(v) for v in stop))
         if isinstance(self.dim_names, str) or (self.dim_names and len(self.dim_names) != self.action_dim):

@@ -203,7 +203,10 @@ def pretrain(
                 rates = {}
                 for i, name in enumerate(cfg.embodiments):
                     new = collect(
-                        name, cfg.dagger_episodes, seed=cfg.seed * 1000 + 500 + 10 * i + step, policy=chunk_policy(model)
+                        name,
+                        cfg.dagger_episodes,
+                        seed=cfg.seed * 1000 + 500 + 10 * i + step,
+                        policy=chunk_policy(model),
                     )
                     rates[name] = new.successes / max(1, new.episodes)
                     demos[name] = demos[name].extend(new)

@@ -43,7 +43,7 @@ def render_gallery(out_dir: Path, names: list[str] | None = None, seed: int = 0,
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_xlabel(f"frame {k + 1}/{len(frames)}", fontsize=8)
-        fig.suptitle(f"{name}: \"{instruction}\" ({'success' if ok else 'failed'})", fontsize=10)
+        fig.suptitle(f'{name}: "{instruction}" ({"success" if ok else "failed"})', fontsize=10)
         fig.tight_layout()
         path = out_dir / f"{name}.png"
         fig.savefig(path, dpi=80)
