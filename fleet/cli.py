@@ -159,6 +159,31 @@ def experiment_safety(
         typer.echo(f"wrote {out / 'safety_clipping.png'} and {out / 'safety_table.md'}")
 
 
+@experiment_app.command("transfer")
+def experiment_transfer(
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps for each of the three trainings.")] = 1500,
+    episodes: Annotated[int, typer.Option(min=1, help="Closed-loop evaluation episodes per embodiment.")] = 50,
+    demo_episodes: Annotated[int, typer.Option(min=1, help="Expert episodes per embodiment.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    json_out: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Train one backbone on hello (3-DOF) + franka (7-DOF) with embodiment tokens, and each alone, at equal
+    steps; report closed-loop success for each and plot it. Does cross-robot training help?"""
+    from fleet.experiments.transfer import format_table, run_transfer_experiment
+
+    log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
+    result = run_transfer_experiment(
+        steps=steps, episodes=episodes, demo_episodes=demo_episodes, seed=seed, out=out, log=log
+    )
+    if json_out:
+        _emit_json(result)
+        return
+    typer.echo(format_table(result))
+    if out is not None:
+        typer.echo(f"wrote {out / 'transfer.png'}")
+
+
 def main() -> None:
     app()
 
