@@ -66,6 +66,8 @@ class LeapEnv(FleetEnv):
         obj = str(rng.choice(pool))
         size = float(rng.uniform(0.8, 1.2))
         angle = float(rng.uniform(-0.5, 0.5))
+        if OBJECTS[obj][1] in ("disk", "ring"):
+            angle = 0.0  # a round object looks the same at every angle: its grasp needs no wrist roll
         offset = (float(rng.uniform(-0.4, 0.4)), float(rng.uniform(-0.4, 0.4)))
         q = np.concatenate([rng.uniform(0.0, 0.3, size=16), rng.uniform(-0.1, 0.1, size=8)])
         return {
