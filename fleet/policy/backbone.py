@@ -35,6 +35,8 @@ class PolicyConfig:
     # 8 -> an 8x8 grid of 64 image tokens
     conv_stem: bool = True
     # two overlapping stride-2 convs before the patch projection (better localization, ~8 MMAC/image)
+    keypoints: int = 0
+    # spatial-softmax keypoint tokens added to the patch tokens (0 = none); they carry precise positions
     max_instr_len: int = 16
     # instruction words kept (longer instructions are truncated)
     chunk_size: int = 16
@@ -51,18 +53,27 @@ class PolicyConfig:
     # flow heads: Euler integration steps from noise to a chunk
     flow_train_noise: int = 4
     # flow heads: (noise, time) draws per row in the training loss (variance reduction, head cost only)
+    loss_head_steps: int = 4
+    # the first chunk steps (the ones a robot executes before the next chunk) get full loss weight
+    loss_tail_weight: float = 0.25
+    # loss weight of the later chunk steps: they are nearly determined by the first ones under teacher
+    # forcing, so an unweighted loss is dominated by easy tokens and under-trains the first action
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "dropout":
+            if f.name == "loss_tail_weight":
+                if not 0.0 <= value <= 1.0:
+                    raise ValueError(f"PolicyConfig.loss_tail_weight must be in [0, 1], got {value!r}")
+            elif f.name == "dropout":
                 if not 0.0 <= value < 1.0:
                     raise ValueError(f"PolicyConfig.dropout must be in [0, 1), got {value!r}")
             elif f.name == "conv_stem":
                 if not isinstance(value, bool):
                     raise ValueError(f"PolicyConfig.conv_stem must be a bool, got {value!r}")
-            elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PolicyConfig.{f.name} must be a positive int, got {value!r}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < (0 if f.name == "keypoints" else 1):
+                kind = "a non-negative" if f.name == "keypoints" else "a positive"
+                raise ValueError(f"PolicyConfig.{f.name} must be {kind} int, got {value!r}")
         if self.d_model % self.n_heads or self.d_model % self.head_heads:
             raise ValueError(
                 f"PolicyConfig.d_model {self.d_model} must be divisible by n_heads {self.n_heads} "
@@ -187,7 +198,7 @@ class Backbone(nn.Module):
         super().__init__()
         d = config.d_model
         self.config = config
-        self.vision = PatchEncoder(d, config.image_size, config.patch_size, config.conv_stem)
+        self.vision = PatchEncoder(d, config.image_size, config.patch_size, config.conv_stem, config.keypoints)
         self.word_embed = nn.Embedding(vocab_size, d, padding_idx=0)
         nn.init.normal_(self.word_embed.weight, std=0.02)
         with torch.no_grad():
@@ -211,7 +222,12 @@ class Backbone(nn.Module):
             raise ValueError(f"instr_ids: length {length} exceeds max_instr_len {self.config.max_instr_len}")
         words = self.word_embed(instr_ids) + self.instr_pos[:length]
         head = torch.stack([self.word_embed(emb_ids), proprio_tok], dim=1)
-        x = torch.cat([head, words, self.vision(image)], dim=1)
+        cond = None
+        if self.config.keypoints:
+            # bag-of-words summary of the instruction (padding excluded) for the vision FiLM
+            valid = (instr_ids != 0).unsqueeze(-1).to(words.dtype)
+            cond = (self.word_embed(instr_ids) * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+        x = torch.cat([head, words, self.vision(image, cond)], dim=1)
         pad_mask = torch.zeros(b, x.shape[1], dtype=torch.bool, device=x.device)
         pad_mask[:, 2 : 2 + length] = instr_ids == 0
         mask = attend_mask(pad_mask)

@@ -66,12 +66,15 @@ def collect(
     noise: float = 0.0,
     policy: ChunkPolicy | None = None,
     n_envs: int = 16,
+    keep: float = 1.0,
 ) -> DemoSet:
     """Roll out `episodes` episodes and label every visited state with the expert's next chunk.
 
     noise: std of Gaussian noise (share of each dim's range) added to executed expert actions.
     policy: if given, its chunks drive the robot (recycled every `recompute_every` ticks, DAgger);
     the expert still labels. Episodes run `n_envs` at a time so a policy is queried in batches.
+    keep: share of visited states kept (at random). Scenes matter more than states: the states of one
+    episode share one scene, so many episodes with a few states each generalize better.
     """
     spec = get_embodiment(name)
     rng = np.random.default_rng(seed + 7919)
@@ -95,16 +98,19 @@ def collect(
         still = []
         for e in envs:
             env, obs = e["env"], e["obs"]
-            label = env.unwrapped.expert_chunk(spec.chunk_size)
-            images.append(obs["image"])
-            proprio.append(obs["proprio"])
-            instructions.append(obs["instruction"])
-            actions.append(label)
+            kept = keep >= 1.0 or rng.random() < keep
+            if kept:
+                label = env.unwrapped.expert_chunk(spec.chunk_size)
+                images.append(obs["image"])
+                proprio.append(obs["proprio"])
+                instructions.append(obs["instruction"])
+                actions.append(label)
             if policy is not None:
                 a = e["chunk"][e["k"]]
                 e["k"] += 1
             else:
-                a = label[0] + noise * span * rng.standard_normal(spec.action_dim).astype(np.float32)
+                first = label[0] if kept else env.unwrapped.expert_action()
+                a = first + noise * span * rng.standard_normal(spec.action_dim).astype(np.float32)
             a = np.clip(a, spec.action_low, spec.action_high).astype(np.float32)
             obs, _, term, trunc, info = env.step(a)
             e["obs"] = obs

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fleet.embodiments import EmbodimentSpec
@@ -65,7 +64,8 @@ class FlowHead(HeadBase):
         t = ((torch.arange(n, dtype=x1.dtype, device=x1.device) + u) / n).reshape(-1)
         xt = (1.0 - t)[:, None, None] * x0 + t[:, None, None] * x1
         kvs, mask = self.memory_context(memory, pad_mask, repeat=n)
-        loss = F.mse_loss(self.velocity(xt, t, kvs, mask), x1 - x0)
+        err = (self.velocity(xt, t, kvs, mask) - (x1 - x0)).square()
+        loss = (err * self.step_weights(err)[None, :, None]).mean()
         return loss, {}
 
     def sample(

@@ -85,6 +85,12 @@ class HeadBase(nn.Module):
         )
         self.norm = nn.LayerNorm(d)
 
+    def step_weights(self, like: torch.Tensor) -> torch.Tensor:
+        """(T,) loss weights over chunk steps, summing to T: full weight on the executed head of the chunk."""
+        w = torch.full((self.chunk_size,), float(self.config.loss_tail_weight), dtype=like.dtype)
+        w[: self.config.loss_head_steps] = 1.0
+        return w * (self.chunk_size / w.sum())
+
     def memory_context(
         self, memory: torch.Tensor, pad_mask: torch.Tensor, repeat: int = 1
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:

@@ -72,9 +72,10 @@ class TokenHead(HeadBase):
         """Cross-entropy of the target bins of `actions` (B, T, D) normalized."""
         bins = self.to_bins(actions)
         logits = self.teacher_forced_logits(memory, pad_mask, bins)
-        loss = F.cross_entropy(logits.reshape(-1, self.n_bins), bins.reshape(-1))
-        acc = (logits.detach().argmax(-1) == bins).float().mean().item()
-        return loss, {"bin_accuracy": acc}
+        ce = F.cross_entropy(logits.reshape(-1, self.n_bins), bins.reshape(-1), reduction="none")
+        loss = (ce.reshape(bins.shape) * self.step_weights(ce)[None, :, None]).mean()
+        hit = logits.detach().argmax(-1) == bins
+        return loss, {"bin_accuracy": hit.float().mean().item(), "first_step_accuracy": hit[:, 0].float().mean().item()}
 
     def _choose(self, logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
         """(B, D, n_bins) -> (B, D) bins: argmax at temperature 0, else a sample of softmax(logits / T)."""
