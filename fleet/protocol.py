@@ -18,6 +18,7 @@ from fleet.embodiments import EMBODIMENTS, EmbodimentSpec
 IMAGE_SHAPE = (64, 64, 3)
 MAX_SAMPLES = 32
 MAX_INSTRUCTION = 256
+MAX_ID = 128
 
 
 class RequestError(ValueError):
@@ -46,29 +47,54 @@ def make_request(
 
 
 def _decode_array(value: Any, field: str, dtype) -> np.ndarray:
-    """Accept an ndarray, a nested list, raw bytes (msgpack) or {"b64": ..., "shape": ...} (JSON)."""
+    """Accept an ndarray, a nested list, raw bytes (msgpack), {"b64": ..., "shape": ...} (JSON) or
+    {"data": bytes, "shape": ..., "dtype": ...} (msgpack). Anything else raises RequestError naming `field`."""
     if isinstance(value, np.ndarray):
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return np.frombuffer(bytes(value), dtype=dtype)
-    if isinstance(value, dict) and "b64" in value:
-        try:
-            raw = base64.b64decode(value["b64"], validate=True)
-        except (ValueError, TypeError) as exc:
-            raise RequestError(f"{field}: 'b64' is not valid base64") from exc
-        arr = np.frombuffer(raw, dtype=dtype)
-        if "shape" in value:
+        return _from_bytes(bytes(value), field, dtype, None)
+    if isinstance(value, dict) and ("b64" in value or "data" in value):
+        if "b64" in value:
             try:
-                arr = arr.reshape([int(s) for s in value["shape"]])
+                raw = base64.b64decode(value["b64"], validate=True)
             except (ValueError, TypeError) as exc:
-                raise RequestError(f"{field}: {arr.size} values do not fit shape {value['shape']}") from exc
-        return arr
+                raise RequestError(f"{field}: 'b64' is not valid base64") from exc
+        else:
+            raw = value["data"]
+            if not isinstance(raw, (bytes, bytearray, memoryview)):
+                raise RequestError(f"{field}: 'data' must be raw bytes, got {type(raw).__name__}")
+            raw = bytes(raw)
+        if "dtype" in value:
+            try:
+                wire = np.dtype(str(value["dtype"]))
+            except TypeError as exc:
+                raise RequestError(f"{field}: unknown dtype {value['dtype']!r}") from exc
+            if wire.kind not in "uif":
+                raise RequestError(f"{field}: dtype must be numeric, got {value['dtype']!r}")
+            dtype = wire
+        return _from_bytes(raw, field, dtype, value.get("shape"))
     if isinstance(value, (list, tuple)):
         try:
-            return np.asarray(value, dtype=dtype)
+            arr = np.asarray(value)
         except (ValueError, TypeError) as exc:
             raise RequestError(f"{field}: expected a numeric array, got a ragged or non-numeric list") from exc
+        if arr.dtype.kind not in "uifb" or arr.dtype.kind == "b":
+            raise RequestError(f"{field}: expected a numeric array, got a list of {arr.dtype.kind!r}-kind values")
+        return arr
     raise RequestError(f"{field}: expected an array, got {type(value).__name__}")
+
+
+def _from_bytes(raw: bytes, field: str, dtype, shape: Any) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if len(raw) % dtype.itemsize:
+        raise RequestError(f"{field}: {len(raw)} bytes is not a whole number of {dtype.name} values")
+    arr = np.frombuffer(raw, dtype=dtype)
+    if shape is not None:
+        try:
+            arr = arr.reshape([int(s) for s in shape])
+        except (ValueError, TypeError) as exc:
+            raise RequestError(f"{field}: {arr.size} values do not fit shape {shape}") from exc
+    return arr
 
 
 def validate_request(req: Any, specs: dict[str, EmbodimentSpec] | None = None) -> dict:
@@ -84,7 +110,8 @@ def validate_request(req: Any, specs: dict[str, EmbodimentSpec] | None = None) -
         raise RequestError("image: missing (expected uint8 array of shape (64, 64, 3))")
     image = _decode_array(req["image"], "image", np.uint8)
     if image.dtype != np.uint8:
-        if image.size and np.issubdtype(image.dtype, np.number) and np.all((image >= 0) & (image <= 255)):
+        numeric = image.size and image.dtype.kind in "uif"
+        if numeric and np.all((image >= 0) & (image <= 255)) and np.all(np.mod(image, 1) == 0):
             image = image.astype(np.uint8)
         else:
             raise RequestError(f"image: expected uint8 values in [0, 255], got dtype {image.dtype}")
@@ -108,6 +135,10 @@ def validate_request(req: Any, specs: dict[str, EmbodimentSpec] | None = None) -
     obs_tick = req.get("obs_tick", 0)
     if isinstance(obs_tick, bool) or not isinstance(obs_tick, (int, np.integer)) or obs_tick < 0:
         raise RequestError(f"obs_tick: expected a non-negative int, got {obs_tick!r}")
+    for key in ("robot_id", "request_id"):
+        value = req.get(key, "")
+        if not isinstance(value, (str, int)) or isinstance(value, bool) or len(str(value)) > MAX_ID:
+            raise RequestError(f"{key}: expected a string of at most {MAX_ID} characters, got {type(value).__name__}")
     return {
         "robot_id": str(req.get("robot_id", "")),
         "embodiment": name,
@@ -132,4 +163,66 @@ def reply_to_jsonable(reply: dict) -> dict:
             out[k] = v.item()
         else:
             out[k] = v
+    return out
+
+
+# ----- wire helpers (HTTP clients and the ingress) ---------------------------------------------------
+REPLY_ARRAYS = ("chunk", "features", "entropy", "probs", "samples")
+# reply keys that hold float32 arrays; `reply_from_wire` turns them back into numpy
+
+
+def reply_error(reply: dict) -> str | None:
+    """The rejection message of an error reply (`{"error": "<field>: <problem>", ...}`), else None."""
+    err = reply.get("error") if isinstance(reply, dict) else "reply: expected a dict"
+    return None if err is None else str(err)
+
+
+def error_field(message: str) -> str:
+    """The field an error message names: the text before the first ':' ("image: expected ..." -> "image")."""
+    head, sep, _ = str(message).partition(":")
+    return head.strip() if sep and head.strip() and " " not in head.strip() else "request"
+
+
+def _array_to_wire(arr: np.ndarray, binary: bool) -> dict:
+    arr = np.ascontiguousarray(arr)
+    data = arr.tobytes()
+    payload = data if binary else base64.b64encode(data).decode("ascii")
+    return {"data" if binary else "b64": payload, "shape": list(arr.shape), "dtype": arr.dtype.str}
+
+
+def request_to_wire(request: dict, binary: bool = False) -> dict:
+    """An act request with numpy arrays made portable: {"b64", "shape", "dtype"} for JSON (binary=False),
+    {"data": raw bytes, "shape", "dtype"} for msgpack (binary=True). Other values are kept."""
+    out = {}
+    for k, v in request.items():
+        if isinstance(v, np.ndarray):
+            out[k] = _array_to_wire(v, binary)
+        elif isinstance(v, np.generic):
+            out[k] = v.item()
+        else:
+            out[k] = v
+    return out
+
+
+def reply_to_msgpackable(reply: dict) -> dict:
+    """Replace numpy arrays by {"data": raw bytes, "shape", "dtype"} so a reply packs compactly with msgpack."""
+    out = {}
+    for k, v in reply.items():
+        if isinstance(v, np.ndarray):
+            out[k] = _array_to_wire(v, binary=True)
+        elif isinstance(v, dict):
+            out[k] = reply_to_msgpackable(v)
+        elif isinstance(v, np.generic):
+            out[k] = v.item()
+        else:
+            out[k] = v
+    return out
+
+
+def reply_from_wire(reply: dict) -> dict:
+    """Inverse of `reply_to_jsonable` / `reply_to_msgpackable`: the REPLY_ARRAYS keys become float32 numpy."""
+    out = dict(reply)
+    for k in REPLY_ARRAYS:
+        if k in out and out[k] is not None:
+            out[k] = _decode_array(out[k], k, np.float32).astype(np.float32, copy=False)
     return out
