@@ -70,9 +70,9 @@ def pretrain(
     out: Annotated[Path, typer.Option("--out", help="Directory for policy.safetensors/policy.json.")] = Path(
         "runs/pretrain"
     ),
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (DAgger rounds included).")] = 9000,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (DAgger rounds included).")] = 6000,
     batch_size: Annotated[int, typer.Option(min=4, help="Rows per step, split evenly over embodiments.")] = 64,
-    demo_episodes: Annotated[int, typer.Option(min=1, help="Expert episodes per embodiment before DAgger.")] = 400,
+    demo_episodes: Annotated[int, typer.Option(min=1, help="Expert episodes per embodiment before DAgger.")] = 1500,
     dagger_rounds: Annotated[int, typer.Option(min=0, help="Rounds of policy rollouts relabelled by the expert.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and batches.")] = 0,
     eval_episodes: Annotated[int, typer.Option(min=0, help="Closed-loop episodes per embodiment afterwards.")] = 50,

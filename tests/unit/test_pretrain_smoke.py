@@ -1,0 +1,85 @@
+"""Smoke tests of the training entrypoints with a tiny budget (CleanRL style): they run end to end,
+write a loadable checkpoint, and the CLI prints the documented JSON shapes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+
+from fleet.cli import app  # noqa: E402
+from fleet.policy.checkpoint import load_checkpoint  # noqa: E402
+from fleet.policy.evaluate import evaluate  # noqa: E402
+from fleet.policy.train import PretrainConfig, chunk_policy, pretrain  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    cfg = PretrainConfig(
+        embodiments=("franka", "leap"),
+        steps=3,
+        batch_size=8,
+        warmup=1,
+        demo_episodes=4,
+        dagger_rounds=1,
+        dagger_episodes=2,
+        threads=1,
+    )
+    model, report, meta = pretrain(cfg, out=out, progress=False, log=lambda m: None)
+    return out, model, report, meta
+
+
+def test_pretrain_writes_a_loadable_checkpoint(tiny_run):
+    out, model, report, meta = tiny_run
+    assert (out / "policy.safetensors").exists() and (out / "policy.json").exists()
+    loaded, stored = load_checkpoint(out / "policy")
+    assert sorted(loaded.specs) == ["franka", "leap"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[name]), name
+    stats = stored["extra"]["feature_stats"]
+    assert set(stats) == {"franka", "leap"} and len(stats["franka"]["mean"]) == model.config.d_model
+    assert report.samples["franka"] > 0 and len(report.dagger_success) == 1
+    assert report.losses and np.isfinite(report.losses[-1][1])
+
+
+def test_pretrained_policy_runs_closed_loop(tiny_run):
+    _, model, _, _ = tiny_run
+    result = evaluate(chunk_policy(model), "leap", episodes=2, n_envs=2)
+    assert result.episodes == 2 and 0.0 <= result.success_rate <= 1.0 and result.mean_steps > 0
+
+
+def test_eval_cli_json_shape(tiny_run):
+    out, *_ = tiny_run
+    res = CliRunner().invoke(app, ["eval", "-e", "franka", "--episodes", "2", "--checkpoint", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    obj = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(obj) == {"embodiment", "shift", "episodes", "success_rate", "mean_steps"}
+    assert obj["embodiment"] == "franka" and obj["episodes"] == 2
+
+
+def test_eval_cli_rejects_unknown_embodiment_and_missing_head(tiny_run):
+    out, *_ = tiny_run
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "-e", "spot", "--episodes", "1", "--checkpoint", str(out)])
+    assert res.exit_code == 2 and "unknown 'spot'" in res.output
+    res = runner.invoke(app, ["eval", "-e", "hello", "--episodes", "1", "--checkpoint", str(out)])
+    assert res.exit_code == 2 and "no head for 'hello'" in res.output
+    res = runner.invoke(app, ["eval", "-e", "leap", "--episodes", "1", "--checkpoint", str(out), "--shift", "fog"])
+    assert res.exit_code == 2 and "fog" in res.output
+
+
+def test_transfer_experiment_json_shape(tmp_path, monkeypatch):
+    from fleet.experiments import transfer
+
+    result = transfer.run_transfer_experiment(
+        steps=2, episodes=2, demo_episodes=3, batch_size=8, out=tmp_path, log=lambda m: None
+    )
+    assert set(result["joint"]) == {"hello", "franka"} and set(result["alone"]) == {"hello", "franka"}
+    assert result["steps"] == 2
+    assert (tmp_path / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "joint" in transfer.format_table(result)
