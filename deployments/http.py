@@ -14,8 +14,7 @@ A malformed request gets a 4xx whose JSON names the field and the problem ({"err
 out of shape or range. Validation happens here, so only compact numpy arrays travel inside Ray.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request) at runtime
 import hmac
 import json
 import socket
