@@ -6,8 +6,12 @@
     reply = handle.act.remote(make_request("r0", "franka", obs)).result()   # one robot's request
 
 Requests from every robot and embodiment are batched by `@serve.batch`; the backbone runs once per
-batch in a worker thread, so the event loop keeps queueing the next batch meanwhile. Each replica polls
-the HeadRegistry actor and installs newer head versions between batches (hot swap, no request dropped).
+batch. Serve receives requests on its own loop thread, so the next batch queues while one computes.
+The forward runs on the user loop by default, not in a worker thread: a forward thread fights request
+intake for the GIL on every torch op, and on 2 cores that kept batches at ~1 row and halved the served
+calls/s (config `forward_thread=True` brings the thread back, for models made of few large kernels).
+Each replica polls the HeadRegistry actor and installs newer head versions between batches (hot swap,
+no request dropped).
 A malformed request is answered `{"error": "<field>: <problem>", "request_id"}`; it never fails a batch.
 """
 
@@ -52,7 +56,8 @@ class PolicyServer:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def act(self, requests: list[dict]) -> list[dict]:
-        """One act request in, one reply out (see fleet.protocol); batched across callers."""
+        """One act request in, one reply out (see fleet.protocol); batched across callers. A reply with
+        an "error" key is a rejection ("<field>: <problem>"); robots treat it as a failed call."""
         if not self.config.forward_thread:
             return self.runtime.act_batch(requests)
         loop = asyncio.get_running_loop()

@@ -129,13 +129,15 @@ def run_serve_bench(
     threads: int = 1,
     max_batch_size: int = 64,
     batch_wait_timeout_s: float = 0.0,
+    server: dict | None = None,
 ) -> dict:
     """{"results": [{robots, actions_per_s, calls_per_s, p50_ms, p99_ms, starved_ticks, raw_per_s, raw_ms,
     ratio, overhead_ms, server_batch}], "config": {...}}.
 
     Deploys one PolicyServer replica (a fresh local Ray unless one is running; deleted afterwards).
     threads: torch threads of the replica and of the raw measurement alike (1 on 2 cores: the other core
-    runs the robots, Ray and Serve). overhead_ms = p50_ms - raw_ms (what serving adds to one batch).
+    runs the robots, Ray and Serve). server: more ServeConfig keys for the replica (e.g. forward_thread).
+    overhead_ms = p50_ms - raw_ms (what serving adds to one batch).
     """
     import ray
     from ray import serve
@@ -171,7 +173,7 @@ def run_serve_bench(
         "batch_wait_timeout_s": batch_wait_timeout_s,
         "registry": None,
         "replica_cpus": 1.0,
-    }
+    } | dict(server or {})
     results = []
     try:
         handle = serve.run(build_app(config), name=app_name, route_prefix=None)

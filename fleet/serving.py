@@ -42,7 +42,7 @@ class ServeConfig:
     # run each forward in a worker thread (True) or on the replica's user event loop (False). Serve
     # receives requests on a separate loop either way, so they queue for the next batch meanwhile; a
     # forward thread instead contends for the GIL with request intake on every torch op: measured on
-    # 2 cores, batches stayed at ~1 row and served calls/s fell 3x. True suits a model whose forward
+    # 2 cores, batches stayed at ~1 row and served calls/s fell 2-3x. True suits a model whose forward
     # is a few large kernels (the GIL is then mostly free)
     replica_cpus: float = 1.0
     # Ray CPUs reserved per replica

@@ -66,6 +66,7 @@ def client(ray_session, tmp_path_factory):
         "registry": None,
         "auth_token": TOKEN,
         "max_body_bytes": 200_000,
+        "forward_thread": True,  # the policy-server module covers the default (forward on the loop)
     }
     serve.run(build_http_app(config), name=app_name, route_prefix=prefix)
     with httpx.Client(base_url=address + prefix, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
