@@ -1,0 +1,187 @@
+"""The fleet controller: the named actor that holds the desired robot counts and the robot handles.
+
+`fleet.launcher.up` creates it as "fleet-controller" in the fleet's namespace; any process that joins
+the cluster finds it there (`fleet status`, `fleet scale`, `fleet down` from another shell). It creates
+and owns the robot actors, so they live as long as it does, and Ray restarts a dead robot (on another
+node if its node is gone). If the controller itself restarts, its robots died with it: the new
+incarnation recreates them from the counts it saved in `log_dir/desired.json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import ray
+
+from fleet.embodiments import EMBODIMENTS
+
+log = logging.getLogger(__name__)
+
+STATUS_KEYS = ("id", "embodiment", "state", "control_hz", "episodes", "success_rate", "interventions")
+STATUS_KEYS += ("head_version", "latency_p50_ms", "latency_p99_ms")
+
+
+async def _get(ref, timeout_s: float):
+    return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
+
+
+class _FleetController:
+    """Async actor: scale, status and shutdown run concurrently with the robots' own work."""
+
+    def __init__(self, config: dict, feature_stats: dict | None = None) -> None:
+        self.cfg = config
+        self.feature_stats = feature_stats or {}
+        self.robots: dict[str, ray.actor.ActorHandle] = {}
+        self._desired_path = Path(config["log_dir"]) / "desired.json"
+        self.desired = self._load_desired() or dict(config["robots"])
+        self._lock = asyncio.Lock()
+        self._handle = None
+
+    # ---- desired counts --------------------------------------------------------------------------
+    def _load_desired(self) -> dict | None:
+        with warnings.catch_warnings():  # Ray's own implementation uses its deprecated actor_id property
+            warnings.simplefilter("ignore")
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if not restarted:
+            return None  # a new fleet starts from its config, not from an earlier fleet's file
+        try:
+            return {k: int(v) for k, v in json.loads(self._desired_path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def _save_desired(self) -> None:
+        tmp = self._desired_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.desired))
+        os.replace(tmp, self._desired_path)
+
+    # ---- robots ----------------------------------------------------------------------------------
+    def _robot_options(self, name: str) -> dict:
+        cfg = self.cfg
+        options = {"name": name, "namespace": cfg["namespace"], "num_cpus": cfg["robot_cpus"]}
+        if cfg["robot_resources"]:
+            options["resources"] = dict(cfg["robot_resources"])
+        if cfg["spread"]:
+            options["scheduling_strategy"] = "SPREAD"
+        return options
+
+    def _spawn(self, embodiment: str, index: int) -> str:
+        from actors.robot import RobotActor
+
+        cfg = self.cfg
+        name = f"robot-{embodiment}-{index}"
+        ordinal = list(EMBODIMENTS).index(embodiment)
+        robot_config = {
+            "robot_id": name,
+            "embodiment": embodiment,
+            "seed": cfg["seed"] * 10_000 + index * 10 + ordinal,
+            "shift": cfg["shift"].get(embodiment),
+            "realtime": cfg["realtime"],
+            "teleop": cfg["teleop"],
+        }
+        policy = {"route": cfg["route"], "app": cfg["app_name"], "namespace": cfg["namespace"]}
+        replay = {"name": "fleet-replay", "namespace": cfg["namespace"]}
+        self.robots[name] = RobotActor.options(**self._robot_options(name)).remote(
+            robot_config, policy, replay, self.feature_stats.get(embodiment)
+        )
+        return name
+
+    def _indices(self, embodiment: str) -> list[int]:
+        prefix = f"robot-{embodiment}-"
+        return sorted(int(n[len(prefix) :]) for n in self.robots if n.startswith(prefix))
+
+    async def _remove(self, names: list[str], finish_episode: bool) -> list[dict]:
+        """Stop robots (after their episode when finish_episode; corrections delivered), then kill them."""
+
+        async def one(name: str) -> dict:
+            handle = self.robots.pop(name)
+            try:
+                final = await _get(handle.stop.remote(finish_episode), 600.0)
+            except Exception as exc:  # noqa: BLE001 - a robot that cannot stop cleanly is still removed
+                final = {"id": name, "state": "lost", "last_error": f"{type(exc).__name__}: {exc}"}
+            ray.kill(handle, no_restart=True)
+            return final
+
+        return list(await asyncio.gather(*(one(n) for n in names)))
+
+    async def _reconcile(self) -> dict:
+        added, removed_names = [], []
+        for embodiment, want in self.desired.items():
+            have = self._indices(embodiment)
+            for i in range(want):
+                if i not in have:
+                    added.append(self._spawn(embodiment, i))
+            removed_names += [f"robot-{embodiment}-{i}" for i in have if i >= want]
+        removed = await self._remove(removed_names, finish_episode=True)
+        await asyncio.gather(*(_get(self.robots[n].ping.remote(), 300.0) for n in added))
+        return {"added": added, "removed": removed, "robots": dict(self.desired)}
+
+    # ---- API -------------------------------------------------------------------------------------
+    async def start(self) -> list[str]:
+        async with self._lock:
+            self._save_desired()
+            await self._reconcile()
+            return sorted(self.robots)
+
+    async def scale(self, counts: dict[str, int]) -> dict:
+        """Set robots per embodiment; embodiments not named keep their count."""
+        for name, count in counts.items():
+            if name not in EMBODIMENTS or isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"scale: {name}={count!r}: expected a known embodiment and a count >= 0")
+        async with self._lock:
+            self.desired |= dict(counts)
+            self._save_desired()
+            return await self._reconcile()
+
+    def config(self) -> dict:
+        return dict(self.cfg) | {"desired": dict(self.desired)}
+
+    def robot_handles(self) -> dict:
+        """{robot id: actor handle} (handles are picklable: other processes can call the robots)."""
+        return dict(self.robots)
+
+    async def _heads(self, timeout_s: float) -> dict:
+        try:
+            if self._handle is None:
+                from ray import serve
+
+                self._handle = serve.get_app_handle(self.cfg["app_name"])
+            return await asyncio.wait_for(self._handle.head_versions.remote(), timeout_s)
+        except Exception as exc:  # noqa: BLE001 - status must answer even with the server down
+            self._handle = None
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    async def status(self, timeout_s: float = 3.0) -> dict:
+        names = sorted(self.robots)
+
+        async def one(name: str) -> dict:
+            try:
+                return await _get(self.robots[name].report.remote(), timeout_s)
+            except Exception as exc:  # noqa: BLE001 - dead, restarting or busy: say so, keep the row
+                state = "restarting" if isinstance(exc, ray.exceptions.RayActorError) else "unreachable"
+                row = dict.fromkeys(STATUS_KEYS) | {"id": name, "embodiment": name.split("-")[1], "state": state}
+                return row | {"last_error": f"{type(exc).__name__}: {exc}"}
+
+        reports, heads = await asyncio.gather(asyncio.gather(*(one(n) for n in names)), self._heads(timeout_s))
+        heads_error = heads.pop("error", None) if isinstance(heads, dict) else None
+        robots = [{k: r.get(k) for k in STATUS_KEYS} | r for r in reports]
+        out = {"robots": robots, "heads": heads, "desired": dict(self.desired), "app": self.cfg["app_name"]}
+        out |= {"namespace": self.cfg["namespace"], "realtime": self.cfg["realtime"]}
+        if heads_error:
+            out["heads_error"] = heads_error
+        return out
+
+    async def shutdown(self) -> list[dict]:
+        """Stop every robot now (the running episode is cut short; its corrections are delivered)."""
+        async with self._lock:
+            return await self._remove(sorted(self.robots), finish_episode=False)
+
+    def check_health(self) -> bool:
+        return True
+
+
+FleetController = ray.remote(num_cpus=0, max_restarts=-1)(_FleetController)

@@ -1,0 +1,465 @@
+"""Start or join Ray, bring a simulated fleet up, scale it, read its status and take it down.
+
+    from fleet.launcher import FleetConfig, up, scale, status, down
+    up(FleetConfig(robots={"franka": 2, "hello": 1}, realtime=False))
+    scale({"franka": 8, "hello": 0})          # removed robots finish their episode and hand over corrections
+    status()                                  # {"robots": [...], "heads": {"franka": 1, ...}}
+    down()
+
+What `up` creates, all in the Ray namespace `config.namespace` ("fleet"): the Serve app `config.app_name`
+(deployments.policy.build_app), the HeadRegistry "fleet-heads", the ReplayActor "fleet-replay", the
+FleetController "fleet-controller" (desired counts + robot handles, so another process finds them) and
+robots "robot-<embodiment>-<i>" (created and owned by the controller).
+
+Finding the cluster from another shell: with no address, `connect` starts a private head with
+`ray start --head --block` in a subprocess (its own --temp-dir, so other programs' `ray.init()` on this
+machine do not attach to it) and records its address in a state file (~/.cache/fleet/cluster.json,
+or $FLEET_STATE_DIR). `fleet status/scale/down` without --address read that file; `--address auto` also
+works when it is the only Ray on the machine. In-process `ray.init()` is not used for this: it writes no
+address file, so no other process could find it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from fleet.embodiments import EMBODIMENTS
+
+NAMESPACE = "fleet"
+CONTROLLER = "fleet-controller"
+REPLAY = "fleet-replay"
+HEADS = "fleet-heads"
+APP = "fleet-policy"
+
+
+_KEEP: dict[str, object] = {}
+# handles of the actors `up` created in this process: a named, non-detached actor dies with its last handle
+
+
+class FleetError(RuntimeError):
+    """A fleet operation that cannot proceed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """What `fleet up` starts. `from_file` reads it from JSON or YAML; unknown keys are refused."""
+
+    robots: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EMBODIMENTS, 1))
+    # embodiment -> number of robots
+    checkpoint: str | None = None
+    # policy checkpoint prefix or directory; None = the shipped fleet/checkpoints/policy
+    replicas: int = 1
+    # PolicyServer replicas
+    replica_cpus: float = 1.0
+    # Ray CPUs per replica
+    realtime: bool = True
+    # robots hold their embodiment's control rate (False: sim mode, as fast as the policy answers)
+    shift: dict[str, str] = field(default_factory=dict)
+    # embodiment -> simulator shift for all its robots, e.g. {"franka": "actuator_bias"}
+    address: str | None = None
+    # Ray to join ("auto", "host:port", "ray://host:10001"); None = start a private local head
+    namespace: str = NAMESPACE
+    # Ray namespace of every named actor of this fleet
+    app_name: str = APP
+    # Serve application name of the policy server
+    log_dir: str = "runs/fleet"
+    # durable corrections (log_dir/corrections) and published heads (log_dir/heads)
+    seed: int = 0
+    # robot i of an embodiment runs episode seeds derived from (seed, embodiment, i)
+    teleop: bool = True
+    # a scripted human reviews and corrects every robot's chunks
+    route: str = "gateway"
+    # how robots reach the server: "gateway" (a forwarding actor per node), "handle" (own Serve handle), "none"
+    robot_cpus: float = 0.05
+    # Ray CPUs per robot actor
+    robot_resources: dict[str, float] = field(default_factory=dict)
+    # extra Ray resources per robot, e.g. {"robot": 1} on a cluster whose robot nodes offer "robot"
+    spread: bool = True
+    # spread robots over nodes (Ray's SPREAD strategy) instead of packing them
+    server: dict = field(default_factory=dict)
+    # extra fleet.serving.ServeConfig keys for the policy server, e.g. {"max_batch_size": 32}
+    num_cpus: int | None = None
+    # CPUs of the private local head; None = enough for the fleet (at least this machine's cores)
+    object_store_mb: int = 256
+    # object store of the private local head (requests and replies are small)
+    detach: bool = False
+    # keep the fleet running after the `fleet up` process exits (detached actors)
+
+    def __post_init__(self) -> None:
+        def fail(name: str, expected: str, got: object = None) -> None:
+            got = getattr(self, name) if got is None else got
+            raise ValueError(f"FleetConfig.{name}: expected {expected}, got {got!r}")
+
+        if not isinstance(self.robots, dict) or not self.robots:
+            fail("robots", "a non-empty mapping embodiment -> count, e.g. {'franka': 2}")
+        for name, count in self.robots.items():
+            if name not in EMBODIMENTS:
+                fail("robots", f"embodiment names from {sorted(EMBODIMENTS)}", name)
+            if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 1000:
+                fail("robots", f"a count in [0, 1000] for {name!r}", count)
+        object.__setattr__(self, "robots", dict(self.robots))
+        if not isinstance(self.shift, dict):
+            fail("shift", "a mapping embodiment -> shift name")
+        from fleet.sim import parse_shift
+
+        for name, shift in self.shift.items():
+            if name not in EMBODIMENTS:
+                fail("shift", f"embodiment names from {sorted(EMBODIMENTS)}", name)
+            try:
+                parse_shift(shift)
+            except ValueError as exc:
+                raise ValueError(f"FleetConfig.shift[{name!r}]: {exc}") from None
+        object.__setattr__(self, "shift", dict(self.shift))
+        for name in ("replicas", "object_store_mb"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                fail(name, "a positive int")
+        if self.object_store_mb < 80:
+            fail("object_store_mb", "at least 80 (Ray's minimum object store)")
+        if self.num_cpus is not None and (isinstance(self.num_cpus, bool) or not isinstance(self.num_cpus, int)):
+            fail("num_cpus", "None or a positive int")
+        for name in ("replica_cpus", "robot_cpus"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 64:
+                fail(name, "a number of CPUs in [0, 64]")
+        if self.route not in ("gateway", "handle", "none"):
+            fail("route", "'gateway', 'handle' or 'none'")
+        for name in ("namespace", "app_name", "log_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
+                fail(name, "a non-empty string")
+        if not isinstance(self.robot_resources, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in self.robot_resources.items()
+        ):
+            fail("robot_resources", "a mapping resource name -> non-negative amount")
+        if not isinstance(self.server, dict):
+            fail("server", "a mapping of fleet.serving.ServeConfig keys")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            fail("seed", "a non-negative int")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FleetConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"fleet config: expected a mapping of fields, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"fleet config: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> FleetConfig:
+        """Read a .json, .yaml or .yml file (YAML through PyYAML, which Ray depends on)."""
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ValueError(f"fleet config {p}: cannot read ({exc.strerror})") from None
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear message
+            raise ValueError(f"fleet config {p}: not valid {p.suffix.lstrip('.') or 'json'}: {exc}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_(self, **changes) -> FleetConfig:
+        return FleetConfig.from_dict(self.to_dict() | changes)
+
+    @property
+    def cluster_cpus(self) -> int:
+        """Logical CPUs a private head needs for this fleet."""
+        need = self.replicas * self.replica_cpus + sum(self.robots.values()) * self.robot_cpus + 1.0
+        return self.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
+
+
+# ---- finding and starting Ray --------------------------------------------------------------------
+def state_file() -> Path:
+    base = os.environ.get("FLEET_STATE_DIR") or Path.home() / ".cache" / "fleet"
+    return Path(base) / "cluster.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_state() -> dict | None:
+    """The private head `fleet up` started, if it still runs: {"address", "pid", "temp_dir", ...}."""
+    try:
+        state = json.loads(state_file().read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and _pid_alive(int(state.get("pid", -1))) else None
+
+
+def resolve_address(address: str | None) -> str:
+    """An explicit address, else the private head `fleet up` recorded, else "auto"."""
+    if address:
+        return address
+    state = read_state()
+    return state["address"] if state else "auto"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_head(num_cpus: int, object_store_mb: int = 256, timeout_s: float = 90.0) -> dict:
+    """`ray start --head --block` in its own session; returns its state (address, pid, temp_dir)."""
+    port = _free_port()
+    temp_dir = f"/tmp/fleet-ray-{port}"  # short: Ray's socket paths live under it
+    log_path = Path(temp_dir + ".log")
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}"]
+    cmd += [f"--num-cpus={num_cpus}", f"--object-store-memory={object_store_mb * 1024 * 1024}"]
+    cmd += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address_file = Path(temp_dir) / "ray_current_cluster"
+    deadline = time.monotonic() + timeout_s
+    while not address_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log_path.read_text()[-1500:] if log_path.exists() else ""
+            _stop_process(proc.pid)
+            raise FleetError(f"could not start a local Ray head (exit {proc.poll()}):\n{tail}")
+        time.sleep(0.2)
+    state = {
+        "address": address_file.read_text().strip(),
+        "pid": proc.pid,
+        "temp_dir": temp_dir,
+        "log": str(log_path),
+        "started_by": os.getpid(),
+        "started_at": time.time(),
+    }
+    path = state_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+    return state
+
+
+def _stop_process(pid: int, timeout_s: float = 45.0) -> None:
+    """SIGTERM the `ray start --block` process (it drains and stops its Ray processes), SIGKILL its group
+    if it is still there after timeout_s."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # not our child (started by another `fleet up`): poll for it instead
+            done = 0 if _pid_alive(pid) else pid
+        if done:
+            break
+        time.sleep(0.2)
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_local_head(state: dict | None = None) -> bool:
+    """Stop the private head recorded in the state file (or `state`); True if one was stopped."""
+    state = state or read_state()
+    if not state:
+        return False
+    _stop_process(int(state["pid"]))
+    state_file().unlink(missing_ok=True)
+    shutil.rmtree(state["temp_dir"], ignore_errors=True)
+    return True
+
+
+def connect(address: str | None = None, namespace: str = NAMESPACE, num_cpus: int | None = None,
+            object_store_mb: int = 256) -> str:  # fmt: skip
+    """Join Ray and return its GCS address. Already connected: that Ray. address None: start a private
+    local head sized `num_cpus` (see the module docstring); "auto", "host:port" or "ray://...": join it."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    if address is None:
+        state = start_local_head(num_cpus or os.cpu_count() or 1, object_store_mb)
+        address = state["address"]
+    try:
+        ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise FleetError(f"cannot join Ray at {address!r}: {exc}. Is the fleet up (`fleet up`)?") from None
+    return ray.get_runtime_context().gcs_address
+
+
+# ---- the checkpoint, read without torch ----------------------------------------------------------
+def checkpoint_meta(checkpoint: str | None) -> tuple[str, dict]:
+    """(checkpoint prefix, its JSON metadata); FleetError naming the path when it is missing or unreadable."""
+    from fleet.policy.default import DEFAULT_CHECKPOINT, REPRODUCE
+
+    p = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
+    if p.is_dir():
+        p = p / "policy"
+    elif p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    meta_path, weights = p.with_name(p.name + ".json"), p.with_name(p.name + ".safetensors")
+    if not weights.exists() or not meta_path.exists():
+        hint = f"; reproduce the shipped one with `{REPRODUCE}`" if checkpoint is None else ""
+        raise FleetError(f"checkpoint {p}: {weights.name} and {meta_path.name} are both needed{hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FleetError(f"checkpoint {meta_path}: unreadable metadata ({exc})") from None
+    return str(p.resolve()), meta
+
+
+def _check_embodiments(counts: dict[str, int], meta: dict) -> None:
+    served = set(meta.get("embodiments") or EMBODIMENTS)
+    missing = sorted(n for n, c in counts.items() if c and n not in served)
+    if missing:
+        raise FleetError(f"the checkpoint has no head for {missing}; it serves {sorted(served)}")
+
+
+# ---- fleet operations ----------------------------------------------------------------------------
+def _controller(namespace: str):
+    import ray
+
+    try:
+        return ray.get_actor(CONTROLLER, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def up(config: FleetConfig | None = None) -> dict:
+    """Deploy the policy server, the head registry, the replay actor, the controller and the robots.
+    Returns {"address", "namespace", "app", "robots": [ids], "checkpoint"}."""
+    import ray
+    from ray import serve
+
+    from actors.controller import FleetController
+    from actors.heads import get_head_registry
+    from actors.replay import start_replay_actor
+    from deployments.http import start_serve
+    from deployments.policy import build_app
+
+    config = config or FleetConfig()
+    checkpoint, meta = checkpoint_meta(config.checkpoint)
+    _check_embodiments(config.robots, meta)
+    address = connect(config.address, config.namespace, config.cluster_cpus, config.object_store_mb)
+    ns = config.namespace
+    if _controller(ns) is not None:
+        raise FleetError(f"a fleet is already running in namespace {ns!r}; use `fleet scale` or `fleet down`")
+    log_dir = Path(config.log_dir).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    _KEEP[f"{ns}/{HEADS}"] = get_head_registry(HEADS, ns, log_dir / "heads", detached=config.detach)
+    _KEEP[f"{ns}/{REPLAY}"] = start_replay_actor(
+        log_dir / "corrections", name=REPLAY, namespace=ns, detached=config.detach
+    )
+    start_serve(port=None)
+    server = {"checkpoint": checkpoint, "num_replicas": config.replicas, "replica_cpus": config.replica_cpus}
+    server |= {"registry": HEADS, "registry_namespace": ns} | config.server
+    serve.run(build_app(server), name=config.app_name, route_prefix=None)
+    feature_stats = (meta.get("extra") or {}).get("feature_stats") or {}
+    # on the head node: it outlives any worker node, and its robots are restarted elsewhere
+    options = {"name": CONTROLLER, "namespace": ns, "resources": {"node:__internal_head__": 0.001}}
+    if config.detach:
+        options["lifetime"] = "detached"
+    controller = FleetController.options(**options).remote(config.to_dict() | {"log_dir": str(log_dir)}, feature_stats)
+    _KEEP[f"{ns}/{CONTROLLER}"] = controller
+    robots = ray.get(controller.start.remote())
+    return {"address": address, "namespace": ns, "app": config.app_name, "robots": robots, "checkpoint": checkpoint}
+
+
+def _require(address: str | None, namespace: str):
+    connect(resolve_address(address), namespace)
+    controller = _controller(namespace)
+    if controller is None:
+        raise FleetError(f"no fleet is running in namespace {namespace!r}; start one with `fleet up`")
+    return controller
+
+
+def scale(counts: dict[str, int], address: str | None = None, namespace: str = NAMESPACE) -> dict:
+    """Set the number of robots per embodiment ({"franka": 8, "leap": 0}); others are left as they are.
+    Removed robots finish their episode and hand over their corrections before they stop.
+    Returns {"added": [ids], "removed": [final reports], "robots": {embodiment: count}}."""
+    import ray
+
+    bad = {n: c for n, c in counts.items() if n not in EMBODIMENTS or isinstance(c, bool) or not isinstance(c, int)}
+    if bad or any(c < 0 for c in counts.values()):
+        raise FleetError(f"scale: expected embodiment=count with names from {sorted(EMBODIMENTS)}, got {counts}")
+    return ray.get(_require(address, namespace).scale.remote(dict(counts)))
+
+
+def status(address: str | None = None, namespace: str = NAMESPACE, timeout_s: float = 3.0) -> dict:
+    """{"robots": [{"id", "embodiment", "state", "control_hz", "episodes", "success_rate", "interventions",
+    "head_version", "latency_p50_ms", "latency_p99_ms", ...}], "heads": {embodiment: version}, ...}."""
+    import ray
+
+    return ray.get(_require(address, namespace).status.remote(timeout_s))
+
+
+def down(address: str | None = None, namespace: str = NAMESPACE, stop_cluster: bool = True) -> dict:
+    """Stop every robot (corrections delivered first), delete the Serve app, kill the fleet's named actors;
+    with the private local head `fleet up` started, stop it too. Returns what was stopped."""
+    import ray
+    from ray import serve
+
+    connect(resolve_address(address), namespace)
+    out: dict = {"robots": [], "actors": [], "app": None, "cluster_stopped": False}
+    controller = _controller(namespace)
+    app = None
+    if controller is not None:
+        try:
+            app = ray.get(controller.config.remote(), timeout=30)["app_name"]
+            out["robots"] = ray.get(controller.shutdown.remote(), timeout=300)
+        except ray.exceptions.RayError as exc:
+            out["error"] = f"controller: {exc}"
+        ray.kill(controller, no_restart=True)
+        out["actors"].append(CONTROLLER)
+    from actors.robot import GATEWAY_PREFIX
+
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"]
+        if entry["namespace"] != namespace:
+            continue
+        fleet_actor = name in (REPLAY, HEADS) or name.startswith(("robot-", GATEWAY_PREFIX))
+        if fleet_actor:
+            try:
+                ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+                out["actors"].append(name)
+            except ValueError:
+                pass
+    if app is not None:
+        try:
+            serve.delete(app)
+            out["app"] = app
+        except Exception as exc:  # noqa: BLE001 - the app may already be gone
+            out["app_error"] = str(exc)
+    for key in [k for k in _KEEP if k.startswith(f"{namespace}/")]:
+        del _KEEP[key]
+    state = read_state()
+    if stop_cluster and state and state["address"] == ray.get_runtime_context().gcs_address:
+        ray.shutdown()
+        out["cluster_stopped"] = stop_local_head(state)
+    return out

@@ -1,0 +1,188 @@
+"""The fleet lifecycle on a real local Ray: up, robots that report, status from another process, scale up and
+down (a removed robot's corrections reach the replay store), a killed robot that comes back holding, robots
+that stay light, and holding when the server is gone. One tiny untrained policy serves every test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from fleet.embodiments import EMBODIMENTS
+from fleet.launcher import FleetConfig
+from fleet.policy.backbone import PolicyConfig
+
+pytestmark = pytest.mark.ray
+
+TINY = PolicyConfig(
+    d_model=32, n_layers=1, n_heads=2, head_heads=2, head_layers=1, patch_size=16, conv_stem=False, max_instr_len=8
+)
+STATUS_KEYS = {"id", "embodiment", "state", "control_hz", "episodes", "success_rate", "interventions"}
+STATUS_KEYS |= {"head_version", "latency_p50_ms", "latency_p99_ms"}
+
+
+def wait_for(predicate, timeout_s: float = 120.0, every_s: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every_s)
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_session, tmp_path_factory):
+    """A sim-mode fleet of 3 robots (franka x2, hello x1) on a tiny policy, in a private namespace."""
+    from fleet.launcher import down, up
+    from fleet.policy.checkpoint import save_checkpoint
+    from fleet.policy.train import build_model
+
+    root = tmp_path_factory.mktemp("fleet")
+    os.environ["FLEET_STATE_DIR"] = str(root / "state")  # never touch a real `fleet up` on this machine
+    save_checkpoint(build_model(tuple(EMBODIMENTS), 0, TINY), root / "policy")
+    tag = uuid.uuid4().hex[:6]
+    config = FleetConfig(
+        robots={"franka": 2, "hello": 1},
+        checkpoint=str(root / "policy"),
+        replica_cpus=0.5,
+        realtime=False,
+        namespace=f"fleet-test-{tag}",
+        app_name=f"fleet-policy-{tag}",
+        log_dir=str(root / "log"),
+        server={"threads": 1, "max_batch_size": 16},
+    )
+    info = up(config)
+    yield config, info
+    down(namespace=config.namespace, stop_cluster=False)
+
+
+def robot(ray, config, name):
+    return ray.get_actor(name, namespace=config.namespace)
+
+
+def test_up_brings_up_robots_that_report(fleet):
+    from fleet.launcher import status
+
+    config, info = fleet
+    assert sorted(info["robots"]) == ["robot-franka-0", "robot-franka-1", "robot-hello-0"]
+    s = wait_for(
+        lambda: (s := status(namespace=config.namespace)) and all((r["episodes"] or 0) >= 2 for r in s["robots"]) and s,
+        what="every robot to finish two episodes",
+    )
+    assert s["heads"] == dict.fromkeys(EMBODIMENTS, 1)
+    for row in s["robots"]:
+        assert STATUS_KEYS <= set(row)
+        assert row["state"] in ("normal", "human", "paused", "conservative", "holding")
+        assert row["control_hz"] > 0 and row["head_version"] == 1 and row["latency_p50_ms"] > 0
+        assert row["interventions"] > 0  # the untrained policy strays; the scripted human corrects it
+    later = status(namespace=config.namespace)
+    assert sum(r["episodes"] for r in later["robots"]) >= sum(r["episodes"] for r in s["robots"])
+
+
+def test_robot_actors_stay_light(ray_session, fleet):
+    config, _ = fleet
+    report = ray_session.get(robot(ray_session, config, "robot-franka-0").report.remote())
+    assert report["torch_loaded"] is False
+    assert report["rss_mb"] <= 150, f"robot actor RSS {report['rss_mb']:.0f} MB"
+
+
+def _fleet_cli():
+    """The registered `fleet` command when fleet/cli.py registers the fleet commands, else fleet.cli_fleet."""
+    from fleet.cli import app
+
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    return "fleet.cli" if "status" in names else "fleet.cli_fleet"
+
+
+def test_status_from_another_process(ray_session, fleet):
+    config, _ = fleet
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", _fleet_cli(), "status", "--json", "--address", address]
+    out = subprocess.run(cmd + ["--namespace", config.namespace], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    status = json.loads(out.stdout)
+    assert {r["id"] for r in status["robots"]} >= {"robot-franka-0", "robot-hello-0"}
+    assert all(STATUS_KEYS <= set(r) for r in status["robots"])
+    assert status["heads"] == dict.fromkeys(EMBODIMENTS, 1)
+    missing = subprocess.run(
+        cmd + ["--namespace", "no-such-fleet"], capture_output=True, text=True, timeout=120
+    )  # a clear error, not a traceback
+    assert missing.returncode == 2 and "no fleet is running" in missing.stderr
+
+
+def test_scale_up_and_down_hands_corrections_to_the_replay_store(ray_session, fleet):
+    from fleet.launcher import REPLAY, scale, status
+
+    ray = ray_session
+    config, _ = fleet
+    out = scale({"franka": 1, "leap": 1}, namespace=config.namespace)
+    assert out["added"] == ["robot-leap-0"] and out["robots"]["franka"] == 1
+    (final,) = out["removed"]
+    assert final["id"] == "robot-franka-1" and final["state"] == "stopped" and final["corrections_delivered"]
+    assert final["corrections_acked"] == final["corrections_sent"] == final["interventions"] > 0
+    replay = ray.get_actor(REPLAY, namespace=config.namespace)
+    stored = ray.get(replay.since.remote("franka", 0))["corrections"]
+    assert sum(c.robot_id == "robot-franka-1" for c in stored) == final["corrections_acked"]
+    with pytest.raises(ValueError):
+        ray.get_actor("robot-franka-1", namespace=config.namespace)
+    ids = {r["id"] for r in status(namespace=config.namespace)["robots"]}
+    assert ids == {"robot-franka-0", "robot-hello-0", "robot-leap-0"}
+
+
+def test_killed_robot_comes_back_in_a_safe_state(ray_session, fleet):
+    ray = ray_session
+    config, _ = fleet
+    handle = robot(ray, config, "robot-hello-0")
+    before = ray.get(handle.report.remote())
+    assert before["restarted"] is False
+    ray.kill(handle, no_restart=False)
+
+    def back():
+        try:
+            r = ray.get(handle.report.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            return None  # dead, not yet restarted
+        return r if r["pid"] != before["pid"] and r["first_tick"] else None
+
+    after = wait_for(back, what="the robot to restart")
+    assert after["restarted"] is True  # a fresh incarnation: new process, new env episode, new safety layer
+    first = after["first_tick"]
+    assert first["held"] and "startup" in first["fired"]
+    np.testing.assert_array_equal(first["sent"], EMBODIMENTS["hello"].stop_action)  # the base stands still
+    assert after["safety"]["estop_trips"] == 0
+    wait_for(lambda: ray.get(handle.report.remote())["episodes"] >= 1, what="the restarted robot to drive")
+
+
+def test_robots_hold_when_the_server_is_gone_and_the_handle_route_works(ray_session, fleet):
+    from actors.robot import RobotActor
+
+    ray = ray_session
+    config, _ = fleet
+    common = {"realtime": True, "teleop": False}
+    lost = RobotActor.remote(
+        {"robot_id": "lost-0", "embodiment": "franka"} | common,
+        policy={"route": "gateway", "app": "no-such-app", "namespace": config.namespace},
+    )
+    direct = RobotActor.remote(
+        {"robot_id": "direct-0", "embodiment": "hello"} | common,
+        policy={"route": "handle", "app": config.app_name},
+    )
+    try:
+        # the first request may time out while this node's gateway starts; then every call fails at once
+        r = wait_for(lambda: (r := ray.get(lost.report.remote())) and r["policy_link"] == "down" and r, what="down")
+        assert r["state"] == "holding" and r["policy_calls"] == 0 and r["ticks"] > 0
+        assert r["held_ticks"] == r["ticks"] and "policy request failed" in r["last_error"]
+        d = wait_for(lambda: (d := ray.get(direct.report.remote())) and d["policy_calls"] >= 5 and d, what="replies")
+        assert d["head_version"] == 1 and d["failed_calls"] == 0
+        final = ray.get(direct.stop.remote(finish_episode=False))
+        assert final["state"] == "stopped"
+    finally:
+        for handle in (lost, direct):
+            ray.kill(handle, no_restart=True)
