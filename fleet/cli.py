@@ -26,6 +26,10 @@ experiment_app = typer.Typer(
     help="Experiments from the course notes; each takes --json and --out DIR.", no_args_is_help=True
 )
 app.add_typer(experiment_app, name="experiment")
+bench_app = typer.Typer(
+    help="Benchmarks that print measured figures; each takes --json and --out DIR.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Directory for plots and tables.")]
@@ -182,6 +186,43 @@ def experiment_transfer(
     typer.echo(format_table(result))
     if out is not None:
         typer.echo(f"wrote {out / 'transfer.png'}")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    robots: Annotated[str, typer.Option(help="Comma-separated concurrent robot counts.")] = "1,4,16,64",
+    seconds: Annotated[float, typer.Option(min=0.1, help="Seconds measured per robot count.")] = 5.0,
+    checkpoint: CkptOpt = None,
+    json_out: JsonOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Serving throughput and latency at several fleet sizes, next to the raw in-process batched forward at
+    the same batch sizes (ratio = served / raw), measured side by side in one run."""
+    from fleet.bench_serve import format_table, run_serve_bench, write_plot
+
+    try:
+        counts = tuple(int(x) for x in robots.split(",") if x.strip())
+        if not counts or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(f"--robots: expected comma-separated positive ints like 1,4,16,64, got {robots!r}")
+    result = run_serve_bench(robot_counts=counts, seconds_per_point=seconds, checkpoint=checkpoint)
+    if out is not None:
+        write_plot(result, out)
+    if json_out:
+        _emit_json(result)
+        return
+    typer.echo(format_table(result))
+
+
+def _register_fleet_commands() -> None:
+    # up / scale / status / down live in their own module (they import Ray lazily)
+    from fleet.cli_fleet import register
+
+    register(app)
+
+
+_register_fleet_commands()
 
 
 def main() -> None:
