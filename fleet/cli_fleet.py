@@ -173,6 +173,9 @@ def up_cmd(
         cfg = cfg.with_(**changes) if changes else cfg
     except ValueError as exc:
         _fail(str(exc))
+    import logging
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the live table says what Serve's INFO lines would
     log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
     n = sum(cfg.robots.values())
     log(f"starting {n} robots ({', '.join(f'{k}={v}' for k, v in cfg.robots.items())}) ...")

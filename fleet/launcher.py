@@ -43,6 +43,8 @@ APP = "fleet-policy"
 
 
 _KEEP: dict[str, object] = {}
+_STARTED_HEAD: dict | None = None
+# the private head this process started (connect), stopped by down() or when up() fails
 # handles of the actors `up` created in this process: a named, non-detached actor dies with its last handle
 
 
@@ -235,8 +237,14 @@ def start_local_head(num_cpus: int, object_store_mb: int = 256, timeout_s: float
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}"]
     cmd += [f"--num-cpus={num_cpus}", f"--object-store-memory={object_store_mb * 1024 * 1024}"]
     cmd += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    # Ray 2.60 turns token authentication on for a new head, but a client joining an explicit address only
+    # uses it when RAY_AUTH_MODE says so: set it for the head and for every process that joins it through us
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "token"))
+    # `down` has stopped the robots and delivered their corrections before it stops the head: Ray's 30 s
+    # drain on SIGTERM (meant for rolling upgrades behind a load balancer) would only delay it
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     address_file = Path(temp_dir) / "ray_current_cluster"
     deadline = time.monotonic() + timeout_s
     while not address_file.exists():
@@ -250,6 +258,7 @@ def start_local_head(num_cpus: int, object_store_mb: int = 256, timeout_s: float
         "pid": proc.pid,
         "temp_dir": temp_dir,
         "log": str(log_path),
+        "auth_mode": env["RAY_AUTH_MODE"],
         "started_by": os.getpid(),
         "started_at": time.time(),
     }
@@ -301,16 +310,38 @@ def connect(address: str | None = None, namespace: str = NAMESPACE, num_cpus: in
     local head sized `num_cpus` (see the module docstring); "auto", "host:port" or "ray://...": join it."""
     import ray
 
+    global _STARTED_HEAD
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     if address is None:
-        state = start_local_head(num_cpus or os.cpu_count() or 1, object_store_mb)
-        address = state["address"]
+        _STARTED_HEAD = start_local_head(num_cpus or os.cpu_count() or 1, object_store_mb)
+        address = _STARTED_HEAD["address"]
+    state = read_state()
+    if state and state["address"] == address and state.get("auth_mode") == "token":
+        _use_token_auth()  # our private head: join it the way it runs
     try:
         ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise FleetError(f"cannot join Ray at {address!r}: {exc}. Is the fleet up (`fleet up`)?") from None
+        if _STARTED_HEAD is not None:
+            stop_local_head(_STARTED_HEAD)
+            _STARTED_HEAD = None
+        hint = " If that cluster uses token authentication, set RAY_AUTH_MODE=token."
+        raise FleetError(f"cannot join Ray at {address!r}: {exc}. Is the fleet up (`fleet up`)?{hint}") from None
     return ray.get_runtime_context().gcs_address
+
+
+def _use_token_auth() -> None:
+    """Ray only sends its auth token (~/.ray/auth_token) to an explicit address when RAY_AUTH_MODE=token,
+    read when Ray's config is initialized: set it and refresh the config, as Ray does for a new head."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return  # the user chose
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):  # another Ray version: the environment variable is all it needs
+        pass
 
 
 # ---- the checkpoint, read without torch ----------------------------------------------------------
@@ -355,6 +386,24 @@ def up(config: FleetConfig | None = None) -> dict:
     """Deploy the policy server, the head registry, the replay actor, the controller and the robots.
     Returns {"address", "namespace", "app", "robots": [ids], "checkpoint"}."""
     import ray
+
+    config = config or FleetConfig()
+    checkpoint, meta = checkpoint_meta(config.checkpoint)
+    _check_embodiments(config.robots, meta)
+    address = connect(config.address, config.namespace, config.cluster_cpus, config.object_store_mb)
+    try:
+        return _up(config, address, checkpoint, meta)
+    except BaseException:
+        global _STARTED_HEAD
+        if _STARTED_HEAD is not None:  # do not leave a half-started private Ray behind
+            ray.shutdown()
+            stop_local_head(_STARTED_HEAD)
+            _STARTED_HEAD = None
+        raise
+
+
+def _up(config: FleetConfig, address: str, checkpoint: str, meta: dict) -> dict:
+    import ray
     from ray import serve
 
     from actors.controller import FleetController
@@ -363,10 +412,6 @@ def up(config: FleetConfig | None = None) -> dict:
     from deployments.http import start_serve
     from deployments.policy import build_app
 
-    config = config or FleetConfig()
-    checkpoint, meta = checkpoint_meta(config.checkpoint)
-    _check_embodiments(config.robots, meta)
-    address = connect(config.address, config.namespace, config.cluster_cpus, config.object_store_mb)
     ns = config.namespace
     if _controller(ns) is not None:
         raise FleetError(f"a fleet is already running in namespace {ns!r}; use `fleet scale` or `fleet down`")
