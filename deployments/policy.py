@@ -94,8 +94,8 @@ class PolicyServer:
             except ValueError as exc:  # the registry actor does not exist (yet): look again next time
                 registry, self._poll_error = None, f"registry {cfg.registry!r}: {exc}"
                 wait = max(wait, 1.0)  # get_actor blocks the loop briefly: do not hammer the GCS
-            except ray.exceptions.RayError as exc:  # it died: Ray restarts it, the handle recovers
-                self._poll_error = f"registry {cfg.registry!r}: {type(exc).__name__}: {exc}"
+            except ray.exceptions.RayError as exc:  # it died or restarts: look it up by name again
+                registry, self._poll_error = None, f"registry {cfg.registry!r}: {type(exc).__name__}: {exc}"
             await asyncio.sleep(wait)
 
     async def _install_newer(self, registry, latest: dict[str, int]) -> bool:
