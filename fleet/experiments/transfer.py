@@ -35,7 +35,7 @@ def run_transfer_experiment(
             batch_size=batch_size,
             demo_episodes=demo_episodes,
             dagger_rounds=1,
-            dagger_episodes=max(20, demo_episodes // 4),
+            dagger_episodes=max(1, demo_episodes // 4),
             seed=seed,
         )
         model, _, _ = pretrain(cfg, progress=False, log=log)
