@@ -188,6 +188,37 @@ def experiment_transfer(
         typer.echo(f"wrote {out / 'transfer.png'}")
 
 
+@app.command("export-corrections")
+def export_corrections_cmd(
+    out: Annotated[Path, typer.Argument(help="Dataset directory to create (LeRobot-style layout).")],
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="The replay actor's corrections log directory.")] = Path(
+        "runs/fleet/corrections"
+    ),
+    embodiment: Annotated[
+        str | None, typer.Option(help="Export one body only (fixed feature shapes, LeRobot-loadable).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing non-empty OUT.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write the fleet's corrections as a LeRobot-style dataset for offline training:
+    OUT/data/chunk-000/file-000.parquet, OUT/meta/info.json, OUT/meta/tasks.parquet, OUT/meta/episodes/...
+
+    Example: fleet export-corrections runs/dataset --log-dir runs/fleet/corrections --embodiment franka
+    """
+    from fleet.export import export_corrections
+
+    if not log_dir.is_dir():
+        _fail(f"--log-dir: {log_dir} is not a directory (the corrections log the replay actor writes)")
+    try:
+        summary = export_corrections(log_dir, out, embodiment=embodiment, overwrite=overwrite)
+    except (ValueError, FileExistsError) as exc:
+        _fail(str(exc))
+    if json_out:
+        _emit_json(summary)
+        return
+    typer.echo(json.dumps(summary, indent=1, default=str))
+
+
 @bench_app.command("serve")
 def bench_serve(
     robots: Annotated[str, typer.Option(help="Comma-separated concurrent robot counts.")] = "1,4,16,64",
