@@ -5,26 +5,12 @@ from __future__ import annotations
 import pytest
 
 from fleet.embodiments import EMBODIMENTS
-from fleet.policy.backbone import PolicyConfig
 from fleet.policy.checkpoint import save_checkpoint
 from fleet.policy.train import build_model
+from tests.mocks.tiny_policy import TINY
 
 pytestmark = pytest.mark.ray
 
-TINY = PolicyConfig(
-    d_model=32,
-    n_layers=1,
-    n_heads=2,
-    mlp_ratio=2,
-    patch_size=16,
-    max_instr_len=8,
-    n_bins=16,
-    head_layers=1,
-    head_heads=2,
-    head_mlp_ratio=2,
-    n_euler=2,
-    flow_train_noise=1,
-)
 KEYS = {"robots", "actions_per_s", "calls_per_s", "p50_ms", "p99_ms", "starved_ticks", "raw_per_s", "raw_ms", "ratio"}
 
 

@@ -11,27 +11,13 @@ import numpy as np
 import pytest
 
 from fleet.embodiments import EMBODIMENTS
-from fleet.policy.backbone import PolicyConfig
 from fleet.policy.checkpoint import head_to_bytes, save_checkpoint
 from fleet.policy.train import build_model
 from fleet.protocol import make_request
+from tests.mocks.tiny_policy import TINY
 
 pytestmark = pytest.mark.ray
 
-TINY = PolicyConfig(
-    d_model=32,
-    n_layers=1,
-    n_heads=2,
-    mlp_ratio=2,
-    patch_size=16,
-    max_instr_len=8,
-    n_bins=16,
-    head_layers=1,
-    head_heads=2,
-    head_mlp_ratio=2,
-    n_euler=2,
-    flow_train_noise=1,
-)
 NAMES = tuple(EMBODIMENTS)[:4]
 
 
