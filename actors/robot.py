@@ -91,7 +91,12 @@ class GatewayClient:
             raise
 
     def cancel(self) -> None:
-        self._ref = None
+        ref, self._ref = self._ref, None
+        if ref is not None:
+            try:  # drops it from the gateway's queue if no replica took it yet; a running batch finishes
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - best effort: the reply would be ignored anyway
+                pass
 
 
 class HandleClient:

@@ -84,6 +84,9 @@ class RobotConfig:
     # more failed episodes in a row than this escalates the robot (it stops until reset)
     sim_wait_s: float = 5.0
     # sim mode only: how long a tick that would hold waits for the reply in flight (once per request)
+    request_timeout_ticks: int | None = None
+    # a request unanswered this long is abandoned and sent again; None = 2 * chunk_size. Until then the robot
+    # holds but keeps waiting: resending every overdue request would flood a busy server with work nobody reads
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
@@ -101,10 +104,10 @@ class RobotConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 fail(name, "a positive int")
-        if self.stale_ticks is not None and (
-            isinstance(self.stale_ticks, bool) or not isinstance(self.stale_ticks, int) or self.stale_ticks < 1
-        ):
-            fail("stale_ticks", "None or a positive int")
+        for name in ("stale_ticks", "request_timeout_ticks"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                fail(name, "None or a positive int")
         w = self.sim_wait_s
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
             fail("sim_wait_s", "a non-negative number of seconds")
@@ -150,6 +153,8 @@ class RobotLoop:
         self.env = env if env is not None else make_env(config.embodiment, shift=config.shift)
         self.buffer = ActionBuffer(spec.chunk_size, spec.recompute_every, config.aggregate)
         self.stale_ticks = stale = config.stale_ticks if config.stale_ticks is not None else spec.recompute_every + 1
+        timeout = config.request_timeout_ticks
+        self.request_timeout_ticks = timeout if timeout is not None else 2 * spec.chunk_size
         # half a tick of slack: ages are whole ticks, so "older than stale_ticks" never hangs on float rounding
         age_limit = (stale + 0.5) * spec.dt
         self.safety = SafetyLayer(spec, SafetyConfig(max_action_age_s=age_limit, stop_action=spec.stop_action))
@@ -172,12 +177,14 @@ class RobotLoop:
         self.policy_calls = 0
         self.failed_calls = 0
         self.overdue_calls = 0
+        self.late_replies = 0
+        self.abandoned_calls = 0
         self.malformed_replies = 0
         self.head_version: int | None = None
         self.latencies_ms: deque[float] = deque(maxlen=512)
         self.outcomes: deque[bool] = deque(maxlen=100)
         self.last_error: str | None = None
-        self.link = "ok"  # "ok" | "down" (the last call failed) | "overdue" (no reply in time)
+        self.link = "ok"  # "ok" | "slow" (last reply too late) | "overdue" (waiting too long) | "down" (failed)
         self.first_tick: dict | None = None
         self._holding = False
         self._startup_hold = True  # a (re)started robot's first command is the hold, whatever is buffered
@@ -306,6 +313,7 @@ class RobotLoop:
             "tick": self.tick_in_episode,
             "episode": self.episode,
             "waited": False,
+            "overdue": False,
         }
         self.buffer.mark_requested(self.tick_in_episode)
 
@@ -314,17 +322,22 @@ class RobotLoop:
         self.last_error, self.link = message, link
 
     def _expire_request(self) -> None:
-        """Abandon a request whose reply could now only bring stale actions (a hung or very slow server)."""
+        """A request whose reply could now only bring stale actions is overdue: the robot holds and says so,
+        but keeps waiting (one request in flight per robot bounds a busy server's load); after
+        request_timeout_ticks it is abandoned (a hung replica) and asked again."""
         req = self._request
         if req is None:
             return
         waited = self.tick_in_episode - req["tick"]
-        if waited <= self.stale_ticks:
-            return
-        self.overdue_calls += 1
         secs = time.perf_counter() - req["started"]
-        self._fail(f"policy reply overdue: none {waited} ticks ({secs:.2f}s) after the request; holding", "overdue")
-        self._drop_request()
+        if waited > self.stale_ticks and not req["overdue"]:
+            req["overdue"] = True
+            self.overdue_calls += 1
+            self._fail(f"policy reply overdue: none {waited} ticks ({secs:.2f}s) after the request; holding", "overdue")
+        if waited > self.request_timeout_ticks:
+            self.abandoned_calls += 1
+            self._fail(f"policy request abandoned: no reply in {waited} ticks ({secs:.2f}s); asking again", "overdue")
+            self._drop_request()
 
     def _receive(self, wait_s: float = 0.0) -> None:
         req = self._request
@@ -339,7 +352,16 @@ class RobotLoop:
         if reply is None:
             return
         self._request = None
-        self.latencies_ms.append((time.perf_counter() - req["started"]) * 1e3)
+        latency_ms = (time.perf_counter() - req["started"]) * 1e3
+        self.latencies_ms.append(latency_ms)
+        if self.tick_in_episode - req["tick"] > self.stale_ticks:  # every action in it is already stale
+            self.late_replies += 1
+            self.last_error, self.link = (
+                f"policy reply {latency_ms:.0f} ms late, its actions stale; asking again",
+                "slow",
+            )
+            self.buffer.cancel_request()
+            return
         try:
             chunk = self._check_reply(reply)
         except PolicyReplyError as exc:
@@ -464,6 +486,8 @@ class RobotLoop:
             "policy_calls": self.policy_calls,
             "failed_calls": self.failed_calls,
             "overdue_calls": self.overdue_calls,
+            "late_replies": self.late_replies,
+            "abandoned_calls": self.abandoned_calls,
             "malformed_replies": self.malformed_replies,
             "latency_p50_ms": float(np.percentile(lat, 50)) if lat is not None else None,
             "latency_p99_ms": float(np.percentile(lat, 99)) if lat is not None else None,

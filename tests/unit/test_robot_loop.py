@@ -89,9 +89,27 @@ def test_dead_or_hung_server_holds_within_two_periods_of_the_due_chunk(mode):
     assert expected in r["last_error"], r["last_error"]
     assert r["policy_link"] == ("overdue" if mode == "hung" else "down")
     if mode == "hung":
-        assert r["overdue_calls"] >= 1 and loop.client.cancelled >= 1
-        ticks = [req["obs_tick"] for req in loop.client.requests if req["obs_tick"] >= due - 1]
-        assert len(ticks) >= 2  # abandoned and asked again with a fresh observation
+        assert r["overdue_calls"] == 1 and r["abandoned_calls"] == 0  # holding, still waiting for that reply
+
+
+def test_a_hung_request_is_abandoned_and_asked_again():
+    loop, due, _ = _run_until_fault("hung")
+    asked = len(loop.client.requests)
+    for _ in range(2 * loop.spec.chunk_size):
+        assert not loop.tick().moved
+    r = loop.report()
+    assert r["abandoned_calls"] >= 1 and loop.client.cancelled >= 1 and r["policy_link"] == "overdue"
+    assert len(loop.client.requests) == asked + r["abandoned_calls"]  # one request in flight at a time
+
+
+def test_a_reply_too_late_to_use_is_dropped_and_the_robot_asks_again():
+    loop = make("franka", teleop=False, realtime=True)
+    loop.client.mode, loop.client.delay_polls = "slow", 8  # answers 8 ticks after each request: always stale
+    results = [loop.tick() for _ in range(40)]
+    r = loop.report()
+    assert r["late_replies"] >= 3 and r["policy_link"] in ("slow", "overdue") and r["state"] == "holding"
+    assert not any(res.moved for res in results)  # stale plans never move the robot
+    assert len(loop.client.requests) <= 40 // 8 + 1  # no request storm: the next one goes out when one returns
 
 
 def test_robot_recovers_when_the_server_comes_back():
@@ -109,7 +127,7 @@ def test_sim_mode_waits_for_a_slow_server_and_real_time_holds():
     run_episodes(sim, 2)
     assert sim.report()["fault_holds"] == 0  # simulated time waits for the policy
     rt = make("hello", teleop=False, realtime=True)
-    rt.client.mode, rt.client.delay_polls = "slow", 6
+    rt.client.mode, rt.client.delay_polls = "slow", 3  # late enough to hold, early enough to use
     for _ in range(40):
         rt.tick()
     r = rt.report()
