@@ -75,6 +75,15 @@ def parse_shifts(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _quiet_serve() -> None:
+    """Serve logs every deployment step at INFO; the table and our own lines say what matters."""
+    import logging
+
+    import ray.serve  # noqa: F401 - importing it installs its logger, which we then turn down
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -173,9 +182,7 @@ def up_cmd(
         cfg = cfg.with_(**changes) if changes else cfg
     except ValueError as exc:
         _fail(str(exc))
-    import logging
-
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the live table says what Serve's INFO lines would
+    _quiet_serve()
     log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
     n = sum(cfg.robots.values())
     log(f"starting {n} robots ({', '.join(f'{k}={v}' for k, v in cfg.robots.items())}) ...")
@@ -294,6 +301,7 @@ def down_cmd(
     """
     from fleet.launcher import FleetError, down
 
+    _quiet_serve()
     try:
         out = down(address=address, namespace=namespace, stop_cluster=not keep_cluster)
     except FleetError as exc:

@@ -203,7 +203,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # an exited child its parent has not reaped yet is a zombie: gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def read_state() -> dict | None:
@@ -482,6 +485,15 @@ def down(address: str | None = None, namespace: str = NAMESPACE, stop_cluster: b
             out["error"] = f"controller: {exc}"
         ray.kill(controller, no_restart=True)
         out["actors"].append(CONTROLLER)
+    if app is None and namespace == NAMESPACE:
+        app = APP  # no controller to ask (it crashed): the default fleet's app
+    # the app first: its replicas poll the head registry, which goes next
+    if app is not None:
+        try:
+            serve.delete(app)
+            out["app"] = app
+        except Exception as exc:  # noqa: BLE001 - the app may already be gone
+            out["app_error"] = str(exc)
     from actors.robot import GATEWAY_PREFIX
 
     for entry in ray.util.list_named_actors(all_namespaces=True):
@@ -495,12 +507,6 @@ def down(address: str | None = None, namespace: str = NAMESPACE, stop_cluster: b
                 out["actors"].append(name)
             except ValueError:
                 pass
-    if app is not None:
-        try:
-            serve.delete(app)
-            out["app"] = app
-        except Exception as exc:  # noqa: BLE001 - the app may already be gone
-            out["app_error"] = str(exc)
     for key in [k for k in _KEEP if k.startswith(f"{namespace}/")]:
         del _KEEP[key]
     state = read_state()

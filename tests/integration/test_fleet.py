@@ -16,13 +16,10 @@ import pytest
 
 from fleet.embodiments import EMBODIMENTS
 from fleet.launcher import FleetConfig
-from fleet.policy.backbone import PolicyConfig
+from tests.mocks.tiny_policy import TINY
 
 pytestmark = pytest.mark.ray
 
-TINY = PolicyConfig(
-    d_model=32, n_layers=1, n_heads=2, head_heads=2, head_layers=1, patch_size=16, conv_stem=False, max_instr_len=8
-)
 STATUS_KEYS = {"id", "embodiment", "state", "control_hz", "episodes", "success_rate", "interventions"}
 STATUS_KEYS |= {"head_version", "latency_p50_ms", "latency_p99_ms"}
 
@@ -82,6 +79,7 @@ def test_up_brings_up_robots_that_report(fleet):
         assert row["state"] in ("normal", "human", "paused", "conservative", "holding")
         assert row["control_hz"] > 0 and row["head_version"] == 1 and row["latency_p50_ms"] > 0
         assert row["interventions"] > 0  # the untrained policy strays; the scripted human corrects it
+        assert row["loop_errors"] == 0 and row["mode"] == "sim"  # metrics and sink work in the control thread
     later = status(namespace=config.namespace)
     assert sum(r["episodes"] for r in later["robots"]) >= sum(r["episodes"] for r in s["robots"])
 

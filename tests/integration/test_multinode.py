@@ -26,14 +26,12 @@ import ray
 from ray.cluster_utils import Cluster
 
 from fleet.launcher import FleetConfig, down, status, up
-from fleet.policy.backbone import PolicyConfig
 from fleet.policy.checkpoint import save_checkpoint
 from fleet.policy.train import build_model
+from tests.mocks.tiny_policy import TINY
 
 work = sys.argv[1]
-tiny = PolicyConfig(d_model=32, n_layers=1, n_heads=2, head_heads=2, head_layers=1, patch_size=16,
-                    conv_stem=False, max_instr_len=8)
-save_checkpoint(build_model(("franka", "hello"), 0, tiny), os.path.join(work, "policy"))
+save_checkpoint(build_model(("franka", "hello"), 0, TINY), os.path.join(work, "policy"))
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 nodes = [cluster.add_node(num_cpus=1, resources={"robot": 4}) for _ in range(2)]
