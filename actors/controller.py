@@ -117,7 +117,14 @@ class _FleetController:
                     added.append(self._spawn(embodiment, i))
             removed_names += [f"robot-{embodiment}-{i}" for i in have if i >= want]
         removed = await self._remove(removed_names, finish_episode=True)
-        await asyncio.gather(*(_get(self.robots[n].ping.remote(), 300.0) for n in added))
+        try:
+            await asyncio.gather(*(_get(self.robots[n].ping.remote(), 300.0) for n in added))
+        except TimeoutError:
+            needs = {"CPU": self.cfg["robot_cpus"]} | dict(self.cfg["robot_resources"])
+            raise RuntimeError(
+                f"robots {added} did not start within 300 s: does the cluster have room for {len(added)} more "
+                f"robots needing {needs} each? (ray status shows what it offers)"
+            ) from None
         return {"added": added, "removed": removed, "robots": dict(self.desired)}
 
     # ---- API -------------------------------------------------------------------------------------

@@ -83,11 +83,10 @@ class RobotMetrics:
             if value > self._seen[name]:
                 getattr(self, name).inc(value - self._seen[name])
                 self._seen[name] = value
-        calls = loop.policy_calls + loop.malformed_replies
-        new = min(calls - self._seen["latencies"], len(loop.latencies_ms))
+        new = min(loop.replies - self._seen["latencies"], len(loop.latencies_ms))
         for ms in list(loop.latencies_ms)[len(loop.latencies_ms) - new :] if new > 0 else []:
             self.latency.observe(ms)
-        self._seen["latencies"] = calls
+        self._seen["latencies"] = loop.replies
         if control_hz is not None:
             self.control_hz.set(control_hz)
 

@@ -178,6 +178,7 @@ class RobotLoop:
         self.failed_calls = 0
         self.overdue_calls = 0
         self.late_replies = 0
+        self.replies = 0  # every reply received (used, late or malformed): latencies_ms holds the newest
         self.abandoned_calls = 0
         self.malformed_replies = 0
         self.head_version: int | None = None
@@ -354,6 +355,7 @@ class RobotLoop:
         self._request = None
         latency_ms = (time.perf_counter() - req["started"]) * 1e3
         self.latencies_ms.append(latency_ms)
+        self.replies += 1
         if self.tick_in_episode - req["tick"] > self.stale_ticks:  # every action in it is already stale
             self.late_replies += 1
             self.last_error, self.link = (
