@@ -136,4 +136,6 @@ def stop_local_head(state: dict | None = None) -> bool:
     _stop_process(int(state["pid"]))
     state_file().unlink(missing_ok=True)
     shutil.rmtree(state["temp_dir"], ignore_errors=True)
+    if state.get("log"):
+        Path(state["log"]).unlink(missing_ok=True)
     return True
