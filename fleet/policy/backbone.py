@@ -58,6 +58,12 @@ class PolicyConfig:
     loss_tail_weight: float = 0.25
     # loss weight of the later chunk steps: they are nearly determined by the first ones under teacher
     # forcing, so an unweighted loss is dominated by easy tokens and under-trains the first action
+    head_direct: bool = True
+    # each head also reads the backbone's embodiment, proprio and keypoint tokens directly (an MLP of
+    # them added to every step token): where the object is must reach the first action without the
+    # head having to learn to find it by cross-attention first
+    # loss weight of the later chunk steps: they are nearly determined by the first ones under teacher
+    # forcing, so an unweighted loss is dominated by easy tokens and under-trains the first action
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -68,9 +74,9 @@ class PolicyConfig:
             elif f.name == "dropout":
                 if not 0.0 <= value < 1.0:
                     raise ValueError(f"PolicyConfig.dropout must be in [0, 1), got {value!r}")
-            elif f.name == "conv_stem":
+            elif f.name in ("conv_stem", "head_direct"):
                 if not isinstance(value, bool):
-                    raise ValueError(f"PolicyConfig.conv_stem must be a bool, got {value!r}")
+                    raise ValueError(f"PolicyConfig.{f.name} must be a bool, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value < (0 if f.name == "keypoints" else 1):
                 kind = "a non-negative" if f.name == "keypoints" else "a positive"
                 raise ValueError(f"PolicyConfig.{f.name} must be {kind} int, got {value!r}")

@@ -41,9 +41,11 @@ class FlowHead(HeadBase):
         t: torch.Tensor,
         kvs: list[tuple[torch.Tensor, torch.Tensor]],
         mask: torch.Tensor | None,
+        direct: torch.Tensor | float = 0.0,
     ) -> torch.Tensor:
-        """x: (N, T, D) at times t: (N,) -> velocity (N, T, D). The time embedding is added to every step token."""
-        h = self.in_proj(x) + self.step_pos + self.time_mlp(sinusoidal(t, self.config.d_model))[:, None]
+        """x: (N, T, D) at times t: (N,) -> velocity (N, T, D). The time embedding and the direct-path
+        vector (N, 1, d) are added to every step token."""
+        h = self.in_proj(x) + self.step_pos + self.time_mlp(sinusoidal(t, self.config.d_model))[:, None] + direct
         for blk, kv in zip(self.blocks, kvs, strict=True):
             h = blk(h, kv, mask)
         return self.out(self.norm(h))
@@ -63,8 +65,8 @@ class FlowHead(HeadBase):
         u = torch.rand(b, n, generator=generator, dtype=x1.dtype, device=x1.device)
         t = ((torch.arange(n, dtype=x1.dtype, device=x1.device) + u) / n).reshape(-1)
         xt = (1.0 - t)[:, None, None] * x0 + t[:, None, None] * x1
-        kvs, mask = self.memory_context(memory, pad_mask, repeat=n)
-        err = (self.velocity(xt, t, kvs, mask) - (x1 - x0)).square()
+        kvs, mask, direct = self.memory_context(memory, pad_mask, repeat=n)
+        err = (self.velocity(xt, t, kvs, mask, direct) - (x1 - x0)).square()
         loss = (err * self.step_weights(err)[None, :, None]).mean()
         return loss, {}
 
@@ -79,13 +81,13 @@ class FlowHead(HeadBase):
         """memory (B, S, d) -> samples (B, K, T, D) normalized (unclipped), from K noises per row in one batch."""
         b, k = memory.shape[0], n_samples
         steps = n_steps or self.config.n_euler
-        kvs, mask = self.memory_context(memory, pad_mask, repeat=k)
+        kvs, mask, direct = self.memory_context(memory, pad_mask, repeat=k)
         shape = (b * k, self.chunk_size, self.action_dim)
         x = torch.randn(shape, generator=generator, dtype=memory.dtype, device=memory.device)
         dt = 1.0 / steps
         for i in range(steps):
             t = torch.full((b * k,), i * dt, dtype=memory.dtype, device=memory.device)
-            x = x + dt * self.velocity(x, t, kvs, mask)
+            x = x + dt * self.velocity(x, t, kvs, mask, direct)
         return x.view(b, k, self.chunk_size, self.action_dim)
 
     def predict(

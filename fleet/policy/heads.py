@@ -84,6 +84,11 @@ class HeadBase(nn.Module):
             DecoderBlock(d, config.head_heads, config.head_mlp_ratio, config.dropout) for _ in range(config.head_layers)
         )
         self.norm = nn.LayerNorm(d)
+        # the direct path: [embodiment, proprio, keypoint tokens] of the memory -> one vector per row
+        self.n_direct = 2 + (config.keypoints + 4 if config.keypoints else 0)
+        self.direct = (
+            nn.Sequential(nn.Linear(self.n_direct * d, d), nn.GELU(), nn.Linear(d, d)) if config.head_direct else None
+        )
 
     def step_weights(self, like: torch.Tensor) -> torch.Tensor:
         """(T,) loss weights over chunk steps, summing to T: full weight on the executed head of the chunk."""
@@ -91,20 +96,35 @@ class HeadBase(nn.Module):
         w[: self.config.loss_head_steps] = 1.0
         return w * (self.chunk_size / w.sum())
 
+    def direct_context(self, memory: torch.Tensor) -> torch.Tensor | float:
+        """(B, 1, d): what the direct path adds to every step token (0.0 without it).
+
+        Memory layout (backbone.py): [embodiment][proprio][words][patches][keypoints], so the direct
+        tokens are the first two and, with keypoints, the last `keypoints + 4`.
+        """
+        if self.direct is None:
+            return 0.0
+        tokens = memory[:, :2] if self.n_direct == 2 else torch.cat([memory[:, :2], memory[:, 2 - self.n_direct :]], 1)
+        return self.direct(tokens.flatten(1))[:, None]
+
     def memory_context(
         self, memory: torch.Tensor, pad_mask: torch.Tensor, repeat: int = 1
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
-        """Per-block cross-attention K/V (B*repeat, H, S, hd) and the SDPA mask, computed once per chunk.
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None, torch.Tensor | float]:
+        """Per-block cross-attention K/V (B*repeat, H, S, hd), the SDPA mask and the direct-path vector
+        (B*repeat, 1, d), computed once per chunk.
 
         `repeat` > 1 repeats each row's K/V (row-major: row 0 K times, then row 1...) instead of the
         memory itself, so drawing K samples costs no extra memory projections.
         """
         kvs = [blk.memory_kv(memory) for blk in self.blocks]
         mask = attend_mask(pad_mask)
+        direct = self.direct_context(memory)
         if repeat > 1:
             kvs = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in kvs]
             mask = None if mask is None else mask.repeat_interleave(repeat, 0)
-        return kvs, mask
+            if isinstance(direct, torch.Tensor):
+                direct = direct.repeat_interleave(repeat, 0)
+        return kvs, mask, direct
 
     def loss(
         self, memory: torch.Tensor, pad_mask: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None

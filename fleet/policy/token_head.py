@@ -59,9 +59,9 @@ class TokenHead(HeadBase):
 
     def teacher_forced_logits(self, memory: torch.Tensor, pad_mask: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
         """bins: (B, T, D) targets -> logits (B, T, D, n_bins), all steps in one causal pass."""
-        kvs, mask = self.memory_context(memory, pad_mask)
+        kvs, mask, direct = self.memory_context(memory, pad_mask)
         b = bins.shape[0]
-        x = torch.cat([self.bos.expand(b, 1, -1), self._embed_bins(bins[:, :-1])], dim=1) + self.step_pos
+        x = torch.cat([self.bos.expand(b, 1, -1), self._embed_bins(bins[:, :-1])], dim=1) + self.step_pos + direct
         for blk, kv in zip(self.blocks, kvs, strict=True):
             x = blk(x, kv, mask, causal=True)
         return self._logits(x)
@@ -98,13 +98,13 @@ class TokenHead(HeadBase):
         the cached path is tested against and as the benchmark's baseline.
         """
         b, steps = memory.shape[0], self.chunk_size
-        kvs, mask = self.memory_context(memory, pad_mask)
+        kvs, mask, direct = self.memory_context(memory, pad_mask)
         caches = [KVCache(b, blk.n_heads, steps, self.config.d_model // blk.n_heads, memory) for blk in self.blocks]
         inputs: list[torch.Tensor] = []
         bins, logits = [], []
         x = self.bos.expand(b, 1, -1)
         for t in range(steps):
-            inputs.append(x + self.step_pos[t])
+            inputs.append(x + self.step_pos[t] + direct)
             if use_cache:
                 h = inputs[-1]
                 for blk, kv, cache in zip(self.blocks, kvs, caches, strict=True):
