@@ -1,0 +1,449 @@
+"""Online adaptation of one action head (the backbone stays frozen): one round on new corrections.
+
+    adapter = HeadAdapter(model, "franka", rehearsal=rehearsal_set("franka", episodes=120))
+    result = adapter.round(corrections)            # trains a candidate, validates it, returns it
+    if result.accepted:                            # no worse on rehearsal, better on held-out corrections
+        adapter.accept(result, version=v + 1)      # the next round continues from it
+
+Why a round is cheap: a head owns its proprio stem, whose token feeds *into* the backbone; everything
+after the backbone (the decoder blocks, the direct path, the output layer) reads only the backbone's
+memory. Adaptation keeps the stem frozen with the backbone, so each sample's memory is computed once,
+under `torch.no_grad`, when the sample first arrives (rehearsal data when the adapter is built, a
+correction in the round that brings it) and kept; a round then trains the rest of the head on cached
+memory, never running the vision encoder or the backbone transformer in its loop.
+
+What a round trains on: every batch mixes this round's new corrections (`new_share`), earlier
+corrections (`earlier_share`) and pretraining-style expert samples of the unshifted simulator (the
+rest), so what the head already did well is rehearsed rather than forgotten.
+
+How a candidate is judged, on data it never trained on:
+  - rehearsal: a held-out slice of the pretraining-style samples. The candidate passes when its loss is
+    at most `(1 + rehearsal_tolerance)` times the current head's (2 % by default: the token heads'
+    cross-entropy moves by about that between two equally good heads).
+  - held-out corrections: a share (`holdout`) of every round's new corrections never enters training;
+    the candidate must not be worse than the current head on them (else it learnt nothing useful).
+  - earlier held-out corrections (every earlier round's held-out share) are reported alongside.
+Hardware changes: under a shift in `hardware_shifts` (the actuator calibration changed, `actuator_bias`)
+the embodiment's pretraining labels no longer hold: the expert itself commands differently on the new
+hardware, and no head can fit both the old and the new labels for the same observation. Once a
+correction reports such a shift, the embodiment's pretraining samples leave both the training mix and
+the rehearsal gate, and the gate uses the earlier held-out corrections (made on the new hardware)
+instead. The other embodiments' heads are never touched by a round, whatever the shift.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fleet.data.correction import Correction
+from fleet.policy.demos import DemoSet
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where it is used, so AdaptConfig is importable without it (the launcher and
+# `fleet up` validate a learner's configuration in a process that never loads a model)
+
+HARDWARE_SHIFTS: tuple[str, ...] = ("actuator_bias",)
+REHEARSAL_SEED = 7_000_000
+# rehearsal episodes use seeds far from pretraining (0..) and evaluation (1_000_000_007..) seeds
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Knobs of one adaptation round. `from_dict` refuses unknown keys."""
+
+    steps: int = 150
+    # optimizer steps per round
+    batch_size: int = 48
+    # rows per step
+    lr: float = 3e-4
+    # AdamW learning rate (linearly decayed to a tenth over the round)
+    weight_decay: float = 0.0
+    new_share: float = 0.5
+    # share of each batch drawn from this round's new corrections (training part)
+    earlier_share: float = 0.25
+    # share drawn from earlier rounds' corrections; the rest is pretraining rehearsal. A missing source's
+    # share goes to the others in proportion
+    holdout: float = 0.2
+    # share of each round's new corrections held out for validation (at least one when there are 5+)
+    rehearsal_tolerance: float = 0.02
+    # a candidate may have at most this much higher relative rehearsal loss than the current head
+    rehearsal_val: int = 256
+    # pretraining-style samples held out from the rehearsal set to validate on
+    max_corrections: int = 2000
+    # earlier corrections kept (the newest), with their cached backbone memory (~24 kB each)
+    hardware_shifts: tuple[str, ...] = HARDWARE_SHIFTS
+    # shifts that change the embodiment's action mapping: its pretraining labels stop being rehearsal
+    require_holdout_improvement: bool = True
+    # refuse a candidate that is worse than the current head on this round's held-out corrections
+    eval_batch: int = 256
+    # rows per forward pass when encoding and validating
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "rehearsal_val", "max_corrections", "eval_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "rehearsal_val" else 1):
+                raise ValueError(f"AdaptConfig.{name}: expected a positive int, got {v!r}")
+        for name in ("lr", "weight_decay", "new_share", "earlier_share", "holdout", "rehearsal_tolerance"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"AdaptConfig.{name}: expected a finite number >= 0, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"AdaptConfig.lr: expected > 0, got {self.lr!r}")
+        if self.new_share + self.earlier_share > 1.0 or self.new_share <= 0:
+            raise ValueError(
+                f"AdaptConfig.new_share ({self.new_share}) must be > 0 and new_share + earlier_share "
+                f"({self.earlier_share}) at most 1"
+            )
+        if self.holdout >= 1.0:
+            raise ValueError(f"AdaptConfig.holdout: expected a share in [0, 1), got {self.holdout!r}")
+        if isinstance(self.hardware_shifts, str) or not all(isinstance(s, str) for s in self.hardware_shifts):
+            raise ValueError(
+                f"AdaptConfig.hardware_shifts: expected a tuple of shift names, got {self.hardware_shifts!r}"
+            )
+        object.__setattr__(self, "hardware_shifts", tuple(self.hardware_shifts))
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> AdaptConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"AdaptConfig: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- data ----------------------------------------------------------------------------------------
+def corrections_to_demos(corrections: Sequence[Correction], name: str) -> DemoSet:
+    """Corrections of embodiment `name` as a DemoSet: (image, proprio, instruction) -> corrected chunk."""
+    if not corrections:
+        raise ValueError(f"corrections_to_demos: no corrections of {name!r}")
+    for i, c in enumerate(corrections):
+        if c.embodiment != name:
+            raise ValueError(f"corrections[{i}]: embodiment {c.embodiment!r}, expected {name!r}")
+    return DemoSet(
+        name,
+        np.stack([np.asarray(c.image, np.uint8) for c in corrections]),
+        np.stack([np.asarray(c.proprio, np.float32) for c in corrections]),
+        [c.instruction for c in corrections],
+        np.stack([np.asarray(c.corrected_chunk, np.float32) for c in corrections]),
+    )
+
+
+def rehearsal_set(name: str, episodes: int = 120, seed: int = 0, states_per_episode: float = 4.0) -> DemoSet:
+    """Pretraining-style expert samples of `name` in the unshifted simulator (about `states_per_episode`
+    visited states kept per episode, as pretraining keeps them)."""
+    from fleet.policy.demos import collect
+
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"rehearsal_set: episodes must be a positive int, got {episodes!r}")
+    pilot = collect(name, min(episodes, 8), seed=REHEARSAL_SEED + seed * 1000 + 999)
+    keep = min(1.0, states_per_episode * pilot.episodes / max(1, len(pilot)))
+    return collect(name, episodes, seed=REHEARSAL_SEED + seed * 1000, keep=keep)
+
+
+@dataclass
+class Cached:
+    """Samples of one embodiment with their backbone memory, ready to train or validate a head on."""
+
+    memory: torch.Tensor  # (N, S, d) float32
+    pad_mask: torch.Tensor  # (N, S) bool, True = padding
+    actions: torch.Tensor  # (N, T, D) float32 normalized
+
+    def __len__(self) -> int:
+        return int(self.memory.shape[0])
+
+    @staticmethod
+    def cat(parts: Sequence[Cached]) -> Cached | None:
+        import torch
+
+        parts = [p for p in parts if p is not None and len(p)]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return Cached(*(torch.cat([getattr(p, f) for p in parts]) for f in ("memory", "pad_mask", "actions")))
+
+    def take(self, idx: torch.Tensor) -> Cached:
+        return Cached(self.memory.index_select(0, idx), self.pad_mask.index_select(0, idx), self.actions[idx])
+
+    def tail(self, n: int) -> Cached:
+        return Cached(self.memory[-n:], self.pad_mask[-n:], self.actions[-n:])
+
+
+def encode_demos(model, demos: DemoSet, eval_batch: int = 256) -> Cached:
+    """Backbone memory of every sample, once (no_grad: the stem and backbone are frozen during adaptation)."""
+    import torch
+
+    from fleet.policy.batch import PolicyBatch, normalize_actions
+
+    name = demos.embodiment
+    spec = model.specs[name]
+    n = len(demos)
+    emb = model.vocab.token_id(spec.token)
+    cache: dict[str, np.ndarray] = {}
+    length = model.config.max_instr_len
+    instr = np.stack([cache.setdefault(t, model.vocab.encode(t, length)) for t in demos.instructions])
+    actions = torch.from_numpy(normalize_actions(spec, demos.actions))
+    mems, masks = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, n, eval_batch):
+                sl = slice(start, min(n, start + eval_batch))
+                rows = sl.stop - sl.start
+                batch = PolicyBatch(
+                    image=torch.from_numpy(np.ascontiguousarray(demos.images[sl])),
+                    proprio=torch.from_numpy(np.ascontiguousarray(demos.proprio[sl], dtype=np.float32)),
+                    instr_ids=torch.from_numpy(instr[sl]),
+                    emb_idx=torch.full((rows,), emb, dtype=torch.long),
+                    embodiments=[name] * rows,
+                )
+                memory, pad_mask, _ = model.encode(batch)
+                mems.append(memory.detach().clone())
+                masks.append(pad_mask.detach().clone())
+    finally:
+        model.train(was_training)
+    return Cached(torch.cat(mems), torch.cat(masks), actions)
+
+
+def head_loss(head, data: Cached | None, seed: int, eval_batch: int = 256) -> float | None:
+    """Mean loss of `head` on `data` (None when empty). Deterministic: a flow head's noise and times come
+    from a generator seeded with `seed`, so two heads are compared on the same draws."""
+    import torch
+
+    if data is None or len(data) == 0:
+        return None
+    gen = torch.Generator().manual_seed(int(seed))
+    total = 0.0
+    was_training = head.training
+    head.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(data), eval_batch):
+                idx = torch.arange(start, min(len(data), start + eval_batch))
+                part = data.take(idx)
+                loss, _ = head.loss(part.memory, part.pad_mask, part.actions, gen)
+                total += float(loss) * len(idx)
+    finally:
+        head.train(was_training)
+    return total / len(data)
+
+
+# ---- rounds --------------------------------------------------------------------------------------
+@dataclass
+class RoundResult:
+    """One round's candidate and its validation. `state` holds the candidate head's tensors."""
+
+    embodiment: str
+    accepted: bool
+    reason: str
+    # "ok", or why the candidate was refused
+    state: dict[str, torch.Tensor] = field(repr=False)
+    metrics: dict = field(default_factory=dict)
+    # losses before/after on rehearsal and held-out corrections, sample counts, timings
+    seconds: float = 0.0
+    # wall time of the round (encoding the new corrections, training, validating)
+
+
+class HeadAdapter:
+    """Adapts head `name` of `model` round by round. `model` is only changed by `accept` / `set_head`.
+
+    Keeps, between rounds: the rehearsal samples with their memory (encoded once, here), and every
+    earlier correction (training part and held-out part, the newest `max_corrections`) with its memory.
+    """
+
+    def __init__(self, model, name: str, rehearsal: DemoSet | None = None, config: AdaptConfig | None = None):
+        import torch
+
+        if name not in model.specs:
+            raise ValueError(f"HeadAdapter: the model has no head {name!r}; it has {sorted(model.specs)}")
+        self.model, self.name = model, name
+        self.config = cfg = config or AdaptConfig()
+        self.spec = model.specs[name]
+        self._rng = np.random.default_rng(cfg.seed)
+        self._gen = torch.Generator().manual_seed(cfg.seed)
+        self.rounds = 0
+        self.hardware_changed = False
+        self.rehearsal_train: Cached | None = None
+        self.rehearsal_val: Cached | None = None
+        self.earlier: Cached | None = None  # earlier rounds' training corrections
+        self.earlier_val: Cached | None = None  # earlier rounds' held-out corrections (never trained on)
+        t0 = time.perf_counter()
+        if rehearsal is not None and len(rehearsal):
+            if rehearsal.embodiment != name:
+                raise ValueError(f"HeadAdapter: rehearsal set is for {rehearsal.embodiment!r}, not {name!r}")
+            data = encode_demos(model, rehearsal, cfg.eval_batch)
+            perm = torch.from_numpy(self._rng.permutation(len(data)))
+            n_val = min(cfg.rehearsal_val, len(data) // 4) if len(data) >= 8 else 0
+            self.rehearsal_val = data.take(perm[:n_val]) if n_val else None
+            self.rehearsal_train = data.take(perm[n_val:])
+        self.prepare_seconds = time.perf_counter() - t0
+
+    # ---- the head's state -------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return int(self.model.head_versions[self.name])
+
+    def accept(self, result: RoundResult, version: int) -> None:
+        """Make `result`'s candidate the current head at `version` (what the next round starts from)."""
+        if result.embodiment != self.name:
+            raise ValueError(f"accept: the result is for {result.embodiment!r}, this adapter adapts {self.name!r}")
+        self.set_head(result.state, version)
+
+    def set_head(self, state: dict[str, torch.Tensor], version: int) -> None:
+        """Replace the current head (a rollback, or a newer head published elsewhere)."""
+        self.model.load_head_state_dict(self.name, state, version)
+
+    # ---- one round --------------------------------------------------------------------------------
+    def round(self, corrections: Sequence[Correction]) -> RoundResult:
+        """Train a candidate on `corrections` (this round's new ones) plus rehearsal; validate it.
+
+        The model is not changed; the corrections join the earlier pool whatever the verdict.
+        """
+        import torch
+
+        t0 = time.perf_counter()
+        cfg = self.config
+        corrections = list(corrections)
+        if not corrections:
+            raise ValueError(f"round: no corrections for {self.name!r}")
+        demos = corrections_to_demos(corrections, self.name)
+        if any(s in cfg.hardware_shifts for c in corrections for s in _shift_names(c.shift)):
+            self.hardware_changed = True
+        new = encode_demos(self.model, demos, cfg.eval_batch)
+        n = len(new)
+        n_hold = int(round(cfg.holdout * n)) if n >= 5 else 0
+        n_hold = max(1, n_hold) if n >= 5 and cfg.holdout > 0 else n_hold
+        perm = torch.from_numpy(self._rng.permutation(n))
+        holdout, train = (new.take(perm[:n_hold]) if n_hold else None), new.take(perm[n_hold:])
+        t_encode = time.perf_counter() - t0
+
+        pretrain_ok = not self.hardware_changed
+        rehearsal_train = self.rehearsal_train if pretrain_ok else None
+        rehearsal_val = self.rehearsal_val if pretrain_ok else None
+        current = self.model.head(self.name)
+        seed = cfg.seed * 7919 + self.rounds
+        before = {
+            "rehearsal": head_loss(current, rehearsal_val, seed, cfg.eval_batch),
+            "holdout": head_loss(current, holdout, seed + 1, cfg.eval_batch),
+            "earlier_holdout": head_loss(current, self.earlier_val, seed + 2, cfg.eval_batch),
+            "train": head_loss(current, train, seed + 3, cfg.eval_batch),
+        }
+        t1 = time.perf_counter()
+        candidate, train_loss = self._train(current, train, self.earlier, rehearsal_train)
+        t_train = time.perf_counter() - t1
+        after = {
+            "rehearsal": head_loss(candidate, rehearsal_val, seed, cfg.eval_batch),
+            "holdout": head_loss(candidate, holdout, seed + 1, cfg.eval_batch),
+            "earlier_holdout": head_loss(candidate, self.earlier_val, seed + 2, cfg.eval_batch),
+            "train": head_loss(candidate, train, seed + 3, cfg.eval_batch),
+        }
+        accepted, reason, gate = self._judge(before, after, pretrain_ok)
+        # the corrections stay for later rounds whatever the verdict
+        self.earlier = _bounded(Cached.cat([self.earlier, train]), cfg.max_corrections)
+        self.earlier_val = _bounded(Cached.cat([self.earlier_val, holdout]), max(1, cfg.max_corrections // 4))
+        self.rounds += 1
+        state = {k: v.detach().clone() for k, v in candidate.state_dict().items()}
+        seconds = time.perf_counter() - t0
+        metrics = {
+            "round": self.rounds,
+            "from_version": self.version,
+            "before": before,
+            "after": after,
+            "gate": gate,
+            "train_loss_last": train_loss,
+            "new": n,
+            "train_rows": len(train),
+            "holdout_rows": n_hold,
+            "earlier_rows": 0 if self.earlier is None else len(self.earlier) - len(train),
+            "rehearsal_rows": 0 if rehearsal_train is None else len(rehearsal_train),
+            "pretrain_rehearsal": pretrain_ok,
+            "seconds_encode": t_encode,
+            "seconds_train": t_train,
+            "steps": cfg.steps,
+        }
+        return RoundResult(self.name, accepted, reason, state, metrics, seconds)
+
+    def _judge(self, before: dict, after: dict, pretrain_ok: bool) -> tuple[bool, str, dict]:
+        cfg = self.config
+        tol = cfg.rehearsal_tolerance
+        # the rehearsal gate: pretraining samples, or (hardware changed) earlier held-out corrections
+        key = "rehearsal" if pretrain_ok and before["rehearsal"] is not None else "earlier_holdout"
+        gate = {"on": key, "before": before[key], "after": after[key], "tolerance": tol}
+        if after["train"] is None or not math.isfinite(after["train"]):
+            return False, "the candidate's loss is not finite", gate
+        if before[key] is not None:
+            limit = before[key] * (1.0 + tol) + 1e-6
+            gate["limit"] = limit
+            if not after[key] <= limit:
+                what = "rehearsal" if key == "rehearsal" else "earlier held-out corrections"
+                return False, f"worse on {what}: loss {after[key]:.4f} > {before[key]:.4f} x (1 + {tol})", gate
+        else:
+            gate["on"] = None  # nothing to rehearse yet (first round after a hardware change)
+        if cfg.require_holdout_improvement and before["holdout"] is not None:
+            if not after["holdout"] <= before["holdout"] + 1e-6:
+                return (
+                    False,
+                    f"no better on held-out corrections: loss {after['holdout']:.4f} > {before['holdout']:.4f}",
+                    gate,
+                )
+        return True, "ok", gate
+
+    def _train(
+        self, current, new: Cached, earlier: Cached | None, rehearsal: Cached | None
+    ) -> tuple[object, float | None]:
+        """A copy of `current` trained on the mix; the stem is frozen (it runs before the cached memory)."""
+        import torch
+
+        cfg = self.config
+        head = copy.deepcopy(current)
+        head.train()
+        params = [p for n, p in head.named_parameters() if not n.startswith("stem.")]
+        for n, p in head.named_parameters():
+            p.requires_grad_(not n.startswith("stem."))
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        rest = 1.0 - cfg.new_share - cfg.earlier_share
+        sources = [(new, cfg.new_share), (earlier, cfg.earlier_share), (rehearsal, rest)]
+        sources = [(d, w) for d, w in sources if d is not None and len(d) and w > 0]
+        weights = np.array([w for _, w in sources], np.float64)
+        counts = np.maximum(1, np.round(cfg.batch_size * weights / weights.sum()).astype(int))
+        last = None
+        for step in range(cfg.steps):
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * (1.0 - 0.9 * step / max(1, cfg.steps - 1))
+            parts = [
+                d.take(torch.randint(0, len(d), (int(k),), generator=self._gen))
+                for (d, _), k in zip(sources, counts, strict=True)
+            ]
+            batch = Cached.cat(parts)
+            loss, _ = head.loss(batch.memory, batch.pad_mask, batch.actions, self._gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            last = float(loss.detach())
+        head.eval()
+        return head, last
+
+
+def _shift_names(shift: str | None) -> list[str]:
+    if not shift:
+        return []
+    return [p.strip() for p in str(shift).replace(",", "+").split("+") if p.strip()]
+
+
+def _bounded(data: Cached | None, n: int) -> Cached | None:
+    return data if data is None or len(data) <= n else data.tail(n)

@@ -1,0 +1,277 @@
+"""Head-only adaptation (fleet.policy.adapt) and the learner's logic (fleet.learner), on tiny models, no Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from actors.heads import HeadStore  # noqa: E402  (the registry's logic; needs no running Ray)
+from fleet.data import Correction, ReplayStore  # noqa: E402
+from fleet.embodiments import EMBODIMENTS  # noqa: E402
+from fleet.learner import Learner, LearnerConfig  # noqa: E402
+from fleet.policy.adapt import AdaptConfig, HeadAdapter, encode_demos, head_loss  # noqa: E402
+from fleet.policy.checkpoint import head_from_bytes  # noqa: E402
+from fleet.policy.demos import collect  # noqa: E402
+from fleet.policy.train import build_model  # noqa: E402
+from tests.mocks.tiny_policy import TINY  # noqa: E402
+
+FAST = {"steps": 25, "batch_size": 16, "lr": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def demos():
+    """Unshifted expert samples: franka (token head) and aloha (flow head)."""
+    return {"franka": collect("franka", 10, seed=11), "aloha": collect("aloha", 2, seed=12, keep=0.3)}
+
+
+def tiny(embodiments=("franka", "aloha"), seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(embodiments, seed=seed, config=TINY).eval()
+
+
+def corrections(demo, idx, shift: str = "", chunk=None) -> list[Correction]:
+    """Rows `idx` of a DemoSet as corrections (the expert's chunk, or `chunk` for every row)."""
+    return [
+        Correction.new(
+            robot_id="r0",
+            embodiment=demo.embodiment,
+            episode=0,
+            tick=int(i),
+            image=demo.images[i],
+            proprio=demo.proprio[i],
+            instruction=demo.instructions[i],
+            policy_chunk=demo.actions[i],
+            corrected_chunk=demo.actions[i] if chunk is None else chunk,
+            head_version=1,
+            reason="stray",
+            shift=shift,
+        )
+        for i in idx
+    ]
+
+
+def state_of(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["franka", "aloha"])
+def test_cached_memory_gives_the_models_own_loss(demos, name):
+    """cached == uncached: the head's loss on memory encoded once equals FleetPolicy.action_loss."""
+    model, demo = tiny(), demos[name]
+    idx = np.arange(min(12, len(demo)))
+    obs = [{"image": demo.images[i], "proprio": demo.proprio[i], "instruction": demo.instructions[i]} for i in idx]
+    batch = model.collate(obs, [name] * len(idx), [demo.actions[i] for i in idx])
+    with torch.no_grad():
+        uncached, _ = model.action_loss(batch, generator=torch.Generator().manual_seed(5))
+    cached = head_loss(model.head(name), encode_demos(model, demo.subset(idx)), seed=5)
+    assert cached == pytest.approx(float(uncached), rel=1e-5, abs=1e-6)
+
+
+def test_a_round_trains_only_the_heads_decoder_and_changes_nothing_until_accepted(demos):
+    model = tiny()
+    demo = demos["franka"]
+    adapter = HeadAdapter(model, "franka", demo.subset(np.arange(0, len(demo), 2)), AdaptConfig(**FAST))
+    before = state_of(model)
+    result = adapter.round(corrections(demo, range(1, 40, 2)))
+    assert same(state_of(model), before), "a round must not touch the model"
+    head = {k: v for k, v in before.items() if k.startswith("heads.franka.")}
+    cand = {f"heads.franka.{k}": v for k, v in result.state.items()}
+    assert cand.keys() == head.keys()
+    stem = [k for k in cand if ".stem." in k]
+    assert stem and all(torch.equal(cand[k], head[k]) for k in stem), "the proprio stem stays frozen"
+    assert any(not torch.equal(cand[k], head[k]) for k in cand if k not in stem), "the decoder must learn"
+    assert result.metrics["train_rows"] + result.metrics["holdout_rows"] == 20 and result.metrics["holdout_rows"] == 4
+    adapter.accept(result, version=2)
+    after = state_of(model)
+    assert model.head_versions["franka"] == 2
+    for k, v in before.items():
+        if not k.startswith("heads.franka."):
+            assert torch.equal(after[k], v), f"{k} must be bit-identical (backbone and other heads)"
+
+
+def test_consistent_corrections_are_accepted_and_lower_the_held_out_loss(demos):
+    model = tiny()
+    demo = demos["franka"]
+    adapter = HeadAdapter(model, "franka", demo.subset(np.arange(0, len(demo), 2)), AdaptConfig(**FAST))
+    result = adapter.round(corrections(demo, range(1, len(demo), 2)))
+    m = result.metrics
+    assert result.accepted, result.reason
+    assert m["after"]["holdout"] < m["before"]["holdout"]
+    assert m["gate"]["on"] == "rehearsal" and m["after"]["rehearsal"] <= m["gate"]["limit"]
+
+
+def test_a_candidate_worse_on_rehearsal_is_refused(demos):
+    """Corrections that teach the opposite of the rehearsal data on the same scenes: held-out corrections
+    improve, rehearsal gets worse, so the candidate is refused and the model keeps its head."""
+    model = tiny()
+    demo = demos["franka"]
+    spec = EMBODIMENTS["franka"]
+    wrong = np.tile(np.asarray(spec.action_low, np.float32), (spec.chunk_size, 1))
+    adapter = HeadAdapter(model, "franka", demo, AdaptConfig(**FAST | {"new_share": 1.0, "earlier_share": 0.0}))
+    before = state_of(model)
+    result = adapter.round(corrections(demo, range(len(demo)), chunk=wrong))
+    assert not result.accepted
+    assert "worse on rehearsal" in result.reason
+    assert result.metrics["after"]["holdout"] < result.metrics["before"]["holdout"]
+    assert same(state_of(model), before) and model.head_versions["franka"] == 1
+
+
+def test_a_hardware_shift_retires_the_pretraining_rehearsal(demos):
+    """Under actuator_bias the old labels are wrong for the new hardware: they leave the mix and the gate,
+    and later rounds are gated on earlier held-out corrections instead."""
+    model = tiny()
+    demo = demos["franka"]
+    adapter = HeadAdapter(model, "franka", demo.subset(np.arange(0, len(demo), 2)), AdaptConfig(**FAST))
+    first = adapter.round(corrections(demo, range(1, 21, 2), shift="actuator_bias"))
+    assert first.metrics["pretrain_rehearsal"] is False and first.metrics["rehearsal_rows"] == 0
+    assert first.metrics["gate"]["on"] is None
+    second = adapter.round(corrections(demo, range(21, 41, 2)))  # sticky: the hardware stays changed
+    assert second.metrics["gate"]["on"] == "earlier_holdout" and second.metrics["before"]["earlier_holdout"] is not None
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="AdaptConfig.steps"):
+        AdaptConfig(steps=0)
+    with pytest.raises(ValueError, match="new_share"):
+        AdaptConfig(new_share=0.8, earlier_share=0.5)
+    with pytest.raises(ValueError, match="unknown keys"):
+        AdaptConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="LearnerConfig.every"):
+        LearnerConfig(every=0)
+    with pytest.raises(ValueError, match="AdaptConfig: unknown"):
+        LearnerConfig(adapt={"lr_": 1})
+    with pytest.raises(ValueError, match="no head 'leap'"):
+        HeadAdapter(tiny(("franka",)), "leap")
+
+
+# ---- the learner ----------------------------------------------------------------------------------
+@pytest.fixture
+def fleet_parts(tmp_path, demos):
+    """(model, replay store, head registry, learner factory) for a franka-only tiny fleet."""
+    model = tiny(("franka",))
+    replay, registry = ReplayStore(tmp_path / "log"), HeadStore(tmp_path / "heads")
+    demo = demos["franka"]
+
+    def make(**config):
+        cfg = {"every": 10, "watch_episodes": 5, "reference_episodes": 10, "min_reference": 5, "adapt": FAST}
+        return Learner(
+            model,
+            replay,
+            registry,
+            LearnerConfig(**cfg | config),
+            rehearsal={"franka": demo.subset(np.arange(0, len(demo), 2))},
+            state_dir=tmp_path / "learner",
+            log_fn=lambda m: None,
+        )
+
+    return model, replay, registry, make
+
+
+def add(replay, demo, idx, **kw) -> None:
+    ack = replay.add(corrections(demo, idx, **kw))
+    assert len(ack["accepted"]) == len(list(idx)), ack["rejected"]
+
+
+def test_learner_publishes_every_n_corrections(fleet_parts, demos):
+    model, replay, registry, make = fleet_parts
+    learner = make()
+    add(replay, demos["franka"], range(1, 9, 2))  # 4 < every
+    assert learner.step() == []
+    assert registry.latest() == {"franka": 1}  # the checkpoint's head, so a rollback can return to it
+    add(replay, demos["franka"], range(11, 31, 2))  # 14 >= every
+    (event,) = learner.step()
+    assert event["event"] == "published" and event["version"] == 2, event
+    assert registry.latest() == {"franka": 2} and model.head_versions["franka"] == 2
+    check = tiny(("franka",))
+    assert head_from_bytes(check, "franka", registry.get("franka", 2)[1]) == 2
+    for k, v in model.head_state_dict("franka").items():
+        assert torch.equal(check.head_state_dict("franka")[k], v), k
+    assert learner.step() == [] and learner.cursors["franka"] == 14
+    # a new learner (a restart) continues from its saved cursor and the registry's newest head
+    fresh = tiny(("franka",), seed=3)
+    again = Learner(fresh, replay, registry, learner.config, rehearsal=learner.rehearsal, state_dir=learner.state_dir)
+    again.start()
+    assert again.cursors["franka"] == 14 and fresh.head_versions["franka"] == 2
+    assert same(fresh.head_state_dict("franka"), model.head_state_dict("franka"))
+
+
+def test_a_round_that_dies_midway_publishes_nothing(fleet_parts, demos):
+    model, replay, registry, make = fleet_parts
+    learner = make()
+    learner.start()
+    head = model.head_state_dict("franka")
+    add(replay, demos["franka"], range(0, 24, 2))
+
+    def crash(_corrections):
+        raise RuntimeError("killed mid-round")
+
+    learner.adapters["franka"].round = crash
+    with pytest.raises(RuntimeError, match="mid-round"):
+        learner.step()
+    assert registry.latest() == {"franka": 1} and [r["version"] for r in registry.history("franka")] == [1]
+    assert model.head_versions["franka"] == 1 and same(model.head_state_dict("franka"), head)
+    assert learner.cursors["franka"] == 0 and learner.state == "idle"
+    del learner.adapters["franka"].round  # the next round works and gets the next number
+    (event,) = learner.step()
+    assert event["event"] == "published" and registry.latest() == {"franka": 2}
+
+
+def test_a_head_worse_on_rehearsal_is_not_published(fleet_parts, demos):
+    model, replay, registry, make = fleet_parts
+    learner = make(adapt=FAST | {"new_share": 1.0, "earlier_share": 0.0})
+    spec = EMBODIMENTS["franka"]
+    wrong = np.tile(np.asarray(spec.action_low, np.float32), (spec.chunk_size, 1))
+    add(replay, demos["franka"], range(len(demos["franka"])), chunk=wrong)
+    (event,) = learner.step()
+    assert event["event"] == "round_rejected" and "worse on rehearsal" in event["reason"], event
+    assert registry.latest() == {"franka": 1} and model.head_versions["franka"] == 1
+    assert learner.cursors["franka"] == len(demos["franka"])  # those corrections are used, not retried
+
+
+def test_a_rollout_that_lowers_success_is_rolled_back(fleet_parts, demos):
+    model, replay, registry, make = fleet_parts
+    learner = make()
+    learner.start()
+    v1_payload, v1_head = registry.get("franka", 1)[1], model.head_state_dict("franka")
+    ok = {"robot_id": "r0", "embodiment": "franka", "success": True}
+    assert learner.record_outcomes([ok | {"head_version": 1}] * 10) == 10
+    add(replay, demos["franka"], range(0, 24, 2))
+    (event,) = learner.step()
+    assert event["event"] == "published" and learner.watch["franka"]["version"] == 2
+    add(replay, demos["franka"], range(1, 25, 2))  # enough for a round, but the rollout is judged first
+    bad = [ok | {"head_version": 2, "success": False}] * 4
+    mixed = [ok | {"head_version": None, "success": False}]  # ran two versions: not counted
+    learner.record_outcomes(bad + mixed)
+    learner.adapters["franka"].round = lambda _c: pytest.fail("no round while the rollout is judged")
+    assert learner.step() == []  # 4 < watch_episodes: no verdict, no new round
+    del learner.adapters["franka"].round
+    learner.record_outcomes(bad[:1])
+    rollback, round_ = learner.step()
+    assert rollback["event"] == "rollback" and rollback["rolled_back"] == 2 and rollback["version"] == 3, rollback
+    assert registry.get("franka", 3)[1] == v1_payload and registry.history("franka")[2]["meta"]["restores"] == 1
+    assert learner.status()["rollbacks"] == 1 and learner.outcome_counts["mixed"] == 1
+    # the waiting corrections are adapted next, starting from the restored head
+    assert round_["event"] in ("published", "round_rejected") and round_["from_version"] == 3
+    assert registry.latest()["franka"] == (4 if round_["event"] == "published" else 3)
+    if round_["event"] == "round_rejected":
+        assert same(model.head_state_dict("franka"), v1_head)
+
+
+def test_a_rollout_that_keeps_success_is_confirmed(fleet_parts, demos):
+    _, replay, registry, make = fleet_parts
+    learner = make()
+    learner.start()
+    ok = {"robot_id": "r0", "embodiment": "franka", "success": True}
+    learner.record_outcomes([ok | {"head_version": 1}] * 5 + [ok | {"head_version": 1, "success": False}] * 5)
+    add(replay, demos["franka"], range(0, 24, 2))
+    learner.step()
+    learner.record_outcomes([ok | {"head_version": 2}] * 5)
+    events = learner.step()
+    assert events[0]["event"] == "rollout_confirmed" and events[0]["version"] == 2
+    assert registry.latest() == {"franka": 2} and "franka" not in learner.watch
