@@ -10,6 +10,8 @@ batch. Serve receives requests on its own loop thread, so the next batch queues 
 The forward runs on the user loop by default, not in a worker thread: a forward thread fights request
 intake for the GIL on every torch op, and on 2 cores that kept batches at ~1 row and halved the served
 calls/s (config `forward_thread=True` brings the thread back, for models made of few large kernels).
+Config `backend` ("torch" | "onnx"), `precision` ("fp32" | "bf16" | "int8") and `encoder_cache` choose how
+each replica runs the model (fleet/policy/backend.py; `fleet bench infer` measures them).
 Each replica polls the HeadRegistry actor and installs newer head versions between batches (hot swap,
 no request dropped).
 A malformed request is answered `{"error": "<field>: <problem>", "request_id"}`; it never fails a batch.
@@ -41,7 +43,14 @@ logger = logging.getLogger("ray.serve")
 class PolicyServer:
     def __init__(self, config: dict | None = None) -> None:
         self.config = cfg = ServeConfig.from_dict(config)
-        self.runtime = PolicyRuntime(cfg.checkpoint, threads=cfg.threads, max_batch=cfg.max_batch_size)
+        self.runtime = PolicyRuntime(
+            cfg.checkpoint,
+            threads=cfg.threads,
+            max_batch=cfg.max_batch_size,
+            backend=cfg.backend,
+            precision=cfg.precision,
+            encoder_cache=cfg.encoder_cache_robots if cfg.encoder_cache else False,
+        )
         try:
             self.runtime.replica_id = f"{serve.get_replica_context().replica_id.unique_id}:{os.getpid()}"
         except Exception:  # noqa: BLE001 - outside Serve (a unit test of the class): keep host:pid
@@ -50,6 +59,7 @@ class PolicyServer:
         self.act.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         # one model thread: batches and head swaps run in arrival order and never overlap
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
+        self._swap_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-swap")
         self._refused: set[tuple[str, int]] = set()
         self._poll_error: str | None = None
         self._poller = asyncio.get_running_loop().create_task(self._poll_heads()) if cfg.registry else None
@@ -107,7 +117,11 @@ class PolicyServer:
                 continue
             version, payload = await registry.get.remote(name, version)
             try:
-                if self.config.forward_thread:
+                if not self.runtime.backend.shares_model:
+                    # the backend rebuilds its own form of the head (an ONNX export takes seconds): off the loop,
+                    # so batches keep being served by the old head until the brief install under the forward lock
+                    await loop.run_in_executor(self._swap_thread, self.runtime.set_head, name, version, payload)
+                elif self.config.forward_thread:
                     await loop.run_in_executor(self._model_thread, self.runtime.set_head, name, version, payload)
                 else:  # between two batches of this loop: the swap is atomic by construction
                     self.runtime.set_head(name, version, payload)

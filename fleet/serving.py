@@ -22,6 +22,9 @@ import torch
 
 from fleet.protocol import RequestError, validate_request
 
+BACKENDS = ("torch", "onnx")  # fleet.policy.backend.BACKENDS (kept here so the config imports no model code)
+PRECISIONS = ("fp32", "bf16", "int8")  # fleet.policy.precision.PRECISIONS
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -63,6 +66,17 @@ class ServeConfig:
     # HTTP ingress: larger request bodies get 413
     ingress_cpus: float = 0.1
     # Ray CPUs reserved for the HTTP ingress replica (it only decodes and forwards)
+    backend: str = "torch"
+    # how replicas run the policy: "torch" (eager) or "onnx" (ONNX Runtime, CPU execution provider; exporting
+    # the graphs adds seconds to a replica's start and to each head swap). See fleet/policy/backend.py
+    precision: str = "fp32"
+    # "fp32", "bf16" (torch only) or "int8" (dynamic quantization of the Linear layers); `fleet bench infer`
+    # measures what each buys and costs on this machine
+    encoder_cache: bool = False
+    # per robot, reuse the vision encoder's image tokens while its camera frame and instruction are unchanged
+    # (exact byte compare; the output is identical). Pays on static scenes, costs ~1 us per row otherwise
+    encoder_cache_robots: int = 4096
+    # robots the encoder cache remembers (least recently seen are evicted)
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
@@ -74,7 +88,7 @@ class ServeConfig:
                 fail(name, "a number of CPUs in [0, 64]")
         if self.threads is None:
             object.__setattr__(self, "threads", max(1, int(self.replica_cpus or 1)))
-        for name in ("num_replicas", "max_batch_size", "threads", "max_body_bytes"):
+        for name in ("num_replicas", "max_batch_size", "threads", "max_body_bytes", "encoder_cache_robots"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, "a positive int")
@@ -92,6 +106,14 @@ class ServeConfig:
             fail("auth_token", "None or a non-empty string")
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", str(self.checkpoint))
+        if self.backend not in BACKENDS:
+            fail("backend", f"one of {BACKENDS}")
+        if self.precision not in PRECISIONS:
+            fail("precision", f"one of {PRECISIONS}")
+        if self.backend == "onnx" and self.precision == "bf16":
+            fail("precision", "'fp32' or 'int8' with backend 'onnx' (bf16 runs with backend 'torch')")
+        if not isinstance(self.encoder_cache, bool):
+            fail("encoder_cache", "a bool")
 
     @property
     def ongoing_limit(self) -> int:
@@ -125,7 +147,16 @@ class PolicyRuntime:
         threads: int = 2,
         max_batch: int = 64,
         seed: int = 0,
+        backend: str = "torch",
+        precision: str = "fp32",
+        encoder_cache: bool | int = False,
     ) -> None:
+        """backend/precision: how the model runs (fleet.policy.backend.make_backend); `model` stays the fp32
+        master the heads are validated and swapped into. encoder_cache: False, True (4096 robots) or a
+        number of robots to remember."""
+        from fleet.policy.backend import make_backend
+        from fleet.policy.encoder_cache import EncoderCache
+
         if model is None:
             from fleet.policy.default import load_policy
 
@@ -133,6 +164,9 @@ class PolicyRuntime:
         if threads >= 1:
             torch.set_num_threads(int(threads))
         self.model = model.eval()
+        self.backend = make_backend(self.model, backend, precision, threads=max(1, int(threads)))
+        robots = 4096 if encoder_cache is True else int(encoder_cache)
+        self.encoder_cache = EncoderCache(robots) if robots else None
         self.max_batch = int(max_batch)
         self.replica_id = f"{socket.gethostname()}:{os.getpid()}"
         vocab, specs = model.vocab, model.specs
@@ -142,6 +176,7 @@ class PolicyRuntime:
         self._instr_ids: dict[str, np.ndarray] = {}
         # one lock for forward passes and head swaps: a batch runs entirely on the old head or the new one
         self._lock = threading.Lock()
+        self._swap_lock = threading.Lock()  # one head swap at a time (a backend may prepare it outside _lock)
         self._generator = torch.Generator().manual_seed(seed)
         self._stats_lock = threading.Lock()
         self._counts = {"requests": 0, "batches": 0, "rows": 0, "rejected": 0, "failed": 0, "head_swaps": 0}
@@ -208,7 +243,15 @@ class PolicyRuntime:
             batch = self._batch(rows)
             with self._lock:
                 t0 = time.perf_counter()
-                outs = self.model.predict(batch, n_samples=n_samples, generator=self._generator)
+                tokens = None
+                if self.encoder_cache is not None:
+                    tokens = self.encoder_cache.tokens(
+                        [r["robot_id"] for r in rows],
+                        batch.image.numpy(),
+                        batch.instr_ids.numpy(),
+                        self.backend.image_tokens,
+                    )
+                outs = self.backend.predict(batch, n_samples=n_samples, generator=self._generator, image_tokens=tokens)
                 infer_ms = (time.perf_counter() - t0) * 1e3
         except Exception as exc:  # noqa: BLE001 - report to every row of this batch, keep serving
             with self._stats_lock:
@@ -258,20 +301,41 @@ class PolicyRuntime:
             raise ValueError(f"set_head {name!r}: version must be an int, got {version!r}")
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise ValueError(f"set_head {name!r}: payload must be safetensors bytes, got {type(payload).__name__}")
-        with self._lock:
-            current = self.model.head_versions[name]
-            if version <= current:
-                raise ValueError(f"set_head {name!r}: version {version} is not newer than the serving {current}")
-            head_from_bytes(self.model, name, bytes(payload))  # validates fully before touching the head
-            self.model.head_versions[name] = version
+        with self._swap_lock:
+            if self.backend.shares_model:  # the backend runs the master model: swap it between two batches
+                with self._lock:
+                    self._check_newer(name, version)
+                    head_from_bytes(self.model, name, bytes(payload))  # validates fully before touching the head
+                    self.model.head_versions[name] = version
+            else:
+                # load into the master (the backend keeps serving its own copy), build the backend's form of
+                # the new head outside the forward lock (an ONNX export takes seconds), then swap it in
+                with self._lock:
+                    self._check_newer(name, version)
+                    old_state, old_version = self.model.head_state_dict(name), self.model.head_versions[name]
+                    head_from_bytes(self.model, name, bytes(payload))
+                    self.model.head_versions[name] = version
+                try:
+                    prepared = self.backend.prepare_head(name)
+                except Exception:
+                    with self._lock:
+                        self.model.load_head_state_dict(name, old_state, old_version)
+                    raise
+                with self._lock:
+                    self.backend.install_head(name, prepared, version)
         with self._stats_lock:
             self._counts["head_swaps"] += 1
         return version
 
+    def _check_newer(self, name: str, version: int) -> None:
+        current = self.model.head_versions[name]
+        if version <= current:
+            raise ValueError(f"set_head {name!r}: version {version} is not newer than the serving {current}")
+
     def head_versions(self) -> dict[str, int]:
         """{embodiment: serving head version}."""
         with self._lock:
-            return {k: int(v) for k, v in self.model.head_versions.items()}
+            return {k: int(v) for k, v in self.backend.head_versions().items()}
 
     # ----- observability -------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -287,6 +351,8 @@ class PolicyRuntime:
             "infer_ms_p99": _percentile(infer, 99),
             "replica": self.replica_id,
             "threads": torch.get_num_threads(),
+            "backend": self.backend.name,
+            "encoder_cache": None if self.encoder_cache is None else self.encoder_cache.stats(),
         }
 
     def health(self) -> dict:
