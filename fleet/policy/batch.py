@@ -41,6 +41,7 @@ class PolicyBatch:
     emb_idx: torch.Tensor  # (B,) int64: vocabulary id of the row's [EMB_<NAME>] token (the sequence's first token)
     embodiments: list[str]  # (B,) embodiment name per row
     actions: torch.Tensor | None = None  # (B, T, Dmax) float32 normalized, zeros past the row's action_dim
+    focus: torch.Tensor | None = None  # (B, 2) float32 privileged image position of the named object (training)
     _groups: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:

@@ -31,6 +31,10 @@ class DemoSet:
     actions: np.ndarray = None  # (N, chunk, D) float32, physical units
     successes: int = 0
     episodes: int = 0
+    focus: np.ndarray | None = None  # (N, 2) float32 privileged image position of the named object
+
+    def _focus_or_nan(self) -> np.ndarray:
+        return self.focus if self.focus is not None else np.full((len(self), 2), np.nan, np.float32)
 
     def __len__(self) -> int:
         return len(self.instructions)
@@ -46,6 +50,7 @@ class DemoSet:
             np.concatenate([self.actions, other.actions]),
             self.successes + other.successes,
             self.episodes + other.episodes,
+            np.concatenate([self._focus_or_nan(), other._focus_or_nan()]),
         )
 
     def subset(self, idx: np.ndarray) -> DemoSet:
@@ -55,6 +60,7 @@ class DemoSet:
             self.proprio[idx],
             [self.instructions[i] for i in idx],
             self.actions[idx],
+            focus=None if self.focus is None else self.focus[idx],
         )
 
 
@@ -79,7 +85,7 @@ def collect(
     spec = get_embodiment(name)
     rng = np.random.default_rng(seed + 7919)
     span = np.asarray(spec.action_high, np.float32) - np.asarray(spec.action_low, np.float32)
-    images, proprio, instructions, actions = [], [], [], []
+    images, proprio, instructions, actions, focus = [], [], [], [], []
     successes = 0
     next_ep = 0
     envs: list = []
@@ -105,6 +111,7 @@ def collect(
                 proprio.append(obs["proprio"])
                 instructions.append(obs["instruction"])
                 actions.append(label)
+                focus.append(env.unwrapped.focus())
             if policy is not None:
                 a = e["chunk"][e["k"]]
                 e["k"] += 1
@@ -127,4 +134,5 @@ def collect(
         np.stack(actions).astype(np.float32),
         successes,
         episodes,
+        np.stack(focus).astype(np.float32),
     )

@@ -97,7 +97,14 @@ class FleetPolicy(nn.Module):
             loss, extra = head.loss(memory.index_select(0, idx), pad_mask.index_select(0, idx), target, generator)
             losses.append(loss)
             metrics[name] = {"loss": float(loss.detach()), "rows": int(idx.numel()), **extra}
-        return torch.stack(losses).mean(), metrics
+        total = torch.stack(losses).mean()
+        kp = getattr(self.backbone.vision, "kp", None)
+        if batch.focus is not None and self.config.aux_focus_weight > 0 and kp is not None:
+            err = (kp.last_query_xy - batch.focus).square().sum(-1)  # (B,) squared image-coordinate error
+            total = total + self.config.aux_focus_weight * err.mean()
+            for name, idx in batch.groups().items():
+                metrics[name]["focus_err"] = float(err.detach().index_select(0, idx).sqrt().mean())
+        return total, metrics
 
     @torch.inference_mode()
     def predict(

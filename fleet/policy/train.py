@@ -114,6 +114,8 @@ class DemoTensors:
                 "actions": torch.from_numpy(actions),
                 "emb": torch.full((len(d),), model.vocab.token_id(spec.token), dtype=torch.long),
             }
+            if d.focus is not None and np.isfinite(d.focus).all():
+                self.data[name]["focus"] = torch.from_numpy(np.ascontiguousarray(d.focus, dtype=np.float32))
 
     def batch(self, batch_size: int, gen: torch.Generator):
         from fleet.policy.batch import PolicyBatch
@@ -125,8 +127,11 @@ class DemoTensors:
             idx = torch.randint(0, len(d["image"]), (per,), generator=gen)
             parts.append({k: v.index_select(0, idx) for k, v in d.items()})
             names += [name] * per
-        cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return PolicyBatch(cat["image"], cat["proprio"], cat["instr"], cat["emb"], names, cat["actions"])
+        keys = set.intersection(*(set(p) for p in parts))
+        cat = {k: torch.cat([p[k] for p in parts]) for k in keys}
+        return PolicyBatch(
+            cat["image"], cat["proprio"], cat["instr"], cat["emb"], names, cat["actions"], focus=cat.get("focus")
+        )
 
 
 FLOW_SAMPLES = 4  # flow heads execute the mean of this many samples (it also feeds the disagreement confidence)

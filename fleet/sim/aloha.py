@@ -91,6 +91,13 @@ class AlohaEnv(FleetEnv):
             [np.concatenate([a["ee"], a["rpy"], [a["grip"], float(a["holding"])]]) for a in s["arms"]]
         )
 
+    def _focus_px(self, s: dict) -> tuple[float, float]:
+        if all(a["holding"] for a in s["arms"]):
+            c = (s["arms"][0]["ee"][:2] + s["arms"][1]["ee"][:2]) / 2
+        else:
+            c = np.asarray(s["bars"][s["target"]]["center"])
+        return to_px(c[0], c[1])
+
     def _render(self, s: dict) -> np.ndarray:
         img = render.blank((70, 70, 80))
         render.box(img, 32, 32, 29, 29, 0.0, (120, 125, 135))

@@ -158,6 +158,18 @@ class FleetEnv(gym.Env):
     def instruction(self) -> str:
         return self._state["instruction"] if self._state else ""
 
+    def focus(self) -> np.ndarray:
+        """Privileged: where in the camera image the thing the instruction names lies, as (x, y) in
+        [-1, 1] image coordinates (x right, y down; a pixel's centre i + 0.5 maps to 2 (i + 0.5) / 64 - 1).
+        Pretraining uses it as an auxiliary target so the vision encoder learns to find the named object;
+        policies never see it."""
+        if self._state is None:
+            raise RuntimeError("focus() before reset()")
+        px, py = self._focus_px(self._state)
+        if "camera_offset" in self.shifts:
+            px, py = px + self.camera_shift[0], py + self.camera_shift[1]
+        return np.array([px, py], np.float32) * (2.0 / render.SIZE) - 1.0
+
     # ---- observation ---------------------------------------------------------------------------
     def _observe(self) -> dict:
         img = self._render(self._state)
@@ -199,4 +211,8 @@ class FleetEnv(gym.Env):
         raise NotImplementedError
 
     def _expert(self, state: dict) -> np.ndarray:
+        raise NotImplementedError
+
+    def _focus_px(self, state: dict) -> tuple[float, float]:
+        """Pixel coordinates of the instructed object (see `focus`)."""
         raise NotImplementedError

@@ -129,6 +129,10 @@ class FrankaEnv(FleetEnv):
     def _proprio(self, s: dict) -> np.ndarray:
         return np.concatenate([s["ee"], s["rpy"], [s["grip"], float(s["holding"] >= 0)]])
 
+    def _focus_px(self, s: dict) -> tuple[float, float]:
+        p = s["ee"] if s["holding"] == s["target"] else s["objects"][s["target"]]
+        return to_px(p[0], p[1])
+
     def _render(self, s: dict) -> np.ndarray:
         img = render.blank((150, 120, 90))
         render.box(img, 32, 32, TABLE * SCALE + 1, TABLE * SCALE + 1, 0.0, (185, 160, 125))

@@ -156,6 +156,10 @@ class HelloEnv(FleetEnv):
             [s["pos"][0] / ROOM, s["pos"][1] / ROOM, np.sin(s["yaw"]), np.cos(s["yaw"]), s["yaw_rate"] / 1.5]
         )
 
+    def _focus_px(self, s: dict) -> tuple[float, float]:
+        m = s["markers"][s["target"]]
+        return to_px(m[0], m[1])
+
     def _render(self, s: dict) -> np.ndarray:
         img = render.blank((60, 50, 45))
         render.box(img, 32, 32, ROOM * SCALE, ROOM * SCALE, 0.0, (205, 200, 190))

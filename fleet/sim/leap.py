@@ -95,6 +95,9 @@ class LeapEnv(FleetEnv):
     def _proprio(self, s: dict) -> np.ndarray:
         return s["q"]
 
+    def _focus_px(self, s: dict) -> tuple[float, float]:
+        return 32 + 20 * s["offset"][0], 32 - 20 * s["offset"][1]
+
     def _render(self, s: dict) -> np.ndarray:
         img = render.blank((40, 45, 50))
         render.disk(img, 32, 32, 26, (90, 100, 105))

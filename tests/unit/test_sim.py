@@ -633,3 +633,22 @@ def test_all_image_shifts_compose_in_order(name):
 def test_hello_expert_does_not_oscillate_in_a_narrow_gap():
     ok, steps = expert_episode(make_env("hello"), seed=100217)
     assert ok, f"hello expert failed seed 100217 after {steps} steps"
+
+
+@pytest.mark.parametrize("name", ["franka", "aloha", "hello", "leap"])
+def test_focus_points_at_the_named_object(name: str) -> None:
+    """`focus()` (the privileged pretraining target) lands on a pixel of the named object's colour, and
+    follows the image under `camera_offset`."""
+    for seed in range(5):
+        env = make_env(name)
+        obs, _ = env.reset(seed=seed)
+        f = env.unwrapped.focus()
+        assert f.shape == (2,) and np.all(np.abs(f) <= 1.0)
+        x, y = ((f + 1.0) * 32).astype(int)
+        if name != "leap":  # leap's instruction names a shape, not a colour
+            colour = next(w for w in obs["instruction"].split() if w in render.PALETTE)
+            assert np.abs(obs["image"][y, x].astype(int) - render.PALETTE[colour]).max() < 40, (seed, colour)
+        shifted = make_env(name, shift="camera_offset")
+        shifted.reset(seed=seed)
+        dx, dy = shifted.unwrapped.camera_shift
+        assert np.allclose(shifted.unwrapped.focus() - f, np.array([dx, dy]) / 32.0, atol=1e-6)
