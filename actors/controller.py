@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 STATUS_KEYS = ("id", "embodiment", "state", "control_hz", "episodes", "success_rate", "interventions")
 STATUS_KEYS += ("head_version", "latency_p50_ms", "latency_p99_ms")
+LEARNER = "fleet-learner"
+# the learner actor's name in the fleet's namespace (fleet.launcher starts it with `adapt`)
 
 
 async def _get(ref, timeout_s: float):
@@ -41,6 +43,7 @@ class _FleetController:
         self.desired = self._load_desired() or dict(config["robots"])
         self._lock = asyncio.Lock()
         self._handle = None
+        self._learner = None
 
     # ---- desired counts --------------------------------------------------------------------------
     def _load_desired(self) -> dict | None:
@@ -85,8 +88,10 @@ class _FleetController:
         }
         policy = {"route": cfg["route"], "app": cfg["app_name"], "namespace": cfg["namespace"]}
         replay = {"name": "fleet-replay", "namespace": cfg["namespace"]}
+        # with a learner, every finished episode's outcome (and the head version it ran) goes to it
+        outcomes = {"name": LEARNER, "namespace": cfg["namespace"]} if cfg.get("adapt") else None
         self.robots[name] = RobotActor.options(**self._robot_options(name)).remote(
-            robot_config, policy, replay, self.feature_stats.get(embodiment)
+            robot_config, policy, replay, self.feature_stats.get(embodiment), outcomes=outcomes
         )
         return name
 
@@ -162,6 +167,18 @@ class _FleetController:
             self._handle = None
             return {"error": f"{type(exc).__name__}: {exc}"}
 
+    async def _learner_status(self, timeout_s: float) -> dict | None:
+        """The learner's status (rounds, versions published, rollouts watched), None without one."""
+        if not self.cfg.get("adapt"):
+            return None
+        try:
+            if self._learner is None:
+                self._learner = ray.get_actor(LEARNER, namespace=self.cfg["namespace"])
+            return await _get(self._learner.status.remote(), timeout_s)
+        except Exception as exc:  # noqa: BLE001 - status must answer even while the learner restarts
+            self._learner = None
+            return {"state": "unreachable", "last_error": f"{type(exc).__name__}: {exc}"}
+
     async def status(self, timeout_s: float = 3.0) -> dict:
         names = sorted(self.robots)
 
@@ -173,13 +190,17 @@ class _FleetController:
                 row = dict.fromkeys(STATUS_KEYS) | {"id": name, "embodiment": name.split("-")[1], "state": state}
                 return row | {"last_error": f"{type(exc).__name__}: {exc}"}
 
-        reports, heads = await asyncio.gather(asyncio.gather(*(one(n) for n in names)), self._heads(timeout_s))
+        reports, heads, learner = await asyncio.gather(
+            asyncio.gather(*(one(n) for n in names)), self._heads(timeout_s), self._learner_status(timeout_s)
+        )
         heads_error = heads.pop("error", None) if isinstance(heads, dict) else None
         robots = [{k: r.get(k) for k in STATUS_KEYS} | r for r in reports]
         out = {"robots": robots, "heads": heads, "desired": dict(self.desired), "app": self.cfg["app_name"]}
         out |= {"namespace": self.cfg["namespace"], "realtime": self.cfg["realtime"]}
         if heads_error:
             out["heads_error"] = heads_error
+        if learner is not None:
+            out["learner"] = learner
         return out
 
     async def shutdown(self) -> list[dict]:

@@ -8,6 +8,10 @@
     ray.get(robot.report.remote())        # episodes, success_rate, control_hz, latency, state, last_error
     ray.get(robot.stop.remote())          # finish the episode, deliver the corrections, stop
 
+With `outcomes={"name": "fleet-learner", "namespace": "fleet"}` (the fleet runs a learner, `fleet up --adapt`)
+the robot also sends every finished episode's outcome, tagged with the head version it ran, to the learner
+actor (fire and forget, `OutcomeSink`): the learner's signal for rolling back a head that lowers success.
+
 The actor imports numpy, `fleet.robot` and Ray, never torch or Ray Serve, so a robot costs ~140 MB RSS.
 How it reaches the policy (`policy["route"]`; the clients and sinks are in actors/robot_io.py):
   "gateway"  (default) a `PolicyGateway` actor per node holds the Serve DeploymentHandle; the robot sends
@@ -37,7 +41,7 @@ import ray
 from actors.robot_io import GATEWAY_PREFIX, MemorySink, ReplaySink, make_client
 from fleet.robot import RobotConfig, RobotLoop
 
-__all__ = ["GATEWAY_PREFIX", "ROBOT_NUM_CPUS", "RobotActor", "RobotMetrics"]
+__all__ = ["GATEWAY_PREFIX", "ROBOT_NUM_CPUS", "OutcomeSink", "RobotActor", "RobotMetrics"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,58 @@ def _rss_mb() -> float | None:
     return None
 
 
+# ---- episode outcomes ----------------------------------------------------------------------------
+class OutcomeSink:
+    """Episode outcomes to the named learner actor (`record_outcomes`), without ever blocking the control loop.
+
+    Outcomes are statistics, not records: one batch is in flight at a time, a batch the learner never got
+    (dead, restarting, not started yet) is counted in `lost` rather than resent, and at most `limit` wait.
+    """
+
+    def __init__(self, name: str, namespace: str | None, retry_after_s: float = 5.0, limit: int = 1000) -> None:
+        self.name, self.namespace, self.retry_after_s = name, namespace, retry_after_s
+        self.pending: deque[dict] = deque(maxlen=limit)
+        self._handle = None
+        self._next_lookup = 0.0
+        self._inflight: tuple[ray.ObjectRef, int] | None = None
+        self.sent = self.lost = 0
+
+    def add(self, outcomes: list[dict]) -> None:
+        self.pending.extend(outcomes)
+
+    def pump(self) -> None:
+        """Settle the batch in flight if it finished; send what waits when nothing is in flight."""
+        if self._inflight is not None:
+            ref, n = self._inflight
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                return
+            self._inflight = None
+            try:
+                ray.get(ref)
+                self.sent += n
+            except Exception:  # noqa: BLE001 - the learner died or restarts: look it up again later
+                self.lost += n
+                self._handle = None
+        if not self.pending:
+            return
+        if self._handle is None:
+            now = time.monotonic()
+            if now < self._next_lookup:
+                return
+            try:
+                self._handle = ray.get_actor(self.name, namespace=self.namespace)
+            except ValueError:  # not started (yet): try again later, keep the newest outcomes
+                self._next_lookup = now + self.retry_after_s
+                return
+        batch = list(self.pending)
+        self.pending.clear()
+        self._inflight = (self._handle.record_outcomes.remote(batch), len(batch))
+
+    def stats(self) -> dict:
+        return {"outcomes_sent": self.sent, "outcomes_lost": self.lost, "outcomes_pending": len(self.pending)}
+
+
 # ---- the actor -----------------------------------------------------------------------------------
 class _RobotActor:
     """One simulated robot. Methods: report, ping, stop, reset_degradation, take_corrections."""
@@ -127,9 +183,11 @@ class _RobotActor:
         feature_stats: dict | None = None,
         metrics: bool = True,
         autostart: bool = True,
+        outcomes: dict | None = None,
     ) -> None:
         self.config = RobotConfig(**config)
         self.sink = ReplaySink(replay["name"], replay.get("namespace", "fleet")) if replay else MemorySink()
+        self.outcome_sink = OutcomeSink(outcomes["name"], outcomes.get("namespace", "fleet")) if outcomes else None
         self.loop = RobotLoop(self.config, make_client(policy), self.sink, feature_stats)
         self.metrics = RobotMetrics(self.config.robot_id, self.config.embodiment) if metrics else None
         ctx = ray.get_runtime_context()
@@ -176,6 +234,10 @@ class _RobotActor:
                 with self._lock:
                     done = self.loop.tick().episode_done
                     self.sink.pump()
+                    if self.outcome_sink is not None:
+                        if done:
+                            self.outcome_sink.add(self.loop.take_outcomes())
+                        self.outcome_sink.pump()
                     if time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_S or done:
                         self._refresh()
             except Exception as exc:  # noqa: BLE001 - a bug must not leave the robot moving: hold a period
@@ -213,6 +275,8 @@ class _RobotActor:
             out["state"] = self.state
         hz = self._control_hz()
         stats = self.sink.stats()
+        if self.outcome_sink is not None:
+            stats |= self.outcome_sink.stats()
         return (
             out
             | stats

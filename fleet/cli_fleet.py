@@ -2,6 +2,7 @@
 
 fleet up                                   # private local Ray, one robot per embodiment, live table
 fleet up --robots franka=4,hello=2 --sim --duration 60
+fleet up --shift franka:actuator_bias --adapt   # the learner adapts the franka head as corrections come
 fleet up --config fleet.yaml --detach      # keep it running; then, from any shell:
 fleet status                               # table (or --json: one JSON object)
 fleet scale franka=8 leap=0                # removed robots finish their episode, hand over corrections
@@ -103,7 +104,8 @@ def render_table(status: dict, title: str = "fleet"):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", expand=False)
-    for col in ("robot", "state", "Hz", "episodes", "success", "interventions", "head", "p50 ms", "p99 ms"):
+    columns = ("robot", "state", "Hz", "episodes", "success", "recent", "interventions", "head", "p50 ms", "p99 ms")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("robot", "state") else "right")
     table.add_column("last error", overflow="ellipsis", max_width=48)
     colors = {"normal": "green", "holding": "red", "escalated": "red", "paused": "yellow", "human": "cyan"}
@@ -117,6 +119,7 @@ def render_table(status: dict, title: str = "fleet"):
             hz_text,
             _fmt(r.get("episodes")),
             _fmt(r.get("success_rate"), ".0%"),
+            _fmt(r.get("recent_success_rate"), ".0%"),
             _fmt(r.get("interventions")),
             _fmt(r.get("head_version")),
             _fmt(r.get("latency_p50_ms"), ".1f"),
@@ -125,8 +128,34 @@ def render_table(status: dict, title: str = "fleet"):
         )
     heads = status.get("heads") or {}
     table.caption = "heads: " + (", ".join(f"{k} v{v}" for k, v in sorted(heads.items())) or "unknown")
+    if status.get("learner") is not None:
+        table.caption += "\n" + learner_line(status["learner"])
     table.caption_justify = "left"
     return table
+
+
+def learner_line(learner: dict) -> str:
+    """One line about the learner: state, rounds, what it published or refused last, rollouts watched."""
+    state = learner.get("state", "?")
+    current = learner.get("current")
+    if state == "adapting" and current:
+        state = f"adapting {current['embodiment']} on {current['corrections']} corrections"
+    parts = [f"learner: {state}"]
+    parts.append(
+        f"{learner.get('rounds', 0)} rounds, {learner.get('published', 0)} published, "
+        f"{learner.get('rollbacks', 0)} rolled back"
+    )
+    last = learner.get("last_round")
+    if last:
+        if last.get("event") == "published":
+            parts.append(f"last: {last['embodiment']} v{last['version']} in {last['seconds']:.1f} s")
+        else:
+            parts.append(f"last: {last['embodiment']} refused ({last.get('reason')})")
+    for name, w in sorted((learner.get("watch") or {}).items()):
+        parts.append(f"watching {name} v{w['version']} ({w['episodes']}/{w['needed']} episodes)")
+    if learner.get("last_error"):
+        parts.append(f"error: {learner['last_error']}")
+    return "; ".join(parts)
 
 
 def up_cmd(
@@ -148,6 +177,12 @@ def up_cmd(
     replicas: Annotated[int | None, typer.Option("--replicas", min=1, help="Policy server replicas.")] = None,
     namespace: Annotated[str | None, typer.Option("--namespace", help="Ray namespace of the fleet.")] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Leave the fleet running and return.")] = False,
+    adapt: Annotated[
+        bool, typer.Option("--adapt", help="Run the learner: adapt heads from corrections, publish, roll back.")
+    ] = False,
+    adapt_every: Annotated[
+        int | None, typer.Option("--adapt-every", min=1, help="Corrections of one embodiment per round (50).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Bring a simulated fleet up: the policy server, the replay and head actors, and the robots.
@@ -160,6 +195,7 @@ def up_cmd(
         fleet up
         fleet up --robots franka=16,aloha=16,hello=16,leap=16 --realtime
         fleet up --robots franka=2 --sim --duration 30 --shift franka:actuator_bias
+        fleet up --shift franka:actuator_bias --adapt     # head versions go up as the learner adapts
         fleet up --config fleet.yaml --detach
     """
     from fleet.launcher import FleetConfig, FleetError, down, status, up
@@ -179,6 +215,10 @@ def up_cmd(
                 changes[key] = value
         if detach:
             changes["detach"] = True
+        if adapt:
+            changes["adapt"] = True
+        if adapt_every is not None:
+            changes["adapt_every"] = adapt_every
         cfg = cfg.with_(**changes) if changes else cfg
     except ValueError as exc:
         _fail(str(exc))
@@ -191,6 +231,8 @@ def up_cmd(
     except (FleetError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     log(f"fleet up on Ray {info['address']} (namespace {info['namespace']}, app {info['app']})")
+    if cfg.adapt:
+        log(f"learner: adapts a head every {cfg.adapt_every} corrections of its embodiment; versions in the caption")
     if detach:
         log("detached: `fleet status` to watch it, `fleet down` to stop it")
         if json_out:

@@ -9,7 +9,10 @@
 What `up` creates, all in the Ray namespace `config.namespace` ("fleet"): the Serve app `config.app_name`
 (deployments.policy.build_app), the HeadRegistry "fleet-heads", the ReplayActor "fleet-replay", the
 FleetController "fleet-controller" (desired counts + robot handles, so another process finds them) and
-robots "robot-<embodiment>-<i>" (created and owned by the controller).
+robots "robot-<embodiment>-<i>" (created and owned by the controller). With `adapt` (`fleet up --adapt`) also
+the LearnerActor "fleet-learner" (actors.learner): every `adapt_every` corrections of an embodiment it adapts
+that head and publishes it to the registry, which every replica polls; robots send it their episode outcomes,
+so a head that lowers success is rolled back.
 
 Finding the cluster from another shell: with no address, `connect` starts a private head
 (fleet.local_head: `ray start --head --block` in a subprocess, its own --temp-dir, so other programs'
@@ -36,6 +39,7 @@ NAMESPACE = "fleet"
 CONTROLLER = "fleet-controller"
 REPLAY = "fleet-replay"
 HEADS = "fleet-heads"
+LEARNER = "fleet-learner"
 APP = "fleet-policy"
 
 
@@ -93,6 +97,14 @@ class FleetConfig:
     # object store of the private local head (requests and replies are small)
     detach: bool = False
     # keep the fleet running after the `fleet up` process exits (detached actors)
+    adapt: bool = False
+    # run the learner: adapt heads from the fleet's corrections, publish them, roll back success drops
+    adapt_every: int = 50
+    # new corrections of one embodiment per adaptation round
+    learner: dict = field(default_factory=dict)
+    # extra fleet.learner.LearnerConfig keys, e.g. {"adapt": {"steps": 100}, "watch_episodes": 20}
+    learner_cpus: float = 1.0
+    # Ray CPUs of the learner actor
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str, got: object = None) -> None:
@@ -144,6 +156,21 @@ class FleetConfig:
             fail("server", "a mapping of fleet.serving.ServeConfig keys")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             fail("seed", "a non-negative int")
+        if not isinstance(self.adapt, bool):
+            fail("adapt", "a bool")
+        if isinstance(self.adapt_every, bool) or not isinstance(self.adapt_every, int) or self.adapt_every < 1:
+            fail("adapt_every", "a positive int")
+        v = self.learner_cpus
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 64:
+            fail("learner_cpus", "a number of CPUs in [0, 64]")
+        if not isinstance(self.learner, dict):
+            fail("learner", "a mapping of fleet.learner.LearnerConfig keys")
+        from fleet.learner import LearnerConfig
+
+        try:
+            LearnerConfig.from_dict(self.learner_config())
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"FleetConfig.learner: {exc}") from None
 
     @classmethod
     def from_dict(cls, d: dict) -> FleetConfig:
@@ -177,6 +204,10 @@ class FleetConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def learner_config(self) -> dict:
+        """The LearnerConfig dict of this fleet's learner: `learner` plus every = adapt_every."""
+        return {"every": self.adapt_every} | dict(self.learner)
+
     def with_(self, **changes) -> FleetConfig:
         return FleetConfig.from_dict(self.to_dict() | changes)
 
@@ -184,6 +215,7 @@ class FleetConfig:
     def cluster_cpus(self) -> int:
         """Logical CPUs a private head needs for this fleet."""
         need = self.replicas * self.replica_cpus + sum(self.robots.values()) * self.robot_cpus + 1.0
+        need += self.learner_cpus if self.adapt else 0.0
         return self.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
 
 
@@ -312,6 +344,20 @@ def _up(config: FleetConfig, address: str, checkpoint: str, meta: dict) -> dict:
     server = {"checkpoint": checkpoint, "num_replicas": config.replicas, "replica_cpus": config.replica_cpus}
     server |= {"registry": HEADS, "registry_namespace": ns} | config.server
     serve.run(build_app(server), name=config.app_name, route_prefix=None)
+    if config.adapt:
+        from actors.learner import start_learner
+
+        _KEEP[f"{ns}/{LEARNER}"] = start_learner(
+            checkpoint,
+            config=config.learner_config(),
+            registry={"name": HEADS, "namespace": ns},
+            replay={"name": REPLAY, "namespace": ns},
+            state_dir=str(log_dir / "learner"),
+            name=LEARNER,
+            namespace=ns,
+            detached=config.detach,
+            num_cpus=config.learner_cpus,
+        )
     feature_stats = (meta.get("extra") or {}).get("feature_stats") or {}
     # on the head node: it outlives any worker node, and its robots are restarted elsewhere
     options = {"name": CONTROLLER, "namespace": ns, "resources": {"node:__internal_head__": 0.001}}
@@ -345,7 +391,8 @@ def scale(counts: dict[str, int], address: str | None = None, namespace: str = N
 
 def status(address: str | None = None, namespace: str = NAMESPACE, timeout_s: float = 3.0) -> dict:
     """{"robots": [{"id", "embodiment", "state", "control_hz", "episodes", "success_rate", "interventions",
-    "head_version", "latency_p50_ms", "latency_p99_ms", ...}], "heads": {embodiment: version}, ...}."""
+    "head_version", "latency_p50_ms", "latency_p99_ms", ...}], "heads": {embodiment: version}, ...}, plus
+    "learner" (state, versions, rounds, published, rollbacks, watch, last_round) when the fleet adapts."""
     import ray
 
     return ray.get(_require(address, namespace).status.remote(timeout_s))
@@ -384,7 +431,7 @@ def down(address: str | None = None, namespace: str = NAMESPACE, stop_cluster: b
         name = entry["name"]
         if entry["namespace"] != namespace:
             continue
-        fleet_actor = name in (REPLAY, HEADS) or name.startswith(("robot-", GATEWAY_PREFIX))
+        fleet_actor = name in (REPLAY, HEADS, LEARNER) or name.startswith(("robot-", GATEWAY_PREFIX))
         if fleet_actor:
             try:
                 ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)

@@ -38,6 +38,9 @@ from fleet.control import (
 from fleet.embodiments import EMBODIMENTS, get_embodiment
 from fleet.protocol import make_request
 
+MAX_PENDING_OUTCOMES = 1000
+# finished-episode outcomes kept until take_outcomes() collects them (the oldest go first)
+
 
 class PolicyClient(Protocol):
     """Non-blocking access to the policy server; at most one request is outstanding per robot."""
@@ -193,6 +196,9 @@ class RobotLoop:
         self._newest: tuple[int, int] | None = None  # (obs_tick, end tick) of the newest chunk pushed
         self._last_force = 0.0
         self._pending_corrections: list[dict] = []
+        self._episode_versions: set[int] = set()  # head versions whose chunks this episode ran
+        self._episode_interventions = 0
+        self._episode_outcomes: deque[dict] = deque(maxlen=MAX_PENDING_OUTCOMES)
         self._reset_episode()
 
     # ---- episode ---------------------------------------------------------------------------------
@@ -204,6 +210,8 @@ class RobotLoop:
         self.tick_in_episode = 0
         self._last_force = 0.0
         self._newest = None
+        self._episode_versions = set()
+        self._episode_interventions = 0
         if self._request is not None:
             self._drop_request()
 
@@ -264,6 +272,23 @@ class RobotLoop:
         return t >= end or t - obs_tick > self.stale_ticks
 
     def _end_episode(self, success: bool) -> None:
+        versions = self._episode_versions
+        self._episode_outcomes.append(
+            {
+                "robot_id": self.config.robot_id,
+                "embodiment": self.config.embodiment,
+                "episode": self.episode,
+                "success": bool(success),
+                # the one head version every chunk of the episode came from; None when it ran two (a swap
+                # mid-episode) or none (it held throughout): such an episode says nothing about one version
+                "head_version": next(iter(versions)) if len(versions) == 1 else None,
+                "head_versions": sorted(versions),
+                "interventions": self._episode_interventions,
+                "ticks": self.tick_in_episode,
+                "shift": self.config.shift or "",
+                "t": time.time(),
+            }
+        )
         self.episodes_done += 1
         self.successes += int(success)
         self.outcomes.append(success)
@@ -389,6 +414,7 @@ class RobotLoop:
         if self.teleop is not None:
             chunk, obs_tick = self._review(chunk, obs_tick)
         self.buffer.push(chunk, obs_tick)
+        self._episode_versions.add(self.head_version)
         self._newest = (obs_tick, obs_tick + len(chunk))
 
     def _check_reply(self, reply: object) -> np.ndarray:
@@ -423,6 +449,7 @@ class RobotLoop:
         if self.degradation.state is not State.HUMAN:
             self.degradation.human_takeover(tick=now)
         self.interventions += 1
+        self._episode_interventions += 1
         self._pending_corrections.append(
             {
                 "id": uuid.uuid4().hex,
@@ -443,6 +470,15 @@ class RobotLoop:
             }
         )
         return decision.chunk, now
+
+    # ---- episode outcomes ------------------------------------------------------------------------
+    def take_outcomes(self) -> list[dict]:
+        """Finished episodes since the last call, oldest first: {"robot_id", "embodiment", "episode", "success",
+        "head_version", "head_versions", "interventions", "ticks", "shift", "t"} (the learner's success signal).
+        At most MAX_PENDING_OUTCOMES are kept between calls; older ones are dropped."""
+        out = list(self._episode_outcomes)
+        self._episode_outcomes.clear()
+        return out
 
     # ---- corrections -----------------------------------------------------------------------------
     def flush_corrections(self) -> int:

@@ -153,3 +153,50 @@ def test_a_rollout_that_lowers_fleet_success_is_rolled_back(ray_session, fleet, 
     (event,) = [e for e in ray.get(learner.history.remote("franka")) if e["event"] == "rollback"]
     assert event["rolled_back"] == 2 and event["restores"] == 1 and event["success"] == 0.0
     assert np.isclose(event["reference"], 1.0)
+
+
+@pytest.mark.slow
+def test_live_fleet_with_adapt_publishes_heads_the_robots_then_run(ray_session, tmp_path, checkpoint):
+    """`fleet up --shift franka:actuator_bias --adapt` in miniature: the shifted robot's corrections reach the
+    replay actor, the learner adapts and publishes, the server installs the head, the robot runs it and its
+    episode outcomes reach the learner; status shows all of it."""
+    import os
+
+    from fleet.launcher import FleetConfig, down, status, up
+
+    os.environ["FLEET_STATE_DIR"] = str(tmp_path / "state")
+    ckpt, _ = checkpoint
+    tag = uuid.uuid4().hex[:6]
+    config = FleetConfig(
+        robots={"franka": 1},
+        checkpoint=str(ckpt),
+        replica_cpus=0.5,
+        realtime=False,
+        shift={"franka": "actuator_bias"},
+        namespace=f"fleet-adapt-{tag}",
+        app_name=f"fleet-policy-{tag}",
+        log_dir=str(tmp_path / "log"),
+        server={"threads": 1, "max_batch_size": 16, "poll_interval_s": 0.2},
+        adapt=True,
+        adapt_every=10,
+        learner={"adapt": FAST, "rehearsal_episodes": 2, "poll_interval_s": 0.2, "watch_timeout_s": 5.0},
+        learner_cpus=0,
+    )
+    up(config)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            s = status(namespace=config.namespace)
+            (robot,) = s["robots"]
+            if s["heads"].get("franka", 1) >= 2 and (robot["head_version"] or 0) >= 2:
+                break
+            time.sleep(1.0)
+        else:
+            raise AssertionError(f"no adapted head reached the robot: {s}")
+        learner = s["learner"]
+        assert learner["published"] >= 1 and learner["versions"]["franka"] >= 2, learner
+        assert robot["corrections_sent"] >= 10, robot
+        wait_for(ray_session, ray_session.get_actor("fleet-learner", namespace=config.namespace),
+                 lambda st: st["outcomes"]["received"] >= 1)  # fmt: skip
+    finally:
+        down(namespace=config.namespace, stop_cluster=False)

@@ -28,6 +28,10 @@ def test_defaults_one_robot_per_embodiment():
         ({"route": "carrier-pigeon"}, "FleetConfig.route"),
         ({"object_store_mb": 10}, "FleetConfig.object_store_mb"),
         ({"robot_resources": {"robot": -1}}, "FleetConfig.robot_resources"),
+        ({"adapt": "yes"}, "FleetConfig.adapt"),
+        ({"adapt_every": 0}, "FleetConfig.adapt_every"),
+        ({"learner": {"every": 5, "bogus": 1}}, "FleetConfig.learner.*bogus"),
+        ({"learner": {"adapt": {"stepz": 1}}}, "FleetConfig.learner.*AdaptConfig.*stepz"),
     ],
 )
 def test_bad_fields_are_named(changes, message):
@@ -94,3 +98,23 @@ def test_cli_refuses_bad_arguments_before_touching_ray():
     assert out.exit_code == 2 and "the count for franka" in out.output
     out = runner.invoke(app, ["up", "--help"])
     assert out.exit_code == 0 and "fleet up --robots" in out.output
+
+
+def test_adapt_config_reaches_the_learner_and_the_table_shows_it():
+    from fleet.cli_fleet import learner_line, render_table
+
+    cfg = FleetConfig(adapt=True, adapt_every=20, learner={"adapt": {"steps": 80}})
+    assert cfg.learner_config() == {"every": 20, "adapt": {"steps": 80}}
+    assert cfg.cluster_cpus >= FleetConfig().cluster_cpus
+    learner = {
+        "state": "idle",
+        "rounds": 3,
+        "published": 2,
+        "rollbacks": 1,
+        "last_round": {"event": "published", "embodiment": "franka", "version": 4, "seconds": 2.5},
+        "watch": {"franka": {"version": 4, "episodes": 3, "needed": 10}},
+    }
+    line = learner_line(learner)
+    assert "3 rounds, 2 published, 1 rolled back" in line and "franka v4 in 2.5 s" in line and "3/10" in line
+    table = render_table({"robots": [], "heads": {"franka": 4}, "learner": learner})
+    assert "franka v4" in table.caption and "learner: idle" in table.caption

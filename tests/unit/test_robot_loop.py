@@ -241,3 +241,21 @@ def test_config_errors_name_the_field():
 def test_the_robot_side_never_imports_torch():
     code = "import sys, fleet.robot, fleet.sim; fleet.sim.make_env('aloha'); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_episode_outcomes_carry_the_head_version_they_ran():
+    """The learner's success signal: one outcome per finished episode, tagged with the single head version
+    whose chunks it ran, None when a head swap happened mid-episode."""
+    loop = make("franka", teleop=False)
+    run_episodes(loop, 2)
+    first = loop.take_outcomes()
+    assert [o["episode"] for o in first] == [0, 1] and loop.take_outcomes() == []
+    assert all(o["head_version"] == 1 and o["head_versions"] == [1] and o["embodiment"] == "franka" for o in first)
+    assert [o["success"] for o in first] == [bool(s) for s in list(loop.outcomes)[:2]]
+    loop.tick(), loop.tick()  # episode 2 starts on version 1 ...
+    assert loop.episodes_done == 2
+    loop.client.head_version = 2  # ... and a new head is published mid-episode
+    run_episodes(loop, 4)
+    swapped, clean = loop.take_outcomes()
+    assert swapped["head_version"] is None and swapped["head_versions"] == [1, 2]
+    assert clean["head_version"] == 2
