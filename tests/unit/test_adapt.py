@@ -275,3 +275,42 @@ def test_a_rollout_that_keeps_success_is_confirmed(fleet_parts, demos):
     events = learner.step()
     assert events[0]["event"] == "rollout_confirmed" and events[0]["version"] == 2
     assert registry.latest() == {"franka": 2} and "franka" not in learner.watch
+
+
+# ---- the experiment -------------------------------------------------------------------------------
+def test_experiment_cli_prints_the_documented_json_and_plots(tmp_path):
+    """A tiny budget end to end: the JSON shape of the issue, a PNG, and untouched other heads."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fleet.cli import app
+    from fleet.policy.checkpoint import save_checkpoint
+
+    save_checkpoint(tiny(("franka", "hello")), tmp_path / "policy")
+    args = ["experiment", "adapt", "--shift", "actuator_bias", "--checkpoint", str(tmp_path / "policy")]
+    args += ["--episodes", "2", "--points", "3,6", "--other-episodes", "1", "--rehearsal-episodes", "2"]
+    res = CliRunner().invoke(app, [*args, "--steps", "2", "--threads", "1", "--json", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    obj = json.loads(res.stdout.strip().splitlines()[-1])
+    keys = {"embodiment", "shift", "success_before", "success_after_20", "success_after_50", "retained_before"}
+    keys |= {"retained_after", "other_heads_identical", "adapt_seconds_mean", "curve"}
+    assert set(obj) == keys
+    assert obj["embodiment"] == "franka" and obj["shift"] == "actuator_bias" and obj["other_heads_identical"] is True
+    assert [c for c, _ in obj["curve"]] == [0, 3, 6] and obj["success_after_20"] is None
+    assert obj["adapt_seconds_mean"] > 0 and (tmp_path / "out" / "adapt.png").stat().st_size > 0
+    details = json.loads((tmp_path / "out" / "adapt.json").read_text())
+    assert [r["new"] for r in details["rounds"]] == [3, 3] and set(details["others_after"]) == {"hello"}
+
+
+def test_experiment_cli_names_a_missing_checkpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from fleet.cli import app
+
+    res = CliRunner().invoke(
+        app, ["experiment", "adapt", "--shift", "novel_object", "--checkpoint", str(tmp_path / "x")]
+    )
+    assert res.exit_code == 2 and "not found" in res.output
+    res = CliRunner().invoke(app, ["experiment", "adapt", "--shift", "fog"])
+    assert res.exit_code == 2 and "--shift" in res.output

@@ -1,0 +1,271 @@
+"""Online adaptation under a distribution shift (the course notes' exercise).
+
+    fleet experiment adapt --shift actuator_bias --embodiment franka --out runs/adapt
+    fleet experiment adapt --shift novel_object --episodes 20 --points 20,50 --json     # a small budget
+
+For one embodiment and one shift:
+  1. measure closed-loop success on the shifted work (`success_before`), on the work already learned
+     (`retained_before`: the same embodiment without the shift, i.e. for `novel_object` the original
+     objects, for `actuator_bias` the old hardware) and on every other embodiment;
+  2. run the current policy in the shifted simulator while the scripted teleoperator (fleet.sim.teleop,
+     the expert under the shift) watches every chunk and corrects the ones that stray, until the next
+     point of the schedule (20, 50, 100, 150, 200 corrections by default); adapt the head on the new
+     corrections (one fleet.policy.adapt round, rehearsal included, published only if the validation
+     accepts it, exactly as the learner does) and measure the shifted success again;
+  3. measure the retained work and the other embodiments again, and compare the other heads bit for bit.
+Every success measurement runs the same unseen evaluation episodes (paired), so the curve's steps are
+the head's doing, not the scenes'.
+
+`--json` prints {"embodiment", "shift", "success_before", "success_after_20", "success_after_50",
+"retained_before", "retained_after", "other_heads_identical", "adapt_seconds_mean", "curve"}; `--out`
+writes adapt.png (success against corrections) and adapt.json (that object plus every round's metrics
+and the other embodiments' success).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fleet.data.correction import Correction
+
+COLLECT_SEED_BASE = 3_000_000
+# correction episodes use seeds apart from pretraining, rehearsal (7_000_000) and evaluation seeds
+DEFAULT_POINTS = (20, 50, 100, 150, 200)
+
+
+def collect_corrections(
+    model,
+    name: str,
+    shift: str | None,
+    n: int,
+    seed: int = 0,
+    n_envs: int = 8,
+    tolerance: float = 0.15,
+) -> tuple[list[Correction], dict]:
+    """Run the model's current head on `name` under `shift`; a scripted teleoperator reviews every new chunk
+    and overrides the ones that stray (TeleopConfig tolerance), which then run instead. Returns the first
+    `n` corrections and {"episodes", "successes", "chunks"} of the episodes that produced them.
+    """
+    from fleet.embodiments import get_embodiment
+    from fleet.policy.train import chunk_policy
+    from fleet.sim import make_env
+    from fleet.sim.teleop import TeleopConfig, Teleoperator
+
+    if n < 1:
+        raise ValueError(f"collect_corrections: n must be >= 1, got {n}")
+    spec = get_embodiment(name)
+    policy = chunk_policy(model)
+    teleop = Teleoperator(TeleopConfig(tolerance=tolerance))
+    version = int(model.head_versions[name])
+    out: list[Correction] = []
+    stats = {"episodes": 0, "successes": 0, "chunks": 0}
+    next_ep = 0
+    envs: list[dict] = []
+    while len(out) < n:
+        while len(envs) < n_envs:
+            env = make_env(name, shift=shift)
+            obs, _ = env.reset(seed=COLLECT_SEED_BASE + seed * 100_003 + next_ep)
+            envs.append({"env": env, "obs": obs, "chunk": None, "k": 0, "episode": next_ep, "tick": 0})
+            next_ep += 1
+        need = [e for e in envs if e["chunk"] is None or e["k"] >= spec.recompute_every]
+        if need:
+            chunks = policy([e["obs"] for e in need], [name] * len(need))
+            stats["chunks"] += len(need)
+            for e, proposal in zip(need, chunks, strict=True):
+                proposal = np.asarray(proposal, np.float32)
+                decision = teleop.review(e["env"], proposal)
+                if decision.override and len(out) < n:
+                    out.append(
+                        Correction.new(
+                            robot_id=f"experiment-{name}",
+                            embodiment=name,
+                            episode=e["episode"],
+                            tick=e["tick"],
+                            image=e["obs"]["image"],
+                            proprio=np.asarray(e["obs"]["proprio"], np.float32),
+                            instruction=e["obs"]["instruction"],
+                            policy_chunk=proposal,
+                            corrected_chunk=decision.chunk,
+                            head_version=version,
+                            reason=decision.reason,
+                            shift=shift or "",
+                        )
+                    )
+                e["chunk"], e["k"] = decision.chunk, 0
+        still = []
+        for e in envs:
+            a = np.clip(e["chunk"][e["k"]], spec.action_low, spec.action_high).astype(np.float32)
+            e["k"] += 1
+            e["obs"], _, term, trunc, info = e["env"].step(a)
+            e["tick"] += 1
+            if term or trunc:
+                stats["episodes"] += 1
+                stats["successes"] += int(info["is_success"])
+            else:
+                still.append(e)
+        envs = still
+    return out, stats
+
+
+def run_adapt_experiment(
+    shift: str,
+    embodiment: str = "franka",
+    checkpoint: str | Path | None = None,
+    episodes: int = 50,
+    points: tuple[int, ...] = DEFAULT_POINTS,
+    other_episodes: int = 20,
+    rehearsal_episodes: int = 120,
+    adapt: dict | None = None,
+    seed: int = 0,
+    threads: int = 2,
+    out: Path | None = None,
+    log=print,
+) -> dict:
+    """Run the experiment (see the module docstring); returns the `--json` object. `adapt` overrides
+    AdaptConfig keys (e.g. {"steps": 100}); `points` are the corrections counts after which to adapt
+    and measure (increasing); `other_episodes` 0 skips measuring the other embodiments' success."""
+    import torch
+
+    from fleet.policy.adapt import AdaptConfig, HeadAdapter, rehearsal_set
+    from fleet.policy.default import load_policy
+    from fleet.policy.evaluate import evaluate
+    from fleet.policy.train import chunk_policy
+    from fleet.sim import parse_shift
+
+    shifts = parse_shift(shift)
+    if not shifts:
+        raise ValueError("shift: name the distribution shift to adapt to, e.g. 'actuator_bias' or 'novel_object'")
+    points = tuple(int(p) for p in points)
+    if not points or min(points) < 1 or list(points) != sorted(set(points)):
+        raise ValueError(f"points: expected increasing positive corrections counts, got {points}")
+    for name, value in (("episodes", episodes), ("other_episodes", other_episodes)):
+        if value < (1 if name == "episodes" else 0):
+            raise ValueError(f"{name}: expected a count >= {1 if name == 'episodes' else 0}, got {value}")
+    torch.set_num_threads(threads)
+    model, _ = load_policy(checkpoint)  # FileNotFoundError names the missing shipped checkpoint
+    if embodiment not in model.specs:
+        raise ValueError(f"embodiment: the checkpoint has no head for {embodiment!r}; it has {sorted(model.specs)}")
+    others = [n for n in model.specs if n != embodiment]
+    frozen = {n: model.head_state_dict(n) for n in others}
+    backbone = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
+    eval_seed = seed + 1
+
+    def success(shift_: str | None, name: str = embodiment, n: int = episodes) -> float:
+        return evaluate(chunk_policy(model), name, n, shift=shift_, seed=eval_seed).success_rate
+
+    t_start = time.perf_counter()
+    success_before = success(shift)
+    retained_before = success(None)
+    log(f"{embodiment} before adaptation: shifted ({shift}) {success_before:.0%}, unshifted {retained_before:.0%}")
+    others_before = {n: success(None, n, other_episodes) for n in others} if other_episodes else {}
+    rehearsal = rehearsal_set(embodiment, rehearsal_episodes, seed=seed) if rehearsal_episodes else None
+    adapter = HeadAdapter(model, embodiment, rehearsal, AdaptConfig.from_dict({"seed": seed} | dict(adapt or {})))
+    log(f"rehearsal: {0 if rehearsal is None else len(rehearsal)} samples, encoded in {adapter.prepare_seconds:.1f} s")
+    curve: list[list[float]] = [[0, success_before]]
+    rounds: list[dict] = []
+    total = 0
+    for i, target in enumerate(points):
+        corrections, stats = collect_corrections(model, embodiment, shift, target - total, seed=seed * 1000 + i)
+        result = adapter.round(corrections)
+        if result.accepted:
+            adapter.accept(result, adapter.version + 1)
+        total = target
+        rate = success(shift)
+        curve.append([total, rate])
+        rounds.append(
+            {
+                "corrections": total,
+                "new": len(corrections),
+                "accepted": result.accepted,
+                "reason": result.reason,
+                "seconds": result.seconds,
+                "head_version": adapter.version,
+                "success": rate,
+                "collect_episodes": stats["episodes"],
+                "metrics": result.metrics,
+            }
+        )
+        verdict = "published" if result.accepted else f"not published ({result.reason})"
+        log(f"{total:>4} corrections: round {result.seconds:.2f} s, {verdict}; shifted success {rate:.0%}")
+    retained_after = success(None)
+    others_after = {n: success(None, n, other_episodes) for n in others} if other_episodes else {}
+    identical = all(
+        all(torch.equal(model.head_state_dict(n)[k], v) for k, v in frozen[n].items()) for n in others
+    ) and all(torch.equal(model.backbone.state_dict()[k], v) for k, v in backbone.items())
+    at = {int(c): s for c, s in curve}
+    result = {
+        "embodiment": embodiment,
+        "shift": shift,
+        "success_before": success_before,
+        "success_after_20": at.get(20),
+        "success_after_50": at.get(50),
+        "retained_before": retained_before,
+        "retained_after": retained_after,
+        "other_heads_identical": bool(identical),
+        "adapt_seconds_mean": float(np.mean([r["seconds"] for r in rounds])),
+        "curve": curve,
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        details = result | {
+            "episodes": episodes,
+            "points": list(points),
+            "others_before": others_before,
+            "others_after": others_after,
+            "rounds": rounds,
+            "adapt_config": adapter.config.to_dict(),
+            "rehearsal_samples": 0 if rehearsal is None else len(rehearsal),
+            "seconds_total": time.perf_counter() - t_start,
+        }
+        (out / "adapt.json").write_text(json.dumps(details, indent=1, default=float))
+        plot_curve(result, out / "adapt.png", retained=(retained_before, retained_after))
+    log(f"other embodiments: before {others_before}, after {others_after}; heads identical: {identical}")
+    return result
+
+
+def format_table(result: dict) -> str:
+    def pct(x) -> str:
+        return "-" if x is None else f"{x:.0%}"
+
+    lines = [
+        f"online adaptation: {result['embodiment']} under {result['shift']}",
+        f"  shifted success      before {pct(result['success_before'])}   after 20 corrections "
+        f"{pct(result['success_after_20'])}   after 50 {pct(result['success_after_50'])}",
+        f"  already learned      before {pct(result['retained_before'])}   after {pct(result['retained_after'])}",
+        f"  other heads bit-identical: {result['other_heads_identical']}",
+        f"  adaptation round: {result['adapt_seconds_mean']:.2f} s on average",
+        "  corrections  success",
+    ]
+    lines += [f"  {int(c):>11}  {pct(s):>7}" for c, s in result["curve"]]
+    return "\n".join(lines)
+
+
+def plot_curve(result: dict, path: Path, retained: tuple[float, float] | None = None) -> None:
+    """PNG of shifted success against corrections (matplotlib, Agg), with the retained work's before/after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [c for c, _ in result["curve"]]
+    ys = [s for _, s in result["curve"]]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(xs, ys, "o-", label=f"{result['shift']} (shifted work)")
+    for x, y in zip(xs, ys, strict=True):
+        ax.annotate(f"{y:.0%}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    if retained is not None:
+        ax.axhline(retained[0], color="gray", ls=":", lw=1, label=f"already learned, before ({retained[0]:.0%})")
+        ax.axhline(retained[1], color="green", ls="--", lw=1, label=f"already learned, after ({retained[1]:.0%})")
+    ax.set_xlabel("corrections")
+    ax.set_ylabel("closed-loop success")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Online adaptation of the {result['embodiment']} head", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
