@@ -59,10 +59,13 @@ REHEARSAL_SEED = 7_000_000
 class AdaptConfig:
     """Knobs of one adaptation round. `from_dict` refuses unknown keys."""
 
-    steps: int = 150
+    steps: int = 100
     # optimizer steps per round
-    batch_size: int = 48
+    batch_size: int = 32
     # rows per step
+    max_train_seconds: float | None = 4.0
+    # stop training early past this (a loaded machine, a slow head): with encoding and validation the
+    # round stays within ~5 s; metrics["steps_done"] says how many ran. None = always all `steps`
     lr: float = 3e-4
     # AdamW learning rate (linearly decayed to a tenth over the round)
     weight_decay: float = 0.0
@@ -96,6 +99,9 @@ class AdaptConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"AdaptConfig.{name}: expected a finite number >= 0, got {v!r}")
+        m = self.max_train_seconds
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+            raise ValueError(f"AdaptConfig.max_train_seconds: expected None or seconds > 0, got {m!r}")
         if not self.lr > 0:
             raise ValueError(f"AdaptConfig.lr: expected > 0, got {self.lr!r}")
         if self.new_share + self.earlier_share > 1.0 or self.new_share <= 0:
@@ -343,7 +349,7 @@ class HeadAdapter:
             "train": head_loss(current, train, seed + 3, cfg.eval_batch),
         }
         t1 = time.perf_counter()
-        candidate, train_loss = self._train(current, train, self.earlier, rehearsal_train)
+        candidate, train_loss, steps_done = self._train(current, train, self.earlier, rehearsal_train)
         t_train = time.perf_counter() - t1
         after = {
             "rehearsal": head_loss(candidate, rehearsal_val, seed, cfg.eval_batch),
@@ -374,6 +380,7 @@ class HeadAdapter:
             "seconds_encode": t_encode,
             "seconds_train": t_train,
             "steps": cfg.steps,
+            "steps_done": steps_done,
         }
         return RoundResult(self.name, accepted, reason, state, metrics, seconds)
 
@@ -404,7 +411,7 @@ class HeadAdapter:
 
     def _train(
         self, current, new: Cached, earlier: Cached | None, rehearsal: Cached | None
-    ) -> tuple[object, float | None]:
+    ) -> tuple[object, float | None, int]:
         """A copy of `current` trained on the mix; the stem is frozen (it runs before the cached memory)."""
         import torch
 
@@ -421,7 +428,11 @@ class HeadAdapter:
         weights = np.array([w for _, w in sources], np.float64)
         counts = np.maximum(1, np.round(cfg.batch_size * weights / weights.sum()).astype(int))
         last = None
+        start = time.perf_counter()
+        done = 0
         for step in range(cfg.steps):
+            if cfg.max_train_seconds is not None and time.perf_counter() - start > cfg.max_train_seconds:
+                break
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * (1.0 - 0.9 * step / max(1, cfg.steps - 1))
             parts = [
@@ -435,8 +446,9 @@ class HeadAdapter:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             last = float(loss.detach())
+            done += 1
         head.eval()
-        return head, last
+        return head, last, done
 
 
 def _shift_names(shift: str | None) -> list[str]:

@@ -17,7 +17,7 @@ from fleet.policy.demos import collect  # noqa: E402
 from fleet.policy.train import build_model  # noqa: E402
 from tests.mocks.tiny_policy import TINY  # noqa: E402
 
-FAST = {"steps": 25, "batch_size": 16, "lr": 3e-3}
+FAST = {"steps": 25, "batch_size": 16, "lr": 3e-3, "max_train_seconds": None}
 
 
 @pytest.fixture(scope="module")
