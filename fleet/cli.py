@@ -251,6 +251,7 @@ def _register_fleet_commands() -> None:
     from fleet.cli_fleet import register
 
     register(app)
+    __import__("fleet.cli_infer", fromlist=["register"]).register(bench_app, experiment_app)  # bench infer, quantize
     __import__("fleet.cli_adapt", fromlist=["register"]).register(experiment_app)  # experiment adapt
 
 

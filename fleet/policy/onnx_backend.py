@@ -274,13 +274,16 @@ class OnnxBackend(PolicyBackend):
 
     kind = "onnx"
 
-    def __init__(self, model, precision: str = "fp32", threads: int | None = None) -> None:
+    def __init__(self, model, precision: str = "fp32", threads: int | None = None, heads=None) -> None:
+        """heads: the embodiments whose heads to export (default all; a benchmark of a few saves the export)."""
         super().__init__(model)
         self.precision = check_precision(precision)
         self.threads = int(threads or torch.get_num_threads())
-        self._stems = {name: copy.deepcopy(model.head(name).stem) for name in model.specs}
+        names = list(model.specs) if heads is None else [model.head(n).name for n in heads]
+        self._stems = {name: copy.deepcopy(model.head(name).stem) for name in names}
+        keys = ["vision", "transformer"] + [f"{model.head(n).kind}_{n}" for n in names]
         with tempfile.TemporaryDirectory(prefix="fleet-onnx-") as tmp:
-            paths = export_onnx(model, tmp, self.precision)
+            paths = export_onnx(model, tmp, self.precision, keys=keys)
             self._sessions = {key: _session(path.read_bytes(), self.threads) for key, path in paths.items()}
 
     # ----- head swaps ----------------------------------------------------------------------------------
@@ -316,7 +319,9 @@ class OnnxBackend(PolicyBackend):
 
     def head_outputs(self, name, memory, pad_mask, n_samples, temperature, generator):
         head = self.model.head(name)
-        session = self._sessions[f"{head.kind}_{name}"]
+        session = self._sessions.get(f"{head.kind}_{name}")
+        if session is None:
+            raise ValueError(f"onnx backend: head {name!r} was not exported (heads={sorted(self._stems)})")
         feeds = {"memory": np.ascontiguousarray(memory), "pad_mask": np.ascontiguousarray(pad_mask)}
         if head.kind == "token":
             if temperature > 0.0:
