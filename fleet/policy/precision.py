@@ -13,19 +13,25 @@ int8   dynamic quantization of every Linear layer: int8 weights (per output chan
        quantized per batch on the fly, int32 accumulation (fbgemm/x86 kernels; AVX512-VNNI here).
        Convolutions, embeddings, norms and attention stay float32.
 
+What they buy here (`fleet bench infer`, whole policy call against eager fp32): at batch 1 neither pays
+(bf16 ~0.7x, int8 ~0.9x): with d_model 128 a call is ~1500 small ops whose dispatch, not arithmetic, is the
+time, and autocast's casts and int8's activation quantization add ops. At batch 64, where the matmuls
+dominate, bf16 ~1.25x and int8 ~1.4x. ONNX Runtime (onnx_backend.py) is what removes the dispatch cost.
+
 The proprio stems (one small Linear per embodiment) are left in fp32 everywhere: they run once per
 row outside the autocast region and cost nothing.
 
-Why torch.ao.quantization.quantize_dynamic and not torchao (both checked on this machine, torch 2.13,
-AMD EPYC with AVX512-VNNI/BF16, 2 cores): torchao 0.18 installs (pip, 28 MB, its CUDA-only extension
-libraries fail to load on CPU but are not needed) and its `Int8DynamicActivationInt8WeightConfig`
-works, but in eager mode it is a tensor subclass whose quantize/int-matmul/dequantize steps dispatch
-in Python: measured 2-4x *slower* than fp32 at batch 1 and ~1.5x slower at batch 64 on this policy,
-whereas torch.ao's `DynamicQuantizedLinear` is one fused fbgemm op per layer (neutral at batch 1,
-~1.3-1.5x faster at batch 64). torchao's speed comes from torch.compile/Inductor and CUDA kernels,
-neither of which the CPU fleet servers use. torch.ao's eager quantization is deprecated in favour of
-torchao but still ships and works in torch 2.13; `quantize_dynamic` below wraps it (deprecation
-warnings silenced) so a later switch touches one function.
+Why torch.ao.quantization.quantize_dynamic and not torchao (both tried on this machine: torch 2.13, an
+AMD EPYC with AVX512-VNNI and AVX512-BF16, 2 cores, the shipped model's sizes): torchao 0.18 installs from
+PyPI (28 MB; its CUDA-only extension libraries fail to load on CPU, which it tolerates) and its
+`Int8DynamicActivationInt8WeightConfig` runs, but in eager mode it is a tensor subclass whose per-call
+quantize / int-matmul / dequantize steps dispatch through Python: measured 2.2x slower than fp32 on the
+backbone and 4-7x slower on the heads at batch 1, and 1.3-1.9x slower at batch 64 (`Int8WeightOnlyConfig`:
+1.5x slower at batch 1, 1.2x at 64). Its speed comes from torch.compile/Inductor and CUDA kernels, which a
+CPU fleet server does not use. torch.ao's `DynamicQuantizedLinear` is one fused fbgemm/x86 op per layer:
+about fp32's speed at batch 1 (the tiny d=128 layers are dispatch-bound) and ~1.4x faster at batch 64,
+with no new dependency. torch.ao's eager quantization is deprecated in favour of torchao but ships and
+works in torch 2.13; `quantize_dynamic` below is the one place to change if it goes.
 """
 
 from __future__ import annotations
