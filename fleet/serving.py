@@ -5,6 +5,9 @@ directly. Also home to `ServeConfig`, the validated configuration of the deploym
 
     runtime = PolicyRuntime("fleet/checkpoints/policy", threads=2)
     replies = runtime.act_batch([make_request("r0", "franka", obs), ...])   # one forward for all rows
+
+`backend` / `precision` pick how the model runs (eager torch fp32 / bf16 / int8, or ONNX Runtime fp32 / int8:
+fleet/policy/backend.py); `encoder_cache` reuses a robot's image tokens while its frame is unchanged.
 """
 
 from __future__ import annotations
