@@ -33,7 +33,7 @@ def experiment_adapt(
     ] = 120,
     steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps per round (default AdaptConfig's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for corrections, rehearsal and evaluation episodes.")] = 0,
-    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads (2 only on an otherwise idle machine).")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, not a table.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Directory for adapt.png and adapt.json.")] = None,
 ) -> None:

@@ -104,7 +104,8 @@ def render_table(status: dict, title: str = "fleet"):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", expand=False)
-    columns = ("robot", "state", "Hz", "episodes", "success", "recent", "interventions", "head", "p50 ms", "p99 ms")
+    columns = ("robot", "state", "Hz", "episodes", "success", "recent", "interventions", "int/ep", "head")
+    columns += ("p50 ms", "p99 ms")
     for col in columns:
         table.add_column(col, justify="left" if col in ("robot", "state") else "right")
     table.add_column("last error", overflow="ellipsis", max_width=48)
@@ -121,6 +122,7 @@ def render_table(status: dict, title: str = "fleet"):
             _fmt(r.get("success_rate"), ".0%"),
             _fmt(r.get("recent_success_rate"), ".0%"),
             _fmt(r.get("interventions")),
+            _fmt(r.get("recent_interventions_per_episode"), ".1f"),
             _fmt(r.get("head_version")),
             _fmt(r.get("latency_p50_ms"), ".1f"),
             _fmt(r.get("latency_p99_ms"), ".1f"),

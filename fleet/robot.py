@@ -187,6 +187,7 @@ class RobotLoop:
         self.head_version: int | None = None
         self.latencies_ms: deque[float] = deque(maxlen=512)
         self.outcomes: deque[bool] = deque(maxlen=100)
+        self.episode_interventions: deque[int] = deque(maxlen=100)  # per recent episode: how often the human stepped in
         self.last_error: str | None = None
         self.link = "ok"  # "ok" | "slow" (last reply too late) | "overdue" (waiting too long) | "down" (failed)
         self.first_tick: dict | None = None
@@ -292,6 +293,7 @@ class RobotLoop:
         self.episodes_done += 1
         self.successes += int(success)
         self.outcomes.append(success)
+        self.episode_interventions.append(self._episode_interventions)
         self.degradation.episode_end(success)
         if self.degradation.state is State.HUMAN:
             self.degradation.human_release()
@@ -513,6 +515,10 @@ class RobotLoop:
             "successes": self.successes,
             "success_rate": (self.successes / self.episodes_done) if self.episodes_done else None,
             "recent_success_rate": float(np.mean(self.outcomes)) if self.outcomes else None,
+            # falls as the policy improves: with a human correcting strays, success alone can hide it
+            "recent_interventions_per_episode": (
+                float(np.mean(self.episode_interventions)) if self.episode_interventions else None
+            ),
             "interventions": self.interventions,
             "corrections_pending": len(self._pending_corrections),
             "corrections_sent": self.corrections_sent,

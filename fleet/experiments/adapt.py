@@ -121,7 +121,7 @@ def run_adapt_experiment(
     rehearsal_episodes: int = 120,
     adapt: dict | None = None,
     seed: int = 0,
-    threads: int = 2,
+    threads: int = 1,
     out: Path | None = None,
     log=print,
 ) -> dict:

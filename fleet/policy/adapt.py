@@ -63,7 +63,7 @@ class AdaptConfig:
     # optimizer steps per round
     batch_size: int = 32
     # rows per step
-    max_train_seconds: float | None = 4.0
+    max_train_seconds: float | None = 3.5
     # stop training early past this (a loaded machine, a slow head): with encoding and validation the
     # round stays within ~5 s; metrics["steps_done"] says how many ran. None = always all `steps`
     lr: float = 3e-4
@@ -79,7 +79,8 @@ class AdaptConfig:
     rehearsal_tolerance: float = 0.02
     # a candidate may have at most this much higher relative rehearsal loss than the current head
     rehearsal_val: int = 256
-    # pretraining-style samples held out from the rehearsal set to validate on
+    # pretraining-style samples held out from the rehearsal set to validate on (and the most earlier
+    # held-out corrections kept for validation)
     max_corrections: int = 2000
     # earlier corrections kept (the newest), with their cached backbone memory (~24 kB each)
     hardware_shifts: tuple[str, ...] = HARDWARE_SHIFTS
@@ -346,7 +347,6 @@ class HeadAdapter:
             "rehearsal": head_loss(current, rehearsal_val, seed, cfg.eval_batch),
             "holdout": head_loss(current, holdout, seed + 1, cfg.eval_batch),
             "earlier_holdout": head_loss(current, self.earlier_val, seed + 2, cfg.eval_batch),
-            "train": head_loss(current, train, seed + 3, cfg.eval_batch),
         }
         t1 = time.perf_counter()
         candidate, train_loss, steps_done = self._train(current, train, self.earlier, rehearsal_train)
@@ -355,12 +355,11 @@ class HeadAdapter:
             "rehearsal": head_loss(candidate, rehearsal_val, seed, cfg.eval_batch),
             "holdout": head_loss(candidate, holdout, seed + 1, cfg.eval_batch),
             "earlier_holdout": head_loss(candidate, self.earlier_val, seed + 2, cfg.eval_batch),
-            "train": head_loss(candidate, train, seed + 3, cfg.eval_batch),
         }
-        accepted, reason, gate = self._judge(before, after, pretrain_ok)
+        accepted, reason, gate = self._judge(before, after, pretrain_ok, train_loss)
         # the corrections stay for later rounds whatever the verdict
         self.earlier = _bounded(Cached.cat([self.earlier, train]), cfg.max_corrections)
-        self.earlier_val = _bounded(Cached.cat([self.earlier_val, holdout]), max(1, cfg.max_corrections // 4))
+        self.earlier_val = _bounded(Cached.cat([self.earlier_val, holdout]), max(1, cfg.rehearsal_val))
         self.rounds += 1
         state = {k: v.detach().clone() for k, v in candidate.state_dict().items()}
         seconds = time.perf_counter() - t0
@@ -384,13 +383,14 @@ class HeadAdapter:
         }
         return RoundResult(self.name, accepted, reason, state, metrics, seconds)
 
-    def _judge(self, before: dict, after: dict, pretrain_ok: bool) -> tuple[bool, str, dict]:
+    def _judge(self, before: dict, after: dict, pretrain_ok: bool, train_loss: float | None) -> tuple[bool, str, dict]:
         cfg = self.config
         tol = cfg.rehearsal_tolerance
         # the rehearsal gate: pretraining samples, or (hardware changed) earlier held-out corrections
         key = "rehearsal" if pretrain_ok and before["rehearsal"] is not None else "earlier_holdout"
         gate = {"on": key, "before": before[key], "after": after[key], "tolerance": tol}
-        if after["train"] is None or not math.isfinite(after["train"]):
+        finite = [v for v in (train_loss, after["holdout"], after[key]) if v is not None]
+        if train_loss is None or not all(math.isfinite(v) for v in finite):
             return False, "the candidate's loss is not finite", gate
         if before[key] is not None:
             limit = before[key] * (1.0 + tol) + 1e-6
