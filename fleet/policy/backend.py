@@ -34,21 +34,14 @@ BACKENDS = ("torch", "onnx")
 
 
 # ----- the backbone split into vision encoder and transformer ---------------------------------------------
-# These mirror Backbone.forward stage by stage (tests check the composition equals it exactly); a hook in
-# Backbone itself (vision tokens in, memory out) would let them go.
 def instruction_summary(backbone: Backbone, instr_ids: torch.Tensor) -> torch.Tensor | None:
-    """(B, d) bag-of-words of the instruction (padding excluded) that FiLM-conditions the keypoints; None
-    without keypoints."""
-    if not backbone.config.keypoints:
-        return None
-    valid = (instr_ids != 0).unsqueeze(-1).to(backbone.instr_pos.dtype)
-    return (backbone.word_embed(instr_ids) * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+    """`Backbone.instruction_summary`."""
+    return backbone.instruction_summary(instr_ids)
 
 
 def vision_tokens(backbone: Backbone, image: torch.Tensor, instr_ids: torch.Tensor) -> torch.Tensor:
-    """image (B, H, W, 3) uint8, instr_ids (B, L) -> image tokens (B, N, d): everything of the backbone
-    that depends on the camera frame (and, through the keypoint FiLM, on the instruction)."""
-    return backbone.vision(image, instruction_summary(backbone, instr_ids))
+    """`Backbone.vision_tokens`: image (B, H, W, 3) uint8, instr_ids (B, L) -> image tokens (B, N, d)."""
+    return backbone.vision_tokens(image, instr_ids)
 
 
 def transformer(
@@ -59,20 +52,8 @@ def transformer(
     instr_ids: torch.Tensor,
     mask_fn=attend_mask,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The rest of Backbone.forward given the image tokens: memory (B, S, d), pad_mask (B, S), pooled (B, d)."""
-    b, length = instr_ids.shape
-    if length > backbone.config.max_instr_len:
-        raise ValueError(f"instr_ids: length {length} exceeds max_instr_len {backbone.config.max_instr_len}")
-    words = backbone.word_embed(instr_ids) + backbone.instr_pos[:length]
-    head = torch.stack([backbone.word_embed(emb_ids), proprio_tok.to(words.dtype)], dim=1)
-    x = torch.cat([head, words, tokens.to(words.dtype)], dim=1)
-    pad_mask = torch.zeros(b, x.shape[1], dtype=torch.bool, device=x.device)
-    pad_mask[:, 2 : 2 + length] = instr_ids == 0
-    mask = mask_fn(pad_mask)
-    for block in backbone.blocks:
-        x = block(x, mask)
-    memory = backbone.norm(x)
-    return memory, pad_mask, memory[:, 0]
+    """`Backbone.transformer`: the rest of the backbone given image tokens -> (memory, pad_mask, pooled)."""
+    return backbone.transformer(tokens, emb_ids, proprio_tok, instr_ids, mask_fn)
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
