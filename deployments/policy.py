@@ -140,6 +140,8 @@ def policy_deployment(config: dict | ServeConfig | None = None):
         "ray_actor_options": {"num_cpus": cfg.replica_cpus},
         "max_ongoing_requests": cfg.ongoing_limit,
     }
+    if cfg.replica_resources:
+        options["ray_actor_options"]["resources"] = dict(cfg.replica_resources)
     if cfg.autoscaling:
         options["autoscaling_config"] = dict(cfg.autoscaling)
     else:

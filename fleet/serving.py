@@ -52,6 +52,8 @@ class ServeConfig:
     # is a few large kernels (the GIL is then mostly free)
     replica_cpus: float = 1.0
     # Ray CPUs reserved per replica
+    replica_resources: dict | None = None
+    # custom Ray resources per replica, e.g. {"policy": 1} to place replicas on cluster.yaml's policy workers
     threads: int | None = None
     # torch intra-op threads per replica; None = the CPUs it reserves (at least 1). More threads than
     # free cores make every forward wait on descheduled threads, which costs far more than it gains
@@ -117,6 +119,15 @@ class ServeConfig:
             fail("precision", "'fp32' or 'int8' with backend 'onnx' (bf16 runs with backend 'torch')")
         if not isinstance(self.encoder_cache, bool):
             fail("encoder_cache", "a bool")
+        res = self.replica_resources
+        if res is not None and (
+            not isinstance(res, dict)
+            or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                for k, v in res.items()
+            )
+        ):
+            fail("replica_resources", "None or a mapping resource name -> non-negative amount")
 
     @property
     def ongoing_limit(self) -> int:

@@ -183,9 +183,25 @@ def test_serve_config_defaults_and_validation() -> None:
     assert ServeConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown keys"):
         ServeConfig.from_dict({"replicas": 2})
-    for bad in ({"num_replicas": 0}, {"batch_wait_timeout_s": -1}, {"auth_token": ""}, {"max_ongoing_requests": 4}):
+    bads = (
+        {"num_replicas": 0},
+        {"batch_wait_timeout_s": -1},
+        {"auth_token": ""},
+        {"max_ongoing_requests": 4},
+        {"replica_resources": {"policy": -1}},
+        {"replica_resources": ["policy"]},
+    )
+    for bad in bads:
         with pytest.raises(ValueError, match=next(iter(bad))):
             ServeConfig.from_dict(bad)
+
+
+def test_replica_resources_reach_the_deployment_options() -> None:
+    from deployments.policy import policy_deployment
+
+    dep = policy_deployment({"replica_resources": {"policy": 1}, "replica_cpus": 2})
+    opts = dep.ray_actor_options
+    assert opts["resources"] == {"policy": 1} and opts["num_cpus"] == 2
 
 
 # ----- HeadStore (the HeadRegistry actor's state) ---------------------------------------------------
