@@ -262,6 +262,11 @@ class RobotLoop:
         success = bool(info["is_success"])
         if done:
             self._end_episode(success)
+        # ask now, with the observation the next tick acts on: the reply gets the whole control period to
+        # arrive, and its chunk starts at the tick it was planned for. Asking at the start of the next tick
+        # instead plans from an observation one action older; with the privileged expert as the policy that
+        # lag alone cost franka 89% -> 100% and aloha 85% -> 100% success ("latest" seams, 800 ticks)
+        self._maybe_request()
         return TickResult(self.total_ticks, self.degradation.state.value, moved, done, success, sent, fired)
 
     def _would_hold(self) -> bool:

@@ -44,6 +44,17 @@ def test_expert_policy_succeeds(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_expert_policy_needs_no_correction(name):
+    """Requests carry the observation the next tick acts on, so the expert's own chunks are never judged
+    stray: a lag of one action between plan and execution made the teleoperator override ~half of them."""
+    loop = make(name, seed=1)
+    run_episodes(loop, 12)
+    r = loop.report()
+    assert r["success_rate"] >= 11 / 12, r
+    assert r["interventions"] <= 1, r
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_first_tick_is_the_hold_even_with_a_reply_ready(name):
     loop = make(name)
     loop.client.delay_polls = 0
