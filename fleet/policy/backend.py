@@ -28,32 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fleet.policy.backbone import Backbone, attend_mask
-
 BACKENDS = ("torch", "onnx")
-
-
-# ----- the backbone split into vision encoder and transformer ---------------------------------------------
-def instruction_summary(backbone: Backbone, instr_ids: torch.Tensor) -> torch.Tensor | None:
-    """`Backbone.instruction_summary`."""
-    return backbone.instruction_summary(instr_ids)
-
-
-def vision_tokens(backbone: Backbone, image: torch.Tensor, instr_ids: torch.Tensor) -> torch.Tensor:
-    """`Backbone.vision_tokens`: image (B, H, W, 3) uint8, instr_ids (B, L) -> image tokens (B, N, d)."""
-    return backbone.vision_tokens(image, instr_ids)
-
-
-def transformer(
-    backbone: Backbone,
-    tokens: torch.Tensor,
-    emb_ids: torch.Tensor,
-    proprio_tok: torch.Tensor,
-    instr_ids: torch.Tensor,
-    mask_fn=attend_mask,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`Backbone.transformer`: the rest of the backbone given image tokens -> (memory, pad_mask, pooled)."""
-    return backbone.transformer(tokens, emb_ids, proprio_tok, instr_ids, mask_fn)
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
@@ -183,12 +158,12 @@ class TorchBackend(PolicyBackend):
     def image_tokens(self, image, instr_ids) -> np.ndarray:
         image, instr_ids = torch.as_tensor(image), torch.as_tensor(instr_ids)
         with torch.inference_mode(), self._context():
-            return _np(vision_tokens(self.backbone, image, instr_ids))
+            return _np(self.backbone.vision_tokens(image, instr_ids))
 
     def transform(self, tokens, emb_idx, proprio_tok, instr_ids):
         with torch.inference_mode(), self._context():
-            memory, pad_mask, pooled = transformer(
-                self.backbone, torch.as_tensor(tokens), emb_idx, proprio_tok, torch.as_tensor(instr_ids)
+            memory, pad_mask, pooled = self.backbone.transformer(
+                torch.as_tensor(tokens), emb_idx, proprio_tok, torch.as_tensor(instr_ids)
             )
             return _np(memory), _np(pad_mask), _np(pooled)
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fleet.policy.backend import PolicyBackend, transformer, vision_tokens
+from fleet.policy.backend import PolicyBackend
 from fleet.policy.precision import check_precision
 
 OPSET = 17
@@ -115,7 +115,7 @@ class _Vision(nn.Module):
         self.backbone = backbone
 
     def forward(self, image, instr_ids):
-        return vision_tokens(self.backbone, image, instr_ids)
+        return self.backbone.vision_tokens(image, instr_ids)
 
 
 class _Transformer(nn.Module):
@@ -124,7 +124,7 @@ class _Transformer(nn.Module):
         self.backbone = backbone
 
     def forward(self, tokens, emb_ids, proprio_tok, instr_ids):
-        return transformer(self.backbone, tokens, emb_ids, proprio_tok, instr_ids, mask_fn=_always_mask)
+        return self.backbone.transformer(tokens, emb_ids, proprio_tok, instr_ids, mask_fn=_always_mask)
 
 
 class _TokenDecode(nn.Module):
@@ -177,8 +177,8 @@ def _example(model, batch: int = 2) -> dict[str, torch.Tensor]:
     emb = torch.tensor([model.vocab.token_id(spec.token) for spec in model.specs.values()][:1] * batch)
     proprio_tok = torch.randn(batch, cfg.d_model, generator=gen)
     with torch.no_grad():
-        tokens = vision_tokens(model.backbone, image, instr)
-        memory, pad_mask, _ = transformer(model.backbone, tokens, emb, proprio_tok, instr)
+        tokens = model.backbone.vision_tokens(image, instr)
+        memory, pad_mask, _ = model.backbone.transformer(tokens, emb, proprio_tok, instr)
     return {
         "image": image,
         "instr_ids": instr,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fleet.embodiments import EMBODIMENTS
-from fleet.policy.backend import BACKENDS, TorchBackend, make_backend, transformer, vision_tokens
+from fleet.policy.backend import BACKENDS, TorchBackend, make_backend
 from fleet.policy.checkpoint import head_to_bytes
 from fleet.policy.encoder_cache import EncoderCache
 from fleet.policy.lora import add_lora, has_lora, load_lora_state_dict, lora_state_dict, merge_lora, remove_lora
@@ -77,8 +77,8 @@ def test_split_backbone_equals_backbone_forward(model) -> None:
     with torch.inference_mode():
         memory, pad_mask, pooled = model.encode(batch)
         proprio_tok = TorchBackend(model).proprio_tokens(batch)
-        tokens = vision_tokens(model.backbone, batch.image, batch.instr_ids)
-        split = transformer(model.backbone, tokens, batch.emb_idx, proprio_tok, batch.instr_ids)
+        tokens = model.backbone.vision_tokens(batch.image, batch.instr_ids)
+        split = model.backbone.transformer(tokens, batch.emb_idx, proprio_tok, batch.instr_ids)
     for got, want in zip(split, (memory, pad_mask, pooled), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
