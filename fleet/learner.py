@@ -207,13 +207,26 @@ class Learner:
 
     # ---- start ------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Sync every head with the registry and build the adapters (rehearsal memory encoded once)."""
+        """Build the adapters (rehearsal memory encoded once) on the checkpoint's heads, reload the corrections
+        earlier rounds learnt from, then continue from the registry's newest head of each embodiment."""
         from fleet.policy.adapt import HeadAdapter, rehearsal_set
         from fleet.policy.checkpoint import head_from_bytes, head_to_bytes
 
         self.state = "preparing"
         latest = self.registry.latest()
         for name in self.names:
+            rehearsal = self.rehearsal.get(name)
+            if rehearsal is None and self.config.rehearsal_episodes > 0:
+                rehearsal = rehearsal_set(name, self.config.rehearsal_episodes)
+            # built on the checkpoint's head: the one the rehearsal labels (and a hardware change) refer to
+            adapter = HeadAdapter(self.model, name, rehearsal, self.adapt_config)
+            if self.cursors[name] > 0:  # a restart: the pools of the earlier incarnation, from the replay store
+                cursor = self.cursors[name]
+                got = self.replay.since(name, max(0, cursor - self.adapt_config.max_corrections))
+                items = list(got["corrections"])
+                first = int(got["cursor"]) - len(items)  # sequence number of items[0]
+                adapter.add_earlier(items[: max(0, cursor - first)])
+            self.adapters[name] = adapter
             have = int(self.model.head_versions[name])
             newest = int(latest.get(name, 0))
             if newest > have:
@@ -224,10 +237,6 @@ class Learner:
             elif newest < have:
                 # the registry has not seen the checkpoint's head: publish it, so a rollback can return to it
                 self.registry.publish(name, have, head_to_bytes(self.model, name), {"source": "checkpoint"})
-            rehearsal = self.rehearsal.get(name)
-            if rehearsal is None and self.config.rehearsal_episodes > 0:
-                rehearsal = rehearsal_set(name, self.config.rehearsal_episodes)
-            self.adapters[name] = HeadAdapter(self.model, name, rehearsal, self.adapt_config)
         self.state = "idle"
         self._save_state()
 

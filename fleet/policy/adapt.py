@@ -23,12 +23,16 @@ How a candidate is judged, on data it never trained on:
   - held-out corrections: a share (`holdout`) of every round's new corrections never enters training;
     the candidate must not be worse than the current head on them (else it learnt nothing useful).
   - earlier held-out corrections (every earlier round's held-out share) are reported alongside.
-Hardware changes: under a shift in `hardware_shifts` (the actuator calibration changed, `actuator_bias`)
-the embodiment's pretraining labels no longer hold: the expert itself commands differently on the new
-hardware, and no head can fit both the old and the new labels for the same observation. Once a
-correction reports such a shift, the embodiment's pretraining samples leave both the training mix and
-the rehearsal gate, and the gate uses the earlier held-out corrections (made on the new hardware)
-instead. The other embodiments' heads are never touched by a round, whatever the shift.
+Hardware changes: under a shift in `hardware_shifts` (the actuators were recalibrated, `actuator_bias`)
+the embodiment's pretraining labels are off by the change: the expert itself now commands differently,
+and no head fits the old and the new label of the same observation. The adapter models such a change
+as a command offset per action dimension and estimates it from the corrections: each corrected chunk
+minus what the *reference* head (the one the rehearsal labels were made for) predicts for the same
+observation, averaged over every correction since the change (steps at a range limit excluded, since a
+clipped command hides the offset). A dimension whose mean is `calibration_z` standard errors from zero
+and at least `calibration_min` gets its rehearsal labels shifted by it (clipped to the range); the others
+keep theirs. Rehearsal then stays in the mix and in the gate, so the parts of the task no correction
+covered yet stay in shape while the offset is learnt. The other embodiments' heads are never touched.
 """
 
 from __future__ import annotations
@@ -84,7 +88,12 @@ class AdaptConfig:
     max_corrections: int = 2000
     # earlier corrections kept (the newest), with their cached backbone memory (~24 kB each)
     hardware_shifts: tuple[str, ...] = HARDWARE_SHIFTS
-    # shifts that change the embodiment's action mapping: its pretraining labels stop being rehearsal
+    # shifts that change the embodiment's action mapping: its rehearsal labels get recalibrated (module docstring)
+    calibration_z: float = 3.0
+    # after a hardware change, a dimension's command offset is applied to the rehearsal labels only when
+    # its estimate is this many standard errors from zero ...
+    calibration_min: float = 0.02
+    # ... and at least this large (normalized units: 0.02 is 1 % of the dimension's range)
     require_holdout_improvement: bool = True
     # refuse a candidate that is worse than the current head on this round's held-out corrections
     eval_batch: int = 256
@@ -96,7 +105,8 @@ class AdaptConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "rehearsal_val" else 1):
                 raise ValueError(f"AdaptConfig.{name}: expected a positive int, got {v!r}")
-        for name in ("lr", "weight_decay", "new_share", "earlier_share", "holdout", "rehearsal_tolerance"):
+        shares = ("new_share", "earlier_share", "holdout", "rehearsal_tolerance", "calibration_z", "calibration_min")
+        for name in ("lr", "weight_decay", *shares):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"AdaptConfig.{name}: expected a finite number >= 0, got {v!r}")
@@ -284,6 +294,11 @@ class HeadAdapter:
         self._gen = torch.Generator().manual_seed(cfg.seed)
         self.rounds = 0
         self.hardware_changed = False
+        # the head the rehearsal labels were made for (frozen): after a hardware change, corrections are
+        # compared with its predictions to estimate the new calibration (a command offset per dimension)
+        self.reference = copy.deepcopy(model.head(name)).eval().requires_grad_(False)
+        self._residuals: list[torch.Tensor] = []  # per correction: (D,) mean residual, NaN where unusable
+        self.calibration: np.ndarray | None = None  # (D,) normalized offset applied to rehearsal labels
         self.rehearsal_train: Cached | None = None
         self.rehearsal_val: Cached | None = None
         self.earlier: Cached | None = None  # earlier rounds' training corrections
@@ -314,33 +329,56 @@ class HeadAdapter:
         """Replace the current head (a rollback, or a newer head published elsewhere)."""
         self.model.load_head_state_dict(self.name, state, version)
 
+    def add_earlier(self, corrections: Sequence[Correction]) -> int:
+        """Put corrections an earlier incarnation already learnt from into the pools (a restarted learner
+        reloads them from the replay store), without a round. Returns how many were added."""
+        corrections = list(corrections)[-self.config.max_corrections :]
+        if not corrections:
+            return 0
+        train, holdout = self._ingest(corrections)
+        self.earlier = _bounded(Cached.cat([self.earlier, train]), self.config.max_corrections)
+        self.earlier_val = _bounded(Cached.cat([self.earlier_val, holdout]), max(1, self.config.rehearsal_val))
+        return len(corrections)
+
+    def _ingest(self, corrections: list[Correction]) -> tuple[Cached, Cached | None]:
+        """Encode corrections once, note a hardware change and its residuals, split off the held-out share."""
+        import torch
+
+        cfg = self.config
+        new = encode_demos(self.model, corrections_to_demos(corrections, self.name), cfg.eval_batch)
+        hardware = [any(s in cfg.hardware_shifts for s in _shift_names(c.shift)) for c in corrections]
+        if any(hardware):
+            self.hardware_changed = True
+            idx = torch.tensor([i for i, h in enumerate(hardware) if h], dtype=torch.long)
+            self._residuals.append(self._residual(new.take(idx)))
+            self.calibration = self._estimate_calibration()
+        n = len(new)
+        n_hold = int(round(cfg.holdout * n)) if n >= 5 else 0
+        n_hold = max(1, n_hold) if n >= 5 and cfg.holdout > 0 else n_hold
+        perm = torch.from_numpy(self._rng.permutation(n))
+        return new.take(perm[n_hold:]), (new.take(perm[:n_hold]) if n_hold else None)
+
     # ---- one round --------------------------------------------------------------------------------
     def round(self, corrections: Sequence[Correction]) -> RoundResult:
         """Train a candidate on `corrections` (this round's new ones) plus rehearsal; validate it.
 
         The model is not changed; the corrections join the earlier pool whatever the verdict.
         """
-        import torch
 
         t0 = time.perf_counter()
         cfg = self.config
         corrections = list(corrections)
         if not corrections:
             raise ValueError(f"round: no corrections for {self.name!r}")
-        demos = corrections_to_demos(corrections, self.name)
-        if any(s in cfg.hardware_shifts for c in corrections for s in _shift_names(c.shift)):
-            self.hardware_changed = True
-        new = encode_demos(self.model, demos, cfg.eval_batch)
-        n = len(new)
-        n_hold = int(round(cfg.holdout * n)) if n >= 5 else 0
-        n_hold = max(1, n_hold) if n >= 5 and cfg.holdout > 0 else n_hold
-        perm = torch.from_numpy(self._rng.permutation(n))
-        holdout, train = (new.take(perm[:n_hold]) if n_hold else None), new.take(perm[n_hold:])
+        train, holdout = self._ingest(corrections)
+        n, n_hold = len(corrections), 0 if holdout is None else len(holdout)
         t_encode = time.perf_counter() - t0
 
-        pretrain_ok = not self.hardware_changed
-        rehearsal_train = self.rehearsal_train if pretrain_ok else None
-        rehearsal_val = self.rehearsal_val if pretrain_ok else None
+        rehearsal_train, rehearsal_val = self.rehearsal_train, self.rehearsal_val
+        if self.calibration is not None:
+            rehearsal_train = _relabel(rehearsal_train, self.calibration)
+            rehearsal_val = _relabel(rehearsal_val, self.calibration)
+        rehearsal_share = 1.0 - cfg.new_share - cfg.earlier_share
         current = self.model.head(self.name)
         seed = cfg.seed * 7919 + self.rounds
         before = {
@@ -349,14 +387,14 @@ class HeadAdapter:
             "earlier_holdout": head_loss(current, self.earlier_val, seed + 2, cfg.eval_batch),
         }
         t1 = time.perf_counter()
-        candidate, train_loss, steps_done = self._train(current, train, self.earlier, rehearsal_train)
+        candidate, train_loss, steps_done = self._train(current, train, self.earlier, rehearsal_train, rehearsal_share)
         t_train = time.perf_counter() - t1
         after = {
             "rehearsal": head_loss(candidate, rehearsal_val, seed, cfg.eval_batch),
             "holdout": head_loss(candidate, holdout, seed + 1, cfg.eval_batch),
             "earlier_holdout": head_loss(candidate, self.earlier_val, seed + 2, cfg.eval_batch),
         }
-        accepted, reason, gate = self._judge(before, after, pretrain_ok, train_loss)
+        accepted, reason, gate = self._judge(before, after, train_loss)
         # the corrections stay for later rounds whatever the verdict
         self.earlier = _bounded(Cached.cat([self.earlier, train]), cfg.max_corrections)
         self.earlier_val = _bounded(Cached.cat([self.earlier_val, holdout]), max(1, cfg.rehearsal_val))
@@ -375,7 +413,8 @@ class HeadAdapter:
             "holdout_rows": n_hold,
             "earlier_rows": 0 if self.earlier is None else len(self.earlier) - len(train),
             "rehearsal_rows": 0 if rehearsal_train is None else len(rehearsal_train),
-            "pretrain_rehearsal": pretrain_ok,
+            "hardware_changed": self.hardware_changed,
+            "calibration": None if self.calibration is None else self._physical_offset(self.calibration),
             "seconds_encode": t_encode,
             "seconds_train": t_train,
             "steps": cfg.steps,
@@ -383,11 +422,12 @@ class HeadAdapter:
         }
         return RoundResult(self.name, accepted, reason, state, metrics, seconds)
 
-    def _judge(self, before: dict, after: dict, pretrain_ok: bool, train_loss: float | None) -> tuple[bool, str, dict]:
+    def _judge(self, before: dict, after: dict, train_loss: float | None) -> tuple[bool, str, dict]:
         cfg = self.config
         tol = cfg.rehearsal_tolerance
-        # the rehearsal gate: pretraining samples, or (hardware changed) earlier held-out corrections
-        key = "rehearsal" if pretrain_ok and before["rehearsal"] is not None else "earlier_holdout"
+        # the rehearsal gate: held-out pretraining samples (recalibrated after a hardware change), or the
+        # earlier held-out corrections when there is no rehearsal set
+        key = "rehearsal" if before["rehearsal"] is not None else "earlier_holdout"
         gate = {"on": key, "before": before[key], "after": after[key], "tolerance": tol}
         finite = [v for v in (train_loss, after["holdout"], after[key]) if v is not None]
         if train_loss is None or not all(math.isfinite(v) for v in finite):
@@ -399,7 +439,7 @@ class HeadAdapter:
                 what = "rehearsal" if key == "rehearsal" else "earlier held-out corrections"
                 return False, f"worse on {what}: loss {after[key]:.4f} > {before[key]:.4f} x (1 + {tol})", gate
         else:
-            gate["on"] = None  # nothing to rehearse yet (first round after a hardware change)
+            gate["on"] = None  # nothing to rehearse (no rehearsal set, first round)
         if cfg.require_holdout_improvement and before["holdout"] is not None:
             if not after["holdout"] <= before["holdout"] + 1e-6:
                 return (
@@ -409,8 +449,48 @@ class HeadAdapter:
                 )
         return True, "ok", gate
 
+    # ---- hardware changes ---------------------------------------------------------------------------
+    def _residual(self, data: Cached):
+        """Per correction, the mean over its chunk of (corrected - reference head's prediction) per dimension,
+        normalized units; NaN where every step sat at a range limit (a clipped command hides the offset)."""
+        import torch
+
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(self.config.seed)
+            k = 4 if self.spec.head == "flow" else 1  # a flow head's mean of 4 samples, as the fleet executes
+            ref = self.reference.predict(data.memory, data.pad_mask, k, 0.0, gen)["chunk"]
+        target = data.actions
+        usable = (ref.abs() < 0.97) & (target.abs() < 0.97)
+        diff = torch.where(usable, target - ref, torch.zeros_like(ref))
+        count = usable.sum(dim=1)
+        return torch.where(
+            count > 0, diff.sum(dim=1) / count.clamp_min(1), torch.full_like(count, float("nan"), dtype=ref.dtype)
+        )
+
+    def _estimate_calibration(self) -> np.ndarray:
+        """(D,) command offset (normalized) per dimension from every correction since the hardware changed:
+        the mean residual where it is `calibration_z` standard errors from zero and at least
+        `calibration_min`, else 0 (that dimension's old labels still hold)."""
+        import torch
+
+        r = torch.cat(self._residuals).double().numpy()  # (N, D)
+        out = np.zeros(r.shape[1], np.float32)
+        for d in range(r.shape[1]):
+            x = r[:, d][np.isfinite(r[:, d])]
+            if len(x) < 3:
+                continue
+            mean, se = float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x)))
+            if abs(mean) >= self.config.calibration_min and abs(mean) > self.config.calibration_z * se:
+                out[d] = mean
+        return out
+
+    def _physical_offset(self, offset: np.ndarray) -> list[float]:
+        """A normalized offset in the embodiment's physical units (half the range per normalized unit)."""
+        half = (np.asarray(self.spec.action_high) - np.asarray(self.spec.action_low)) / 2.0
+        return [round(float(v), 6) for v in offset * half]
+
     def _train(
-        self, current, new: Cached, earlier: Cached | None, rehearsal: Cached | None
+        self, current, new: Cached, earlier: Cached | None, rehearsal: Cached | None, rehearsal_share: float
     ) -> tuple[object, float | None, int]:
         """A copy of `current` trained on the mix; the stem is frozen (it runs before the cached memory)."""
         import torch
@@ -422,8 +502,7 @@ class HeadAdapter:
         for n, p in head.named_parameters():
             p.requires_grad_(not n.startswith("stem."))
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        rest = 1.0 - cfg.new_share - cfg.earlier_share
-        sources = [(new, cfg.new_share), (earlier, cfg.earlier_share), (rehearsal, rest)]
+        sources = [(new, cfg.new_share), (earlier, cfg.earlier_share), (rehearsal, rehearsal_share)]
         sources = [(d, w) for d, w in sources if d is not None and len(d) and w > 0]
         weights = np.array([w for _, w in sources], np.float64)
         counts = np.maximum(1, np.round(cfg.batch_size * weights / weights.sum()).astype(int))
@@ -455,6 +534,17 @@ def _shift_names(shift: str | None) -> list[str]:
     if not shift:
         return []
     return [p.strip() for p in str(shift).replace(",", "+").split("+") if p.strip()]
+
+
+def _relabel(data: Cached | None, offset: np.ndarray) -> Cached | None:
+    """`data` with `offset` (D,) added to every action and clipped to the range: what the expert commands
+    on hardware whose commands are offset by -`offset`."""
+    import torch
+
+    if data is None or not np.any(offset):
+        return data
+    shifted = (data.actions + torch.from_numpy(offset)).clamp(-1.0, 1.0)
+    return Cached(data.memory, data.pad_mask, shifted)
 
 
 def _bounded(data: Cached | None, n: int) -> Cached | None:

@@ -122,17 +122,35 @@ def test_a_candidate_worse_on_rehearsal_is_refused(demos):
     assert same(state_of(model), before) and model.head_versions["franka"] == 1
 
 
-def test_a_hardware_shift_retires_the_pretraining_rehearsal(demos):
-    """Under actuator_bias the old labels are wrong for the new hardware: they leave the mix and the gate,
-    and later rounds are gated on earlier held-out corrections instead."""
+def test_a_hardware_shift_recalibrates_the_rehearsal_labels(demos):
+    """Under actuator_bias the commands are offset: the adapter estimates the offset per dimension from the
+    corrections against the reference head and applies it to the rehearsal labels (train and gate)."""
     model = tiny()
     demo = demos["franka"]
     adapter = HeadAdapter(model, "franka", demo.subset(np.arange(0, len(demo), 2)), AdaptConfig(**FAST))
-    first = adapter.round(corrections(demo, range(1, 21, 2), shift="actuator_bias"))
-    assert first.metrics["pretrain_rehearsal"] is False and first.metrics["rehearsal_rows"] == 0
-    assert first.metrics["gate"]["on"] is None
-    second = adapter.round(corrections(demo, range(21, 41, 2)))  # sticky: the hardware stays changed
-    assert second.metrics["gate"]["on"] == "earlier_holdout" and second.metrics["before"]["earlier_holdout"] is not None
+    idx = np.arange(1, 41, 2)
+    obs = [{"image": demo.images[i], "proprio": demo.proprio[i], "instruction": demo.instructions[i]} for i in idx]
+    proposals = [r["chunk"] for r in model.predict_obs(obs, ["franka"] * len(idx))]
+    spec = EMBODIMENTS["franka"]
+    offset = np.array([0.01, -0.008, 0, 0, 0, 0, 0], np.float32)  # a recalibrated x and y
+    fixed = corrections(demo, idx, shift="actuator_bias")
+    fixed = [
+        Correction.new(
+            **(c.to_dict() | {"id": c.id, "corrected_chunk": np.clip(p + offset, spec.action_low, spec.action_high)})
+        )
+        for c, p in zip(fixed, proposals, strict=True)
+    ]
+    first = adapter.round(fixed)
+    calib = first.metrics["calibration"]
+    assert first.metrics["hardware_changed"] and calib is not None
+    assert calib[0] == pytest.approx(0.01, abs=1e-3) and calib[1] == pytest.approx(-0.008, abs=1e-3)
+    assert all(v == 0.0 for v in calib[2:]), "dimensions without an offset keep their old labels"
+    assert first.metrics["gate"]["on"] == "rehearsal" and first.metrics["rehearsal_rows"] > 0
+    assert adapter.calibration is not None and adapter.rehearsal_train.actions.shape[-1] == 7
+    # a restarted learner's adapter relearns the calibration from the corrections it reloads
+    again = HeadAdapter(tiny(), "franka", None, AdaptConfig(**FAST))
+    assert again.add_earlier(fixed) == len(fixed) and again.hardware_changed
+    assert np.allclose(again._physical_offset(again.calibration), calib, atol=1e-6)
 
 
 def test_config_errors_name_the_field():
