@@ -19,6 +19,12 @@ GRASP_RADIUS = 0.03
 GRASP_HEIGHT = 0.03
 LIFT_HEIGHT = 0.12
 HOVER = 0.08
+# the expert descends within DESCEND_RADIUS of the object and closes within CLOSE_RADIUS, both inside
+# GRASP_RADIUS: a policy that localizes the object to a pixel or two (~1-2 cm here) still grasps, where a
+# 1.2 cm descent threshold made every such policy hover forever (its own estimate said "there", the
+# expert's labels said "not yet")
+DESCEND_RADIUS = 0.022
+CLOSE_RADIUS = 0.024
 
 
 def to_px(x: float, y: float) -> tuple[float, float]:
@@ -54,13 +60,13 @@ def arm_expert(ee, rpy, grip, holding: bool, goal_xy, lift: bool, gain: float = 
     dist = float(np.hypot(*err))
     out[:2] = np.clip(gain * err, -0.05, 0.05)
     out[6] = -1.0
-    if dist < 0.015 and ee[2] <= 0.02:
+    if dist < CLOSE_RADIUS and ee[2] <= 0.02:
         out[6] = 1.0  # at the grasp pose: close (and keep closing while the fingers travel)
     elif grip > 0.3:
         # closed on nothing: open and back off upwards
         out[:2] = 0.0
         out[2] = 0.03
-    elif dist > 0.012:
+    elif dist > DESCEND_RADIUS:
         out[2] = np.clip(HOVER - ee[2], -0.05, 0.05)
     else:
         out[2] = np.clip(0.01 - ee[2], -0.05, 0.05)
