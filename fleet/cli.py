@@ -80,6 +80,9 @@ def pretrain(
     dagger_rounds: Annotated[int, typer.Option(min=0, help="Rounds of policy rollouts relabelled by the expert.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and batches.")] = 0,
     eval_episodes: Annotated[int, typer.Option(min=0, help="Closed-loop episodes per embodiment afterwards.")] = 50,
+    threads: Annotated[
+        int, typer.Option(min=1, help="Torch threads: 2 on a quiet 2-core machine; 1 when other work shares it.")
+    ] = 2,
     json_out: JsonOpt = False,
 ) -> None:
     """Train the multi-embodiment policy from scratch on teleoperator demonstrations of all four sims
@@ -92,7 +95,12 @@ def pretrain(
     from fleet.policy.train import pretrain as run_pretrain
 
     cfg = PretrainConfig(
-        steps=steps, batch_size=batch_size, demo_episodes=demo_episodes, dagger_rounds=dagger_rounds, seed=seed
+        steps=steps,
+        batch_size=batch_size,
+        demo_episodes=demo_episodes,
+        dagger_rounds=dagger_rounds,
+        seed=seed,
+        threads=threads,
     )
     log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
     model, report, _ = run_pretrain(cfg, out=out, progress=not json_out, log=log)
