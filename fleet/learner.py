@@ -21,8 +21,9 @@ How the success signal reaches the learner: every robot reports each finished ep
 the episode ran (episodes that ran chunks of two versions carry None and are not counted). After a
 rollout v -> v+1 the learner feeds a `fleet.monitor.Monitor` the newest `reference_episodes` outcomes of v
 and then the outcomes of v+1; once `watch_episodes` episodes ran on v+1, a monitor `success_drop` alarm
-(v+1's success more than `success_drop` below v's) re-publishes v's payload as v+2 (a rollback never
-reuses a number). While a rollout is watched, that embodiment gets no new round (so every verdict
+(v+1's success more than `success_drop` below v's) that a one-sided two-proportion z-test confirms at
+`significance` (so chance alone rarely reverts a good head) re-publishes v's payload as v+2 (a rollback
+never reuses a number). While a rollout is watched, that embodiment gets no new round (so every verdict
 compares exactly two versions), until `watch_timeout_s` passes without enough episodes.
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -37,6 +39,7 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from statistics import NormalDist
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +60,18 @@ class LearnerConfig:
     # how often the loop asks the replay actor for new corrections
     rehearsal_episodes: int = 120
     # expert episodes of the unshifted simulator per embodiment for the rehearsal set (~4 samples each)
-    watch_episodes: int = 10
-    # episodes on a new version before its rollout is judged
-    reference_episodes: int = 30
+    watch_episodes: int = 20
+    # episodes on a new version before its rollout is judged (10 would misjudge a steady 90 % success as a
+    # 15-point drop about one time in twelve, from chance alone; 20 about one in fifty)
+    reference_episodes: int = 40
     # the previous version's newest episodes it is compared with
     min_reference: int = 10
     # fewer previous-version episodes than this: the rollout cannot be judged, it is confirmed
     success_drop: float = 0.15
-    # roll back when the new version's success is more than this below the previous version's
+    # roll back when the new version's success is more than this below the previous version's ...
+    significance: float = 0.05
+    # ... and a one-sided two-proportion z-test says so at this level: with 20 against 40 episodes, chance
+    # alone then rolls back a steady head about 2-6 % of the time, while a 30-point drop is caught 75-90 %
     watch_timeout_s: float = 300.0
     # a rollout watched this long without enough episodes is confirmed (rounds resume)
     threads: int = 1
@@ -90,6 +97,8 @@ class LearnerConfig:
                 fail(name, "a positive number of seconds")
         if isinstance(self.success_drop, bool) or not 0 < self.success_drop < 1:
             fail("success_drop", "a share in (0, 1)")
+        if isinstance(self.significance, bool) or not 0 < self.significance < 1:
+            fail("significance", "a level in (0, 1)")
         if self.embodiments is not None:
             if isinstance(self.embodiments, str) or not all(isinstance(e, str) for e in self.embodiments):
                 fail("embodiments", "None or a list of embodiment names")
@@ -111,6 +120,13 @@ class LearnerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _drop_z(p_ref: float, n_ref: int, p_new: float, n_new: int) -> float:
+    """z of a one-sided two-proportion test that the new success rate is below the reference's."""
+    pooled = (p_ref * n_ref + p_new * n_new) / (n_ref + n_new)
+    se = math.sqrt(max(pooled * (1.0 - pooled), 1e-12) * (1.0 / n_ref + 1.0 / n_new))
+    return (p_ref - p_new) / se
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -307,12 +323,14 @@ class Learner:
             monitor.record_episode(f"{name}-fleet", name, ok)
         drop = [a for a in monitor.alarms() if a["kind"] == "success_drop" and a["scope"] == "embodiment"]
         rate_new, rate_ref = sum(new) / len(new), sum(ref) / len(ref)
+        z = _drop_z(rate_ref, len(ref), rate_new, len(new))
+        significant = z > NormalDist().inv_cdf(1.0 - cfg.significance)
         del self.watch[name]
-        if not drop:
-            return self._event(
-                "rollout_confirmed", name, version=w["version"], success=rate_new, reference=rate_ref, episodes=len(new)
-            )
-        return self._rollback(name, w, rate_new, rate_ref, drop[0]["message"])
+        if not drop or not significant:
+            why = "success held" if not drop else f"drop not significant (z={z:.2f})"
+            info = {"success": rate_new, "reference": rate_ref, "episodes": len(new), "why": why}
+            return self._event("rollout_confirmed", name, version=w["version"], **info)
+        return self._rollback(name, w, rate_new, rate_ref, f"{drop[0]['message']} (z={z:.2f})")
 
     def _rollback(self, name: str, w: dict, rate_new: float, rate_ref: float, message: str) -> dict:
         from fleet.policy.checkpoint import head_from_bytes

@@ -67,9 +67,10 @@ class AdaptConfig:
     # optimizer steps per round
     batch_size: int = 32
     # rows per step
-    max_train_seconds: float | None = 3.5
-    # stop training early past this (a loaded machine, a slow head): with encoding and validation the
-    # round stays within ~5 s; metrics["steps_done"] says how many ran. None = always all `steps`
+    max_round_seconds: float | None = 4.5
+    # a round's time budget: training stops early when what is left would not fit the validation that
+    # follows (about as long as the one before training) on a loaded machine or with a slow head;
+    # metrics["steps_done"] says how many steps ran. None = always all `steps`
     lr: float = 3e-4
     # AdamW learning rate (linearly decayed to a tenth over the round)
     weight_decay: float = 0.0
@@ -110,9 +111,9 @@ class AdaptConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"AdaptConfig.{name}: expected a finite number >= 0, got {v!r}")
-        m = self.max_train_seconds
+        m = self.max_round_seconds
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
-            raise ValueError(f"AdaptConfig.max_train_seconds: expected None or seconds > 0, got {m!r}")
+            raise ValueError(f"AdaptConfig.max_round_seconds: expected None or seconds > 0, got {m!r}")
         if not self.lr > 0:
             raise ValueError(f"AdaptConfig.lr: expected > 0, got {self.lr!r}")
         if self.new_share + self.earlier_share > 1.0 or self.new_share <= 0:
@@ -387,7 +388,12 @@ class HeadAdapter:
             "earlier_holdout": head_loss(current, self.earlier_val, seed + 2, cfg.eval_batch),
         }
         t1 = time.perf_counter()
-        candidate, train_loss, steps_done = self._train(current, train, self.earlier, rehearsal_train, rehearsal_share)
+        deadline = None
+        if cfg.max_round_seconds is not None:  # leave room for the validation after training (~ the one before)
+            deadline = t0 + cfg.max_round_seconds - 1.2 * (t1 - t_encode - t0) - 0.05
+        candidate, train_loss, steps_done = self._train(
+            current, train, self.earlier, rehearsal_train, rehearsal_share, deadline
+        )
         t_train = time.perf_counter() - t1
         after = {
             "rehearsal": head_loss(candidate, rehearsal_val, seed, cfg.eval_batch),
@@ -490,7 +496,13 @@ class HeadAdapter:
         return [round(float(v), 6) for v in offset * half]
 
     def _train(
-        self, current, new: Cached, earlier: Cached | None, rehearsal: Cached | None, rehearsal_share: float
+        self,
+        current,
+        new: Cached,
+        earlier: Cached | None,
+        rehearsal: Cached | None,
+        rehearsal_share: float,
+        deadline: float | None = None,
     ) -> tuple[object, float | None, int]:
         """A copy of `current` trained on the mix; the stem is frozen (it runs before the cached memory)."""
         import torch
@@ -507,11 +519,10 @@ class HeadAdapter:
         weights = np.array([w for _, w in sources], np.float64)
         counts = np.maximum(1, np.round(cfg.batch_size * weights / weights.sum()).astype(int))
         last = None
-        start = time.perf_counter()
         done = 0
         for step in range(cfg.steps):
-            if cfg.max_train_seconds is not None and time.perf_counter() - start > cfg.max_train_seconds:
-                break
+            if deadline is not None and step > 0 and time.perf_counter() > deadline:
+                break  # at least one step always runs
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * (1.0 - 0.9 * step / max(1, cfg.steps - 1))
             parts = [

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.ray
 
 FAST = {"steps": 10, "batch_size": 16, "lr": 3e-3}
-SLOW = {"steps": 100_000, "batch_size": 16, "max_train_seconds": None}  # a round that runs until it is killed
+SLOW = {"steps": 100_000, "batch_size": 16, "max_round_seconds": None}  # a round that runs until it is killed
 
 
 @pytest.fixture(scope="module")

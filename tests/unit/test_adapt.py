@@ -17,7 +17,7 @@ from fleet.policy.demos import collect  # noqa: E402
 from fleet.policy.train import build_model  # noqa: E402
 from tests.mocks.tiny_policy import TINY  # noqa: E402
 
-FAST = {"steps": 25, "batch_size": 16, "lr": 3e-3, "max_train_seconds": None}
+FAST = {"steps": 25, "batch_size": 16, "lr": 3e-3, "max_round_seconds": None}
 
 
 @pytest.fixture(scope="module")
@@ -332,3 +332,18 @@ def test_experiment_cli_names_a_missing_checkpoint(tmp_path):
     assert res.exit_code == 2 and "not found" in res.output
     res = CliRunner().invoke(app, ["experiment", "adapt", "--shift", "fog"])
     assert res.exit_code == 2 and "--shift" in res.output
+
+
+def test_a_drop_chance_explains_is_not_rolled_back(fleet_parts, demos):
+    """One failure in 5 after 10 successes is a 20-point drop, but not a significant one (z ~ 1.5)."""
+    _, replay, registry, make = fleet_parts
+    learner = make()
+    learner.start()
+    ok = {"robot_id": "r0", "embodiment": "franka", "success": True}
+    learner.record_outcomes([ok | {"head_version": 1}] * 10)
+    add(replay, demos["franka"], range(0, 24, 2))
+    learner.step()
+    learner.record_outcomes([ok | {"head_version": 2}] * 4 + [ok | {"head_version": 2, "success": False}])
+    (event,) = learner.step()
+    assert event["event"] == "rollout_confirmed" and "not significant" in event["why"], event
+    assert registry.latest() == {"franka": 2}
