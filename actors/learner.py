@@ -102,7 +102,8 @@ class _LearnerActor:
             except Exception as exc:  # noqa: BLE001 - a failed round must not stop the learner: log, go on
                 self.loop_errors += 1
                 self.learner.last_error = f"{type(exc).__name__}: {exc}"
-                self.learner.state = "idle" if self.learner.adapters else "created"
+                ready = len(self.learner.adapters) == len(self.learner.names)
+                self.learner.state = "idle" if ready else "created"  # "created": start() runs again
                 log.error("learner: %s", traceback.format_exc())
                 self._stop.wait(max(5.0, self.config.poll_interval_s))
                 continue

@@ -174,7 +174,8 @@ class Learner:
         self.history: list[dict] = []  # every round, publish and rollback, oldest first
         self.watch: dict[str, dict] = {}  # embodiment -> the rollout under watch
         self.outcomes: dict[str, dict[int, deque]] = {}  # embodiment -> version -> recent outcomes
-        self.outcome_counts = {"received": 0, "counted": 0, "mixed": 0, "malformed": 0}
+        self.outcome_counts = {"received": 0, "counted": 0, "mixed": 0, "other": 0, "malformed": 0}
+        # mixed: the episode ran two head versions; other: a head this learner does not adapt
         self._outcomes_lock = threading.Lock()  # robots report from other threads while a round runs
         self.state = "created"
         self.current: dict | None = None  # the round in progress: {"embodiment", "started", "corrections"}
@@ -278,8 +279,11 @@ class Learner:
             if version is None:
                 self.outcome_counts["mixed"] += 1
                 continue
-            if name not in self.names or isinstance(version, bool) or not isinstance(version, int):
+            if isinstance(version, bool) or not isinstance(version, int) or not isinstance(name, str):
                 self.outcome_counts["malformed"] += 1
+                continue
+            if name not in self.names:
+                self.outcome_counts["other"] += 1
                 continue
             per = self.outcomes.setdefault(name, {})
             per.setdefault(version, deque(maxlen=keep)).append(bool(o["success"]))

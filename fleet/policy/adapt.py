@@ -365,7 +365,6 @@ class HeadAdapter:
 
         The model is not changed; the corrections join the earlier pool whatever the verdict.
         """
-
         t0 = time.perf_counter()
         cfg = self.config
         corrections = list(corrections)
