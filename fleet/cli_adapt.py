@@ -32,6 +32,12 @@ def experiment_adapt(
         int, typer.Option(min=0, help="Unshifted expert episodes for the rehearsal set (~4 samples each).")
     ] = 120,
     steps: Annotated[int | None, typer.Option(min=1, help="Optimizer steps per round (default AdaptConfig's).")] = None,
+    round_budget: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Seconds a round may take; training stops early past it (0: all steps, whatever the load)."
+        ),
+    ] = 4.5,
     seed: Annotated[int, typer.Option(help="Seed for corrections, rehearsal and evaluation episodes.")] = 0,
     threads: Annotated[int, typer.Option(min=1, help="torch threads (2 only on an otherwise idle machine).")] = 1,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout, not a table.")] = False,
@@ -72,7 +78,7 @@ def experiment_adapt(
             points=counts,
             other_episodes=other_episodes,
             rehearsal_episodes=rehearsal_episodes,
-            adapt={} if steps is None else {"steps": steps},
+            adapt=({} if steps is None else {"steps": steps}) | {"max_round_seconds": round_budget or None},
             seed=seed,
             threads=threads,
             out=out,

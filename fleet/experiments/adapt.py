@@ -190,7 +190,8 @@ def run_adapt_experiment(
             }
         )
         verdict = "published" if result.accepted else f"not published ({result.reason})"
-        log(f"{total:>4} corrections: round {result.seconds:.2f} s, {verdict}; shifted success {rate:.0%}")
+        steps = f"{result.metrics['steps_done']}/{result.metrics['steps']} steps"
+        log(f"{total:>4} corrections: round {result.seconds:.2f} s ({steps}), {verdict}; shifted success {rate:.0%}")
     retained_after = success(None)
     others_after = {n: success(None, n, other_episodes) for n in others} if other_episodes else {}
     identical = all(
