@@ -177,6 +177,7 @@ def experiment_transfer(
     episodes: Annotated[int, typer.Option(min=1, help="Closed-loop evaluation episodes per embodiment.")] = 50,
     demo_episodes: Annotated[int, typer.Option(min=1, help="Expert episodes per embodiment.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads for the trainings.")] = 2,
     json_out: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
@@ -186,7 +187,7 @@ def experiment_transfer(
 
     log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
     result = run_transfer_experiment(
-        steps=steps, episodes=episodes, demo_episodes=demo_episodes, seed=seed, out=out, log=log
+        steps=steps, episodes=episodes, demo_episodes=demo_episodes, seed=seed, out=out, log=log, threads=threads
     )
     if json_out:
         _emit_json(result)

@@ -23,6 +23,7 @@ def run_transfer_experiment(
     seed: int = 0,
     out: Path | None = None,
     log=print,
+    threads: int = 2,
 ) -> dict:
     """Returns {"steps", "joint": {"hello": s, "franka": s}, "alone": {"hello": s, "franka": s}, ...}."""
     from fleet.policy.evaluate import evaluate
@@ -37,6 +38,7 @@ def run_transfer_experiment(
             dagger_rounds=1,
             dagger_episodes=max(1, demo_episodes // 4),
             seed=seed,
+            threads=threads,
         )
         model, _, _ = pretrain(cfg, progress=False, log=log)
         rates = {}
