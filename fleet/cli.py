@@ -233,6 +233,14 @@ def bench_serve(
     robots: Annotated[str, typer.Option(help="Comma-separated concurrent robot counts.")] = "1,4,16,64",
     seconds: Annotated[float, typer.Option(min=0.1, help="Seconds measured per robot count.")] = 5.0,
     checkpoint: CkptOpt = None,
+    batch_wait_ms: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1000.0,
+            help="How long a server batch waits for more requests after its first (ServeConfig.batch_wait_timeout_s).",
+        ),
+    ] = 0.0,
     json_out: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
@@ -246,7 +254,9 @@ def bench_serve(
             raise ValueError
     except ValueError:
         _fail(f"--robots: expected comma-separated positive ints like 1,4,16,64, got {robots!r}")
-    result = run_serve_bench(robot_counts=counts, seconds_per_point=seconds, checkpoint=checkpoint)
+    result = run_serve_bench(
+        robot_counts=counts, seconds_per_point=seconds, checkpoint=checkpoint, batch_wait_timeout_s=batch_wait_ms / 1e3
+    )
     if out is not None:
         write_plot(result, out)
     if json_out:
