@@ -419,7 +419,7 @@ class Learner:
         previous = adapter.version
         version = max(previous, int(self.registry.latest().get(name, 0))) + 1
         old_state = self.model.head_state_dict(name)
-        self.model.load_head_state_dict(name, result.state, version)
+        adapter.accept(result, version)  # the candidate becomes the head the next round starts from
         payload = head_to_bytes(self.model, name)
         meta = {
             "from_version": previous,
@@ -432,7 +432,7 @@ class Learner:
         try:
             published = int(self.registry.publish(name, version, payload, json.loads(json.dumps(meta, default=float))))
         except Exception:
-            self.model.load_head_state_dict(name, old_state, previous)  # nothing was published: keep serving v
+            adapter.set_head(old_state, previous)  # nothing was published: keep serving v
             raise
         self.model.head_versions[name] = published
         self.cursors[name] = cursor

@@ -104,6 +104,11 @@ def test_consistent_corrections_are_accepted_and_lower_the_held_out_loss(demos):
     assert result.accepted, result.reason
     assert m["after"]["holdout"] < m["before"]["holdout"]
     assert m["gate"]["on"] == "rehearsal" and m["after"]["rehearsal"] <= m["gate"]["limit"]
+    # the next round reuses the accepted candidate's rehearsal scores: the same as computing them afresh
+    adapter.accept(result, version=2)
+    again = adapter.round(corrections(demo, range(0, 20, 2)))
+    fresh = head_loss(model.head("franka"), adapter.rehearsal_val, seed=adapter.config.seed)
+    assert again.metrics["before"]["rehearsal"] == m["after"]["rehearsal"] == pytest.approx(fresh, rel=1e-6)
 
 
 def test_a_candidate_worse_on_rehearsal_is_refused(demos):
