@@ -260,13 +260,14 @@ def plot_curve(result: dict, path: Path, retained: tuple[float, float] | None = 
     for x, y in zip(xs, ys, strict=True):
         ax.annotate(f"{y:.0%}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     if retained is not None:
-        ax.axhline(retained[0], color="gray", ls=":", lw=1, label=f"already learned, before ({retained[0]:.0%})")
-        ax.axhline(retained[1], color="green", ls="--", lw=1, label=f"already learned, after ({retained[1]:.0%})")
+        what = "unshifted (already learned)"
+        ax.axhline(retained[0], color="gray", ls=":", lw=1, label=f"{what}, before: {retained[0]:.0%}")
+        ax.axhline(retained[1], color="green", ls="--", lw=1, label=f"{what}, after: {retained[1]:.0%}")
     ax.set_xlabel("corrections")
     ax.set_ylabel("closed-loop success")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(-0.02, 1.05)
     ax.set_title(f"Online adaptation of the {result['embodiment']} head", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
