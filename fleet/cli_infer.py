@@ -55,6 +55,26 @@ def _emit(result: dict, json_out: bool, out: Path | None, table: str, stem: str)
         typer.echo(table)
 
 
+def _run(techniques: tuple[str, ...], checkpoint, batch: str, episodes, embodiments, repeats, threads, random_init):
+    """run_infer_bench with the CLI's parsing and error handling."""
+    from fleet.bench_infer import run_infer_bench
+
+    try:
+        return run_infer_bench(
+            checkpoint=checkpoint,
+            batches=_ints(batch, "--batch"),
+            episodes=episodes,
+            embodiments=_names(embodiments),
+            repeats=repeats,
+            threads=threads,
+            techniques=techniques,
+            random_init=random_init,
+            log=lambda m: typer.echo(m, err=True),
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
 def register(bench_app: typer.Typer, experiment_app: typer.Typer) -> None:
     @bench_app.command("infer")
     def bench_infer(
@@ -75,26 +95,13 @@ def register(bench_app: typer.Typer, experiment_app: typer.Typer) -> None:
         KV cache, vision-encoder cache, chunk recycling and LoRA merge, each at batch 1 and a fleet-sized batch,
         with its speedup, max action difference (share of range) and closed-loop success change; writes the
         accuracy-vs-speed plot to --out."""
-        from fleet.bench_infer import TECHNIQUES, format_table, run_infer_bench, write_plot
+        from fleet.bench_infer import TECHNIQUES, format_table, write_plot
 
         chosen = tuple(_names(techniques) or TECHNIQUES)
         unknown = [t for t in chosen if t not in TECHNIQUES]
         if unknown:
             _fail(f"--techniques: unknown {unknown}; known: {','.join(TECHNIQUES)}")
-        try:
-            result = run_infer_bench(
-                checkpoint=checkpoint,
-                batches=_ints(batch, "--batch"),
-                episodes=episodes,
-                embodiments=_names(embodiments),
-                repeats=repeats,
-                threads=threads,
-                techniques=chosen,
-                random_init=random_init,
-                log=lambda m: typer.echo(m, err=True),
-            )
-        except (ValueError, FileNotFoundError) as exc:
-            _fail(str(exc))
+        result = _run(chosen, checkpoint, batch, episodes, embodiments, repeats, threads, random_init)
         table = format_table(result)
         if out is not None:
             result["plot"] = str(write_plot(result, out))
@@ -114,22 +121,9 @@ def register(bench_app: typer.Typer, experiment_app: typer.Typer) -> None:
     ) -> None:
         """The notes' exercise: latency of fp32, bf16 and int8 (and ONNX Runtime fp32 / int8) against their
         accuracy (max action difference, closed-loop success per embodiment); plots accuracy vs speed."""
-        from fleet.bench_infer import PRECISION_TECHNIQUES, format_table, run_infer_bench, write_plot
+        from fleet.bench_infer import PRECISION_TECHNIQUES, format_table, write_plot
 
-        try:
-            result = run_infer_bench(
-                checkpoint=checkpoint,
-                batches=_ints(batch, "--batch"),
-                episodes=episodes,
-                embodiments=_names(embodiments),
-                repeats=repeats,
-                threads=threads,
-                techniques=PRECISION_TECHNIQUES,
-                random_init=random_init,
-                log=lambda m: typer.echo(m, err=True),
-            )
-        except (ValueError, FileNotFoundError) as exc:
-            _fail(str(exc))
+        result = _run(PRECISION_TECHNIQUES, checkpoint, batch, episodes, embodiments, repeats, threads, random_init)
         table = format_table(result)
         if "success" in result:
             table += "\nsuccess per embodiment: " + "; ".join(
