@@ -23,8 +23,11 @@ rollout v -> v+1 the learner feeds a `fleet.monitor.Monitor` the newest `referen
 and then the outcomes of v+1; once `watch_episodes` episodes ran on v+1, a monitor `success_drop` alarm
 (v+1's success more than `success_drop` below v's) that a one-sided two-proportion z-test confirms at
 `significance` (so chance alone rarely reverts a good head) re-publishes v's payload as v+2 (a rollback
-never reuses a number). While a rollout is watched, that embodiment gets no new round (so every verdict
-compares exactly two versions), until `watch_timeout_s` passes without enough episodes.
+never reuses a number). Robots also report how often the human stepped in during the episode: with a
+teleoperator rescuing every stray, a worse head shows first as more interventions per episode, so a
+significant rise by more than `intervention_rise` rolls back too. While a rollout is watched, that
+embodiment gets no new round (so every verdict compares exactly two versions), until `watch_timeout_s`
+passes without enough episodes.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from statistics import NormalDist
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,10 @@ class LearnerConfig:
     significance: float = 0.05
     # ... and a one-sided two-proportion z-test says so at this level: with 20 against 40 episodes, chance
     # alone then rolls back a steady head about 2-6 % of the time, while a 30-point drop is caught 75-90 %
+    intervention_rise: float = 0.5
+    # also roll back when the new version needs this much more human help per episode (relative; 0.5 = half
+    # as many interventions again), at least 0.5 more per episode and significant at `significance`: with a
+    # human correcting every stray, a worse head shows as more interventions long before lower success
     watch_timeout_s: float = 300.0
     # a rollout watched this long without enough episodes is confirmed (rounds resume)
     threads: int = 1
@@ -99,6 +108,9 @@ class LearnerConfig:
             fail("success_drop", "a share in (0, 1)")
         if isinstance(self.significance, bool) or not 0 < self.significance < 1:
             fail("significance", "a level in (0, 1)")
+        r = self.intervention_rise
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0:
+            fail("intervention_rise", "a positive relative rise, e.g. 0.5")
         if self.embodiments is not None:
             if isinstance(self.embodiments, str) or not all(isinstance(e, str) for e in self.embodiments):
                 fail("embodiments", "None or a list of embodiment names")
@@ -120,6 +132,19 @@ class LearnerConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _rise(ref: list[int], new: list[int], rel: float, z_crit: float) -> str | None:
+    """Why the interventions per episode rose enough to roll back (relative rise > `rel`, at least 0.5 more
+    per episode, one-sided Welch z > `z_crit`), or None."""
+    if len(ref) < 2 or len(new) < 2:
+        return None
+    m_ref, m_new = float(np.mean(ref)), float(np.mean(new))
+    se = math.sqrt(np.var(ref, ddof=1) / len(ref) + np.var(new, ddof=1) / len(new))
+    z = (m_new - m_ref) / se if se > 0 else (math.inf if m_new > m_ref else 0.0)
+    if m_new - m_ref >= 0.5 and m_new > m_ref * (1.0 + rel) and z > z_crit:
+        return f"interventions per episode rose {m_ref:.2f} -> {m_new:.2f} (z={z:.2f})"
+    return None
 
 
 def _drop_z(p_ref: float, n_ref: int, p_new: float, n_new: int) -> float:
@@ -286,7 +311,9 @@ class Learner:
                 self.outcome_counts["other"] += 1
                 continue
             per = self.outcomes.setdefault(name, {})
-            per.setdefault(version, deque(maxlen=keep)).append(bool(o["success"]))
+            help_ = o.get("interventions")
+            help_ = int(help_) if isinstance(help_, int) and not isinstance(help_, bool) and help_ >= 0 else None
+            per.setdefault(version, deque(maxlen=keep)).append((bool(o["success"]), help_))
             counted += 1
         self.outcome_counts["counted"] += counted
         return counted
@@ -323,20 +350,26 @@ class Learner:
                 success_drop=cfg.success_drop,
             )
         )
-        for ok in ref + new:
+        for ok, _ in ref + new:
             monitor.record_episode(f"{name}-fleet", name, ok)
         drop = [a for a in monitor.alarms() if a["kind"] == "success_drop" and a["scope"] == "embodiment"]
-        rate_new, rate_ref = sum(new) / len(new), sum(ref) / len(ref)
+        rate_new, rate_ref = sum(ok for ok, _ in new) / len(new), sum(ok for ok, _ in ref) / len(ref)
+        z_crit = NormalDist().inv_cdf(1.0 - cfg.significance)
         z = _drop_z(rate_ref, len(ref), rate_new, len(new))
-        significant = z > NormalDist().inv_cdf(1.0 - cfg.significance)
+        help_new, help_ref = [h for _, h in new if h is not None], [h for _, h in ref if h is not None]
+        rise = _rise(help_ref, help_new, cfg.intervention_rise, z_crit)
         del self.watch[name]
-        if not drop or not significant:
-            why = "success held" if not drop else f"drop not significant (z={z:.2f})"
-            info = {"success": rate_new, "reference": rate_ref, "episodes": len(new), "why": why}
-            return self._event("rollout_confirmed", name, version=w["version"], **info)
-        return self._rollback(name, w, rate_new, rate_ref, f"{drop[0]['message']} (z={z:.2f})")
+        info = {"success": rate_new, "reference": rate_ref, "episodes": len(new)}
+        if help_new and help_ref:
+            info |= {"interventions": float(np.mean(help_new)), "reference_interventions": float(np.mean(help_ref))}
+        if drop and z > z_crit:
+            return self._rollback(name, w, info, f"{drop[0]['message']} (z={z:.2f})")
+        if rise is not None:
+            return self._rollback(name, w, info, rise)
+        why = "success held" if not drop else f"drop not significant (z={z:.2f})"
+        return self._event("rollout_confirmed", name, version=w["version"], **info, why=why)
 
-    def _rollback(self, name: str, w: dict, rate_new: float, rate_ref: float, message: str) -> dict:
+    def _rollback(self, name: str, w: dict, info: dict, message: str) -> dict:
         from fleet.policy.checkpoint import head_from_bytes
 
         _, payload = self.registry.get(name, w["previous"])
@@ -351,14 +384,10 @@ class Learner:
             version=int(version),
             rolled_back=w["version"],
             restores=w["previous"],
-            success=rate_new,
-            reference=rate_ref,
             reason=message,
+            **info,
         )
-        self.log(
-            f"learner: {name} v{w['version']} lowered success {rate_ref:.0%} -> {rate_new:.0%}: "
-            f"rolled back as v{version}"
-        )
+        self.log(f"learner: {name} v{w['version']} rolled back as v{version}: {message}")
         self._save_state()
         return event
 

@@ -352,3 +352,18 @@ def test_a_drop_chance_explains_is_not_rolled_back(fleet_parts, demos):
     (event,) = learner.step()
     assert event["event"] == "rollout_confirmed" and "not significant" in event["why"], event
     assert registry.latest() == {"franka": 2}
+
+
+def test_a_rollout_that_needs_more_human_help_is_rolled_back(fleet_parts, demos):
+    """Success held by the teleoperator, but the new head needed it far more often: rolled back."""
+    _, replay, registry, make = fleet_parts
+    learner = make()
+    learner.start()
+    ok = {"robot_id": "r0", "embodiment": "franka", "success": True}
+    learner.record_outcomes([ok | {"head_version": 1, "interventions": k % 3} for k in range(10)])  # mean 0.9
+    add(replay, demos["franka"], range(0, 24, 2))
+    learner.step()
+    learner.record_outcomes([ok | {"head_version": 2, "interventions": 3 + k % 2} for k in range(5)])  # mean 3.4
+    rollback, *_ = learner.step()
+    assert rollback["event"] == "rollback" and "interventions per episode rose" in rollback["reason"], rollback
+    assert rollback["success"] == 1.0 and registry.history("franka")[2]["meta"]["restores"] == 1
