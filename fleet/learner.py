@@ -134,6 +134,40 @@ class LearnerConfig:
         return asdict(self)
 
 
+def judge_rollout(
+    ref: list[tuple[bool, int | None]], new: list[tuple[bool, int | None]], cfg: LearnerConfig, name: str = "head"
+) -> tuple[bool, dict, str]:
+    """(roll back?, info, reason) for a rollout: `ref` are the previous version's episodes, `new` the new
+    version's, each (success, interventions or None). Rolls back on a `fleet.monitor.Monitor` success-drop
+    alarm that a one-sided two-proportion z-test confirms, or on a significant rise in interventions."""
+    from fleet.monitor import Monitor, MonitorConfig
+
+    monitor = Monitor(
+        MonitorConfig(
+            success_window=len(new),
+            success_reference=len(ref),
+            success_min_count=min(len(new), len(ref)),
+            success_drop=cfg.success_drop,
+        )
+    )
+    for ok, _ in ref + new:
+        monitor.record_episode(f"{name}-fleet", name, ok)
+    drop = [a for a in monitor.alarms() if a["kind"] == "success_drop" and a["scope"] == "embodiment"]
+    rate_new, rate_ref = sum(ok for ok, _ in new) / len(new), sum(ok for ok, _ in ref) / len(ref)
+    z_crit = NormalDist().inv_cdf(1.0 - cfg.significance)
+    z = _drop_z(rate_ref, len(ref), rate_new, len(new))
+    help_new, help_ref = [h for _, h in new if h is not None], [h for _, h in ref if h is not None]
+    info = {"success": rate_new, "reference": rate_ref, "episodes": len(new)}
+    if help_new and help_ref:
+        info |= {"interventions": float(np.mean(help_new)), "reference_interventions": float(np.mean(help_ref))}
+    if drop and z > z_crit:
+        return True, info, f"{drop[0]['message']} (z={z:.2f})"
+    rise = _rise(help_ref, help_new, cfg.intervention_rise, z_crit)
+    if rise is not None:
+        return True, info, rise
+    return False, info, "success held" if not drop else f"drop not significant (z={z:.2f})"
+
+
 def _rise(ref: list[int], new: list[int], rel: float, z_crit: float) -> str | None:
     """Why the interventions per episode rose enough to roll back (relative rise > `rel`, at least 0.5 more
     per episode, one-sided Welch z > `z_crit`), or None."""
@@ -320,8 +354,6 @@ class Learner:
 
     def _judge_rollout(self, name: str) -> dict | None:
         """Decide the watched rollout of `name` if enough episodes ran: confirm or roll back."""
-        from fleet.monitor import Monitor, MonitorConfig
-
         w = self.watch.get(name)
         if w is None:
             return None
@@ -342,32 +374,11 @@ class Learner:
             return self._event(
                 "rollout_confirmed", name, version=w["version"], episodes=len(new), why="no reference episodes"
             )
-        monitor = Monitor(
-            MonitorConfig(
-                success_window=len(new),
-                success_reference=len(ref),
-                success_min_count=min(len(new), len(ref)),
-                success_drop=cfg.success_drop,
-            )
-        )
-        for ok, _ in ref + new:
-            monitor.record_episode(f"{name}-fleet", name, ok)
-        drop = [a for a in monitor.alarms() if a["kind"] == "success_drop" and a["scope"] == "embodiment"]
-        rate_new, rate_ref = sum(ok for ok, _ in new) / len(new), sum(ok for ok, _ in ref) / len(ref)
-        z_crit = NormalDist().inv_cdf(1.0 - cfg.significance)
-        z = _drop_z(rate_ref, len(ref), rate_new, len(new))
-        help_new, help_ref = [h for _, h in new if h is not None], [h for _, h in ref if h is not None]
-        rise = _rise(help_ref, help_new, cfg.intervention_rise, z_crit)
         del self.watch[name]
-        info = {"success": rate_new, "reference": rate_ref, "episodes": len(new)}
-        if help_new and help_ref:
-            info |= {"interventions": float(np.mean(help_new)), "reference_interventions": float(np.mean(help_ref))}
-        if drop and z > z_crit:
-            return self._rollback(name, w, info, f"{drop[0]['message']} (z={z:.2f})")
-        if rise is not None:
-            return self._rollback(name, w, info, rise)
-        why = "success held" if not drop else f"drop not significant (z={z:.2f})"
-        return self._event("rollout_confirmed", name, version=w["version"], **info, why=why)
+        rollback, info, reason = judge_rollout(ref, new, cfg, name)
+        if rollback:
+            return self._rollback(name, w, info, reason)
+        return self._event("rollout_confirmed", name, version=w["version"], **info, why=reason)
 
     def _rollback(self, name: str, w: dict, info: dict, message: str) -> dict:
         from fleet.policy.checkpoint import head_from_bytes

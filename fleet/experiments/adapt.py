@@ -11,7 +11,10 @@ For one embodiment and one shift:
      the expert under the shift) watches every chunk and corrects the ones that stray, until the next
      point of the schedule (20, 50, 100, 150, 200 corrections by default); adapt the head on the new
      corrections (one fleet.policy.adapt round, rehearsal included, published only if the validation
-     accepts it, exactly as the learner does) and measure the shifted success again;
+     accepts it, exactly as the learner does) and measure the shifted success again. Each collection
+     phase runs at least 20 teleoperated episodes, the fleet's work on the newest head: as the learner
+     does with the robots' reports, their outcomes and interventions judge a newly published head
+     against the one before (fleet.learner.judge_rollout), which rolls it back when it does worse;
   3. measure the retained work and the other embodiments again, and compare the other heads bit for bit.
 Every success measurement runs the same unseen evaluation episodes (paired), so the curve's steps are
 the head's doing, not the scenes'.
@@ -45,10 +48,13 @@ def collect_corrections(
     seed: int = 0,
     n_envs: int = 8,
     tolerance: float = 0.15,
+    min_episodes: int = 0,
 ) -> tuple[list[Correction], dict]:
     """Run the model's current head on `name` under `shift`; a scripted teleoperator reviews every new chunk
-    and overrides the ones that stray (TeleopConfig tolerance), which then run instead. Returns the first
-    `n` corrections and {"episodes", "successes", "chunks"} of the episodes that produced them.
+    and overrides the ones that stray (TeleopConfig tolerance), which then run instead, as on the fleet's
+    robots. Returns the first `n` corrections and {"episodes", "successes", "chunks", "outcomes"}, where
+    outcomes lists (success, interventions) per finished episode. With `min_episodes`, episodes go on
+    (the human still correcting, nothing more recorded) until that many finished.
     """
     from fleet.embodiments import get_embodiment
     from fleet.policy.train import chunk_policy
@@ -62,14 +68,14 @@ def collect_corrections(
     teleop = Teleoperator(TeleopConfig(tolerance=tolerance))
     version = int(model.head_versions[name])
     out: list[Correction] = []
-    stats = {"episodes": 0, "successes": 0, "chunks": 0}
+    stats: dict = {"episodes": 0, "successes": 0, "chunks": 0, "outcomes": []}
     next_ep = 0
     envs: list[dict] = []
-    while len(out) < n:
+    while len(out) < n or stats["episodes"] < min_episodes:
         while len(envs) < n_envs:
             env = make_env(name, shift=shift)
             obs, _ = env.reset(seed=COLLECT_SEED_BASE + seed * 100_003 + next_ep)
-            envs.append({"env": env, "obs": obs, "chunk": None, "k": 0, "episode": next_ep, "tick": 0})
+            envs.append({"env": env, "obs": obs, "chunk": None, "k": 0, "episode": next_ep, "tick": 0, "help": 0})
             next_ep += 1
         need = [e for e in envs if e["chunk"] is None or e["k"] >= spec.recompute_every]
         if need:
@@ -78,6 +84,7 @@ def collect_corrections(
             for e, proposal in zip(need, chunks, strict=True):
                 proposal = np.asarray(proposal, np.float32)
                 decision = teleop.review(e["env"], proposal)
+                e["help"] += int(decision.override)
                 if decision.override and len(out) < n:
                     out.append(
                         Correction.new(
@@ -105,6 +112,7 @@ def collect_corrections(
             if term or trunc:
                 stats["episodes"] += 1
                 stats["successes"] += int(info["is_success"])
+                stats["outcomes"].append((bool(info["is_success"]), e["help"]))
             else:
                 still.append(e)
         envs = still
@@ -130,6 +138,7 @@ def run_adapt_experiment(
     and measure (increasing); `other_episodes` 0 skips measuring the other embodiments' success."""
     import torch
 
+    from fleet.learner import LearnerConfig, judge_rollout
     from fleet.policy.adapt import AdaptConfig, HeadAdapter, rehearsal_set
     from fleet.policy.default import load_policy
     from fleet.policy.evaluate import evaluate
@@ -167,12 +176,30 @@ def run_adapt_experiment(
     log(f"rehearsal: {0 if rehearsal is None else len(rehearsal)} samples, encoded in {adapter.prepare_seconds:.1f} s")
     curve: list[list[float]] = [[0, success_before]]
     rounds: list[dict] = []
+    # the learner's rollout watch, emulated: the teleoperated episodes that collect the next corrections are
+    # the fleet's work on the newest head; their first `watch_episodes` judge it against the head before
+    watch = LearnerConfig()
+    watched: dict | None = None  # {"state", "reference"}: the head before the newest and its episodes
     total = 0
     for i, target in enumerate(points):
-        corrections, stats = collect_corrections(model, embodiment, shift, target - total, seed=seed * 1000 + i)
+        corrections, stats = collect_corrections(
+            model, embodiment, shift, target - total, seed=seed * 1000 + i, min_episodes=watch.watch_episodes
+        )
+        outcomes, rollout = stats["outcomes"], None
+        if watched is not None and len(watched["reference"]) >= watch.min_reference:
+            ref = watched["reference"][-watch.reference_episodes :]
+            back, info, why = judge_rollout(ref, outcomes[: watch.watch_episodes], watch, embodiment)
+            rollout = {"version": adapter.version, "rolled_back": back, "why": why} | info
+            if back:
+                adapter.set_head(watched["state"], adapter.version + 1)
+                outcomes = watched["reference"]  # the restored head's own episodes
+                log(f"     rollout of the last head rolled back: {why}")
+        previous = model.head_state_dict(embodiment)
         result = adapter.round(corrections)
+        watched = None
         if result.accepted:
             adapter.accept(result, adapter.version + 1)
+            watched = {"state": previous, "reference": outcomes}
         total = target
         rate = success(shift)
         curve.append([total, rate])
@@ -186,6 +213,8 @@ def run_adapt_experiment(
                 "head_version": adapter.version,
                 "success": rate,
                 "collect_episodes": stats["episodes"],
+                "collect_success": stats["successes"] / max(1, stats["episodes"]),
+                "previous_rollout": rollout,
                 "metrics": result.metrics,
             }
         )
@@ -221,6 +250,7 @@ def run_adapt_experiment(
             "rounds": rounds,
             "adapt_config": adapter.config.to_dict(),
             "rehearsal_samples": 0 if rehearsal is None else len(rehearsal),
+            "rollbacks": sum(bool(r["previous_rollout"] and r["previous_rollout"]["rolled_back"]) for r in rounds),
             "seconds_total": time.perf_counter() - t_start,
         }
         (out / "adapt.json").write_text(json.dumps(details, indent=1, default=float))
