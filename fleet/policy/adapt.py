@@ -396,7 +396,11 @@ class HeadAdapter:
             self.hardware_changed = True
             idx = torch.tensor([i for i, h in enumerate(hardware) if h], dtype=torch.long)
             self._residuals.append(self._residual(new.take(idx)))
-            self.calibration = self._estimate_calibration()
+            estimate = self._estimate_calibration()
+            # keep the labels (and the cached rehearsal scores) unless the estimate really moved
+            moved = self.calibration is None or np.abs(estimate - self.calibration).max() > 0.1 * cfg.calibration_min
+            if moved:
+                self.calibration = estimate
         n = len(new)
         n_hold = int(round(cfg.holdout * n)) if n >= 5 else 0
         n_hold = max(1, n_hold) if n >= 5 and cfg.holdout > 0 else n_hold
