@@ -353,7 +353,19 @@ class HeadAdapter:
             n_val = min(cfg.rehearsal_val, len(data) // 4) if len(data) >= 8 else 0
             self.rehearsal_val = data.take(perm[:n_val]) if n_val else None
             self.rehearsal_train = data.take(perm[n_val:])
+            self._warm_up(self.rehearsal_train)
         self.prepare_seconds = time.perf_counter() - t0
+
+    def _warm_up(self, data: Cached) -> None:
+        """One training step and one decode on a throwaway copy of the head, so the first round does not pay
+        torch's one-time kernel and allocator set-up (about a second on 2 cores)."""
+        import torch
+
+        head = copy.deepcopy(self.model.head(self.name)).train()
+        part = data.take(torch.arange(min(len(data), self.config.batch_size)))
+        loss, _ = head.loss(part.memory, part.pad_mask, part.actions, torch.Generator().manual_seed(0))
+        loss.backward()
+        head_action_error(head, part, seed=0)
 
     # ---- the head's state -------------------------------------------------------------------------
     @property
