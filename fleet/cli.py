@@ -77,7 +77,15 @@ def pretrain(
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (DAgger rounds included).")] = 6000,
     batch_size: Annotated[int, typer.Option(min=4, help="Rows per step, split evenly over embodiments.")] = 64,
     demo_episodes: Annotated[int, typer.Option(min=1, help="Expert episodes per embodiment before DAgger.")] = 1500,
-    dagger_rounds: Annotated[int, typer.Option(min=0, help="Rounds of policy rollouts relabelled by the expert.")] = 2,
+    dagger_rounds: Annotated[int, typer.Option(min=0, help="Rounds of policy rollouts relabelled by the expert.")] = 3,
+    dagger_episodes: Annotated[int, typer.Option(min=0, help="Policy-driven episodes per embodiment per round.")] = 300,
+    mix: Annotated[
+        str,
+        typer.Option(
+            help="Relative rows per embodiment in a batch, e.g. 'franka=1,aloha=1.25,hello=0.5,leap=1.25' "
+            "(hello learns fastest; aloha and leap need the most precision). 'even' splits evenly."
+        ),
+    ] = "franka=1,aloha=1.25,hello=0.5,leap=1.25",
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and batches.")] = 0,
     eval_episodes: Annotated[int, typer.Option(min=0, help="Closed-loop episodes per embodiment afterwards.")] = 50,
     threads: Annotated[
@@ -94,14 +102,19 @@ def pretrain(
     from fleet.policy.train import PretrainConfig, chunk_policy
     from fleet.policy.train import pretrain as run_pretrain
 
-    cfg = PretrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        demo_episodes=demo_episodes,
-        dagger_rounds=dagger_rounds,
-        seed=seed,
-        threads=threads,
-    )
+    try:
+        cfg = PretrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            mix=_parse_mix(mix),
+            demo_episodes=demo_episodes,
+            dagger_rounds=dagger_rounds,
+            dagger_episodes=dagger_episodes,
+            seed=seed,
+            threads=threads,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
     log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
     model, report, _ = run_pretrain(cfg, out=out, progress=not json_out, log=log)
     results = {}
@@ -114,6 +127,22 @@ def pretrain(
         _emit_json(summary)
     else:
         typer.echo(f"wrote {out}/policy.safetensors in {report.seconds / 60:.1f} min")
+
+
+def _parse_mix(text: str) -> dict[str, float] | None:
+    """'franka=1,leap=1.5' -> {"franka": 1.0, "leap": 1.5}; 'even' -> None."""
+    if text.strip().lower() == "even":
+        return None
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--mix: expected NAME=WEIGHT pairs like 'leap=1.5', got {part!r}")
+    return out
 
 
 @app.command("eval")

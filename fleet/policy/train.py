@@ -42,7 +42,9 @@ class PretrainConfig:
     steps: int = 6000
     # optimizer steps in total, DAgger rounds included
     batch_size: int = 128
-    # rows per step, split evenly across embodiments
+    # rows per step, split across embodiments by `mix`
+    mix: dict[str, float] | None = None
+    # relative share of each embodiment's rows in a batch (None: even); embodiments left out get 1.0
     lr: float = 1e-3
     # peak AdamW learning rate (linear warm-up, cosine decay)
     warmup: int = 200
@@ -75,6 +77,22 @@ class PretrainConfig:
                 raise ValueError(f"PretrainConfig.{f} must be >= 1, got {getattr(self, f)}")
         if self.dagger_rounds < 0 or self.dagger_episodes < 0:
             raise ValueError("PretrainConfig.dagger_rounds and dagger_episodes must be >= 0")
+        for name, w in (self.mix or {}).items():
+            if name not in self.embodiments:
+                raise ValueError(f"PretrainConfig.mix: {name!r} is not trained; embodiments {list(self.embodiments)}")
+            if not (isinstance(w, int | float) and math.isfinite(w) and w > 0):
+                raise ValueError(f"PretrainConfig.mix[{name!r}] must be a positive number, got {w!r}")
+        if self.batch_size < len(self.embodiments):
+            raise ValueError(
+                f"PretrainConfig.batch_size must be >= the number of embodiments ({len(self.embodiments)}), "
+                f"got {self.batch_size}"
+            )
+
+    def rows(self) -> dict[str, int]:
+        """Rows of each embodiment in one batch: `batch_size` split by `mix`, at least one each."""
+        w = {n: float((self.mix or {}).get(n, 1.0)) for n in self.embodiments}
+        total = sum(w.values())
+        return {n: max(1, round(self.batch_size * w[n] / total)) for n in self.embodiments}
 
 
 @dataclass
@@ -117,13 +135,15 @@ class DemoTensors:
             if d.focus is not None and np.isfinite(d.focus).all():
                 self.data[name]["focus"] = torch.from_numpy(np.ascontiguousarray(d.focus, dtype=np.float32))
 
-    def batch(self, batch_size: int, gen: torch.Generator):
+    def batch(self, batch_size: int | dict[str, int], gen: torch.Generator):
+        """A mixed batch: `batch_size` rows split evenly, or a dict of rows per embodiment."""
         from fleet.policy.batch import PolicyBatch
 
-        per = max(1, batch_size // len(self.names))
+        rows = batch_size if isinstance(batch_size, dict) else dict.fromkeys(self.names, max(1, batch_size // len(self.names)))
         parts, names = [], []
         for name in self.names:
             d = self.data[name]
+            per = rows[name]
             idx = torch.randint(0, len(d["image"]), (per,), generator=gen)
             parts.append({k: v.index_select(0, idx) for k, v in d.items()})
             names += [name] * per
@@ -217,6 +237,8 @@ def pretrain(
 
     dagger_at = {int(cfg.steps * (k + 1) / (cfg.dagger_rounds + 1)) for k in range(cfg.dagger_rounds)}
     gen = torch.Generator().manual_seed(cfg.seed)
+    rows = cfg.rows()
+    log(f"rows per batch: {rows}")
     bar = _progress(progress)
     task = bar.add_task("pretrain", total=cfg.steps) if bar else None
     running = None
@@ -243,7 +265,7 @@ def pretrain(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             model.train()
-            loss, _ = model.action_loss(tensors.batch(cfg.batch_size, gen), generator=gen)
+            loss, _ = model.action_loss(tensors.batch(rows, gen), generator=gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
