@@ -225,9 +225,11 @@ def pretrain(
     for name, d in demos.items():
         model.set_proprio_stats(name, d.proprio.mean(0), d.proprio.std(0) + 1e-3)
     tensors = DemoTensors(model, demos)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:  # the fused kernel is 16% of a step faster on 2 CPU cores (0.285 -> 0.240 s, batch 64)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # a build without the fused CPU kernel
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup:
@@ -276,6 +278,8 @@ def pretrain(
                 report.losses.append((step, running))
             if bar:
                 bar.update(task, advance=1, description=f"pretrain loss {running:.3f}")
+            elif (step + 1) % 250 == 0:  # no bar (--json): a line now and then, to stderr
+                log(f"step {step + 1}/{cfg.steps} loss {running:.3f} ({time.perf_counter() - t0:.0f} s)")
     finally:
         if bar:
             bar.stop()
