@@ -66,13 +66,20 @@ class PolicyConfig:
     # each head also reads the backbone's embodiment, proprio and keypoint tokens directly (an MLP of
     # them added to every step token): where the object is must reach the first action without the
     # head having to learn to find it by cross-attention first
-    # loss weight of the later chunk steps: they are nearly determined by the first ones under teacher
-    # forcing, so an unweighted loss is dominated by easy tokens and under-trains the first action
+    flow_execute_sample: tuple[str, ...] = ()
+    # embodiments whose flow head executes one of its K samples instead of their mean (the other samples
+    # still feed the disagreement confidence). Measured on the leap hand (500 episodes each): the mean of
+    # 4 samples 81 %, one sample 90 %; the aloha arms: mean 90 % in 28 steps, one sample 90 % in 36 steps
 
     def __post_init__(self) -> None:
+        if isinstance(self.flow_execute_sample, list):  # from JSON
+            object.__setattr__(self, "flow_execute_sample", tuple(self.flow_execute_sample))
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "loss_tail_weight":
+            if f.name == "flow_execute_sample":
+                if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"PolicyConfig.flow_execute_sample must be a tuple of embodiment names, got {value!r}")
+            elif f.name == "loss_tail_weight":
                 if not 0.0 <= value <= 1.0:
                     raise ValueError(f"PolicyConfig.loss_tail_weight must be in [0, 1], got {value!r}")
             elif f.name == "aux_focus_weight":

@@ -102,7 +102,10 @@ class FlowHead(HeadBase):
 
         The executed chunk is the mean of the K samples, clipped to [-1, 1]: averaging cancels the
         sampling noise (an ensemble's answer), while the spread of the samples is the confidence
-        signal. With K=1 it is the single sample. `temperature` is unused (the noise is the sampling).
+        signal. For embodiments in `PolicyConfig.flow_execute_sample` it is the first sample instead:
+        when the samples disagree on timing (close the hand now or a step later) their mean is a slower
+        motion than any of them. With K=1 it is the single sample. `temperature` is unused.
         """
         samples = self.sample(memory, pad_mask, n_samples, generator)
-        return {"chunk": samples.mean(dim=1).clamp(-1.0, 1.0), "samples": samples}
+        chunk = samples[:, 0] if self.name in self.config.flow_execute_sample else samples.mean(dim=1)
+        return {"chunk": chunk.clamp(-1.0, 1.0), "samples": samples}

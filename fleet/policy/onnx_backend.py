@@ -377,7 +377,8 @@ class OnnxBackend(PolicyBackend):
         b = memory.shape[0]
         noise = torch.randn((b * n_samples, head.chunk_size, head.action_dim), generator=generator)
         samples = session.run(feeds | {"noise": noise.numpy()})[0]
-        return {"chunk": np.clip(samples.mean(axis=1), -1.0, 1.0), "samples": samples}
+        chunk = samples[:, 0] if name in self.model.config.flow_execute_sample else samples.mean(axis=1)
+        return {"chunk": np.clip(chunk, -1.0, 1.0), "samples": samples}
 
     def close(self) -> None:
         self._sessions.clear()

@@ -32,6 +32,7 @@ def default_policy_config() -> PolicyConfig:
         max_instr_len=8,
         head_layers=2,
         flow_train_noise=2,
+        flow_execute_sample=("leap",),
     )
 
 
