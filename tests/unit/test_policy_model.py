@@ -131,6 +131,25 @@ def test_flow_samples_differ_across_noise_and_repeat_with_the_seed() -> None:
         np.testing.assert_allclose(model.normalize_actions(ra["embodiment"], ra["chunk"]), mean, atol=1e-5)
 
 
+def test_flow_execute_sample_executes_the_first_sample_for_the_named_embodiments_only() -> None:
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = FleetPolicy(replace(TINY, flow_execute_sample=("leap",)), dict(EMBODIMENTS), default_vocabulary())
+    batch = mixed_batch(model, ["leap", "aloha"])
+    leap, aloha = model.predict(batch, n_samples=4, generator=torch.Generator().manual_seed(3))
+    np.testing.assert_allclose(
+        model.normalize_actions("leap", leap["chunk"]), np.clip(leap["samples"][0], -1, 1), atol=1e-5
+    )
+    assert not np.allclose(leap["samples"][0], leap["samples"].mean(axis=0), atol=1e-3)
+    np.testing.assert_allclose(
+        model.normalize_actions("aloha", aloha["chunk"]), np.clip(aloha["samples"].mean(axis=0), -1, 1), atol=1e-5
+    )
+    assert PolicyConfig.from_dict({**TINY.to_dict(), "flow_execute_sample": ["leap"]}).flow_execute_sample == ("leap",)
+    with pytest.raises(ValueError, match="flow_execute_sample"):
+        replace(TINY, flow_execute_sample="leap")
+
+
 @pytest.mark.parametrize(("name", "steps", "lr"), [("franka", 300, 3e-3), ("aloha", 400, 1e-2)])
 def test_tiny_batch_can_be_overfitted(name: str, steps: int, lr: float) -> None:
     model = tiny_model(seed=1)
