@@ -74,10 +74,10 @@ def pretrain(
     out: Annotated[Path, typer.Option("--out", help="Directory for policy.safetensors/policy.json.")] = Path(
         "runs/pretrain"
     ),
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (DAgger rounds included).")] = 5000,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (DAgger rounds included).")] = 4400,
     batch_size: Annotated[int, typer.Option(min=4, help="Rows per step, split evenly over embodiments.")] = 64,
     demo_episodes: Annotated[int, typer.Option(min=1, help="Expert episodes per embodiment before DAgger.")] = 1500,
-    dagger_rounds: Annotated[int, typer.Option(min=0, help="Rounds of policy rollouts relabelled by the expert.")] = 3,
+    dagger_rounds: Annotated[int, typer.Option(min=0, help="Rounds of policy rollouts relabelled by the expert.")] = 2,
     dagger_episodes: Annotated[int, typer.Option(min=0, help="Policy-driven episodes per embodiment per round.")] = 300,
     mix: Annotated[
         str,

@@ -258,7 +258,8 @@ class PolicyRuntime:
             with self._lock:
                 t0 = time.perf_counter()
                 tokens = None
-                if self.encoder_cache is not None:
+                # rows of heads with word adapters skip the cache: their tokens depend on the head version
+                if self.encoder_cache is not None and not self.backend.has_word_adapters(batch.embodiments):
                     tokens = self.encoder_cache.tokens(
                         [r["robot_id"] for r in rows],
                         batch.image.numpy(),

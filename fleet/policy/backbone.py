@@ -230,27 +230,38 @@ class Backbone(nn.Module):
         self.norm = nn.LayerNorm(d)
 
     def forward(
-        self, image: torch.Tensor, emb_ids: torch.Tensor, proprio_tok: torch.Tensor, instr_ids: torch.Tensor
+        self,
+        image: torch.Tensor,
+        emb_ids: torch.Tensor,
+        proprio_tok: torch.Tensor,
+        instr_ids: torch.Tensor,
+        words: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """image (B,H,W,3) uint8, emb_ids (B,) vocab ids, proprio_tok (B,d), instr_ids (B,L) with L <= max_instr_len.
+
+        words: (B, L, d) word vectors to use instead of `word_embed(instr_ids)` (a head's word adapters,
+        FleetPolicy.word_vectors); None = the embedding table's.
 
         Returns memory (B, S, d) after the final LayerNorm, pad_mask (B, S) bool True=padding, and
         pooled (B, d): the embodiment token's output, the feature OOD scoring uses.
         """
-        return self.transformer(self.vision_tokens(image, instr_ids), emb_ids, proprio_tok, instr_ids)
+        return self.transformer(self.vision_tokens(image, instr_ids, words), emb_ids, proprio_tok, instr_ids, words=words)
 
-    def instruction_summary(self, instr_ids: torch.Tensor) -> torch.Tensor | None:
+    def instruction_summary(self, instr_ids: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor | None:
         """(B, d) bag of word embeddings of the instruction (padding excluded) that FiLM-conditions the
         keypoints; None without keypoints."""
         if not self.config.keypoints:
             return None
         valid = (instr_ids != 0).unsqueeze(-1).to(self.instr_pos.dtype)
-        return (self.word_embed(instr_ids) * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+        vectors = self.word_embed(instr_ids) if words is None else words
+        return (vectors * valid).sum(1) / valid.sum(1).clamp(min=1.0)
 
-    def vision_tokens(self, image: torch.Tensor, instr_ids: torch.Tensor) -> torch.Tensor:
+    def vision_tokens(
+        self, image: torch.Tensor, instr_ids: torch.Tensor, words: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """image (B, H, W, 3) uint8, instr_ids (B, L) -> image tokens (B, N, d): everything that depends on the
         camera frame (and, through the keypoint FiLM, on the instruction). Servers cache it per robot."""
-        return self.vision(image, self.instruction_summary(instr_ids))
+        return self.vision(image, self.instruction_summary(instr_ids, words))
 
     def transformer(
         self,
@@ -259,13 +270,14 @@ class Backbone(nn.Module):
         proprio_tok: torch.Tensor,
         instr_ids: torch.Tensor,
         mask_fn=attend_mask,
+        words: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The rest of `forward` given the image tokens -> (memory, pad_mask, pooled). `mask_fn` turns the
         padding mask into the attention mask (ONNX export passes one without data-dependent branches)."""
         b, length = instr_ids.shape
         if length > self.config.max_instr_len:
             raise ValueError(f"instr_ids: length {length} exceeds max_instr_len {self.config.max_instr_len}")
-        words = self.word_embed(instr_ids) + self.instr_pos[:length]
+        words = (self.word_embed(instr_ids) if words is None else words) + self.instr_pos[:length]
         head = torch.stack([self.word_embed(emb_ids), proprio_tok.to(words.dtype)], dim=1)
         x = torch.cat([head, words, tokens.to(words.dtype)], dim=1)
         pad_mask = torch.zeros(b, x.shape[1], dtype=torch.bool, device=x.device)

@@ -13,9 +13,13 @@ Every backend splits the forward into the same stages, so the per-robot vision-e
 (encoder_cache.py) works with all of them:
 
     proprio_tokens(batch)                           per-embodiment stems, fp32 torch (tiny)
-    image_tokens(image, instr_ids)                  the vision encoder: (B, N, d) image tokens
-    transform(tokens, emb_idx, proprio_tok, instr)  the backbone transformer: memory, pad_mask, pooled
+    word_vectors(batch)                             the heads' word adapters on each row's words, or None
+    image_tokens(image, instr_ids, words)           the vision encoder: (B, N, d) image tokens
+    transform(tokens, emb_idx, proprio_tok, instr, words)  the backbone transformer: memory, pad_mask, pooled
     head_outputs(name, memory, pad_mask, ...)       one head on its rows: normalized chunk (+ extras)
+
+`words` is None unless a row's head carries word adapters (learnt online for words pretraining never
+saw, FleetPolicy.word_vectors); then it is (B, L, d) float32 and replaces the embedding lookup.
 
 Stage boundaries are float32 numpy arrays (zero-copy to and from torch). A backend that holds its own
 copy of the heads (`shares_model` False) is refreshed after a head swap: `prepare_head(name)` builds
@@ -46,6 +50,7 @@ class PolicyBackend:
     def __init__(self, model) -> None:
         self.model = model
         self._versions = dict(model.head_versions)  # what this backend serves (a swap installs it last)
+        self._word_deltas = {name: self._adapters(name) for name in model.specs}  # installed with the heads
 
     @property
     def name(self) -> str:
@@ -64,11 +69,40 @@ class PolicyBackend:
                 out = out.index_copy(0, idx, self.stem(name)(batch.proprio.index_select(0, idx)[:, :p]).float())
         return out
 
-    def image_tokens(self, image: np.ndarray | torch.Tensor, instr_ids: np.ndarray | torch.Tensor) -> np.ndarray:
+    def _adapters(self, name: str) -> torch.Tensor | None:
+        """A copy of head `name`'s word-adapter table in the master model, or None when it is all zero."""
+        table = getattr(self.model.head(name), "word_delta", None)
+        return None if table is None or not bool(table.any()) else table.detach().clone()
+
+    def word_vectors(self, batch) -> torch.Tensor | None:
+        """(B, L, d) float32 word vectors with the served heads' word adapters, or None when no row has any."""
+        with torch.inference_mode():
+            if self.shares_model:
+                return self.model.word_vectors(batch)
+            return self.model.word_vectors(batch, {n: self._word_deltas.get(n) for n in batch.groups()})
+
+    def has_word_adapters(self, names) -> bool:
+        """Whether any of embodiments `names` is served with word adapters (their image tokens then depend on
+        the head version, so per-robot encoder caching is skipped for them)."""
+        if self.shares_model:
+            return any(bool(self.model.head(n).word_delta.any()) for n in set(names))
+        return any(self._word_deltas.get(n) is not None for n in set(names))
+
+    def image_tokens(
+        self,
+        image: np.ndarray | torch.Tensor,
+        instr_ids: np.ndarray | torch.Tensor,
+        words: torch.Tensor | None = None,
+    ) -> np.ndarray:
         raise NotImplementedError
 
     def transform(
-        self, tokens: np.ndarray, emb_idx: torch.Tensor, proprio_tok: torch.Tensor, instr_ids: torch.Tensor
+        self,
+        tokens: np.ndarray,
+        emb_idx: torch.Tensor,
+        proprio_tok: torch.Tensor,
+        instr_ids: torch.Tensor,
+        words: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise NotImplementedError
 
@@ -90,13 +124,15 @@ class PolicyBackend:
     def install_head(self, name: str, prepared, version: int) -> None:
         """Swap in what prepare_head built (fast; the runtime holds its forward lock)."""
         self._versions[name] = version
+        self._word_deltas[name] = self._adapters(name)
 
     # ----- the composed forward ------------------------------------------------------------------------
     def encode(self, batch, image_tokens: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """memory (B, S, d), pad_mask (B, S), pooled (B, d) as numpy; image_tokens (B, N, d) skips the encoder."""
+        words = self.word_vectors(batch)
         if image_tokens is None:
-            image_tokens = self.image_tokens(batch.image, batch.instr_ids)
-        return self.transform(image_tokens, batch.emb_idx, self.proprio_tokens(batch), batch.instr_ids)
+            image_tokens = self.image_tokens(batch.image, batch.instr_ids, words)
+        return self.transform(image_tokens, batch.emb_idx, self.proprio_tokens(batch), batch.instr_ids, words)
 
     def predict(
         self,
@@ -155,15 +191,15 @@ class TorchBackend(PolicyBackend):
     def stem(self, name: str):
         return self.head(name).stem
 
-    def image_tokens(self, image, instr_ids) -> np.ndarray:
+    def image_tokens(self, image, instr_ids, words=None) -> np.ndarray:
         image, instr_ids = torch.as_tensor(image), torch.as_tensor(instr_ids)
         with torch.inference_mode(), self._context():
-            return _np(self.backbone.vision_tokens(image, instr_ids))
+            return _np(self.backbone.vision_tokens(image, instr_ids, words))
 
-    def transform(self, tokens, emb_idx, proprio_tok, instr_ids):
+    def transform(self, tokens, emb_idx, proprio_tok, instr_ids, words=None):
         with torch.inference_mode(), self._context():
             memory, pad_mask, pooled = self.backbone.transformer(
-                torch.as_tensor(tokens), emb_idx, proprio_tok, torch.as_tensor(instr_ids)
+                torch.as_tensor(tokens), emb_idx, proprio_tok, torch.as_tensor(instr_ids), words=words
             )
             return _np(memory), _np(pad_mask), _np(pooled)
 

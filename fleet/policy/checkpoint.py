@@ -101,6 +101,13 @@ def save_checkpoint(model: FleetPolicy, path: str | os.PathLike, extra_meta: dic
     return st_path, json_path
 
 
+def _fill_word_adapters(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zero word-adapter tables for a checkpoint or head written before heads had them (an empty adapter
+    is exactly what such a head computed)."""
+    missing = [k for k in expected if k not in got and k.split(".")[-1] == "word_delta"]
+    return {**got, **{k: torch.zeros_like(expected[k]) for k in missing}} if missing else got
+
+
 def _check_tensors(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str) -> None:
     missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     if missing:
@@ -165,6 +172,7 @@ def load_checkpoint(
         tensors = load_file(str(st_path))
     except Exception as exc:  # safetensors raises its own error type for a corrupt file
         raise ValueError(f"checkpoint {path}: {st_path.name} is not readable safetensors ({exc})") from None
+    tensors = _fill_word_adapters(model.state_dict(), tensors)
     _check_tensors(model.state_dict(), tensors, f"checkpoint {path}")
     model.load_state_dict(tensors, strict=True)
     versions = meta.get("head_versions", {})
@@ -225,6 +233,7 @@ def head_from_bytes(model: FleetPolicy, name: str, data: bytes) -> int:
         tensors = load(data)
     except Exception as exc:  # safetensors raises its own error type for corrupt bytes
         raise ValueError(f"head payload for {name!r}: not readable safetensors ({exc})") from None
+    tensors = _fill_word_adapters(model.head(name).state_dict(), tensors)
     _check_tensors(model.head(name).state_dict(), tensors, f"head payload for {name!r}")
     model.load_head_state_dict(name, tensors, version)
     return version

@@ -36,6 +36,12 @@ class FleetPolicy(nn.Module):
         self.vocab = vocab
         self.backbone = Backbone(config, len(vocab))
         self.heads = nn.ModuleDict({name: make_head(spec, config) for name, spec in self.specs.items()})
+        for head in self.heads.values():
+            # the head's word adapters: a vector added to the embedding of each word, for this embodiment's rows
+            # only. Pretraining leaves them zero (a buffer: no optimizer sees it); online adaptation learns the
+            # rows of words pretraining never saw (novel object names), so instructions made of known words
+            # stay bit-identical and the shared table is never touched (textual inversion, Gal et al. 2022)
+            head.register_buffer("word_delta", torch.zeros(len(vocab), config.d_model))
         # the pretrained heads are version 1; each adapted head published by the learner increments it
         self.head_versions: dict[str, int] = dict.fromkeys(self.specs, 1)
 
@@ -68,8 +74,11 @@ class FleetPolicy(nn.Module):
         """`batch.collate` with this model's vocabulary, specs and instruction length."""
         return collate(observations, embodiments, self.vocab, self.specs, actions, self.config.max_instr_len)
 
-    def encode(self, batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Backbone once for the whole mixed batch -> memory (B, S, d), pad_mask (B, S) True=padding, pooled (B, d)."""
+    def encode(
+        self, batch: PolicyBatch, word_deltas: Mapping[str, torch.Tensor | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backbone once for the whole mixed batch -> memory (B, S, d), pad_mask (B, S) True=padding, pooled (B, d).
+        word_deltas: word-adapter tables to use instead of the heads' own (`word_vectors`)."""
         groups = batch.groups()
         d = self.config.d_model
         proprio_tok = batch.proprio.new_zeros(len(batch), d)
@@ -77,7 +86,27 @@ class FleetPolicy(nn.Module):
             stem = self.head(name).stem
             p = self.specs[name].proprio_dim
             proprio_tok = proprio_tok.index_copy(0, idx, stem(batch.proprio.index_select(0, idx)[:, :p]))
-        return self.backbone(batch.image, batch.emb_idx, proprio_tok, batch.instr_ids)
+        words = self.word_vectors(batch, word_deltas)
+        return self.backbone(batch.image, batch.emb_idx, proprio_tok, batch.instr_ids, words)
+
+    def word_vectors(
+        self, batch: PolicyBatch, deltas: Mapping[str, torch.Tensor | None] | None = None
+    ) -> torch.Tensor | None:
+        """(B, L, d) word vectors with each row's head word adapters added, or None when no row's head has any
+        (the backbone then embeds the ids itself). `deltas` overrides heads' tables ({name: (V, d) or None})."""
+        groups = batch.groups()
+        tables = {}
+        for name in groups:
+            table = deltas[name] if deltas is not None and name in deltas else self.head(name).word_delta
+            if table is not None and (table.requires_grad or bool(table.any())):
+                tables[name] = table
+        if not tables:
+            return None
+        words = self.backbone.word_embed(batch.instr_ids)
+        for name, table in tables.items():
+            idx = groups[name]
+            words = words.index_add(0, idx, table[batch.instr_ids.index_select(0, idx)].to(words.dtype))
+        return words
 
     def action_loss(
         self, batch: PolicyBatch, generator: torch.Generator | None = None
@@ -164,7 +193,8 @@ class FleetPolicy(nn.Module):
         self.backbone.requires_grad_(False)
 
     def trainable_head_parameters(self, name: str) -> list[nn.Parameter]:
-        """Everything embodiment `name` owns: its proprio stem, decoder and output layer."""
+        """Everything embodiment `name` trains by gradient: its proprio stem, decoder and output layer (its word
+        adapters are a buffer: only online adaptation learns them, HeadAdapter)."""
         return list(self.head(name).parameters())
 
     def head_state_dict(self, name: str) -> dict[str, torch.Tensor]:

@@ -349,11 +349,20 @@ class OnnxBackend(PolicyBackend):
     def stem(self, name: str):
         return self._stems[name]
 
-    def image_tokens(self, image, instr_ids) -> np.ndarray:
+    def image_tokens(self, image, instr_ids, words=None) -> np.ndarray:
+        if words is not None:  # word adapters: the exported graph embeds ids itself, so the master runs it
+            with torch.inference_mode():
+                return self.model.backbone.vision_tokens(torch.as_tensor(image), torch.as_tensor(instr_ids), words).numpy()
         feeds = {"image": np.asarray(image), "instr_ids": np.asarray(instr_ids)}
         return self._sessions["vision"].run(feeds)[0]
 
-    def transform(self, tokens, emb_idx, proprio_tok, instr_ids):
+    def transform(self, tokens, emb_idx, proprio_tok, instr_ids, words=None):
+        if words is not None:
+            with torch.inference_mode():
+                out = self.model.backbone.transformer(
+                    torch.as_tensor(tokens), emb_idx, proprio_tok, torch.as_tensor(instr_ids), words=words
+                )
+                return tuple(t.numpy() for t in out)
         feeds = {
             "tokens": np.asarray(tokens, np.float32),
             "emb_ids": np.asarray(emb_idx),

@@ -59,7 +59,8 @@ class PretrainConfig:
     noise: float = 0.05
     # std of action noise (share of range) injected in half of the expert episodes
     dagger_rounds: int = 2
-    # rounds of: roll out the current policy, relabel with the expert, add to the data
+    # rounds of: roll out the current policy, relabel with the expert, add to the data (flow heads roll out
+    # one sample: the first round's policy times out often, and 4 samples made it a 4-minute round)
     dagger_episodes: int = 400
     # policy-driven episodes per embodiment per DAgger round
     seed: int = 0
@@ -256,7 +257,7 @@ def pretrain(
                         name,
                         cfg.dagger_episodes,
                         seed=cfg.seed * 1000 + 500 + 10 * i + step,
-                        policy=chunk_policy(model),
+                        policy=chunk_policy(model, n_samples=1),
                         keep=keep[name],
                     )
                     rates[name] = new.successes / max(1, new.episodes)
