@@ -74,7 +74,7 @@ def pretrain(
     out: Annotated[Path, typer.Option("--out", help="Directory for policy.safetensors/policy.json.")] = Path(
         "runs/pretrain"
     ),
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (DAgger rounds included).")] = 4400,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (DAgger rounds included).")] = 4600,
     batch_size: Annotated[int, typer.Option(min=4, help="Rows per step, split evenly over embodiments.")] = 64,
     demo_episodes: Annotated[int, typer.Option(min=1, help="Expert episodes per embodiment before DAgger.")] = 1500,
     dagger_rounds: Annotated[int, typer.Option(min=0, help="Rounds of policy rollouts relabelled by the expert.")] = 2,
