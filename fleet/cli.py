@@ -74,18 +74,21 @@ def pretrain(
     out: Annotated[Path, typer.Option("--out", help="Directory for policy.safetensors/policy.json.")] = Path(
         "runs/pretrain"
     ),
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (DAgger rounds included).")] = 4600,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (DAgger rounds included).")] = 6000,
     batch_size: Annotated[int, typer.Option(min=4, help="Rows per step, split evenly over embodiments.")] = 64,
     demo_episodes: Annotated[int, typer.Option(min=1, help="Expert episodes per embodiment before DAgger.")] = 1500,
     dagger_rounds: Annotated[int, typer.Option(min=0, help="Rounds of policy rollouts relabelled by the expert.")] = 2,
-    dagger_episodes: Annotated[int, typer.Option(min=0, help="Policy-driven episodes per embodiment per round.")] = 300,
+    dagger_episodes: Annotated[int, typer.Option(min=0, help="Policy-driven episodes per embodiment per round.")] = 400,
+    dagger_samples: Annotated[
+        int, typer.Option(min=0, help="Flow samples per DAgger rollout call; 0 = as the fleet runs them (4).")
+    ] = 0,
     mix: Annotated[
         str,
         typer.Option(
-            help="Relative rows per embodiment in a batch, e.g. 'franka=1,aloha=1.25,hello=0.5,leap=1.25' "
-            "(hello learns fastest; aloha and leap need the most precision). 'even' splits evenly."
+            help="Relative rows per embodiment in a batch, e.g. 'franka=1,aloha=1.75,hello=0.25,leap=1.25'; "
+            "'even' splits evenly (the shipped recipe)."
         ),
-    ] = "franka=1,aloha=1.25,hello=0.5,leap=1.25",
+    ] = "even",
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and batches.")] = 0,
     eval_episodes: Annotated[int, typer.Option(min=0, help="Closed-loop episodes per embodiment afterwards.")] = 50,
     threads: Annotated[
@@ -96,7 +99,8 @@ def pretrain(
     """Train the multi-embodiment policy from scratch on teleoperator demonstrations of all four sims
     (behaviour cloning with noise-injected demos and DAgger), then evaluate it closed loop.
 
-    `fleet pretrain --out fleet/checkpoints` reproduces the shipped checkpoint (about 25 minutes on 2 cores).
+    `fleet pretrain --out fleet/checkpoints` reruns the shipped checkpoint's recipe (about 35 minutes on 2
+    quiet cores; see the README for a 28-minute recipe and what it reaches).
     """
     from fleet.policy.evaluate import evaluate
     from fleet.policy.train import PretrainConfig, chunk_policy
@@ -110,6 +114,7 @@ def pretrain(
             demo_episodes=demo_episodes,
             dagger_rounds=dagger_rounds,
             dagger_episodes=dagger_episodes,
+            dagger_samples=dagger_samples or None,
             seed=seed,
             threads=threads,
         )

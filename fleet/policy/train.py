@@ -59,10 +59,13 @@ class PretrainConfig:
     noise: float = 0.05
     # std of action noise (share of range) injected in half of the expert episodes
     dagger_rounds: int = 2
-    # rounds of: roll out the current policy, relabel with the expert, add to the data (flow heads roll out
-    # one sample: the first round's policy times out often, and 4 samples made it a 4-minute round)
+    # rounds of: roll out the current policy, relabel with the expert, add to the data
     dagger_episodes: int = 400
     # policy-driven episodes per embodiment per DAgger round
+    dagger_samples: int | None = None
+    # flow samples per call in DAgger rollouts: None = as the fleet runs the policy (4, executing their mean,
+    # or one of them for PolicyConfig.flow_execute_sample); 1 is cheaper (the first round's policy times
+    # out a lot: 140 s a round with 1 sample, about 4 min with 4, at 300 episodes)
     seed: int = 0
     # seeds data collection, initialisation and batch sampling
     threads: int = 2
@@ -77,6 +80,8 @@ class PretrainConfig:
         for f in ("steps", "batch_size", "demo_episodes"):
             if getattr(self, f) < 1:
                 raise ValueError(f"PretrainConfig.{f} must be >= 1, got {getattr(self, f)}")
+        if self.dagger_samples is not None and (isinstance(self.dagger_samples, bool) or self.dagger_samples < 1):
+            raise ValueError(f"PretrainConfig.dagger_samples must be None or >= 1, got {self.dagger_samples!r}")
         if self.dagger_rounds < 0 or self.dagger_episodes < 0:
             raise ValueError("PretrainConfig.dagger_rounds and dagger_episodes must be >= 0")
         for name, w in (self.mix or {}).items():
@@ -257,7 +262,7 @@ def pretrain(
                         name,
                         cfg.dagger_episodes,
                         seed=cfg.seed * 1000 + 500 + 10 * i + step,
-                        policy=chunk_policy(model, n_samples=1),
+                        policy=chunk_policy(model, n_samples=cfg.dagger_samples),
                         keep=keep[name],
                     )
                     rates[name] = new.successes / max(1, new.episodes)
