@@ -164,6 +164,9 @@ def run_adapt_experiment(
     eval_seed = seed + 1
 
     def success(shift_: str | None, name: str = embodiment, n: int = episodes) -> float:
+        # the same scenes and the same flow-sampling noise every time: two measurements of an unchanged head
+        # agree exactly, so a step in the curve (or a difference in another embodiment) is the head's doing
+        torch.manual_seed(eval_seed)
         return evaluate(chunk_policy(model), name, n, shift=shift_, seed=eval_seed).success_rate
 
     t_start = time.perf_counter()
