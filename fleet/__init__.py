@@ -5,7 +5,6 @@ adapters live in `actors/` and `deployments/`, and `fleet.launcher` / `fleet.cli
 """
 
 import os as _os
-
 import sys as _sys
 
 # OpenMP threads that busy-wait at every barrier are a disaster on a small shared machine: with torch on

@@ -590,7 +590,9 @@ class HeadAdapter:
         if not self.word_ids:
             return False
         ids = torch.tensor(self.word_ids)
-        return any(p is not None and p.inputs is not None and bool(torch.isin(p.inputs["instr"], ids).any()) for p in parts)
+        return any(
+            p is not None and p.inputs is not None and bool(torch.isin(p.inputs["instr"], ids).any()) for p in parts
+        )
 
     def _reencode(self, data: Cached | None, table, grad: bool = False) -> Cached | None:
         """`data` with the memory of its rows that hold an adapted word recomputed under word-adapter `table`

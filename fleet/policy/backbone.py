@@ -78,7 +78,9 @@ class PolicyConfig:
             value = getattr(self, f.name)
             if f.name == "flow_execute_sample":
                 if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
-                    raise ValueError(f"PolicyConfig.flow_execute_sample must be a tuple of embodiment names, got {value!r}")
+                    raise ValueError(
+                        f"PolicyConfig.flow_execute_sample must be a tuple of embodiment names, got {value!r}"
+                    )
             elif f.name == "loss_tail_weight":
                 if not 0.0 <= value <= 1.0:
                     raise ValueError(f"PolicyConfig.loss_tail_weight must be in [0, 1], got {value!r}")
@@ -245,7 +247,9 @@ class Backbone(nn.Module):
         Returns memory (B, S, d) after the final LayerNorm, pad_mask (B, S) bool True=padding, and
         pooled (B, d): the embodiment token's output, the feature OOD scoring uses.
         """
-        return self.transformer(self.vision_tokens(image, instr_ids, words), emb_ids, proprio_tok, instr_ids, words=words)
+        return self.transformer(
+            self.vision_tokens(image, instr_ids, words), emb_ids, proprio_tok, instr_ids, words=words
+        )
 
     def instruction_summary(self, instr_ids: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor | None:
         """(B, d) bag of word embeddings of the instruction (padding excluded) that FiLM-conditions the

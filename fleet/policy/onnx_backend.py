@@ -352,7 +352,9 @@ class OnnxBackend(PolicyBackend):
     def image_tokens(self, image, instr_ids, words=None) -> np.ndarray:
         if words is not None:  # word adapters: the exported graph embeds ids itself, so the master runs it
             with torch.inference_mode():
-                return self.model.backbone.vision_tokens(torch.as_tensor(image), torch.as_tensor(instr_ids), words).numpy()
+                return self.model.backbone.vision_tokens(
+                    torch.as_tensor(image), torch.as_tensor(instr_ids), words
+                ).numpy()
         feeds = {"image": np.asarray(image), "instr_ids": np.asarray(instr_ids)}
         return self._sessions["vision"].run(feeds)[0]
 

@@ -146,7 +146,11 @@ class DemoTensors:
         """A mixed batch: `batch_size` rows split evenly, or a dict of rows per embodiment."""
         from fleet.policy.batch import PolicyBatch
 
-        rows = batch_size if isinstance(batch_size, dict) else dict.fromkeys(self.names, max(1, batch_size // len(self.names)))
+        rows = (
+            batch_size
+            if isinstance(batch_size, dict)
+            else dict.fromkeys(self.names, max(1, batch_size // len(self.names)))
+        )
         parts, names = [], []
         for name in self.names:
             d = self.data[name]

@@ -9,13 +9,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fleet.data import Correction  # noqa: E402
 from fleet.policy.adapt import AdaptConfig, HeadAdapter, head_loss  # noqa: E402
 from fleet.policy.backend import TorchBackend  # noqa: E402
 from fleet.policy.checkpoint import head_from_bytes, head_to_bytes, load_checkpoint, save_checkpoint  # noqa: E402
 from fleet.policy.demos import collect  # noqa: E402
 from fleet.policy.train import build_model  # noqa: E402
 from tests.mocks.tiny_policy import TINY  # noqa: E402
+from tests.unit.test_adapt import corrections  # noqa: E402
 
 KP = replace(TINY, keypoints=2)  # keypoints on: the instruction also FiLM-conditions the vision encoder
 
@@ -105,26 +105,6 @@ def test_a_staged_backend_serves_the_installed_adapters():
         np.testing.assert_allclose(a["chunk"], b["chunk"], atol=1e-5)
 
 
-def _corrections(demo, shift: str) -> list[Correction]:
-    return [
-        Correction.new(
-            robot_id="r0",
-            embodiment=demo.embodiment,
-            episode=0,
-            tick=int(i),
-            image=demo.images[i],
-            proprio=demo.proprio[i],
-            instruction=demo.instructions[i],
-            policy_chunk=demo.actions[i],
-            corrected_chunk=demo.actions[i],
-            head_version=1,
-            reason="stray",
-            shift=shift,
-        )
-        for i in range(len(demo))
-    ]
-
-
 def test_the_adapter_learns_only_words_the_rehearsal_set_never_uses():
     model = tiny()
     rehearsal = collect("franka", 12, seed=3)
@@ -135,7 +115,7 @@ def test_the_adapter_learns_only_words_the_rehearsal_set_never_uses():
     cfg = AdaptConfig(steps=40, batch_size=16, lr=1e-3, word_lr=1e-2, max_round_seconds=None, holdout=0.0)
     adapter = HeadAdapter(model, "franka", rehearsal, cfg)
     rehearsal_memory = adapter.rehearsal_train.memory.clone()
-    result = adapter.round(_corrections(novel, "novel_object"))
+    result = adapter.round(corrections(novel, range(len(novel)), shift="novel_object"))
     assert set(result.metrics["adapted_words"]) == unseen
     delta = result.state["word_delta"]
     ids = [model.vocab.token_id(w) for w in unseen]
