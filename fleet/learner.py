@@ -86,7 +86,7 @@ class LearnerConfig:
     threads: int = 1
     # torch intra-op threads of the learner
     adapt: dict = field(default_factory=dict)
-    # fleet.policy.adapt.AdaptConfig keys, e.g. {"steps": 100}
+    # fleet.policy.adapt_config.AdaptConfig keys, e.g. {"steps": 100}
 
     def __post_init__(self) -> None:
         def fail(name: str, expected: str) -> None:
@@ -117,7 +117,7 @@ class LearnerConfig:
             object.__setattr__(self, "embodiments", tuple(self.embodiments))
         if not isinstance(self.adapt, dict):
             fail("adapt", "a mapping of AdaptConfig keys")
-        from fleet.policy.adapt import AdaptConfig
+        from fleet.policy.adapt_config import AdaptConfig
 
         AdaptConfig.from_dict(self.adapt)  # refuse bad adaptation keys now, not at the first round
 
@@ -214,7 +214,7 @@ class Learner:
         state_dir: str | os.PathLike | None = None,
         log_fn=None,
     ) -> None:
-        from fleet.policy.adapt import AdaptConfig
+        from fleet.policy.adapt_config import AdaptConfig
 
         self.model, self.replay, self.registry = model, replay, registry
         self.config = cfg = config or LearnerConfig()
@@ -285,7 +285,8 @@ class Learner:
     def start(self) -> None:
         """Build the adapters (rehearsal memory encoded once) on the checkpoint's heads, reload the corrections
         earlier rounds learnt from, then continue from the registry's newest head of each embodiment."""
-        from fleet.policy.adapt import HeadAdapter, rehearsal_set
+        from fleet.policy.adapt import HeadAdapter
+        from fleet.policy.adapt_data import rehearsal_set
         from fleet.policy.checkpoint import head_from_bytes, head_to_bytes
 
         self.state = "preparing"

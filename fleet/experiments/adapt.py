@@ -139,7 +139,8 @@ def run_adapt_experiment(
     import torch
 
     from fleet.learner import LearnerConfig, judge_rollout
-    from fleet.policy.adapt import AdaptConfig, HeadAdapter, rehearsal_set
+    from fleet.policy.adapt import AdaptConfig, HeadAdapter
+    from fleet.policy.adapt_data import rehearsal_set
     from fleet.policy.default import load_policy
     from fleet.policy.evaluate import evaluate
     from fleet.policy.train import chunk_policy

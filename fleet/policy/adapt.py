@@ -1,6 +1,6 @@
 """Online adaptation of one action head (the backbone stays frozen): one round on new corrections.
 
-    adapter = HeadAdapter(model, "franka", rehearsal=rehearsal_set("franka", episodes=120))
+    adapter = HeadAdapter(model, "franka", rehearsal=rehearsal_set("franka", episodes=120))  # adapt_data.py
     result = adapter.round(corrections)            # trains a candidate, validates it, returns it
     if result.accepted:                            # no worse on rehearsal, better on held-out corrections
         adapter.accept(result, version=v + 1)      # the next round continues from it
@@ -44,283 +44,27 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fleet.data.correction import Correction
+from fleet.policy.adapt_config import AdaptConfig
+from fleet.policy.adapt_data import (
+    Cached,
+    bounded,
+    corrections_to_demos,
+    encode_demos,
+    head_action_error,
+    head_loss,
+    relabel,
+)
 from fleet.policy.demos import DemoSet
 
 if TYPE_CHECKING:
     import torch
-# torch is imported where it is used, so AdaptConfig is importable without it (the launcher and
-# `fleet up` validate a learner's configuration in a process that never loads a model)
-
-HARDWARE_SHIFTS: tuple[str, ...] = ("actuator_bias",)
-REHEARSAL_SEED = 7_000_000
-# rehearsal episodes use seeds far from pretraining (0..) and evaluation (1_000_000_007..) seeds
-
-
-@dataclass(frozen=True)
-class AdaptConfig:
-    """Knobs of one adaptation round. `from_dict` refuses unknown keys."""
-
-    steps: int = 100
-    # optimizer steps per round
-    batch_size: int = 32
-    # rows per step
-    max_round_seconds: float | None = 4.5
-    # a round's time budget: training stops early when what is left would not fit the validation that
-    # follows (about as long as the one before training) on a loaded machine or with a slow head;
-    # metrics["steps_done"] says how many steps ran. None = always all `steps`
-    lr: float = 3e-4
-    # AdamW learning rate (linearly decayed to a tenth over the round)
-    weight_decay: float = 0.0
-    new_share: float = 0.25
-    # share of each batch drawn from this round's new corrections (training part)
-    earlier_share: float = 0.25
-    # share drawn from earlier rounds' corrections; the rest is pretraining rehearsal. A missing source's
-    # share goes to the others in proportion. On the shipped franka head under actuator_bias (40 unseen
-    # episodes per point, success after 20/50/100/150/200 corrections) 1/4 new, 1/4 earlier, 1/2 rehearsal
-    # gave 85/100/85/88/78 %, where 1/2 new, 1/4, 1/4 gave 60/97/63 % (later rounds overfit the few strays
-    # a good head still makes)
-    holdout: float = 0.2
-    # share of each round's new corrections held out for validation (at least one when there are 5+)
-    rehearsal_tolerance: float = 0.02
-    # a candidate may have at most this much higher relative rehearsal loss than the current head
-    rehearsal_val: int = 256
-    # pretraining-style samples held out from the rehearsal set to validate on (and the most earlier
-    # held-out corrections kept for validation)
-    max_corrections: int = 2000
-    # earlier corrections kept (the newest), with their cached backbone memory (~24 kB each)
-    hardware_shifts: tuple[str, ...] = HARDWARE_SHIFTS
-    # shifts that change the embodiment's action mapping: its rehearsal labels get recalibrated (module docstring)
-    calibration_z: float = 3.0
-    # after a hardware change, a dimension's command offset is applied to the rehearsal labels only when
-    # its estimate is this many standard errors from zero ...
-    calibration_min: float = 0.02
-    # ... and at least this large (normalized units: 0.02 is 1 % of the dimension's range)
-    require_holdout_improvement: bool = True
-    # refuse a candidate that is worse than the current head on this round's held-out corrections
-    word_lr: float = 6e-3
-    # learning rate of the head's word adapters: the vectors added to the embeddings of instruction words
-    # the rehearsal set never uses (novel object names). 0 = never adapt words. On the franka head under
-    # novel_object within the learner's 4.5 s rounds (40 unseen episodes, success after 20/50/100/150/200
-    # corrections): 3e-3 gave 28/22/50/50/50 %, 6e-3 22/38/62/72/72 %, 1e-2 35/20/22/18/60 % (unstable)
-    words_only: bool = True
-    # a round whose new corrections name adapted words trains the word adapters alone (the decoder stays as
-    # it is, so rehearsal is bit-identical): training the decoder on them too made the rehearsal gate refuse
-    # every such round on the franka head (executed-action error +3.6 %, loss +4.4 %)
-    eval_batch: int = 256
-    # rows per forward pass when encoding and validating
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.words_only, bool):
-            raise ValueError(f"AdaptConfig.words_only: expected a bool, got {self.words_only!r}")
-        for name in ("steps", "batch_size", "rehearsal_val", "max_corrections", "eval_batch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "rehearsal_val" else 1):
-                raise ValueError(f"AdaptConfig.{name}: expected a positive int, got {v!r}")
-        shares = ("new_share", "earlier_share", "holdout", "rehearsal_tolerance", "calibration_z", "calibration_min")
-        for name in ("lr", "weight_decay", "word_lr", *shares):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"AdaptConfig.{name}: expected a finite number >= 0, got {v!r}")
-        m = self.max_round_seconds
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
-            raise ValueError(f"AdaptConfig.max_round_seconds: expected None or seconds > 0, got {m!r}")
-        if not self.lr > 0:
-            raise ValueError(f"AdaptConfig.lr: expected > 0, got {self.lr!r}")
-        if self.new_share + self.earlier_share > 1.0 or self.new_share <= 0:
-            raise ValueError(
-                f"AdaptConfig.new_share ({self.new_share}) must be > 0 and new_share + earlier_share "
-                f"({self.earlier_share}) at most 1"
-            )
-        if self.holdout >= 1.0:
-            raise ValueError(f"AdaptConfig.holdout: expected a share in [0, 1), got {self.holdout!r}")
-        if isinstance(self.hardware_shifts, str) or not all(isinstance(s, str) for s in self.hardware_shifts):
-            raise ValueError(
-                f"AdaptConfig.hardware_shifts: expected a tuple of shift names, got {self.hardware_shifts!r}"
-            )
-        object.__setattr__(self, "hardware_shifts", tuple(self.hardware_shifts))
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> AdaptConfig:
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"AdaptConfig: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# ---- data ----------------------------------------------------------------------------------------
-def corrections_to_demos(corrections: Sequence[Correction], name: str) -> DemoSet:
-    """Corrections of embodiment `name` as a DemoSet: (image, proprio, instruction) -> corrected chunk."""
-    if not corrections:
-        raise ValueError(f"corrections_to_demos: no corrections of {name!r}")
-    for i, c in enumerate(corrections):
-        if c.embodiment != name:
-            raise ValueError(f"corrections[{i}]: embodiment {c.embodiment!r}, expected {name!r}")
-    return DemoSet(
-        name,
-        np.stack([np.asarray(c.image, np.uint8) for c in corrections]),
-        np.stack([np.asarray(c.proprio, np.float32) for c in corrections]),
-        [c.instruction for c in corrections],
-        np.stack([np.asarray(c.corrected_chunk, np.float32) for c in corrections]),
-    )
-
-
-def rehearsal_set(name: str, episodes: int = 120, seed: int = 0, states_per_episode: float = 4.0) -> DemoSet:
-    """Pretraining-style expert samples of `name` in the unshifted simulator (about `states_per_episode`
-    visited states kept per episode, as pretraining keeps them)."""
-    from fleet.policy.demos import collect
-
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-        raise ValueError(f"rehearsal_set: episodes must be a positive int, got {episodes!r}")
-    pilot = collect(name, min(episodes, 8), seed=REHEARSAL_SEED + seed * 1000 + 999)
-    keep = min(1.0, states_per_episode * pilot.episodes / max(1, len(pilot)))
-    return collect(name, episodes, seed=REHEARSAL_SEED + seed * 1000, keep=keep)
-
-
-@dataclass
-class Cached:
-    """Samples of one embodiment with their backbone memory, ready to train or validate a head on.
-
-    `inputs` (corrections only): the raw rows {"image" uint8, "proprio", "instr"} the memory came from,
-    kept so rows whose instruction holds an adapted word can be re-encoded with new word adapters."""
-
-    memory: torch.Tensor  # (N, S, d) float32
-    pad_mask: torch.Tensor  # (N, S) bool, True = padding
-    actions: torch.Tensor  # (N, T, D) float32 normalized
-    inputs: dict[str, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return int(self.memory.shape[0])
-
-    @staticmethod
-    def cat(parts: Sequence[Cached]) -> Cached | None:
-        import torch
-
-        parts = [p for p in parts if p is not None and len(p)]
-        if not parts:
-            return None
-        if len(parts) == 1:
-            return parts[0]
-        inputs = None
-        if all(p.inputs is not None for p in parts):
-            inputs = {k: torch.cat([p.inputs[k] for p in parts]) for k in parts[0].inputs}
-        return Cached(*(torch.cat([getattr(p, f) for p in parts]) for f in ("memory", "pad_mask", "actions")), inputs)
-
-    def take(self, idx: torch.Tensor) -> Cached:
-        inputs = None if self.inputs is None else {k: v.index_select(0, idx) for k, v in self.inputs.items()}
-        return Cached(self.memory.index_select(0, idx), self.pad_mask.index_select(0, idx), self.actions[idx], inputs)
-
-    def tail(self, n: int) -> Cached:
-        inputs = None if self.inputs is None else {k: v[-n:] for k, v in self.inputs.items()}
-        return Cached(self.memory[-n:], self.pad_mask[-n:], self.actions[-n:], inputs)
-
-
-def encode_demos(model, demos: DemoSet, eval_batch: int = 256, keep_inputs: bool = False) -> Cached:
-    """Backbone memory of every sample, once (no_grad: the stem and backbone are frozen during adaptation).
-    keep_inputs: also keep the raw rows (Cached.inputs), to re-encode them under new word adapters."""
-    import torch
-
-    from fleet.policy.batch import PolicyBatch, normalize_actions
-
-    name = demos.embodiment
-    spec = model.specs[name]
-    n = len(demos)
-    emb = model.vocab.token_id(spec.token)
-    cache: dict[str, np.ndarray] = {}
-    length = model.config.max_instr_len
-    instr = np.stack([cache.setdefault(t, model.vocab.encode(t, length)) for t in demos.instructions])
-    actions = torch.from_numpy(normalize_actions(spec, demos.actions))
-    mems, masks = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, n, eval_batch):
-                sl = slice(start, min(n, start + eval_batch))
-                rows = sl.stop - sl.start
-                batch = PolicyBatch(
-                    image=torch.from_numpy(np.ascontiguousarray(demos.images[sl])),
-                    proprio=torch.from_numpy(np.ascontiguousarray(demos.proprio[sl], dtype=np.float32)),
-                    instr_ids=torch.from_numpy(instr[sl]),
-                    emb_idx=torch.full((rows,), emb, dtype=torch.long),
-                    embodiments=[name] * rows,
-                )
-                memory, pad_mask, _ = model.encode(batch)
-                mems.append(memory.detach().clone())
-                masks.append(pad_mask.detach().clone())
-    finally:
-        model.train(was_training)
-    inputs = None
-    if keep_inputs:
-        inputs = {
-            "image": torch.from_numpy(np.ascontiguousarray(demos.images)),
-            "proprio": torch.from_numpy(np.ascontiguousarray(demos.proprio, dtype=np.float32)),
-            "instr": torch.from_numpy(instr),
-        }
-    return Cached(torch.cat(mems), torch.cat(masks), actions, inputs)
-
-
-def head_loss(head, data: Cached | None, seed: int, eval_batch: int = 256) -> float | None:
-    """Mean loss of `head` on `data` (None when empty). Deterministic: a flow head's noise and times come
-    from a generator seeded with `seed`, so two heads are compared on the same draws."""
-    import torch
-
-    if data is None or len(data) == 0:
-        return None
-    gen = torch.Generator().manual_seed(int(seed))
-    total = 0.0
-    was_training = head.training
-    head.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(data), eval_batch):
-                idx = torch.arange(start, min(len(data), start + eval_batch))
-                part = data.take(idx)
-                loss, _ = head.loss(part.memory, part.pad_mask, part.actions, gen)
-                total += float(loss) * len(idx)
-    finally:
-        head.train(was_training)
-    return total / len(data)
-
-
-def head_action_error(head, data: Cached | None, seed: int, eval_batch: int = 256) -> float | None:
-    """Mean absolute error (normalized units) of the actions `head` would execute on `data`: its greedy chunk
-    (a flow head: the mean of 2 samples; the fleet runs 4, but two heads compared on the same seeded noise
-    need fewer, and 4 cost ~1 s a round) over the first `loss_head_steps` steps, the ones a robot executes
-    before asking again. None when `data` is empty. Deterministic like `head_loss`.
-
-    This is what closed-loop success follows; the training loss need not: a token head's cross-entropy
-    can fall while its most likely bins move away from the target."""
-    import torch
-
-    if data is None or len(data) == 0:
-        return None
-    steps = head.config.loss_head_steps
-    k = 2 if getattr(head, "kind", "") == "flow" else 1
-    gen = torch.Generator().manual_seed(int(seed))
-    total = 0.0
-    was_training = head.training
-    head.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(data), eval_batch):
-                part = data.take(torch.arange(start, min(len(data), start + eval_batch)))
-                chunk = head.predict(part.memory, part.pad_mask, k, 0.0, gen)["chunk"]
-                total += float((chunk[:, :steps] - part.actions[:, :steps]).abs().mean()) * len(part)
-    finally:
-        head.train(was_training)
-    return total / len(data)
+# torch is imported where it is used (callers that only need AdaptConfig import fleet.policy.adapt_config)
 
 
 # ---- rounds --------------------------------------------------------------------------------------
@@ -429,8 +173,8 @@ class HeadAdapter:
         if not corrections:
             return 0
         train, holdout = self._ingest(corrections)
-        self.earlier = _bounded(Cached.cat([self.earlier, train]), self.config.max_corrections)
-        self.earlier_val = _bounded(Cached.cat([self.earlier_val, holdout]), max(1, self.config.rehearsal_val))
+        self.earlier = bounded(Cached.cat([self.earlier, train]), self.config.max_corrections)
+        self.earlier_val = bounded(Cached.cat([self.earlier_val, holdout]), max(1, self.config.rehearsal_val))
         return len(corrections)
 
     def _ingest(self, corrections: list[Correction]) -> tuple[Cached, Cached | None]:
@@ -477,8 +221,8 @@ class HeadAdapter:
 
         rehearsal_train, rehearsal_val = self.rehearsal_train, self.rehearsal_val
         if self.calibration is not None:
-            rehearsal_train = _relabel(rehearsal_train, self.calibration)
-            rehearsal_val = _relabel(rehearsal_val, self.calibration)
+            rehearsal_train = relabel(rehearsal_train, self.calibration)
+            rehearsal_val = relabel(rehearsal_val, self.calibration)
         rehearsal_share = 1.0 - cfg.new_share - cfg.earlier_share
         current = self.model.head(self.name)
         seed = cfg.seed * 7919 + self.rounds
@@ -518,8 +262,8 @@ class HeadAdapter:
         }
         accepted, reason, gate = self._judge(before, after, train_loss)
         # the corrections stay for later rounds whatever the verdict
-        self.earlier = _bounded(Cached.cat([self.earlier, train]), cfg.max_corrections)
-        self.earlier_val = _bounded(Cached.cat([self.earlier_val, holdout]), max(1, cfg.rehearsal_val))
+        self.earlier = bounded(Cached.cat([self.earlier, train]), cfg.max_corrections)
+        self.earlier_val = bounded(Cached.cat([self.earlier_val, holdout]), max(1, cfg.rehearsal_val))
         self.rounds += 1
         state = {k: v.detach().clone() for k, v in candidate.state_dict().items()}
         seconds = time.perf_counter() - t0
@@ -732,18 +476,3 @@ def _shift_names(shift: str | None) -> list[str]:
     if not shift:
         return []
     return [p.strip() for p in str(shift).replace(",", "+").split("+") if p.strip()]
-
-
-def _relabel(data: Cached | None, offset: np.ndarray) -> Cached | None:
-    """`data` with `offset` (D,) added to every action and clipped to the range: what the expert commands
-    on hardware whose commands are offset by -`offset`."""
-    import torch
-
-    if data is None or not np.any(offset):
-        return data
-    shifted = (data.actions + torch.from_numpy(offset)).clamp(-1.0, 1.0)
-    return Cached(data.memory, data.pad_mask, shifted)
-
-
-def _bounded(data: Cached | None, n: int) -> Cached | None:
-    return data if data is None or len(data) <= n else data.tail(n)

@@ -11,7 +11,8 @@ from actors.heads import HeadStore  # noqa: E402  (the registry's logic; needs n
 from fleet.data import Correction, ReplayStore  # noqa: E402
 from fleet.embodiments import EMBODIMENTS  # noqa: E402
 from fleet.learner import Learner, LearnerConfig  # noqa: E402
-from fleet.policy.adapt import AdaptConfig, HeadAdapter, encode_demos, head_loss  # noqa: E402
+from fleet.policy.adapt import AdaptConfig, HeadAdapter  # noqa: E402
+from fleet.policy.adapt_data import encode_demos, head_loss  # noqa: E402
 from fleet.policy.checkpoint import head_from_bytes  # noqa: E402
 from fleet.policy.demos import collect  # noqa: E402
 from fleet.policy.train import build_model  # noqa: E402

@@ -9,7 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fleet.policy.adapt import AdaptConfig, HeadAdapter, head_loss  # noqa: E402
+from fleet.policy.adapt import AdaptConfig, HeadAdapter  # noqa: E402
+from fleet.policy.adapt_data import head_loss  # noqa: E402
 from fleet.policy.backend import TorchBackend  # noqa: E402
 from fleet.policy.checkpoint import head_from_bytes, head_to_bytes, load_checkpoint, save_checkpoint  # noqa: E402
 from fleet.policy.demos import collect  # noqa: E402
