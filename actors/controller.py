@@ -18,6 +18,7 @@ from pathlib import Path
 
 import ray
 
+from actors.heads import DEFAULT_NAME as HEADS
 from fleet.embodiments import EMBODIMENTS
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class _FleetController:
             "realtime": cfg["realtime"],
             "teleop": cfg["teleop"],
         }
-        policy = {"route": cfg["route"], "app": cfg["app_name"], "namespace": cfg["namespace"]}
+        policy = {"route": cfg["route"], "app": cfg["app_name"], "namespace": cfg["namespace"], "registry": HEADS}
         replay = {"name": "fleet-replay", "namespace": cfg["namespace"]}
         # with a learner, every finished episode's outcome (and the head version it ran) goes to it
         outcomes = {"name": LEARNER, "namespace": cfg["namespace"]} if cfg.get("adapt") else None

@@ -166,14 +166,25 @@ class HeadStore:
         _, payload = self.get(name, to_version)
         return self.publish(name, None, payload, {"rollback_of": int(to_version)})
 
-    def report_serving(self, replica: str, versions: dict[str, int]) -> None:
-        """A serving replica says which head versions it now serves (shown by `serving`)."""
-        self._serving[str(replica)] = {"versions": dict(versions), "at": time.time()}
+    def report_serving(self, replica: str, versions: dict[str, int], endpoint: dict | None = None) -> None:
+        """A serving replica says which head versions it now serves (shown by `serving`) and, when it has
+        one, where its direct socket listens (`endpoints`). Replicas report every couple of seconds."""
+        self._serving[str(replica)] = {"versions": dict(versions), "at": time.time(), "endpoint": endpoint}
 
     def serving(self, max_age_s: float = 60.0) -> dict[str, dict]:
-        """{replica: {"versions", "at"}} for replicas that reported within `max_age_s`."""
+        """{replica: {"versions", "at", "endpoint"}} for replicas that reported within `max_age_s`."""
         now = time.time()
         return {r: dict(v) for r, v in self._serving.items() if now - v["at"] <= max_age_s}
+
+    def endpoints(self, node_id: str | None = None, max_age_s: float = 10.0) -> list[dict]:
+        """Direct sockets of the replicas alive within `max_age_s` (sorted by replica), those on `node_id`
+        only when given: a loopback address is reachable from its own node alone."""
+        out = [
+            dict(v["endpoint"])
+            for _, v in sorted(self.serving(max_age_s).items())
+            if v.get("endpoint") and (node_id is None or v["endpoint"].get("node_id") == node_id)
+        ]
+        return out
 
     def check_health(self) -> bool:
         return True

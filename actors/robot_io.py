@@ -2,6 +2,7 @@
 and correction sinks. Ray only, no Serve import in the robot's process for the default "gateway" route.
 
   NoPolicyClient  route "none": every request fails, the robot holds
+  DirectClient    route "direct": a TCP connection to a replica's direct socket, the gateway as fallback
   GatewayClient   route "gateway": this node's PolicyGateway actor (holds the Serve handle), polled with ray.wait
   HandleClient    route "handle": the robot's own Serve DeploymentHandle, polled with result(timeout_s=0)
   MemorySink      no replay actor: corrections kept (bounded) until take()n
@@ -11,6 +12,7 @@ and correction sinks. Ray only, no Serve import in the robot's process for the d
 from __future__ import annotations
 
 import time
+import zlib
 from collections import deque
 
 import ray
@@ -99,6 +101,115 @@ class HandleClient:
         self._response = None  # the replica finishes it; nobody reads the reply
 
 
+class DirectClient:
+    """route "direct": the robot's own TCP connection to one policy replica (fleet/direct.py), the gateway
+    as fallback.
+
+    The replicas' sockets are listed by the head registry (`HeadStore.endpoints`); a robot picks one by a
+    stable hash of its id, so robots spread over replicas. While no replica is reachable (none listed yet,
+    a loopback socket on another node, a refused connection) requests go through the gateway, and the
+    registry is asked again after `retry_s`. A connection lost with a request in flight resends that
+    request through the gateway: a restarted replica costs one slower call, not a hold.
+    """
+
+    def __init__(self, robot_id: str, app: str, namespace: str, registry: str, retry_s: float = 2.0) -> None:
+        self.robot_id, self.registry, self.namespace, self.retry_s = robot_id, registry, namespace, retry_s
+        self._gateway = GatewayClient(app, namespace)
+        self._conn = None
+        self._next_try = 0.0
+        self._via: str | None = None  # "direct" | "gateway": where the outstanding request went
+        self._request: dict | None = None
+        self.direct_calls = self.gateway_calls = self.reconnects = 0
+        self.last_error: str | None = None
+
+    def _connection(self):
+        if self._conn is not None or time.monotonic() < self._next_try:
+            return self._conn
+        self._next_try = time.monotonic() + self.retry_s
+        try:
+            from fleet.direct import DirectConnection
+
+            registry = ray.get_actor(self.registry, namespace=self.namespace)
+            listed = ray.get(registry.endpoints.remote(), timeout=1.0)
+            endpoint = pick_endpoint(listed, self.robot_id, ray.get_runtime_context().get_node_id())
+            if endpoint is not None:
+                self._conn = DirectConnection(endpoint["host"], endpoint["port"])
+                self.reconnects += 1
+        except Exception as exc:  # noqa: BLE001 - no registry, no replica, refused: the gateway serves meanwhile
+            self.last_error = f"direct route: {type(exc).__name__}: {exc}"
+        return self._conn
+
+    def _drop(self, exc: BaseException) -> None:
+        self.last_error = f"direct route: {type(exc).__name__}: {exc}"
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+        self._next_try = time.monotonic() + self.retry_s
+
+    def submit(self, request: dict) -> None:
+        self._request = request
+        conn = self._connection()
+        if conn is not None:
+            try:
+                conn.submit(request)
+                self._via = "direct"
+                self.direct_calls += 1
+                return
+            except OSError as exc:
+                self._drop(exc)
+        self._gateway.submit(request)
+        self._via = "gateway"
+        self.gateway_calls += 1
+
+    def poll(self, timeout_s: float = 0.0) -> dict | None:
+        if self._via == "direct":
+            try:
+                reply = self._conn.poll(timeout_s)
+            except (OSError, ValueError) as exc:  # lost connection or a garbled frame: resend via the gateway
+                self._drop(exc)
+                self._gateway.submit(self._request)
+                self._via = "gateway"
+                self.gateway_calls += 1
+                return None
+        elif self._via == "gateway":
+            reply = self._gateway.poll(timeout_s)
+        else:
+            return None
+        if reply is not None:
+            self._via = self._request = None
+        return reply
+
+    def cancel(self) -> None:
+        if self._via == "direct" and self._conn is not None:
+            self._conn.cancel()
+        elif self._via == "gateway":
+            self._gateway.cancel()
+        self._via = self._request = None
+
+    def stats(self) -> dict:
+        return {
+            "direct_calls": self.direct_calls,
+            "gateway_calls": self.gateway_calls,
+            "direct_connected": self._conn is not None,
+            "direct_last_error": self.last_error,
+        }
+
+
+def pick_endpoint(endpoints: list[dict], robot_id: str, node_id: str) -> dict | None:
+    """The replica socket robot `robot_id` on node `node_id` uses: among those it can reach (on its node, or
+    listening on a routable address), preferring its own node, chosen by a stable hash of the robot id."""
+
+    def local_only(e: dict) -> bool:
+        return str(e.get("host", "")).startswith("127.") or e.get("host") in ("localhost", "::1")
+
+    usable = [e for e in endpoints if e.get("node_id") == node_id or not local_only(e)]
+    same = [e for e in usable if e.get("node_id") == node_id]
+    pool = sorted(same or usable, key=lambda e: str(e.get("replica")))
+    if not pool:
+        return None
+    return pool[zlib.crc32(robot_id.encode()) % len(pool)]
+
+
 class _PolicyGateway:
     """Forwards act requests from the robots on its node to the Serve app (async: many in flight at once)."""
 
@@ -136,7 +247,7 @@ def gateway_for_this_node(app: str, namespace: str):
     ).remote(app)
 
 
-def make_client(policy: dict | None):
+def make_client(policy: dict | None, robot_id: str = ""):
     policy = dict(policy or {"route": "none"})
     route = policy.get("route", "gateway")
     if route == "none":
@@ -145,7 +256,11 @@ def make_client(policy: dict | None):
         return GatewayClient(policy["app"], policy.get("namespace", "fleet"))
     if route == "handle":
         return HandleClient(policy["app"])
-    raise ValueError(f"policy.route: expected 'gateway', 'handle' or 'none', got {route!r}")
+    if route == "direct":
+        return DirectClient(
+            robot_id, policy["app"], policy.get("namespace", "fleet"), policy.get("registry", "fleet-heads")
+        )
+    raise ValueError(f"policy.route: expected 'direct', 'gateway', 'handle' or 'none', got {route!r}")
 
 
 # ---- correction sinks ----------------------------------------------------------------------------

@@ -15,6 +15,10 @@ each replica runs the model (fleet/policy/backend.py; `fleet bench infer` measur
 Each replica polls the HeadRegistry actor and installs newer head versions between batches (hot swap,
 no request dropped).
 A malformed request is answered `{"error": "<field>: <problem>", "request_id"}`; it never fails a batch.
+Each replica also listens on a direct socket (fleet/direct.py, config `direct`): robots on its node send
+frames there, skipping the Serve handle's hops, and those requests join the same `@serve.batch` queue.
+The replica reports the socket's address to the head registry with its head versions every 2 s.
+Closed-loop robots are gathered into one batch (config `gather_s`, `_plan_next_batch`).
 """
 
 from __future__ import annotations
@@ -22,15 +26,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
 from ray import serve
 from ray.serve import Application
 
+from fleet.direct import DirectServer
 from fleet.serving import PolicyRuntime, ServeConfig
 
 logger = logging.getLogger("ray.serve")
+REPORT_EVERY_S = 2.0
+# how often a replica tells the registry it is alive, what it serves and where its direct socket is
 
 
 @serve.deployment(
@@ -62,6 +70,10 @@ class PolicyServer:
         self._swap_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-swap")
         self._refused: set[tuple[str, int]] = set()
         self._poll_error: str | None = None
+        self._seen: dict[str, float] = {}  # robot_id -> when it last asked (the gather target)
+        self._endpoint: dict | None = None
+        self._direct = DirectServer(self.act) if cfg.direct else None
+        self._direct_ready = asyncio.get_running_loop().create_task(self._start_direct()) if cfg.direct else None
         self._poller = asyncio.get_running_loop().create_task(self._poll_heads()) if cfg.registry else None
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
@@ -69,15 +81,64 @@ class PolicyServer:
         """One act request in, one reply out (see fleet.protocol); batched across callers. A reply with
         an "error" key is a rejection ("<field>: <problem>"); robots treat it as a failed call."""
         if not self.config.forward_thread:
-            return self.runtime.act_batch(requests)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._model_thread, self.runtime.act_batch, requests)
+            replies = self.runtime.act_batch(requests)
+        else:
+            loop = asyncio.get_running_loop()
+            replies = await loop.run_in_executor(self._model_thread, self.runtime.act_batch, requests)
+        self._plan_next_batch(requests)
+        return replies
+
+    def _plan_next_batch(self, requests: list[dict]) -> None:
+        """Gather: the next batch leaves once every recently active robot is in it, or after gather_s.
+
+        Closed-loop robots otherwise settle into two groups that alternate, each batch half the robots:
+        the answered group asks again a round trip after its batch ended, when the other group's batch has
+        already left. One robot alone (target 1) never waits."""
+        cfg = self.config
+        if cfg.gather_s <= 0:
+            return
+        now = time.monotonic()
+        for r in requests:
+            if isinstance(r, dict) and isinstance(r.get("robot_id"), str):
+                self._seen[r["robot_id"]] = now
+        self._seen = {k: t for k, t in self._seen.items() if now - t <= cfg.active_window_s}
+        target = max(1, min(cfg.max_batch_size, len(self._seen)))
+        self.act.set_max_batch_size(target)
+        self.act.set_batch_wait_timeout_s(max(cfg.batch_wait_timeout_s, cfg.gather_s if target > 1 else 0.0))
+
+    async def _start_direct(self) -> None:
+        host, port = await self._direct.start(self.config.direct_host, 0)
+        self._endpoint = {
+            "host": host,
+            "port": port,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "replica": self.runtime.replica_id,
+        }
+        logger.info("direct route listening on %s:%d", host, port)
+
+    async def endpoint(self) -> dict | None:
+        """{"host", "port", "node_id", "replica"} of this replica's direct socket (None: config direct=False)."""
+        if self._direct_ready is None:
+            return None
+        await asyncio.shield(self._direct_ready)
+        return dict(self._endpoint)
 
     async def head_versions(self) -> dict[str, int]:
         return self.runtime.head_versions()
 
     async def stats(self) -> dict:
-        return self.runtime.stats() | {"hot_swap_error": self._poll_error}
+        direct = self._direct
+        return self.runtime.stats() | {
+            "hot_swap_error": self._poll_error,
+            "direct": None
+            if direct is None
+            else {
+                "endpoint": self._endpoint,
+                "requests": direct.requests,
+                "bad_frames": direct.bad_frames,
+                "connections": direct.connections,
+            },
+        }
 
     async def check_health(self) -> None:
         """Serve restarts the replica when this raises: a broken model or a dead head poller."""
@@ -86,20 +147,28 @@ class PolicyServer:
             raise RuntimeError(f"policy runtime unhealthy: {health['last_error']}")
         if self._poller is not None and self._poller.done():
             raise RuntimeError(f"head poller stopped: {self._poller.exception()!r}")
+        if self._direct_ready is not None and self._direct_ready.done() and self._direct_ready.exception():
+            raise RuntimeError(f"direct route failed to start: {self._direct_ready.exception()!r}")
 
     # ----- hot swap ------------------------------------------------------------------------------
     async def _poll_heads(self) -> None:
         """Every poll_interval_s: ask the registry for its latest versions, install the newer ones."""
         cfg = self.config
         registry = None
+        reported = 0.0
         while True:
             wait = cfg.poll_interval_s
             try:
                 if registry is None:
                     registry = ray.get_actor(cfg.registry, namespace=cfg.registry_namespace)
                 latest = await registry.latest.remote()
-                if await self._install_newer(registry, latest):
-                    registry.report_serving.remote(self.runtime.replica_id, self.runtime.head_versions())
+                changed = await self._install_newer(registry, latest)
+                if changed or time.monotonic() - reported >= REPORT_EVERY_S:
+                    # also how robots find this replica's direct socket (HeadStore.endpoints)
+                    registry.report_serving.remote(
+                        self.runtime.replica_id, self.runtime.head_versions(), self._endpoint
+                    )
+                    reported = time.monotonic()
                 self._poll_error = None
             except ValueError as exc:  # the registry actor does not exist (yet): look again next time
                 registry, self._poll_error = None, f"registry {cfg.registry!r}: {exc}"

@@ -31,6 +31,7 @@ FLOW_SAMPLES = 4
 # flow-head robots ask for this many samples (RobotConfig's default), token-head robots for 1
 OBS_PER_ROBOT = 4
 # distinct recorded observations each simulated robot cycles through
+ROUTES = ("direct", "handle")
 STALE_SLACK_TICKS = 2
 # a robot asks for a chunk recompute_every ticks after its observation and may act on it until
 # recompute_every + 2 ticks (RobotConfig's default stale bound): 2 ticks of latency are free
@@ -81,8 +82,33 @@ def _raw(runtime, requests: list[dict], seconds: float) -> tuple[float, float]:
     return len(requests) / per_batch, per_batch * 1e3
 
 
-async def _served(handle, robot_reqs: list[list[dict]], names: list[str], seconds: float, specs) -> dict:
-    """Closed-loop robots for `seconds` (after a short warm-up): calls, latencies, starved ticks."""
+class _DirectCaller:
+    """One bench robot's connection to the replica's direct socket (fleet/direct.py), on the bench's loop."""
+
+    def __init__(self, endpoint: dict) -> None:
+        self.endpoint = endpoint
+        self._reader = self._writer = None
+
+    async def __call__(self, request: dict) -> dict:
+        from fleet.direct import HEADER, pack, unpack
+        from fleet.protocol import reply_from_wire, request_to_wire
+
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.endpoint["host"], self.endpoint["port"])
+        self._writer.write(pack(request_to_wire(request, binary=True)))
+        (size,) = HEADER.unpack(await self._reader.readexactly(HEADER.size))
+        return reply_from_wire(unpack(await self._reader.readexactly(size)))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+async def _served(
+    handle, robot_reqs: list[list[dict]], names: list[str], seconds: float, specs, endpoint: dict | None = None
+) -> dict:
+    """Closed-loop robots for `seconds` (after a short warm-up): calls, latencies, starved ticks. With an
+    `endpoint` the robots use the replica's direct socket, else Serve handle calls."""
     warm = min(0.5, 0.2 * seconds)
     t_start = time.perf_counter()
     t_measure, t_end = t_start + warm, t_start + warm + seconds
@@ -91,6 +117,14 @@ async def _served(handle, robot_reqs: list[list[dict]], names: list[str], second
     errors = 0
 
     async def robot(i: int) -> None:
+        direct = _DirectCaller(endpoint) if endpoint else None
+        try:
+            await _robot_loop(i, direct or handle.act.remote)
+        finally:
+            if direct is not None:
+                direct.close()
+
+    async def _robot_loop(i: int, call) -> None:
         nonlocal starved, errors
         spec = specs[names[i % len(names)]]
         k = 0
@@ -98,7 +132,7 @@ async def _served(handle, robot_reqs: list[list[dict]], names: list[str], second
             t0 = time.perf_counter()
             if t0 >= t_end:
                 return
-            reply = await handle.act.remote(robot_reqs[i][k % len(robot_reqs[i])])
+            reply = await call(robot_reqs[i][k % len(robot_reqs[i])])
             t1 = time.perf_counter()
             k += 1
             if t0 < t_measure:
@@ -130,6 +164,7 @@ def run_serve_bench(
     max_batch_size: int = 64,
     batch_wait_timeout_s: float = 0.0,
     server: dict | None = None,
+    routes=("direct",),
 ) -> dict:
     """{"results": [{robots, actions_per_s, calls_per_s, p50_ms, p99_ms, starved_ticks, raw_per_s, raw_ms,
     ratio, overhead_ms, server_batch}], "config": {...}}.
@@ -138,6 +173,8 @@ def run_serve_bench(
     threads: torch threads of the replica and of the raw measurement alike (1 on 2 cores: the other core
     runs the robots, Ray and Serve). server: more ServeConfig keys for the replica (e.g. forward_thread).
     overhead_ms = p50_ms - raw_ms (what serving adds to one batch).
+    routes: how the simulated robots reach the replica, each measured in turn at every robot count:
+    "direct" (the replica's TCP socket, the fleet robots' default) and/or "handle" (Serve handle calls).
     """
     import ray
     from ray import serve
@@ -148,6 +185,9 @@ def run_serve_bench(
     counts = [int(n) for n in robot_counts]
     if not counts or min(counts) < 1:
         raise ValueError(f"robot_counts: expected positive ints, got {robot_counts!r}")
+    routes = list(routes)
+    if not routes or any(r not in ROUTES for r in routes):
+        raise ValueError(f"routes: expected some of {ROUTES}, got {routes!r}")
     runtime = PolicyRuntime(checkpoint, threads=threads, max_batch=max(max(counts), max_batch_size))
     specs = runtime.model.specs
     names = list(embodiments or specs)
@@ -178,30 +218,20 @@ def run_serve_bench(
     try:
         handle = serve.run(build_app(config), name=app_name, route_prefix=None)
         handle.act.remote(robot_reqs[0][0]).result()
+        endpoint = handle.endpoint.remote().result() if "direct" in routes else None
+        if "direct" in routes and endpoint is None:
+            raise ValueError("routes: 'direct' needs the replica's direct socket (server config direct=True)")
         for n in counts:
             raw_per_s, raw_ms = _raw(runtime, [r[0] for r in robot_reqs[:n]], seconds_per_point)
-            before = handle.stats.remote().result()
-            served = asyncio.run(_served(handle, robot_reqs[:n], names, seconds_per_point, specs))
-            after = handle.stats.remote().result()
-            batches = after["batches"] - before["batches"]
-            calls_per_s = served["calls"] / seconds_per_point
-            per_reply = np.mean([specs[names[i % len(names)]].recompute_every for i in range(n)])
-            results.append(
-                {
-                    "robots": n,
-                    "actions_per_s": calls_per_s * float(per_reply),
-                    "calls_per_s": calls_per_s,
-                    "p50_ms": served["p50_ms"],
-                    "p99_ms": served["p99_ms"],
-                    "starved_ticks": served["starved_ticks"],
+            for route in routes:
+                results.append(_measure(handle, route, endpoint, robot_reqs[:n], names, seconds_per_point, specs))
+                results[-1] |= {
                     "raw_per_s": raw_per_s,
                     "raw_ms": raw_ms,
-                    "ratio": calls_per_s / raw_per_s,
-                    "overhead_ms": None if served["p50_ms"] is None else served["p50_ms"] - raw_ms,
-                    "server_batch": (after["rows"] - before["rows"]) / batches if batches else None,
-                    "errors": served["errors"],
+                    "ratio": results[-1]["calls_per_s"] / raw_per_s,
                 }
-            )
+                if results[-1]["p50_ms"] is not None:
+                    results[-1]["overhead_ms"] = results[-1]["p50_ms"] - raw_ms
     finally:
         try:
             serve.delete(app_name)
@@ -211,7 +241,31 @@ def run_serve_bench(
                 ray.shutdown()
     return {
         "results": results,
-        "config": config | {"seconds_per_point": seconds_per_point, "embodiments": names, "cpus": os.cpu_count()},
+        "config": config
+        | {"seconds_per_point": seconds_per_point, "embodiments": names, "cpus": os.cpu_count(), "routes": routes},
+    }
+
+
+def _measure(handle, route: str, endpoint, robot_reqs, names, seconds: float, specs) -> dict:
+    """One point: len(robot_reqs) closed-loop robots over `route` for `seconds`."""
+    n = len(robot_reqs)
+    before = handle.stats.remote().result()
+    served = asyncio.run(_served(handle, robot_reqs, names, seconds, specs, endpoint if route == "direct" else None))
+    after = handle.stats.remote().result()
+    batches = after["batches"] - before["batches"]
+    calls_per_s = served["calls"] / seconds
+    per_reply = np.mean([specs[names[i % len(names)]].recompute_every for i in range(n)])
+    return {
+        "robots": n,
+        "route": route,
+        "actions_per_s": calls_per_s * float(per_reply),
+        "calls_per_s": calls_per_s,
+        "p50_ms": served["p50_ms"],
+        "p99_ms": served["p99_ms"],
+        "starved_ticks": served["starved_ticks"],
+        "overhead_ms": None,
+        "server_batch": (after["rows"] - before["rows"]) / batches if batches else None,
+        "errors": served["errors"],
     }
 
 
@@ -219,6 +273,7 @@ def format_table(result: dict) -> str:
     """The results as an aligned text table."""
     cols = [
         ("robots", "robots", "{:d}"),
+        ("route", "route", "{}"),
         ("calls/s", "calls_per_s", "{:.0f}"),
         ("actions/s", "actions_per_s", "{:.0f}"),
         ("p50 ms", "p50_ms", "{:.1f}"),
@@ -246,15 +301,19 @@ def write_plot(result: dict, out_dir: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = result["results"]
-    n = [r["robots"] for r in res]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(n, [r["calls_per_s"] for r in res], "o-", label="served calls/s")
+    routes = list(dict.fromkeys(r.get("route", "handle") for r in result["results"]))
+    for route in routes:
+        res = [r for r in result["results"] if r.get("route", "handle") == route]
+        n = [r["robots"] for r in res]
+        ax1.plot(n, [r["calls_per_s"] for r in res], "o-", label=f"served calls/s ({route})")
+        ax2.plot(n, [r["p50_ms"] for r in res], "o-", label=f"p50 ({route})")
+        ax2.plot(n, [r["p99_ms"] for r in res], "^:", label=f"p99 ({route})")
+    res = [r for r in result["results"] if r.get("route", "handle") == routes[0]]
+    n = [r["robots"] for r in res]
     ax1.plot(n, [r["raw_per_s"] for r in res], "s--", label="raw forward rows/s")
     ax1.set(xscale="log", xlabel="robots", ylabel="per second", title="throughput")
     ax1.legend()
-    ax2.plot(n, [r["p50_ms"] for r in res], "o-", label="p50")
-    ax2.plot(n, [r["p99_ms"] for r in res], "o-", label="p99")
     ax2.plot(n, [r["raw_ms"] for r in res], "s--", label="raw batch")
     ax2.set(xscale="log", yscale="log", xlabel="robots", ylabel="ms", title="latency")
     ax2.legend()

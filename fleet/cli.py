@@ -275,12 +275,31 @@ def bench_serve(
             help="How long a server batch waits for more requests after its first (ServeConfig.batch_wait_timeout_s).",
         ),
     ] = 0.0,
+    gather_ms: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=100.0,
+            help="How long a batch waits for the robots just answered to ask again (ServeConfig.gather_s); 0 = off.",
+        ),
+    ] = 4.0,
+    route: Annotated[
+        str,
+        typer.Option(
+            help="How the simulated robots reach the replica: 'direct' (its TCP socket, the fleet's default), "
+            "'handle' (Serve handle calls) or 'direct,handle' (both, side by side at every count).",
+        ),
+    ] = "direct",
     json_out: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
     """Serving throughput and latency at several fleet sizes, next to the raw in-process batched forward at
     the same batch sizes (ratio = served / raw), measured side by side in one run."""
-    from fleet.bench_serve import format_table, run_serve_bench, write_plot
+    from fleet.bench_serve import ROUTES, format_table, run_serve_bench, write_plot
+
+    routes = tuple(r.strip() for r in route.split(",") if r.strip())
+    if not routes or any(r not in ROUTES for r in routes):
+        _fail(f"--route: expected 'direct', 'handle' or 'direct,handle', got {route!r}")
 
     try:
         counts = tuple(int(x) for x in robots.split(",") if x.strip())
@@ -289,7 +308,12 @@ def bench_serve(
     except ValueError:
         _fail(f"--robots: expected comma-separated positive ints like 1,4,16,64, got {robots!r}")
     result = run_serve_bench(
-        robot_counts=counts, seconds_per_point=seconds, checkpoint=checkpoint, batch_wait_timeout_s=batch_wait_ms / 1e3
+        robot_counts=counts,
+        seconds_per_point=seconds,
+        checkpoint=checkpoint,
+        batch_wait_timeout_s=batch_wait_ms / 1e3,
+        server={"gather_s": gather_ms / 1e3},
+        routes=routes,
     )
     if out is not None:
         write_plot(result, out)

@@ -38,7 +38,7 @@ __all__ = ["FleetConfig", "FleetError", "connect", "down", "resolve_address", "s
 NAMESPACE = "fleet"
 CONTROLLER = "fleet-controller"
 REPLAY = "fleet-replay"
-HEADS = "fleet-heads"
+HEADS = "fleet-heads"  # actors.heads.DEFAULT_NAME (not imported: fleet.launcher loads Ray lazily)
 LEARNER = "fleet-learner"
 APP = "fleet-policy"
 
@@ -81,8 +81,9 @@ class FleetConfig:
     # robot i of an embodiment runs episode seeds derived from (seed, embodiment, i)
     teleop: bool = True
     # a scripted human reviews and corrects every robot's chunks
-    route: str = "gateway"
-    # how robots reach the server: "gateway" (a forwarding actor per node), "handle" (own Serve handle), "none"
+    route: str = "direct"
+    # how robots reach the server: "direct" (a TCP connection to a replica, the gateway as fallback),
+    # "gateway" (a forwarding actor per node), "handle" (own Serve handle), "none"
     robot_cpus: float = 0.05
     # Ray CPUs per robot actor
     robot_resources: dict[str, float] = field(default_factory=dict)
@@ -143,8 +144,8 @@ class FleetConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 64:
                 fail(name, "a number of CPUs in [0, 64]")
-        if self.route not in ("gateway", "handle", "none"):
-            fail("route", "'gateway', 'handle' or 'none'")
+        if self.route not in ("direct", "gateway", "handle", "none"):
+            fail("route", "'direct', 'gateway', 'handle' or 'none'")
         for name in ("namespace", "app_name", "log_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
                 fail(name, "a non-empty string")

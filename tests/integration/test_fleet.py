@@ -70,8 +70,12 @@ def test_up_brings_up_robots_that_report(fleet):
     config, info = fleet
     assert sorted(info["robots"]) == ["robot-franka-0", "robot-franka-1", "robot-hello-0"]
     s = wait_for(
-        lambda: (s := status(namespace=config.namespace)) and all((r["episodes"] or 0) >= 2 for r in s["robots"]) and s,
-        what="every robot to finish two episodes",
+        lambda: (
+            (s := status(namespace=config.namespace))
+            and all((r["episodes"] or 0) >= 2 and r.get("direct_calls", 0) > 0 for r in s["robots"])
+            and s
+        ),
+        what="every robot to finish two episodes, asking over the direct route",
     )
     assert s["heads"] == dict.fromkeys(EMBODIMENTS, 1)
     for row in s["robots"]:

@@ -91,6 +91,42 @@ def test_malformed_request_is_answered_and_the_replica_keeps_serving(server) -> 
     assert stats["requests"] >= 1 and stats["hot_swap_error"] is None
 
 
+def test_direct_socket_of_every_replica_is_listed_and_serves_the_same_batches(server) -> None:
+    from fleet.direct import HEADER, DirectConnection
+
+    handle, registry = server
+    ray = pytest.importorskip("ray")
+    deadline = time.monotonic() + 30
+    while len(endpoints := ray.get(registry.endpoints.remote())) < 2:
+        assert time.monotonic() < deadline, f"replicas did not report their direct sockets: {endpoints}"
+        time.sleep(0.2)
+    assert {e["replica"] for e in endpoints} == set(ray.get(registry.serving.remote()))
+    for k, endpoint in enumerate(endpoints):
+        conn = DirectConnection(endpoint["host"], endpoint["port"])
+        conn.submit(request("aloha", 50 + k))
+        reply = None
+        while reply is None and time.monotonic() < deadline:
+            reply = conn.poll(0.1)
+        assert reply["request_id"] == f"robot-{50 + k}:{50 + k}" and reply["chunk"].shape == (16, 14)
+        assert reply["server_timing"]["replica"] == endpoint["replica"] and reply["head_version"] >= 1
+        # garbage on the socket: an error reply naming the frame; the replica keeps serving both routes
+        conn._sock.setblocking(True)
+        conn._sock.sendall(HEADER.pack(3) + b"\xc1\xc1\xc1")
+        conn._sock.setblocking(False)
+        conn._want = "garbage"
+        reply = None
+        while reply is None and time.monotonic() < deadline:
+            reply = conn.poll(0.1)
+        assert reply["error"].startswith("frame:")
+        conn.submit(request("leap", 60 + k))
+        reply = None
+        while reply is None and time.monotonic() < deadline:
+            reply = conn.poll(0.1)
+        assert "error" not in reply and reply["chunk"].shape == (16, 24)
+        conn.close()
+    assert "error" not in handle.act.remote(request("hello")).result(timeout_s=60)
+
+
 def test_published_head_reaches_every_replica_within_a_second(server) -> None:
     handle, registry = server
     ray = pytest.importorskip("ray")

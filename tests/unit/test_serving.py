@@ -190,6 +190,10 @@ def test_serve_config_defaults_and_validation() -> None:
         {"max_ongoing_requests": 4},
         {"replica_resources": {"policy": -1}},
         {"replica_resources": ["policy"]},
+        {"gather_s": 0.5},
+        {"active_window_s": 0},
+        {"direct": "yes"},
+        {"direct_host": ""},
     )
     for bad in bads:
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -202,6 +206,54 @@ def test_replica_resources_reach_the_deployment_options() -> None:
     dep = policy_deployment({"replica_resources": {"policy": 1}, "replica_cpus": 2})
     opts = dep.ray_actor_options
     assert opts["resources"] == {"policy": 1} and opts["num_cpus"] == 2
+
+
+class _BatchKnobs:
+    """Stands in for the @serve.batch method's setters."""
+
+    def __init__(self) -> None:
+        self.max_batch_size, self.timeout_s = None, None
+
+    def set_max_batch_size(self, n: int) -> None:
+        self.max_batch_size = n
+
+    def set_batch_wait_timeout_s(self, s: float) -> None:
+        self.timeout_s = s
+
+
+def test_gather_waits_only_for_robots_that_are_active() -> None:
+    from deployments.policy import PolicyServer
+
+    server = object.__new__(PolicyServer.func_or_class)
+    server.config = ServeConfig.from_dict({"gather_s": 0.004, "active_window_s": 0.2, "max_batch_size": 8})
+    server._seen = {}
+    server.act = knobs = _BatchKnobs()
+    server._plan_next_batch([request("franka", 0)])
+    assert (knobs.max_batch_size, knobs.timeout_s) == (1, 0.0)  # one robot: its next batch leaves at once
+    server._plan_next_batch([request("franka", i) for i in range(5)] + ["not a request"])
+    assert (knobs.max_batch_size, knobs.timeout_s) == (5, 0.004)  # waits up to 4 ms for all five
+    server._plan_next_batch([request("franka", i) for i in range(20)])
+    assert knobs.max_batch_size == 8  # never above the configured batch
+    time.sleep(0.25)
+    server._plan_next_batch([request("franka", 0), request("franka", 1)])
+    assert (knobs.max_batch_size, knobs.timeout_s) == (2, 0.004)  # the others went quiet: not waited for
+    server.config = ServeConfig.from_dict({"gather_s": 0.0})
+    server.act = knobs = _BatchKnobs()
+    server._plan_next_batch([request("franka", i) for i in range(5)])
+    assert knobs.max_batch_size is None  # gather off: Serve's own settings stand
+
+
+def test_head_store_lists_direct_endpoints_of_live_replicas() -> None:
+    from actors.heads import HeadStore
+
+    store = HeadStore()
+    store.report_serving("r2", {"franka": 1}, {"host": "127.0.0.1", "port": 2, "node_id": "a", "replica": "r2"})
+    store.report_serving("r1", {"franka": 1}, {"host": "127.0.0.1", "port": 1, "node_id": "b", "replica": "r1"})
+    store.report_serving("r3", {"franka": 1})  # a replica without a direct socket
+    assert [e["port"] for e in store.endpoints()] == [1, 2]
+    assert [e["port"] for e in store.endpoints(node_id="a")] == [2]
+    store._serving["r1"]["at"] -= 60  # went silent a minute ago
+    assert [e["port"] for e in store.endpoints()] == [2]
 
 
 # ----- HeadStore (the HeadRegistry actor's state) ---------------------------------------------------
