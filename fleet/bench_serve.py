@@ -303,18 +303,18 @@ def write_plot(result: dict, out_dir: str | os.PathLike) -> Path:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     routes = list(dict.fromkeys(r.get("route", "handle") for r in result["results"]))
-    for route in routes:
+    for k, route in enumerate(routes):
         res = [r for r in result["results"] if r.get("route", "handle") == route]
-        n = [r["robots"] for r in res]
-        ax1.plot(n, [r["calls_per_s"] for r in res], "o-", label=f"served calls/s ({route})")
-        ax2.plot(n, [r["p50_ms"] for r in res], "o-", label=f"p50 ({route})")
-        ax2.plot(n, [r["p99_ms"] for r in res], "^:", label=f"p99 ({route})")
+        n, color = [r["robots"] for r in res], f"C{k}"
+        ax1.plot(n, [r["calls_per_s"] for r in res], "o-", color=color, label=f"served calls/s ({route})")
+        ax2.plot(n, [r["p50_ms"] for r in res], "o-", color=color, label=f"p50 ({route})")
+        ax2.plot(n, [r["p99_ms"] for r in res], "^:", color=color, label=f"p99 ({route})")
     res = [r for r in result["results"] if r.get("route", "handle") == routes[0]]
     n = [r["robots"] for r in res]
-    ax1.plot(n, [r["raw_per_s"] for r in res], "s--", label="raw forward rows/s")
+    ax1.plot(n, [r["raw_per_s"] for r in res], "s--", color="gray", label="raw forward rows/s")
     ax1.set(xscale="log", xlabel="robots", ylabel="per second", title="throughput")
     ax1.legend()
-    ax2.plot(n, [r["raw_ms"] for r in res], "s--", label="raw batch")
+    ax2.plot(n, [r["raw_ms"] for r in res], "s--", color="gray", label="raw batch")
     ax2.set(xscale="log", yscale="log", xlabel="robots", ylabel="ms", title="latency")
     ax2.legend()
     fig.tight_layout()

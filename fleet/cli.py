@@ -9,6 +9,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -307,14 +308,17 @@ def bench_serve(
             raise ValueError
     except ValueError:
         _fail(f"--robots: expected comma-separated positive ints like 1,4,16,64, got {robots!r}")
-    result = run_serve_bench(
-        robot_counts=counts,
-        seconds_per_point=seconds,
-        checkpoint=checkpoint,
-        batch_wait_timeout_s=batch_wait_ms / 1e3,
-        server={"gather_s": gather_ms / 1e3},
-        routes=routes,
-    )
+    # Ray prints "(raylet) ..." lines to stdout while Serve shuts down: with --json stdout is the JSON alone
+    quiet = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
+    with quiet:
+        result = run_serve_bench(
+            robot_counts=counts,
+            seconds_per_point=seconds,
+            checkpoint=checkpoint,
+            batch_wait_timeout_s=batch_wait_ms / 1e3,
+            server={"gather_s": gather_ms / 1e3},
+            routes=routes,
+        )
     if out is not None:
         write_plot(result, out)
     if json_out:
