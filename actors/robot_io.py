@@ -116,6 +116,7 @@ class DirectClient:
         self.robot_id, self.registry, self.namespace, self.retry_s = robot_id, registry, namespace, retry_s
         self._gateway = GatewayClient(app, namespace)
         self._conn = None
+        self._listing = None  # ObjectRef of a registry.endpoints() call in flight
         self._next_try = 0.0
         self._via: str | None = None  # "direct" | "gateway": where the outstanding request went
         self._request: dict | None = None
@@ -123,19 +124,28 @@ class DirectClient:
         self.last_error: str | None = None
 
     def _connection(self):
-        if self._conn is not None or time.monotonic() < self._next_try:
+        """The open connection, or None (then the gateway serves). Never blocks the control loop: the registry
+        is asked with a call that a later submit collects, and a connect goes to a socket listed as live."""
+        if self._conn is not None:
             return self._conn
-        self._next_try = time.monotonic() + self.retry_s
         try:
-            from fleet.direct import DirectConnection
+            if self._listing is not None:
+                ready, _ = ray.wait([self._listing], timeout=0)
+                if not ready:
+                    return None
+                listed, self._listing = ray.get(self._listing), None
+                endpoint = pick_endpoint(listed, self.robot_id, ray.get_runtime_context().get_node_id())
+                if endpoint is not None:
+                    from fleet.direct import DirectConnection
 
-            registry = ray.get_actor(self.registry, namespace=self.namespace)
-            listed = ray.get(registry.endpoints.remote(), timeout=1.0)
-            endpoint = pick_endpoint(listed, self.robot_id, ray.get_runtime_context().get_node_id())
-            if endpoint is not None:
-                self._conn = DirectConnection(endpoint["host"], endpoint["port"])
-                self.reconnects += 1
+                    self._conn = DirectConnection(endpoint["host"], endpoint["port"], connect_timeout_s=0.2)
+                    self.reconnects += 1
+            elif time.monotonic() >= self._next_try:
+                self._next_try = time.monotonic() + self.retry_s
+                registry = ray.get_actor(self.registry, namespace=self.namespace)
+                self._listing = registry.endpoints.remote()
         except Exception as exc:  # noqa: BLE001 - no registry, no replica, refused: the gateway serves meanwhile
+            self._listing = None
             self.last_error = f"direct route: {type(exc).__name__}: {exc}"
         return self._conn
 
