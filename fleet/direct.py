@@ -67,6 +67,7 @@ class DirectServer:
         self.host: str | None = None
         self.port: int | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task] = set()  # requests being answered
         self.requests = 0
         self.bad_frames = 0
 
@@ -83,9 +84,16 @@ class DirectServer:
         """Stop listening and hang up on every robot (they fall back to the gateway)."""
         if self._server is not None:
             self._server.close()
-        for writer in list(self._writers):
-            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        writers = list(self._writers)
         self._writers.clear()
+        for writer in writers:
+            writer.close()
+        if writers:  # let the transports actually close before the caller stops the loop
+            closing = asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(closing, 1.0)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -93,7 +101,7 @@ class DirectServer:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tasks: set[asyncio.Task] = set()
+        tasks = self._tasks
         try:
             while True:
                 head = await reader.readexactly(HEADER.size)

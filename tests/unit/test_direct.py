@@ -131,6 +131,9 @@ def test_the_reply_to_a_cancelled_request_is_dropped(server) -> None:
 def test_a_closed_server_raises_connection_error_on_poll(server) -> None:
     conn = DirectConnection(server.host, server.port)
     conn.submit(make_request("slow", "franka", obs(), obs_tick=1))
+    deadline = time.monotonic() + 5
+    while server.server.requests == 0 and time.monotonic() < deadline:  # accepted and being answered
+        time.sleep(0.01)
     server.close()
     with pytest.raises(ConnectionError):
         for _ in range(100):
@@ -180,6 +183,9 @@ def test_direct_client_uses_the_socket_and_falls_back_to_the_gateway_when_it_bre
     assert client.stats()["direct_calls"] == 1
     # the replica goes away with a request in flight: the same request is resent through the gateway
     client.submit(make_request("slow", "franka", obs(), obs_tick=1))
+    deadline = time.monotonic() + 5
+    while server.server.requests < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
     server.close()
     reply = None
     deadline = time.monotonic() + 5

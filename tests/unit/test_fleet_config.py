@@ -14,7 +14,7 @@ from fleet.launcher import FleetConfig, FleetError, checkpoint_meta
 def test_defaults_one_robot_per_embodiment():
     cfg = FleetConfig()
     assert cfg.robots == {"franka": 1, "aloha": 1, "hello": 1, "leap": 1}
-    assert cfg.namespace == "fleet" and cfg.route == "gateway" and cfg.cluster_cpus >= 1
+    assert cfg.namespace == "fleet" and cfg.route == "direct" and cfg.cluster_cpus >= 1
 
 
 @pytest.mark.parametrize(
