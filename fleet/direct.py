@@ -129,9 +129,17 @@ class DirectServer:
             reply = {"error": str(exc)}
         else:
             self.requests += 1
-            reply = await self._act(request)  # validation errors come back as {"error": ...} replies
+            try:
+                reply = await self._act(request)  # validation errors come back as {"error": ...} replies
+            except Exception as exc:  # noqa: BLE001 - the robot gets an answer, the server keeps serving
+                rid = request.get("request_id")
+                reply = {"error": f"internal: {type(exc).__name__}: {exc}", "request_id": rid}
         if not writer.is_closing():
-            writer.write(pack(reply_to_msgpackable(reply)))
+            try:
+                frame = pack(reply_to_msgpackable(reply))
+            except (FrameError, TypeError, ValueError) as exc:
+                frame = pack({"error": f"internal: reply not sendable: {exc}", "request_id": reply.get("request_id")})
+            writer.write(frame)
 
 
 # ---- client side (a robot; blocking sockets, polled without blocking the control loop) -------------

@@ -39,6 +39,8 @@ class LoopThread:
 
     async def act(self, raw: dict) -> dict:
         await asyncio.sleep(self.delay_for.get(raw.get("request_id"), 0.0))
+        if raw.get("robot_id") == "crash":
+            raise RuntimeError("model exploded")
         try:
             req = validate_request(raw, EMBODIMENTS)
         except ValueError as exc:
@@ -101,6 +103,11 @@ def test_bad_request_and_garbage_frames_get_error_replies_and_the_connection_kee
     conn.submit(make_request("r0", "franka", obs(), obs_tick=2))
     assert wait_reply(conn)["request_id"] == "r0:2"
     assert server.server.bad_frames == 1
+    conn.submit(make_request("crash", "franka", obs(), obs_tick=3))  # the server's act raises: answered anyway
+    reply = wait_reply(conn)
+    assert reply["request_id"] == "crash:3" and reply["error"] == "internal: RuntimeError: model exploded"
+    conn.submit(make_request("r0", "franka", obs(), obs_tick=4))
+    assert wait_reply(conn)["request_id"] == "r0:4"
     conn.close()
 
 
