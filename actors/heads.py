@@ -179,12 +179,11 @@ class HeadStore:
     def endpoints(self, node_id: str | None = None, max_age_s: float = 10.0) -> list[dict]:
         """Direct sockets of the replicas alive within `max_age_s` (sorted by replica), those on `node_id`
         only when given: a loopback address is reachable from its own node alone."""
-        out = [
+        return [
             dict(v["endpoint"])
             for _, v in sorted(self.serving(max_age_s).items())
             if v.get("endpoint") and (node_id is None or v["endpoint"].get("node_id") == node_id)
         ]
-        return out
 
     def check_health(self) -> bool:
         return True

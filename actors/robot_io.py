@@ -201,6 +201,7 @@ class DirectClient:
             "direct_calls": self.direct_calls,
             "gateway_calls": self.gateway_calls,
             "direct_connected": self._conn is not None,
+            "direct_connects": self.reconnects,
             "direct_last_error": self.last_error,
         }
 

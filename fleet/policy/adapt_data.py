@@ -132,9 +132,10 @@ def encode_demos(model, demos: DemoSet, eval_batch: int = 256, keep_inputs: bool
     return Cached(torch.cat(mems), torch.cat(masks), actions, inputs)
 
 
-def head_loss(head, data: Cached | None, seed: int, eval_batch: int = 256) -> float | None:
-    """Mean loss of `head` on `data` (None when empty). Deterministic: a flow head's noise and times come
-    from a generator seeded with `seed`, so two heads are compared on the same draws."""
+def _mean_over(head, data: Cached | None, seed: int, eval_batch: int, score) -> float | None:
+    """Row-weighted mean of `score(part, generator)` over `data` in chunks of `eval_batch`, with `head` in eval
+    mode and no autograd (its mode restored after). None when `data` is empty. The generator is seeded with
+    `seed`, so two heads are compared on the same noise draws."""
     import torch
 
     if data is None or len(data) == 0:
@@ -146,13 +147,19 @@ def head_loss(head, data: Cached | None, seed: int, eval_batch: int = 256) -> fl
     try:
         with torch.no_grad():
             for start in range(0, len(data), eval_batch):
-                idx = torch.arange(start, min(len(data), start + eval_batch))
-                part = data.take(idx)
-                loss, _ = head.loss(part.memory, part.pad_mask, part.actions, gen)
-                total += float(loss) * len(idx)
+                part = data.take(torch.arange(start, min(len(data), start + eval_batch)))
+                total += float(score(part, gen)) * len(part)
     finally:
         head.train(was_training)
     return total / len(data)
+
+
+def head_loss(head, data: Cached | None, seed: int, eval_batch: int = 256) -> float | None:
+    """Mean loss of `head` on `data` (None when empty). Deterministic: a flow head's noise and times come
+    from a generator seeded with `seed`, so two heads are compared on the same draws."""
+    return _mean_over(
+        head, data, seed, eval_batch, lambda part, gen: head.loss(part.memory, part.pad_mask, part.actions, gen)[0]
+    )
 
 
 def head_action_error(head, data: Cached | None, seed: int, eval_batch: int = 256) -> float | None:
@@ -163,25 +170,14 @@ def head_action_error(head, data: Cached | None, seed: int, eval_batch: int = 25
 
     This is what closed-loop success follows; the training loss need not: a token head's cross-entropy
     can fall while its most likely bins move away from the target."""
-    import torch
-
-    if data is None or len(data) == 0:
-        return None
     steps = head.config.loss_head_steps
     k = 2 if getattr(head, "kind", "") == "flow" else 1
-    gen = torch.Generator().manual_seed(int(seed))
-    total = 0.0
-    was_training = head.training
-    head.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(data), eval_batch):
-                part = data.take(torch.arange(start, min(len(data), start + eval_batch)))
-                chunk = head.predict(part.memory, part.pad_mask, k, 0.0, gen)["chunk"]
-                total += float((chunk[:, :steps] - part.actions[:, :steps]).abs().mean()) * len(part)
-    finally:
-        head.train(was_training)
-    return total / len(data)
+
+    def error(part, gen):
+        chunk = head.predict(part.memory, part.pad_mask, k, 0.0, gen)["chunk"]
+        return (chunk[:, :steps] - part.actions[:, :steps]).abs().mean()
+
+    return _mean_over(head, data, seed, eval_batch, error)
 
 
 def relabel(data: Cached | None, offset: np.ndarray) -> Cached | None:

@@ -187,7 +187,7 @@ def test_direct_client_uses_the_socket_and_falls_back_to_the_gateway_when_it_bre
     while reply is None and time.monotonic() < deadline:
         reply = client.poll(0.05)
     assert reply["request_id"] == "robot-0:1" and "via" not in reply
-    assert client.stats()["direct_calls"] == 1
+    assert client.stats()["direct_calls"] == 1 and client.stats()["direct_connects"] == 0  # handed, not dialled
     # the replica goes away with a request in flight: the same request is resent through the gateway
     client.submit(make_request("slow", "franka", obs(), obs_tick=1))
     deadline = time.monotonic() + 5
