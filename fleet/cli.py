@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -95,6 +96,14 @@ def pretrain(
     threads: Annotated[
         int, typer.Option(min=1, help="Torch threads: 2 on a quiet 2-core machine; 1 when other work shares it.")
     ] = 2,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Data-parallel training processes, each on threads/workers torch threads (default: one per "
+            "thread, up to 2, when every embodiment's rows split evenly; else 1).",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Train the multi-embodiment policy from scratch on teleoperator demonstrations of all four sims
@@ -104,7 +113,7 @@ def pretrain(
     quiet cores; the README lists shorter recipes, timed, and what each reaches).
     """
     from fleet.policy.evaluate import evaluate
-    from fleet.policy.train import PretrainConfig, chunk_policy
+    from fleet.policy.train import PretrainConfig, chunk_policy, default_workers
     from fleet.policy.train import pretrain as run_pretrain
 
     try:
@@ -119,6 +128,7 @@ def pretrain(
             seed=seed,
             threads=threads,
         )
+        cfg = replace(cfg, workers=default_workers(cfg) if workers is None else workers)
     except ValueError as exc:
         _fail(str(exc))
     log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
