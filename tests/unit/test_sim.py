@@ -652,35 +652,3 @@ def test_focus_points_at_the_named_object(name: str) -> None:
         shifted.reset(seed=seed)
         dx, dy = shifted.unwrapped.camera_shift
         assert np.allclose(shifted.unwrapped.focus() - f, np.array([dx, dy]) / 32.0, atol=1e-6)
-
-
-def test_aloha_focus_points_are_the_bar_ends_then_the_grippers() -> None:
-    """aloha's further focus points: the named bar's ends (the left arm's first) on the bar's colour, the
-    grippers once both arms hold it, shifted with the image; bodies without such points give NaN rows."""
-    from fleet.sim.aloha import bar_ends
-    from fleet.sim.franka import to_px
-
-    for seed in range(5):
-        env = make_env("aloha")
-        obs, _ = env.reset(seed=seed)
-        s = env.unwrapped._state
-        pts = env.unwrapped.focus_points()
-        assert pts.shape == (2, 2) and pts[0, 0] < pts[1, 0]  # left end first
-        for p, end in zip(pts, bar_ends(s["bars"][s["target"]]), strict=True):
-            assert np.allclose(p, np.array(to_px(*end)) / 32.0 - 1.0, atol=1e-6)
-        inner = (0.8 * pts + 0.2 * env.unwrapped.focus() + 1.0) * 32  # just inside each end, on the bar
-        colour = next(w for w in obs["instruction"].split() if w in render.PALETTE)
-        for x, y in inner.astype(int):
-            assert np.abs(obs["image"][y, x].astype(int) - render.PALETTE[colour]).max() < 40, (seed, colour)
-        shifted = make_env("aloha", shift="camera_offset")
-        shifted.reset(seed=seed)
-        dx, dy = shifted.unwrapped.camera_shift
-        assert np.allclose(shifted.unwrapped.focus_points() - pts, np.array([dx, dy]) / 32.0, atol=1e-6)
-        for arm in s["arms"]:
-            arm["holding"] = True
-        held = env.unwrapped.focus_points()
-        assert np.allclose(held, [np.array(to_px(*a["ee"][:2])) / 32.0 - 1.0 for a in s["arms"]], atol=1e-6)
-    for name in ("franka", "hello", "leap"):
-        env = make_env(name)
-        env.reset(seed=0)
-        assert env.unwrapped.focus_points().shape == (2, 2) and np.isnan(env.unwrapped.focus_points()).all()
