@@ -42,7 +42,6 @@ class PolicyBatch:
     embodiments: list[str]  # (B,) embodiment name per row
     actions: torch.Tensor | None = None  # (B, T, Dmax) float32 normalized, zeros past the row's action_dim
     focus: torch.Tensor | None = None  # (B, 2) float32 privileged image position of the named object (training)
-    points: torch.Tensor | None = None  # (B, K, 2) float32 further privileged image points, NaN = none (training)
     _groups: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:

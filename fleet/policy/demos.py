@@ -15,7 +15,6 @@ import numpy as np
 
 from fleet.embodiments import get_embodiment
 from fleet.sim import make_env
-from fleet.sim.base import FOCUS_POINTS
 
 # a chunk policy for DAgger: (observation dict, embodiment name) -> (chunk_size, D) physical actions
 ChunkPolicy = Callable[[list[dict], list[str]], list[np.ndarray]]
@@ -33,13 +32,9 @@ class DemoSet:
     successes: int = 0
     episodes: int = 0
     focus: np.ndarray | None = None  # (N, 2) float32 privileged image position of the named object
-    points: np.ndarray | None = None  # (N, FOCUS_POINTS, 2) float32 further privileged points, NaN = none
 
     def _focus_or_nan(self) -> np.ndarray:
         return self.focus if self.focus is not None else np.full((len(self), 2), np.nan, np.float32)
-
-    def _points_or_nan(self) -> np.ndarray:
-        return self.points if self.points is not None else np.full((len(self), FOCUS_POINTS, 2), np.nan, np.float32)
 
     def __len__(self) -> int:
         return len(self.instructions)
@@ -56,7 +51,6 @@ class DemoSet:
             self.successes + other.successes,
             self.episodes + other.episodes,
             np.concatenate([self._focus_or_nan(), other._focus_or_nan()]),
-            np.concatenate([self._points_or_nan(), other._points_or_nan()]),
         )
 
     def subset(self, idx: np.ndarray) -> DemoSet:
@@ -67,7 +61,6 @@ class DemoSet:
             [self.instructions[i] for i in idx],
             self.actions[idx],
             focus=None if self.focus is None else self.focus[idx],
-            points=None if self.points is None else self.points[idx],
         )
 
 
@@ -92,7 +85,7 @@ def collect(
     spec = get_embodiment(name)
     rng = np.random.default_rng(seed + 7919)
     span = np.asarray(spec.action_high, np.float32) - np.asarray(spec.action_low, np.float32)
-    images, proprio, instructions, actions, focus, points = [], [], [], [], [], []
+    images, proprio, instructions, actions, focus = [], [], [], [], []
     successes = 0
     next_ep = 0
     envs: list = []
@@ -119,7 +112,6 @@ def collect(
                 instructions.append(obs["instruction"])
                 actions.append(label)
                 focus.append(env.unwrapped.focus())
-                points.append(env.unwrapped.focus_points())
             if policy is not None:
                 a = e["chunk"][e["k"]]
                 e["k"] += 1
@@ -143,5 +135,4 @@ def collect(
         successes,
         episodes,
         np.stack(focus).astype(np.float32),
-        np.stack(points).astype(np.float32),
     )

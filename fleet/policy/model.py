@@ -133,17 +133,6 @@ class FleetPolicy(nn.Module):
             total = total + self.config.aux_focus_weight * err.mean()
             for name, idx in batch.groups().items():
                 metrics[name]["focus_err"] = float(err.detach().index_select(0, idx).sqrt().mean())
-        if batch.points is not None and self.config.aux_focus_weight > 0 and kp is not None:
-            k = min(batch.points.shape[1], kp.last_query_pts.shape[1] - 1)
-            target = batch.points[:, :k]
-            known = torch.isfinite(target).all(-1)  # (B, k): rows of bodies without such points are NaN
-            if bool(known.any()):
-                err = (kp.last_query_pts[:, 1 : 1 + k] - target.nan_to_num()).square().sum(-1)
-                total = total + self.config.aux_focus_weight * err[known].mean()
-                for name, idx in batch.groups().items():
-                    ok = known.index_select(0, idx)
-                    if bool(ok.any()):
-                        metrics[name]["points_err"] = float(err.detach().index_select(0, idx)[ok].sqrt().mean())
         return total, metrics
 
     @torch.inference_mode()

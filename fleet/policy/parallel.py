@@ -107,21 +107,12 @@ def _broadcast_demoset(d: DemoSet | None, src: int, name: str) -> DemoSet:
     if have:
         instr = np.frombuffer(bytearray("\x00".join(d.instructions).encode()), np.uint8)
         header = torch.tensor(
-            [
-                len(d),
-                *d.images.shape[1:],
-                d.proprio.shape[1],
-                *d.actions.shape[1:],
-                d._points_or_nan().shape[1],
-                d.successes,
-                d.episodes,
-                len(instr),
-            ]
+            [len(d), *d.images.shape[1:], d.proprio.shape[1], *d.actions.shape[1:], d.successes, d.episodes, len(instr)]
         )
     else:
-        header = torch.zeros(11, dtype=torch.long)
+        header = torch.zeros(10, dtype=torch.long)
     dist.broadcast(header, src=src)
-    n, h, w, c, p, t, a, k, successes, episodes, n_instr = (int(x) for x in header)
+    n, h, w, c, p, t, a, successes, episodes, n_instr = (int(x) for x in header)
 
     def bcast(arr: np.ndarray | None, shape: tuple, dtype) -> np.ndarray:
         buf = torch.from_numpy(np.ascontiguousarray(arr)) if have else torch.empty(shape, dtype=dtype)
@@ -132,9 +123,8 @@ def _broadcast_demoset(d: DemoSet | None, src: int, name: str) -> DemoSet:
     proprio = bcast(d.proprio if have else None, (n, p), torch.float32)
     actions = bcast(d.actions if have else None, (n, t, a), torch.float32)
     focus = bcast(d._focus_or_nan() if have else None, (n, 2), torch.float32)
-    points = bcast(d._points_or_nan() if have else None, (n, k, 2), torch.float32)
     raw = bcast(instr if have else None, (n_instr,), torch.uint8)
     instructions = bytes(raw).decode().split("\x00") if n else []
     if have:
         return d
-    return DemoSet(name, images, proprio, instructions, actions, successes, episodes, focus, points)
+    return DemoSet(name, images, proprio, instructions, actions, successes, episodes, focus)

@@ -162,8 +162,6 @@ class DemoTensors:
             }
             if d.focus is not None and np.isfinite(d.focus).all():
                 self.data[name]["focus"] = torch.from_numpy(np.ascontiguousarray(d.focus, dtype=np.float32))
-            # every body carries points (NaN where it has none), so a mixed batch keeps them
-            self.data[name]["points"] = torch.from_numpy(np.ascontiguousarray(d._points_or_nan(), dtype=np.float32))
 
     def batch(self, batch_size: int | dict[str, int], gen: torch.Generator):
         """A mixed batch: `batch_size` rows split evenly, or a dict of rows per embodiment."""
@@ -184,14 +182,7 @@ class DemoTensors:
         keys = set.intersection(*(set(p) for p in parts))
         cat = {k: torch.cat([p[k] for p in parts]) for k in keys}
         return PolicyBatch(
-            cat["image"],
-            cat["proprio"],
-            cat["instr"],
-            cat["emb"],
-            names,
-            cat["actions"],
-            focus=cat.get("focus"),
-            points=cat.get("points"),
+            cat["image"], cat["proprio"], cat["instr"], cat["emb"], names, cat["actions"], focus=cat.get("focus")
         )
 
 

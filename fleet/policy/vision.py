@@ -123,10 +123,7 @@ class SpatialKeypoints(nn.Module):
         peak = logits.amax(-1) - logits.mean(-1)  # how strongly the feature is present at all
         sx, sy = vx.clamp(min=1e-6).sqrt(), vy.clamp(min=1e-6).sqrt()
         feats = torch.stack([ex, ey, 4 * sx, 4 * sy, 8 * cxy, 0.01 * peak], dim=-1)
-        # kept for the auxiliary focus losses: the first query keypoint's expected (x, y) is trained to be
-        # the named object's position (FleetPolicy.action_loss), which teaches grounding directly; the next
-        # ones follow the task's further points where it has them (aloha: the bar's two ends)
-        k = self.head[-1].out_channels
-        self.last_query_pts = feats[:, k:, :2] if cond is not None else None
-        self.last_query_xy = self.last_query_pts[:, 0] if cond is not None else None
+        # kept for the auxiliary focus loss: the first query keypoint's expected (x, y) is trained to be
+        # the named object's position (FleetPolicy.action_loss), which teaches grounding directly
+        self.last_query_xy = feats[:, self.head[-1].out_channels, :2] if cond is not None else None
         return self.proj(feats) + self.ident[: feats.shape[1]]

@@ -98,11 +98,6 @@ class AlohaEnv(FleetEnv):
             c = np.asarray(s["bars"][s["target"]]["center"])
         return to_px(c[0], c[1])
 
-    def _focus_points_px(self, s: dict) -> list[tuple[float, float]]:
-        if all(a["holding"] for a in s["arms"]):
-            return [to_px(*a["ee"][:2]) for a in s["arms"]]
-        return [to_px(*end) for end in bar_ends(s["bars"][s["target"]])]
-
     def _render(self, s: dict) -> np.ndarray:
         img = render.blank((70, 70, 80))
         render.box(img, 32, 32, 29, 29, 0.0, (120, 125, 135))

@@ -23,8 +23,6 @@ SHIFTS: tuple[str, ...] = ("novel_object", "lighting", "camera_offset", "distrac
 
 INSTRUCTION_CHARSET = string.ascii_lowercase + " "
 
-FOCUS_POINTS = 2  # rows of `FleetEnv.focus_points()`
-
 
 def parse_shift(shift: str | list[str] | tuple[str, ...] | frozenset[str] | None) -> frozenset[str]:
     """'novel_object+lighting', 'a,b', a list, or None -> a set of known shift names."""
@@ -167,20 +165,7 @@ class FleetEnv(gym.Env):
         policies never see it."""
         if self._state is None:
             raise RuntimeError("focus() before reset()")
-        return self._to_image_coords(*self._focus_px(self._state))
-
-    def focus_points(self) -> np.ndarray:
-        """Privileged, like `focus`: further places in the image the task needs, as (FOCUS_POINTS, 2) in the
-        same coordinates, NaN rows where the embodiment has none (aloha: the two ends of the named bar, left
-        arm's first, or both grippers once they hold it). Pretraining uses them as auxiliary targets too."""
-        if self._state is None:
-            raise RuntimeError("focus_points() before reset()")
-        out = np.full((FOCUS_POINTS, 2), np.nan, np.float32)
-        for i, (px, py) in enumerate(self._focus_points_px(self._state)[:FOCUS_POINTS]):
-            out[i] = self._to_image_coords(px, py)
-        return out
-
-    def _to_image_coords(self, px: float, py: float) -> np.ndarray:
+        px, py = self._focus_px(self._state)
         if "camera_offset" in self.shifts:
             px, py = px + self.camera_shift[0], py + self.camera_shift[1]
         return np.array([px, py], np.float32) * (2.0 / render.SIZE) - 1.0
@@ -231,7 +216,3 @@ class FleetEnv(gym.Env):
     def _focus_px(self, state: dict) -> tuple[float, float]:
         """Pixel coordinates of the instructed object (see `focus`)."""
         raise NotImplementedError
-
-    def _focus_points_px(self, state: dict) -> list[tuple[float, float]]:
-        """Pixel coordinates of the further points of `focus_points` (none by default)."""
-        return []

@@ -17,7 +17,7 @@ from fleet.policy.demos import DemoSet, collect  # noqa: E402
 from fleet.policy.train import PretrainConfig, default_workers, pretrain  # noqa: E402
 
 NAMES = ["franka", "hello", "franka", "hello"]  # token heads: a deterministic loss (no flow noise)
-KEYS = ("images", "proprio", "actions", "focus", "points")
+KEYS = ("images", "proprio", "actions", "focus")
 
 
 def _run_ranks(target, *args) -> None:
