@@ -109,8 +109,8 @@ def pretrain(
     """Train the multi-embodiment policy from scratch on teleoperator demonstrations of all four sims
     (behaviour cloning with noise-injected demos and DAgger), then evaluate it closed loop.
 
-    `fleet pretrain --out fleet/checkpoints` reruns the shipped checkpoint's recipe (about 32 minutes on 2
-    quiet cores; the README lists shorter recipes, timed, and what each reaches).
+    `fleet pretrain --out fleet/checkpoints` reruns the shipped checkpoint's recipe (29:34 on 2 quiet cores
+    in two data-parallel processes; the README lists other recipes, timed, and what each reaches).
     """
     from fleet.policy.evaluate import evaluate
     from fleet.policy.train import PretrainConfig, chunk_policy, default_workers
