@@ -436,53 +436,56 @@ class Learner:
             self.cursors[name] = cursor
             return self._event("round_skipped", name, why="no corrections held")
         adapter = self.adapters[name]
+        # "adapting" lasts until the round's outcome is published or refused, so a status that reads
+        # "idle" never shows a version the registry does not hold yet
         self.state = "adapting"
         self.current = {"embodiment": name, "started": time.time(), "corrections": len(corrections)}
         try:
             result = adapter.round(corrections)
-        finally:
-            self.state, self.current = "idle", None
-        self.rounds += 1
-        info = {
-            "corrections": len(corrections),
-            "seconds": result.seconds,
-            "accepted": result.accepted,
-            "reason": result.reason,
-            "metrics": result.metrics,
-            "from_version": adapter.version,
-        }
-        if not result.accepted:
+            self.rounds += 1
+            info = {
+                "corrections": len(corrections),
+                "seconds": result.seconds,
+                "accepted": result.accepted,
+                "reason": result.reason,
+                "metrics": result.metrics,
+                "from_version": adapter.version,
+            }
+            if not result.accepted:
+                self.cursors[name] = cursor
+                event = self._event("round_rejected", name, **info)
+                self.log(f"learner: {name} round {self.rounds} not published: {result.reason}")
+                self._save_state()
+                return event
+            previous = adapter.version
+            version = max(previous, int(self.registry.latest().get(name, 0))) + 1
+            old_state = self.model.head_state_dict(name)
+            adapter.accept(result, version)  # the candidate becomes the head the next round starts from
+            payload = head_to_bytes(self.model, name)
+            meta = {
+                "from_version": previous,
+                "corrections": len(corrections),
+                "seconds": round(result.seconds, 3),
+                "gate": result.metrics.get("gate"),
+                "holdout_before": result.metrics["before"]["holdout"],
+                "holdout_after": result.metrics["after"]["holdout"],
+            }
+            try:
+                plain = json.loads(json.dumps(meta, default=float))
+                published = int(self.registry.publish(name, version, payload, plain))
+            except Exception:
+                adapter.set_head(old_state, previous)  # nothing was published: keep serving v
+                raise
+            self.model.head_versions[name] = published
             self.cursors[name] = cursor
-            event = self._event("round_rejected", name, **info)
-            self.log(f"learner: {name} round {self.rounds} not published: {result.reason}")
+            self.published += 1
+            self.watch[name] = {"version": published, "previous": previous, "published_at": time.time()}
+            event = self._event("published", name, version=published, **info)
+            self.log(f"learner: {name} v{published} published ({len(corrections)} corrections, {result.seconds:.1f} s)")
             self._save_state()
             return event
-        previous = adapter.version
-        version = max(previous, int(self.registry.latest().get(name, 0))) + 1
-        old_state = self.model.head_state_dict(name)
-        adapter.accept(result, version)  # the candidate becomes the head the next round starts from
-        payload = head_to_bytes(self.model, name)
-        meta = {
-            "from_version": previous,
-            "corrections": len(corrections),
-            "seconds": round(result.seconds, 3),
-            "gate": result.metrics.get("gate"),
-            "holdout_before": result.metrics["before"]["holdout"],
-            "holdout_after": result.metrics["after"]["holdout"],
-        }
-        try:
-            published = int(self.registry.publish(name, version, payload, json.loads(json.dumps(meta, default=float))))
-        except Exception:
-            adapter.set_head(old_state, previous)  # nothing was published: keep serving v
-            raise
-        self.model.head_versions[name] = published
-        self.cursors[name] = cursor
-        self.published += 1
-        self.watch[name] = {"version": published, "previous": previous, "published_at": time.time()}
-        event = self._event("published", name, version=published, **info)
-        self.log(f"learner: {name} v{published} published ({len(corrections)} corrections, {result.seconds:.1f} s)")
-        self._save_state()
-        return event
+        finally:
+            self.state, self.current = "idle", None
 
     # ---- status -----------------------------------------------------------------------------------
     def status(self) -> dict:

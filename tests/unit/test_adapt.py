@@ -225,6 +225,26 @@ def test_learner_publishes_every_n_corrections(fleet_parts, demos):
     assert same(fresh.head_state_dict("franka"), model.head_state_dict("franka"))
 
 
+def test_the_learner_reads_idle_only_once_its_round_is_published(fleet_parts, demos):
+    """A status read while the registry stores the new head must not say "idle" (it showed a version the
+    registry did not hold yet, and a test waiting for "idle" read the registry too early)."""
+    model, replay, registry, make = fleet_parts
+    learner = make()
+    learner.start()
+    add(replay, demos["franka"], range(0, 24, 2))
+    seen = []
+    publish = registry.publish
+
+    def watching(*args, **kwargs):
+        seen.append(learner.status()["state"])
+        return publish(*args, **kwargs)
+
+    registry.publish = watching
+    (event,) = learner.step()
+    assert event["event"] == "published" and seen == ["adapting"]
+    assert learner.status()["state"] == "idle" and learner.status()["versions"] == registry.latest() == {"franka": 2}
+
+
 def test_a_round_that_dies_midway_publishes_nothing(fleet_parts, demos):
     model, replay, registry, make = fleet_parts
     learner = make()
