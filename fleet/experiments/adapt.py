@@ -14,7 +14,7 @@ For one embodiment and one shift:
      accepts it, exactly as the learner does) and measure the shifted success again. Each collection
      phase runs at least 20 teleoperated episodes, the fleet's work on the newest head: as the learner
      does with the robots' reports, their outcomes and interventions judge a newly published head
-     against the one before (fleet.learner.judge_rollout), which rolls it back when it does worse;
+     against the one before (fleet.rollout.judge_rollout), which rolls it back when it does worse;
   3. measure the retained work and the other embodiments again, and compare the other heads bit for bit.
 Every success measurement runs the same unseen evaluation episodes (paired), so the curve's steps are
 the head's doing, not the scenes'.
@@ -138,12 +138,13 @@ def run_adapt_experiment(
     and measure (increasing); `other_episodes` 0 skips measuring the other embodiments' success."""
     import torch
 
-    from fleet.learner import LearnerConfig, judge_rollout
+    from fleet.learner import LearnerConfig
     from fleet.policy.adapt import AdaptConfig, HeadAdapter
     from fleet.policy.adapt_data import rehearsal_set
     from fleet.policy.default import load_policy
     from fleet.policy.evaluate import evaluate
     from fleet.policy.train import chunk_policy
+    from fleet.rollout import judge_rollout
     from fleet.sim import parse_shift
 
     shifts = parse_shift(shift)

@@ -39,8 +39,8 @@ def assign(names: tuple[str, ...] | list[str], world: int) -> dict[str, int]:
     return owner
 
 
-def split_rows(rows: dict[str, int], rank: int, world: int) -> dict[str, int]:
-    """This rank's share of each embodiment's rows (the caller checks they divide evenly)."""
+def split_rows(rows: dict[str, int], world: int) -> dict[str, int]:
+    """Each rank's share of each embodiment's rows (PretrainConfig checks they divide evenly)."""
     return {n: r // world for n, r in rows.items()}
 
 

@@ -354,7 +354,7 @@ def _train(
     gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank)
     rows = cfg.rows()
     log(f"rows per batch: {rows}")
-    rows = parallel.split_rows(rows, rank, world)
+    rows = parallel.split_rows(rows, world)
     bar = _progress(progress)
     task = bar.add_task("pretrain", total=cfg.steps) if bar else None
     running = None

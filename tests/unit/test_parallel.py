@@ -116,7 +116,7 @@ def test_assign_balances_collection_and_split_rows():
     owner = parallel.assign(("franka", "aloha", "hello", "leap"), 2)
     assert owner["aloha"] != owner["leap"] and len(set(owner.values())) == 2
     assert set(parallel.assign(("franka", "leap"), 1).values()) == {0}
-    assert parallel.split_rows({"franka": 16, "hello": 8}, 1, 2) == {"franka": 8, "hello": 4}
+    assert parallel.split_rows({"franka": 16, "hello": 8}, 2) == {"franka": 8, "hello": 4}
 
 
 def test_config_refuses_workers_it_cannot_split_evenly():
