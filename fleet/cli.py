@@ -99,7 +99,7 @@ def pretrain(
             help="Decay of the moving average of the weights that DAgger rolls out and the checkpoint keeps; "
             "0 keeps the raw weights.",
         ),
-    ] = 0.998,
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and batches.")] = 0,
     eval_episodes: Annotated[int, typer.Option(min=0, help="Closed-loop episodes per embodiment afterwards.")] = 50,
     threads: Annotated[
