@@ -66,10 +66,6 @@ class PretrainConfig:
     # rounds of: roll out the current policy, relabel with the expert, add to the data
     dagger_episodes: int = 400
     # policy-driven episodes per embodiment per DAgger round
-    dagger_states_per_episode: float = 4.0
-    # visited states kept from a DAgger episode that runs to the time limit (shorter ones keep fewer); 0 keeps
-    # them at the demos' per-state rate, which let the long failing episodes of an early policy make up
-    # three quarters of every embodiment's data
     dagger_samples: int | None = None
     # flow samples per call in DAgger rollouts: None = as the fleet runs the policy (4, executing their mean,
     # or one of them for PolicyConfig.flow_execute_sample); 1 is cheaper (the first round's policy times
@@ -89,10 +85,6 @@ class PretrainConfig:
         unknown = [e for e in self.embodiments if e not in EMBODIMENTS]
         if unknown or not self.embodiments:
             raise ValueError(f"PretrainConfig.embodiments: unknown {unknown}; known {sorted(EMBODIMENTS)}")
-        if not self.dagger_states_per_episode >= 0:
-            raise ValueError(
-                f"PretrainConfig.dagger_states_per_episode: expected >= 0, got {self.dagger_states_per_episode}"
-            )
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"PretrainConfig.ema: expected a decay in [0, 1), got {self.ema}")
         for f in ("steps", "batch_size", "demo_episodes"):
@@ -128,14 +120,6 @@ class PretrainConfig:
         w = {n: float((self.mix or {}).get(n, 1.0)) for n in self.embodiments}
         total = sum(w.values())
         return {n: max(1, round(self.batch_size * w[n] / total)) for n in self.embodiments}
-
-
-def dagger_keep(cfg: PretrainConfig, name: str, demo_keep: float) -> float:
-    """Share of visited states a DAgger rollout of `name` keeps: `dagger_states_per_episode` per episode
-    of full length (its spec's time limit), never more than the demos' rate."""
-    if not cfg.dagger_states_per_episode:
-        return demo_keep
-    return min(demo_keep, cfg.dagger_states_per_episode / EMBODIMENTS[name].max_episode_steps)
 
 
 def default_workers(cfg: PretrainConfig) -> int:
@@ -423,7 +407,7 @@ def _train(
                         cfg.dagger_episodes,
                         seed=cfg.seed * 1000 + 500 + 10 * i + step,
                         policy=chunk_policy(model, n_samples=cfg.dagger_samples),
-                        keep=dagger_keep(cfg, name, keep[name]),
+                        keep=keep[name],
                         n_envs=DAGGER_ENVS,
                     )
                 if world > 1:
