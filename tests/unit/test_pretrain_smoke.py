@@ -124,4 +124,3 @@ def test_pretrain_keeps_the_averaged_weights_and_ema_zero_keeps_the_raw_ones():
     assert (p_avg - p_raw).abs().sum() < (p0 - p_raw).abs().sum()
     with pytest.raises(ValueError, match="ema"):
         PretrainConfig(ema=1.0)
-
