@@ -91,15 +91,6 @@ def pretrain(
             "'even' splits evenly (the shipped recipe)."
         ),
     ] = "even",
-    ema: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            max=0.9999,
-            help="Decay of the moving average of the weights that DAgger rolls out and the checkpoint keeps; "
-            "0 keeps the raw weights.",
-        ),
-    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for data, initialisation and batches.")] = 0,
     eval_episodes: Annotated[int, typer.Option(min=0, help="Closed-loop episodes per embodiment afterwards.")] = 50,
     threads: Annotated[
@@ -134,7 +125,6 @@ def pretrain(
             dagger_rounds=dagger_rounds,
             dagger_episodes=dagger_episodes,
             dagger_samples=dagger_samples or None,
-            ema=ema,
             seed=seed,
             threads=threads,
         )

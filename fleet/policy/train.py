@@ -52,9 +52,6 @@ class PretrainConfig:
     warmup: int = 200
     # warm-up steps
     weight_decay: float = 0.01
-    ema: float = 0.0
-    # decay of an exponential moving average of the weights (0 = off); DAgger rolls out and the checkpoint
-    # keeps the averaged weights, which are less at the mercy of the last few batches than the raw ones
     demo_episodes: int = 1500
     # expert episodes per embodiment before DAgger
     states_per_episode: float = 4.0
@@ -85,8 +82,6 @@ class PretrainConfig:
         unknown = [e for e in self.embodiments if e not in EMBODIMENTS]
         if unknown or not self.embodiments:
             raise ValueError(f"PretrainConfig.embodiments: unknown {unknown}; known {sorted(EMBODIMENTS)}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"PretrainConfig.ema: expected a decay in [0, 1), got {self.ema}")
         for f in ("steps", "batch_size", "demo_episodes"):
             if getattr(self, f) < 1:
                 raise ValueError(f"PretrainConfig.{f} must be >= 1, got {getattr(self, f)}")
@@ -190,33 +185,6 @@ class DemoTensors:
         return PolicyBatch(
             cat["image"], cat["proprio"], cat["instr"], cat["emb"], names, cat["actions"], focus=cat.get("focus")
         )
-
-
-class WeightAverage:
-    """An exponential moving average of parameters (Polyak averaging), as flow and diffusion policies keep.
-
-    The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates, so the average does not
-    remember the random initialisation. `swap()` exchanges the live and the averaged weights in place
-    (call it again to swap back)."""
-
-    def __init__(self, params: list[torch.Tensor], decay: float) -> None:
-        self.params = params
-        self.decay = decay
-        self.updates = 0
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
-        self.updates += 1
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        for p, s in zip(self.params, self.shadow, strict=True):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
 
 
 DAGGER_ENVS = 64
@@ -374,7 +342,6 @@ def _train(
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError):  # a build without the fused CPU kernel
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    average = WeightAverage(params, cfg.ema) if cfg.ema else None
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup:
@@ -396,8 +363,6 @@ def _train(
             bar.start()
         for step in range(cfg.steps):
             if step in dagger_at and cfg.dagger_episodes > 0:
-                if average is not None:  # roll out the weights a checkpoint would hold
-                    average.swap()
                 new_sets = {}
                 for i, name in enumerate(cfg.embodiments):
                     if owner[name] != rank:
@@ -413,8 +378,6 @@ def _train(
                 if world > 1:
                     parallel.check_in_sync(model)
                     new_sets = parallel.share_demos(new_sets, owner, cfg.embodiments)
-                if average is not None:
-                    average.swap()
                 rates = {n: new_sets[n].successes / max(1, new_sets[n].episodes) for n in cfg.embodiments}
                 demos = {n: demos[n].extend(new_sets[n]) for n in cfg.embodiments}
                 tensors = DemoTensors(model, demos)
@@ -433,8 +396,6 @@ def _train(
                 value = loss.item()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            if average is not None:
-                average.update()
             running = value if running is None else 0.98 * running + 0.02 * value
             if step % 50 == 0 or step == cfg.steps - 1:
                 report.losses.append((step, running))
@@ -445,8 +406,6 @@ def _train(
     finally:
         if bar:
             bar.stop()
-    if average is not None:
-        average.swap()  # the model keeps the averaged weights from here on
     if world > 1:
         parallel.check_in_sync(model)
     model.eval()

@@ -3,7 +3,6 @@ write a loadable checkpoint, and the CLI prints the documented JSON shapes."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -15,7 +14,7 @@ torch = pytest.importorskip("torch")
 from fleet.cli import app  # noqa: E402
 from fleet.policy.checkpoint import load_checkpoint  # noqa: E402
 from fleet.policy.evaluate import evaluate  # noqa: E402
-from fleet.policy.train import PretrainConfig, build_model, chunk_policy, pretrain  # noqa: E402
+from fleet.policy.train import PretrainConfig, chunk_policy, pretrain  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -84,43 +83,3 @@ def test_transfer_experiment_json_shape(tmp_path, monkeypatch):
     assert result["steps"] == 2
     assert (tmp_path / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "joint" in transfer.format_table(result)
-
-
-def test_weight_average_follows_the_ramped_decay_and_swaps_back_and_forth():
-    from fleet.policy.train import WeightAverage
-
-    w = torch.nn.Parameter(torch.zeros(3))
-    avg = WeightAverage([w], decay=0.5)
-    expected = torch.zeros(3)
-    for n, value in enumerate((1.0, 2.0, 4.0)):
-        with torch.no_grad():
-            w.fill_(value)
-        avg.update()
-        d = min(0.5, (1 + n) / (10 + n))  # 0.1, then 2/11, then 0.25: the ramp is still below 0.5
-        expected = d * expected + (1 - d) * value
-    assert torch.allclose(avg.shadow[0], expected)
-    avg.swap()
-    assert torch.allclose(w.detach(), expected) and torch.equal(avg.shadow[0], torch.full((3,), 4.0))
-    avg.swap()
-    assert torch.equal(w.detach(), torch.full((3,), 4.0))
-
-
-def test_pretrain_keeps_the_averaged_weights_and_ema_zero_keeps_the_raw_ones():
-    cfg = PretrainConfig(
-        embodiments=("hello",), steps=4, batch_size=4, warmup=1, demo_episodes=2, dagger_rounds=0, threads=1
-    )
-    raw, _, _ = pretrain(dataclasses.replace(cfg, ema=0.0), progress=False, log=lambda m: None)
-    averaged, _, _ = pretrain(dataclasses.replace(cfg, ema=0.9), progress=False, log=lambda m: None)
-    init = build_model(("hello",), cfg.seed, cfg.policy)
-    moved = {}
-    for (name, p0), p_raw, p_avg in zip(init.named_parameters(), raw.parameters(), averaged.parameters(), strict=True):
-        if not torch.equal(p0, p_raw):
-            moved[name] = (p0, p_raw, p_avg)
-    assert moved, "training moved no weights"
-    # the same seed trains the same raw weights; the average lags behind them, between init and the end
-    for _, p_raw, p_avg in moved.values():
-        assert not torch.equal(p_avg, p_raw)
-    p0, p_raw, p_avg = next(iter(moved.values()))
-    assert (p_avg - p_raw).abs().sum() < (p0 - p_raw).abs().sum()
-    with pytest.raises(ValueError, match="ema"):
-        PretrainConfig(ema=1.0)
