@@ -79,8 +79,8 @@ def pretrain(
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps (DAgger rounds included).")] = 6000,
     batch_size: Annotated[int, typer.Option(min=4, help="Rows per step, split evenly over embodiments.")] = 64,
     demo_episodes: Annotated[int, typer.Option(min=1, help="Expert episodes per embodiment before DAgger.")] = 1500,
-    dagger_rounds: Annotated[int, typer.Option(min=0, help="Rounds of policy rollouts relabelled by the expert.")] = 2,
-    dagger_episodes: Annotated[int, typer.Option(min=0, help="Policy-driven episodes per embodiment per round.")] = 400,
+    dagger_rounds: Annotated[int, typer.Option(min=0, help="Rounds of policy rollouts relabelled by the expert.")] = 4,
+    dagger_episodes: Annotated[int, typer.Option(min=0, help="Policy-driven episodes per embodiment per round.")] = 250,
     dagger_samples: Annotated[
         int, typer.Option(min=0, help="Flow samples per DAgger rollout call; 0 = as the fleet runs them (4).")
     ] = 0,
@@ -109,7 +109,7 @@ def pretrain(
     """Train the multi-embodiment policy from scratch on teleoperator demonstrations of all four sims
     (behaviour cloning with noise-injected demos and DAgger), then evaluate it closed loop.
 
-    `fleet pretrain --out fleet/checkpoints` reruns the shipped checkpoint's recipe (29:34 on 2 quiet cores
+    `fleet pretrain --out fleet/checkpoints` reruns the shipped checkpoint's recipe (27:08 on 2 quiet cores
     in two data-parallel processes; the README lists other recipes, timed, and what each reaches).
     """
     from fleet.policy.evaluate import evaluate

@@ -59,9 +59,9 @@ class PretrainConfig:
     # one episode share one scene, so many episodes with a few states each generalize better
     noise: float = 0.05
     # std of action noise (share of range) injected in half of the expert episodes
-    dagger_rounds: int = 2
+    dagger_rounds: int = 4
     # rounds of: roll out the current policy, relabel with the expert, add to the data
-    dagger_episodes: int = 400
+    dagger_episodes: int = 250
     # policy-driven episodes per embodiment per DAgger round
     dagger_samples: int | None = None
     # flow samples per call in DAgger rollouts: None = as the fleet runs the policy (4, executing their mean,
