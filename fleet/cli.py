@@ -110,7 +110,8 @@ def pretrain(
     (behaviour cloning with noise-injected demos and DAgger), then evaluate it closed loop.
 
     `fleet pretrain --out fleet/checkpoints` reruns the shipped checkpoint's recipe (27:08 on 2 quiet cores
-    in two data-parallel processes; the README lists other recipes, timed, and what each reaches).
+    in two data-parallel processes with `--eval-episodes 0`; the README lists other recipes, timed, and what
+    each reaches).
     """
     from fleet.policy.evaluate import evaluate
     from fleet.policy.train import PretrainConfig, chunk_policy, default_workers
