@@ -12,7 +12,8 @@ With `outcomes={"name": "fleet-learner", "namespace": "fleet"}` (the fleet runs 
 the robot also sends every finished episode's outcome, tagged with the head version it ran, to the learner
 actor (fire and forget, `OutcomeSink`): the learner's signal for rolling back a head that lowers success.
 
-The actor imports numpy, `fleet.robot` and Ray, never torch or Ray Serve, so a robot costs ~140 MB RSS.
+The actor imports numpy, `fleet.robot` and Ray, never torch, Ray Serve or pyarrow (actors/lean.py), so a robot costs
+~130 MB RSS.
 How it reaches the policy (`policy["route"]`; the clients and sinks are in actors/robot_io.py):
   "gateway"  (default) a `PolicyGateway` actor per node holds the Serve DeploymentHandle; the robot sends
              `gateway.act.remote(request)` and polls the ObjectRef with `ray.wait(timeout=0)`. One Serve
@@ -41,6 +42,7 @@ from collections import deque
 
 import ray
 
+from actors.lean import ROBOT_RUNTIME_ENV
 from actors.robot_io import GATEWAY_PREFIX, MemorySink, ReplaySink, make_client
 from fleet.robot import RobotConfig, RobotLoop
 
@@ -297,6 +299,7 @@ class _RobotActor:
                 "pid": os.getpid(),
                 "rss_mb": _rss_mb(),
                 "torch_loaded": "torch" in sys.modules,
+                "pyarrow_loaded": "pyarrow" in sys.modules,
                 "snapshot_age_s": time.monotonic() - self._snapshot_at if self._snapshot_at else None,
             }
         )
@@ -335,4 +338,10 @@ class _RobotActor:
         return self._thread.is_alive() or self.state in ("starting", "stopped")
 
 
-RobotActor = ray.remote(num_cpus=ROBOT_NUM_CPUS, max_restarts=-1, max_concurrency=4)(_RobotActor)
+# the worker keeps pyarrow out (actors/lean.py): Ray would import it into every worker, ~55 MB a robot
+RobotActor = ray.remote(
+    num_cpus=ROBOT_NUM_CPUS,
+    max_restarts=-1,
+    max_concurrency=4,
+    runtime_env=ROBOT_RUNTIME_ENV,
+)(_RobotActor)

@@ -99,41 +99,60 @@ def _fmt(value, spec: str = "", none: str = "-") -> str:
     return none if value is None else format(value, spec)
 
 
-def render_table(status: dict, title: str = "fleet"):
-    """A rich Table of one `fleet.launcher.status()` result."""
+# the live table's columns: (header, justify); fits 80 columns with 12-character robot names and states
+COLUMNS = (
+    ("robot", "left"), ("state", "left"), ("Hz", "right"), ("eps", "right"), ("succ", "right"),
+    ("recent", "right"), ("interv", "right"), ("head", "right"), ("p50 ms", "right"), ("p99 ms", "right"),
+)  # fmt: skip
+STATE_COLORS = {"normal": "green", "holding": "red", "escalated": "red", "paused": "yellow", "human": "cyan"}
+LEGEND = "succ: all episodes, recent: last 100; interv: corrections; ms: policy latency"
+
+
+def _short_id(robot_id: str) -> str:
+    return robot_id.removeprefix("robot-")
+
+
+def render_table(status: dict, title: str = "fleet", width: int = 80):
+    """A rich Table of one `fleet.launcher.status()` result that fits `width` columns: no vertical rules,
+    robot ids without their "robot-" prefix, errors on their own lines under the table."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", expand=False)
-    columns = ("robot", "state", "Hz", "episodes", "success", "recent", "interventions", "int/ep", "head")
-    columns += ("p50 ms", "p99 ms")
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("robot", "state") else "right")
-    table.add_column("last error", overflow="ellipsis", max_width=48)
-    colors = {"normal": "green", "holding": "red", "escalated": "red", "paused": "yellow", "human": "cyan"}
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False, min_width=width)
+    for header, justify in COLUMNS:
+        table.add_column(header, justify=justify, no_wrap=True)
+    errors = []
     for r in status.get("robots", []):
-        hz, target = r.get("control_hz"), r.get("target_hz")
-        hz_text = _fmt(hz, ".1f") + (f"/{target:g}" if target and status.get("realtime") else "")
+        hz = r.get("control_hz")
         state = r.get("state") or "-"
         table.add_row(
-            r["id"],
-            f"[{colors.get(state, 'white')}]{state}[/]",
-            hz_text,
+            _short_id(r["id"]),
+            f"[{STATE_COLORS.get(state, 'white')}]{state}[/]",
+            _fmt(hz, ".1f"),
             _fmt(r.get("episodes")),
             _fmt(r.get("success_rate"), ".0%"),
             _fmt(r.get("recent_success_rate"), ".0%"),
             _fmt(r.get("interventions")),
-            _fmt(r.get("recent_interventions_per_episode"), ".1f"),
-            _fmt(r.get("head_version")),
+            _fmt(r.get("head_version"), "", "-") if r.get("head_version") is None else f"v{r['head_version']}",
             _fmt(r.get("latency_p50_ms"), ".1f"),
             _fmt(r.get("latency_p99_ms"), ".1f"),
-            r.get("last_error") or "",
         )
+        if r.get("last_error"):
+            errors.append(_clip(f"{_short_id(r['id'])}: {r['last_error']}", width))
     heads = status.get("heads") or {}
-    table.caption = "heads: " + (", ".join(f"{k} v{v}" for k, v in sorted(heads.items())) or "unknown")
+    lines = ["heads: " + (", ".join(f"{k} v{v}" for k, v in sorted(heads.items())) or "unknown")]
     if status.get("learner") is not None:
-        table.caption += "\n" + learner_line(status["learner"])
+        lines.append(learner_line(status["learner"]))
+    lines += errors
+    lines.append(LEGEND)
+    table.caption = "\n".join(_clip(line, width) for line in lines)
     table.caption_justify = "left"
     return table
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def learner_line(learner: dict) -> str:

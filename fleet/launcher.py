@@ -15,11 +15,11 @@ that head and publishes it to the registry, which every replica polls; robots se
 so a head that lowers success is rolled back.
 
 Finding the cluster from another shell: with no address, `connect` starts a private head
-(fleet.local_head: `ray start --head --block` in a subprocess, its own --temp-dir, so other programs'
-`ray.init()` on this machine do not attach to it) and records its address in a state file
-(~/.cache/fleet/cluster.json, or $FLEET_STATE_DIR). `fleet status/scale/down` without --address read that
-file; `--address auto` also works when it is the only Ray on the machine. In-process `ray.init()` is not
-used for this: it writes no address file, so no other process could find it.
+(fleet.local_head: `ray start --head --block` in a subprocess, token authentication on, its files in a private
+0700 directory, so other programs' `ray.init()` on this machine neither attach to it nor join it without the
+token) and records it in a state file (~/.cache/fleet/cluster.json, or $FLEET_STATE_DIR). `fleet
+status/scale/down` without --address read that file and join with the head's token. In-process `ray.init()`
+is not used for this: it writes no address file, so no other process could find it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from fleet.embodiments import EMBODIMENTS
-from fleet.local_head import LocalHeadError, read_state, resolve_address, start_local_head, state_file, stop_local_head
+from fleet.local_head import (
+    LocalHeadError,
+    join_env,
+    read_state,
+    resolve_address,
+    start_local_head,
+    state_file,
+    stop_local_head,
+)
 
 __all__ = ["FleetConfig", "FleetError", "connect", "down", "resolve_address", "scale", "state_file", "status", "up"]
 
@@ -230,37 +238,45 @@ def connect(address: str | None = None, namespace: str = NAMESPACE, num_cpus: in
     global _STARTED_HEAD
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
-    if address is None:
-        try:
+    try:
+        if address is None:
             _STARTED_HEAD = start_local_head(num_cpus or os.cpu_count() or 1, object_store_mb)
-        except LocalHeadError as exc:
-            raise FleetError(str(exc)) from None
-        address = _STARTED_HEAD["address"]
-    state = read_state()
-    if state and state["address"] == address and state.get("auth_mode") == "token":
-        _use_token_auth()  # our private head: join it the way it runs
+            address = _STARTED_HEAD["address"]
+        state = read_state()
+    except LocalHeadError as exc:
+        raise FleetError(str(exc)) from None
+    if state and state["address"] == address:
+        _join_private_head(state)  # our private head: join it the way it runs (token mode, its token)
     try:
         ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, ValueError, RuntimeError) as exc:
         if _STARTED_HEAD is not None:
             stop_local_head(_STARTED_HEAD)
             _STARTED_HEAD = None
-        hint = " If that cluster uses token authentication, set RAY_AUTH_MODE=token."
+        hint = " If that cluster uses token authentication, set RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN_PATH)."
         raise FleetError(f"cannot join Ray at {address!r}: {exc}. Is the fleet up (`fleet up`)?{hint}") from None
     return ray.get_runtime_context().gcs_address
 
 
-def _use_token_auth() -> None:
-    """Ray only sends its auth token (~/.ray/auth_token) to an explicit address when RAY_AUTH_MODE=token,
-    read when Ray's config is initialized: set it and refresh the config, as Ray does for a new head."""
-    if os.environ.get("RAY_AUTH_MODE"):
+def _resolve(address: str | None) -> str:
+    try:
+        return resolve_address(address)
+    except LocalHeadError as exc:
+        raise FleetError(str(exc)) from None
+
+
+def _join_private_head(state: dict) -> None:
+    """Ray reads RAY_AUTH_MODE and the token's place when its config is initialized: set what the private
+    head needs (fleet.local_head.join_env) and refresh the config, as Ray does for a new head."""
+    env = join_env(state)
+    if not env:
         return  # the user chose
-    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.update(env)
     try:
         from ray._raylet import Config
 
         Config.initialize("")
-    except (ImportError, AttributeError):  # another Ray version: the environment variable is all it needs
+    except (ImportError, AttributeError):  # another Ray version: the environment variables are all it needs
         pass
 
 
@@ -371,7 +387,7 @@ def _up(config: FleetConfig, address: str, checkpoint: str, meta: dict) -> dict:
 
 
 def _require(address: str | None, namespace: str):
-    connect(resolve_address(address), namespace)
+    connect(_resolve(address), namespace)
     controller = _controller(namespace)
     if controller is None:
         raise FleetError(f"no fleet is running in namespace {namespace!r}; start one with `fleet up`")
@@ -405,7 +421,7 @@ def down(address: str | None = None, namespace: str = NAMESPACE, stop_cluster: b
     import ray
     from ray import serve
 
-    connect(resolve_address(address), namespace)
+    connect(_resolve(address), namespace)
     out: dict = {"robots": [], "actors": [], "app": None, "cluster_stopped": False}
     controller = _controller(namespace)
     app = None
@@ -441,8 +457,11 @@ def down(address: str | None = None, namespace: str = NAMESPACE, stop_cluster: b
                 pass
     for key in [k for k in _KEEP if k.startswith(f"{namespace}/")]:
         del _KEEP[key]
-    state = read_state()
-    if stop_cluster and state and state["address"] == ray.get_runtime_context().gcs_address:
-        ray.shutdown()
-        out["cluster_stopped"] = stop_local_head(state)
+    try:
+        state = read_state()
+        if stop_cluster and state and state["address"] == ray.get_runtime_context().gcs_address:
+            ray.shutdown()
+            out["cluster_stopped"] = stop_local_head(state)
+    except LocalHeadError as exc:
+        raise FleetError(str(exc)) from None
     return out

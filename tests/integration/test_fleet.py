@@ -92,6 +92,7 @@ def test_robot_actors_stay_light(ray_session, fleet):
     config, _ = fleet
     report = ray_session.get(robot(ray_session, config, "robot-franka-0").report.remote())
     assert report["torch_loaded"] is False
+    assert report["pyarrow_loaded"] is False  # Ray would import it into every worker (actors/lean.py)
     assert report["rss_mb"] <= 150, f"robot actor RSS {report['rss_mb']:.0f} MB"
 
 
