@@ -118,7 +118,8 @@ def render_table(status: dict, title: str = "fleet", width: int = 80):
     from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False, min_width=width)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, min_width=width)
+    table.padding = (0, 1, 0, 0)  # one space right of a cell, one for the (invisible) rule: two between columns
     for header, justify in COLUMNS:
         table.add_column(header, justify=justify, no_wrap=True)
     errors = []

@@ -194,10 +194,15 @@ def _private_temp_dir() -> Path:
 
 # (pattern in the head's log, what to do about it): the first that matches is the hint
 _HINTS = (
-    (r"AuthenticationError", "the Ray token: set RAY_AUTH_TOKEN_PATH to a readable token file, or unset "
-     "RAY_AUTH_TOKEN/RAY_AUTH_TOKEN_PATH so fleet uses its own"),
-    (r"[Aa]ddress already in use|already running at", "a port is taken: stop the other Ray (`fleet down` or "
-     "`ray stop`) and try again"),
+    (
+        r"AuthenticationError",
+        "the Ray token: set RAY_AUTH_TOKEN_PATH to a readable token file, or unset "
+        "RAY_AUTH_TOKEN/RAY_AUTH_TOKEN_PATH so fleet uses its own",
+    ),
+    (
+        r"[Aa]ddress already in use|already running at",
+        "a port is taken: stop the other Ray (`fleet down` or `ray stop`) and try again",
+    ),
     (r"object.?store|/dev/shm|plasma", "shared memory: lower --object-store-memory or free /dev/shm"),
     (r"No space left on device", "the disk is full: free space in /tmp"),
     (r"ModuleNotFoundError|ImportError", "the installation: run `pip install -e '.[test]'` in this environment"),
@@ -210,6 +215,7 @@ def explain_failure(log_text: str) -> tuple[str, str]:
     errors = [ln for ln in lines if re.match(r"^([A-Za-z_][\w.]*)?(Error|Exception|Exit)\b.*:", ln)]
     cause = (errors or lines or ["no output"])[-1]
     cause = re.sub(r"^(\w+\.)+(?=\w+(Error|Exception))", "", cause)  # ray.exceptions.X: -> X:
+    cause = re.split(r"(?<=[.!])\s", cause, maxsplit=1)[0]  # its first sentence
     if len(cause) > 200:
         cause = cause[:197] + "..."
     for pattern, fix in _HINTS:

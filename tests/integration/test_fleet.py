@@ -189,36 +189,3 @@ def test_robots_hold_when_the_server_is_gone_and_the_handle_route_works(ray_sess
     finally:
         for handle in (lost, direct):
             ray.kill(handle, no_restart=True)
-
-
-@pytest.mark.slow
-def test_cli_up_detached_then_status_scale_down_from_other_processes(tmp_path):
-    """The default path end to end: `fleet up` starts a private local Ray; other processes find it."""
-    from fleet.policy.checkpoint import save_checkpoint
-    from fleet.policy.train import build_model
-
-    save_checkpoint(build_model(("franka", "hello"), 0, TINY), tmp_path / "policy")
-    env = dict(os.environ, FLEET_STATE_DIR=str(tmp_path / "state"))
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_AUTH_MODE", None)  # as in a fresh shell
-    cli = [sys.executable, "-m", _fleet_cli()]
-
-    def run(*args, timeout=240):
-        out = subprocess.run(cli + list(args), env=env, capture_output=True, text=True, timeout=timeout)
-        assert out.returncode == 0, f"{args}: {out.stderr[-3000:]}"
-        return out
-
-    up_args = ["up", "--robots", "franka=1,hello=1", "--sim", "--checkpoint", str(tmp_path / "policy")]
-    run(*up_args, "--detach", "--namespace", "fleet")
-    try:
-        status = wait_for(
-            lambda: (s := json.loads(run("status", "--json").stdout)) and all(r["episodes"] for r in s["robots"]) and s,
-            what="episodes via `fleet status` in another process",
-        )
-        assert {r["id"] for r in status["robots"]} == {"robot-franka-0", "robot-hello-0"}
-        scaled = json.loads(run("scale", "franka=2", "hello=0", "--json").stdout)
-        assert scaled["added"] == ["robot-franka-1"] and scaled["removed"][0]["id"] == "robot-hello-0"
-    finally:
-        down = run("down")
-    assert "stopped the local Ray" in down.stdout
-    assert not (tmp_path / "state" / "cluster.json").exists()

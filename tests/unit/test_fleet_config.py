@@ -118,3 +118,28 @@ def test_adapt_config_reaches_the_learner_and_the_table_shows_it():
     assert "3 rounds, 2 published, 1 rolled back" in line and "franka v4 in 2.5 s" in line and "3/10" in line
     table = render_table({"robots": [], "heads": {"franka": 4}, "learner": learner})
     assert "franka v4" in table.caption and "learner: idle" in table.caption
+
+
+def test_the_live_table_fits_an_80_column_terminal():
+    from rich.console import Console
+
+    from fleet.cli_fleet import COLUMNS, render_table
+
+    def row(name, state, error=None):
+        return {"id": f"robot-{name}", "state": state, "control_hz": 20.0, "episodes": 1234, "success_rate": 1.0,
+                "recent_success_rate": 0.95, "interventions": 12345, "head_version": 12, "latency_p50_ms": 499.9,
+                "latency_p99_ms": 1234.5, "last_error": error}  # fmt: skip
+
+    error = "policy request failed: " + "TimeoutError " * 20
+    robots = [row("franka-10", "conservative", error), row("leap-0", "human")]
+    learner = {"state": "idle", "rounds": 3, "published": 2, "rollbacks": 1}
+    console = Console(width=80, record=True)
+    console.print(render_table({"robots": robots, "heads": {"franka": 12}, "learner": learner}, title="fleet  25s"))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    text = "\n".join(lines)
+    assert "…" not in text  # nothing truncated by the table itself
+    header = next(line for line in lines if line.startswith("robot"))
+    assert header.split() == [w for h, _ in COLUMNS for w in h.split()]
+    assert "franka-10  conservative" in text and "1234.5" in text and "v12" in text
+    assert any(line.startswith("franka-10: policy request failed") and line.endswith("...") for line in lines)
