@@ -54,3 +54,28 @@ def test_schema_catches_a_broken_config(config):
     del broken["available_node_types"]["robot.cpu"]["resources"]
     with pytest.raises(jsonschema.ValidationError, match="resources"):
         jsonschema.validate(broken, ray_schema())
+
+
+def test_every_node_runs_ray_with_the_clusters_token(config, tmp_path, monkeypatch):
+    """Token authentication on every node: the token file travels from the launching machine to Ray's default
+    path on each node, owner-only; every `ray start` and every login shell runs with RAY_AUTH_MODE=token."""
+    from ray.autoscaler._private.util import hash_runtime_conf
+
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    ray_starts = [c for c in starts if "ray start" in c]
+    assert len(ray_starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in ray_starts)
+    setup = "\n".join(config["setup_commands"])
+    assert "chmod 600 ~/.ray/auth_token" in setup and "export RAY_AUTH_MODE=token' >> ~/.bashrc" in setup
+
+    # what `ray up` does with file_mounts before syncing them: a missing token stops it, naming the file
+    monkeypatch.setenv("HOME", str(tmp_path))
+    token_only = {"~/.ray/auth_token": config["file_mounts"]["~/.ray/auth_token"]}
+    with pytest.raises(FileNotFoundError, match="auth_token"):
+        hash_runtime_conf(token_only, None, {"token-test": 1}, generate_file_mounts_contents_hash=True)
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("0" * 64)
+    runtime_hash, contents_hash = hash_runtime_conf(
+        token_only, None, {"token-test": 2}, generate_file_mounts_contents_hash=True
+    )
+    assert runtime_hash and contents_hash
