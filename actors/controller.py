@@ -33,11 +33,19 @@ async def _get(ref, timeout_s: float):
     return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
 
 
+def _checkpoint_feature_stats(checkpoint: str) -> dict:
+    """The per-embodiment feature statistics in a checkpoint's JSON metadata (robots' novelty detection)."""
+    meta = json.loads(Path(checkpoint).with_name(Path(checkpoint).name + ".json").read_text())
+    return (meta.get("extra") or {}).get("feature_stats") or {}
+
+
 class _FleetController:
     """Async actor: scale, status and shutdown run concurrently with the robots' own work."""
 
     def __init__(self, config: dict, feature_stats: dict | None = None) -> None:
         self.cfg = config
+        if feature_stats is None and config.get("checkpoint"):
+            feature_stats = _checkpoint_feature_stats(config["checkpoint"])
         self.feature_stats = feature_stats or {}
         self.robots: dict[str, ray.actor.ActorHandle] = {}
         self._desired_path = Path(config["log_dir"]) / "desired.json"

@@ -375,12 +375,15 @@ def _up(config: FleetConfig, address: str, checkpoint: str, meta: dict) -> dict:
             detached=config.detach,
             num_cpus=config.learner_cpus,
         )
-    feature_stats = (meta.get("extra") or {}).get("feature_stats") or {}
     # on the head node: it outlives any worker node, and its robots are restarted elsewhere
     options = {"name": CONTROLLER, "namespace": ns, "resources": {"node:__internal_head__": 0.001}}
     if config.detach:
         options["lifetime"] = "detached"
-    controller = FleetController.options(**options).remote(config.to_dict() | {"log_dir": str(log_dir)}, feature_stats)
+    # the controller reads the checkpoint's feature statistics itself (1.3 MB for the shipped one): as an
+    # argument they would live in this process's object store, and a restarted controller could not get them
+    # back once `fleet up` has exited
+    own = {"log_dir": str(log_dir), "checkpoint": checkpoint}
+    controller = FleetController.options(**options).remote(config.to_dict() | own)
     _KEEP[f"{ns}/{CONTROLLER}"] = controller
     robots = ray.get(controller.start.remote())
     return {"address": address, "namespace": ns, "app": config.app_name, "robots": robots, "checkpoint": checkpoint}
