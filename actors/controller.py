@@ -1,6 +1,6 @@
 """The fleet controller: the named actor that holds the desired robot counts and the robot handles.
 
-`fleet.launcher.up` creates it as "fleet-controller" in the fleet's namespace; any process that joins
+`fleet.cluster.launcher.up` creates it as `fleet.names.CONTROLLER` in the fleet's namespace; any process that joins
 the cluster finds it there (`fleet status`, `fleet scale`, `fleet down` from another shell). It creates
 and owns the robot actors, so they live as long as it does, and Ray restarts a dead robot (on another
 node if its node is gone). If the controller itself restarts, its robots died with it: the new
@@ -12,21 +12,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import ray
 
-from actors.heads import DEFAULT_NAME as HEADS
+from fleet.durable import write_text_atomic
 from fleet.embodiments import EMBODIMENTS
+from fleet.names import HEADS, LEARNER, REPLAY, robot_name, robot_prefix
 
 log = logging.getLogger(__name__)
 
 STATUS_KEYS = ("id", "embodiment", "state", "control_hz", "episodes", "success_rate", "interventions")
 STATUS_KEYS += ("head_version", "latency_p50_ms", "latency_p99_ms")
-LEARNER = "fleet-learner"
-# the learner actor's name in the fleet's namespace (fleet.launcher starts it with `adapt`)
 
 
 async def _get(ref, timeout_s: float):
@@ -67,9 +65,7 @@ class _FleetController:
             return None
 
     def _save_desired(self) -> None:
-        tmp = self._desired_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.desired))
-        os.replace(tmp, self._desired_path)
+        write_text_atomic(self._desired_path, json.dumps(self.desired))
 
     # ---- robots ----------------------------------------------------------------------------------
     def _robot_options(self, name: str) -> dict:
@@ -85,7 +81,7 @@ class _FleetController:
         from actors.robot import RobotActor
 
         cfg = self.cfg
-        name = f"robot-{embodiment}-{index}"
+        name = robot_name(embodiment, index)
         ordinal = list(EMBODIMENTS).index(embodiment)
         robot_config = {
             "robot_id": name,
@@ -96,7 +92,7 @@ class _FleetController:
             "teleop": cfg["teleop"],
         }
         policy = {"route": cfg["route"], "app": cfg["app_name"], "namespace": cfg["namespace"], "registry": HEADS}
-        replay = {"name": "fleet-replay", "namespace": cfg["namespace"]}
+        replay = {"name": REPLAY, "namespace": cfg["namespace"]}
         # with a learner, every finished episode's outcome (and the head version it ran) goes to it
         outcomes = {"name": LEARNER, "namespace": cfg["namespace"]} if cfg.get("adapt") else None
         self.robots[name] = RobotActor.options(**self._robot_options(name)).remote(
@@ -105,7 +101,7 @@ class _FleetController:
         return name
 
     def _indices(self, embodiment: str) -> list[int]:
-        prefix = f"robot-{embodiment}-"
+        prefix = robot_prefix(embodiment)
         return sorted(int(n[len(prefix) :]) for n in self.robots if n.startswith(prefix))
 
     async def _remove(self, names: list[str], finish_episode: bool) -> list[dict]:
@@ -129,7 +125,7 @@ class _FleetController:
             for i in range(want):
                 if i not in have:
                     added.append(self._spawn(embodiment, i))
-            removed_names += [f"robot-{embodiment}-{i}" for i in have if i >= want]
+            removed_names += [robot_name(embodiment, i) for i in have if i >= want]
         removed = await self._remove(removed_names, finish_episode=True)
         try:
             await asyncio.gather(*(_get(self.robots[n].ping.remote(), 300.0) for n in added))

@@ -1,4 +1,4 @@
-"""The learner actor: `fleet.learner.Learner` on Ray, its loop in a background thread.
+"""The learner actor: `fleet.learning.learner.Learner` on Ray, its loop in a background thread.
 
     from actors.learner import start_learner
     learner = start_learner("runs/fleet/ckpt/policy", state_dir="runs/fleet/learner",
@@ -9,7 +9,7 @@
     learner.record_outcomes.remote([{"robot_id": ..., "embodiment": "franka", "head_version": 3, "success": True}])
 
 Every `poll_interval_s` the loop asks the ReplayActor how many corrections each embodiment has; with
-`every` new ones it runs a round (fleet.policy.adapt) and publishes an accepted head to the HeadRegistry,
+`every` new ones it runs a round (fleet.learning.adapt) and publishes an accepted head to the HeadRegistry,
 which every PolicyServer replica polls. Robots send their episode outcomes here (fire and forget), which
 is how a rollout that lowers success is noticed and rolled back.
 
@@ -27,13 +27,15 @@ import traceback
 
 import ray
 
-from fleet.learner import Learner, LearnerConfig
+from fleet.learning.learner import Learner, LearnerConfig
+from fleet.names import HEADS, LEARNER, REPLAY
+from fleet.policy.openmp import set_omp_wait_policy
 
 log = logging.getLogger(__name__)
 
 LEARNER_NUM_CPUS = 1.0
 # a round keeps one core busy for a few seconds; the loop idles between rounds
-DEFAULT_NAME = "fleet-learner"
+DEFAULT_NAME = LEARNER
 
 
 class _Remote:
@@ -70,6 +72,7 @@ class _LearnerActor:
         state_dir: str | None = None,
         autostart: bool = True,
     ) -> None:
+        set_omp_wait_policy()  # before torch loads: the learner waits passively at OpenMP barriers
         import torch
 
         from fleet.policy.default import load_policy
@@ -77,8 +80,8 @@ class _LearnerActor:
         self.config = LearnerConfig.from_dict(config)
         torch.set_num_threads(self.config.threads)
         model, _ = load_policy(checkpoint)
-        registry = registry or {"name": "fleet-heads", "namespace": None}
-        replay = replay or {"name": "fleet-replay", "namespace": None}
+        registry = registry or {"name": HEADS, "namespace": None}
+        replay = replay or {"name": REPLAY, "namespace": None}
         self.learner = Learner(
             model,
             _Remote(replay["name"], replay.get("namespace")),

@@ -17,6 +17,7 @@ from pathlib import Path
 import ray
 
 from fleet.data import ReplayStore
+from fleet.names import REPLAY
 
 REPLAY_NUM_CPUS = 0.1
 # the store is I/O-bound: a tenth of a core leaves the CPUs to the robots and the policy
@@ -39,7 +40,7 @@ ReplayActor = ray.remote(num_cpus=REPLAY_NUM_CPUS, max_restarts=-1, max_task_ret
 def start_replay_actor(
     log_dir: str | os.PathLike,
     capacity: int = 1000,
-    name: str = "fleet-replay",
+    name: str = REPLAY,
     namespace: str | None = None,
     *,
     detached: bool = False,

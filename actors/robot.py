@@ -21,7 +21,7 @@ How it reaches the policy (`policy["route"]`; the clients and sinks are in actor
   "handle"   the robot holds the DeploymentHandle itself: submit = `handle.act.remote(request)`, poll =
              `response.result(timeout_s=0)` (TimeoutError = still in flight). Costs the Serve import.
   "direct"   (the fleet's default) a TCP connection straight to a policy replica's direct socket
-             (fleet/direct.py), found through the head registry; the gateway serves while none is
+             (fleet/serving/direct.py), found through the head registry; the gateway serves while none is
              reachable. Saves the ~3 ms of a Serve handle call on every request.
   "none"     no policy: every request fails and the robot holds (lifecycle tests, a dry run).
 Neither blocks the control loop. Safety never depends on the server: a slow, hung or dead policy makes
@@ -44,6 +44,7 @@ import ray
 
 from actors.lean import ROBOT_RUNTIME_ENV
 from actors.robot_io import GATEWAY_PREFIX, MemorySink, ReplaySink, make_client
+from fleet.names import NAMESPACE
 from fleet.robot import RobotConfig, RobotLoop
 
 __all__ = ["GATEWAY_PREFIX", "ROBOT_NUM_CPUS", "OutcomeSink", "RobotActor", "RobotMetrics"]
@@ -191,8 +192,8 @@ class _RobotActor:
         outcomes: dict | None = None,
     ) -> None:
         self.config = RobotConfig(**config)
-        self.sink = ReplaySink(replay["name"], replay.get("namespace", "fleet")) if replay else MemorySink()
-        self.outcome_sink = OutcomeSink(outcomes["name"], outcomes.get("namespace", "fleet")) if outcomes else None
+        self.sink = ReplaySink(replay["name"], replay.get("namespace", NAMESPACE)) if replay else MemorySink()
+        self.outcome_sink = OutcomeSink(outcomes["name"], outcomes.get("namespace", NAMESPACE)) if outcomes else None
         self.client = make_client(policy, self.config.robot_id)
         self.loop = RobotLoop(self.config, self.client, self.sink, feature_stats)
         self.metrics = RobotMetrics(self.config.robot_id, self.config.embodiment) if metrics else None

@@ -17,7 +17,8 @@ from collections import deque
 
 import ray
 
-GATEWAY_PREFIX = "policy-gateway-"
+from fleet.names import GATEWAY_PREFIX, HEADS, NAMESPACE
+
 MAX_PENDING_CORRECTIONS = 5000
 # corrections a robot holds while the replay actor is unreachable (~13 kB each); beyond, the oldest go
 
@@ -102,7 +103,7 @@ class HandleClient:
 
 
 class DirectClient:
-    """route "direct": the robot's own TCP connection to one policy replica (fleet/direct.py), the gateway
+    """route "direct": the robot's own TCP connection to one policy replica (fleet/serving/direct.py), the gateway
     as fallback.
 
     The replicas' sockets are listed by the head registry (`HeadStore.endpoints`); a robot picks one by a
@@ -136,7 +137,7 @@ class DirectClient:
                 listed, self._listing = ray.get(self._listing), None
                 endpoint = pick_endpoint(listed, self.robot_id, ray.get_runtime_context().get_node_id())
                 if endpoint is not None:
-                    from fleet.direct import DirectConnection
+                    from fleet.serving.direct import DirectConnection
 
                     self._conn = DirectConnection(endpoint["host"], endpoint["port"], connect_timeout_s=0.2)
                     self.reconnects += 1
@@ -264,13 +265,11 @@ def make_client(policy: dict | None, robot_id: str = ""):
     if route == "none":
         return NoPolicyClient()
     if route == "gateway":
-        return GatewayClient(policy["app"], policy.get("namespace", "fleet"))
+        return GatewayClient(policy["app"], policy.get("namespace", NAMESPACE))
     if route == "handle":
         return HandleClient(policy["app"])
     if route == "direct":
-        return DirectClient(
-            robot_id, policy["app"], policy.get("namespace", "fleet"), policy.get("registry", "fleet-heads")
-        )
+        return DirectClient(robot_id, policy["app"], policy.get("namespace", NAMESPACE), policy.get("registry", HEADS))
     raise ValueError(f"policy.route: expected 'direct', 'gateway', 'handle' or 'none', got {route!r}")
 
 

@@ -35,7 +35,7 @@ from fleet.protocol import (
     reply_to_msgpackable,
     validate_request,
 )
-from fleet.serving import ServeConfig
+from fleet.serving.config import ServeConfig
 
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 
@@ -118,7 +118,7 @@ class HttpIngress:
 
 
 def build_http_app(config: dict | ServeConfig | None = None) -> Application:
-    """HttpIngress bound to a PolicyServer built from the same config (keys: fleet.serving.ServeConfig)."""
+    """HttpIngress bound to a PolicyServer built from the same config (keys: fleet.serving.config.ServeConfig)."""
     from deployments.policy import policy_deployment
 
     cfg = ServeConfig.from_dict(config)

@@ -1,4 +1,4 @@
-"""The batched policy server: `fleet.serving.PolicyRuntime` as a Ray Serve deployment.
+"""The batched policy server: `fleet.serving.runtime.PolicyRuntime` as a Ray Serve deployment.
 
     from ray import serve
     from deployments.policy import build_app
@@ -11,11 +11,11 @@ The forward runs on the user loop by default, not in a worker thread: a forward 
 intake for the GIL on every torch op, and on 2 cores that kept batches at ~1 row and halved the served
 calls/s (config `forward_thread=True` brings the thread back, for models made of few large kernels).
 Config `backend` ("torch" | "onnx"), `precision` ("fp32" | "bf16" | "int8") and `encoder_cache` choose how
-each replica runs the model (fleet/policy/backend.py; `fleet bench infer` measures them).
+each replica runs the model (fleet/policy/inference/backend.py; `fleet bench infer` measures them).
 Each replica polls the HeadRegistry actor and installs newer head versions between batches (hot swap,
 no request dropped).
 A malformed request is answered `{"error": "<field>: <problem>", "request_id"}`; it never fails a batch.
-Each replica also listens on a direct socket (fleet/direct.py, config `direct`): robots on its node send
+Each replica also listens on a direct socket (fleet/serving/direct.py, config `direct`): robots on its node send
 frames there, skipping the Serve handle's hops, and those requests join the same `@serve.batch` queue.
 The replica reports the socket's address to the head registry with its head versions every 2 s.
 Closed-loop robots are gathered into one batch (config `gather_s`, `_plan_next_batch`).
@@ -33,8 +33,9 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from fleet.direct import DirectServer
-from fleet.serving import PolicyRuntime, ServeConfig
+from fleet.policy.openmp import set_omp_wait_policy
+from fleet.serving.config import ServeConfig
+from fleet.serving.direct import DirectServer
 
 logger = logging.getLogger("ray.serve")
 REPORT_EVERY_S = 2.0
@@ -50,6 +51,9 @@ REPORT_EVERY_S = 2.0
 )
 class PolicyServer:
     def __init__(self, config: dict | None = None) -> None:
+        set_omp_wait_policy()  # before torch loads (fleet.serving.runtime imports it): a replica waits passively
+        from fleet.serving.runtime import PolicyRuntime
+
         self.config = cfg = ServeConfig.from_dict(config)
         self.runtime = PolicyRuntime(
             cfg.checkpoint,
@@ -219,7 +223,7 @@ def policy_deployment(config: dict | ServeConfig | None = None):
 
 
 def build_app(config: dict | ServeConfig | None = None) -> Application:
-    """The policy server application (keys: fleet.serving.ServeConfig); run it with serve.run."""
+    """The policy server application (keys: fleet.serving.config.ServeConfig); run it with serve.run."""
     cfg = ServeConfig.from_dict(config)
     return policy_deployment(cfg).bind(cfg.to_dict())
 

@@ -5,6 +5,7 @@ arrow.py       CORRECTION_SCHEMA, to_row / from_row (the on-disk row format)
 log.py         CorrectionLog: append-only, crash-safe directory of Parquet parts
 buffer.py      CorrectionBuffer: bounded per-embodiment rings, dedup, recency sampling
 store.py       ReplayStore: the replay actor's logic (validate -> log -> buffer -> ack)
+export.py      export_corrections: the stored corrections as a LeRobot-style dataset
 """
 
 from fleet.data.arrow import CORRECTION_SCHEMA, corrections_to_table, from_row, table_to_corrections, to_row

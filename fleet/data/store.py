@@ -17,6 +17,7 @@ import numpy as np
 
 from fleet.data.buffer import CorrectionBuffer, SampleMode
 from fleet.data.correction import Correction, CorrectionError, validate_correction
+from fleet.data.export import export_corrections
 from fleet.data.log import CorrectionLog, CorrectionLogError
 from fleet.embodiments import EMBODIMENTS, EmbodimentSpec
 
@@ -157,9 +158,7 @@ class ReplayStore:
         return str(Path(self.log.directory).resolve())
 
     def export(self, out_dir: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
-        """Write every stored correction as a LeRobot-style dataset; see fleet.export.export_corrections."""
-        from fleet.export import export_corrections  # fleet.export imports fleet.data
-
+        """Write every stored correction as a LeRobot-style dataset; see fleet.data.export.export_corrections."""
         return export_corrections(self.log.read_all(), out_dir, **kwargs)
 
 

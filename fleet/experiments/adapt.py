@@ -10,11 +10,11 @@ For one embodiment and one shift:
   2. run the current policy in the shifted simulator while the scripted teleoperator (fleet.sim.teleop,
      the expert under the shift) watches every chunk and corrects the ones that stray, until the next
      point of the schedule (20, 50, 100, 150, 200 corrections by default); adapt the head on the new
-     corrections (one fleet.policy.adapt round, rehearsal included, published only if the validation
+     corrections (one fleet.learning.adapt round, rehearsal included, published only if the validation
      accepts it, exactly as the learner does) and measure the shifted success again. Each collection
      phase runs at least 20 teleoperated episodes, the fleet's work on the newest head: as the learner
      does with the robots' reports, their outcomes and interventions judge a newly published head
-     against the one before (fleet.rollout.judge_rollout), which rolls it back when it does worse;
+     against the one before (fleet.learning.rollout.judge_rollout), which rolls it back when it does worse;
   3. measure the retained work and the other embodiments again, and compare the other heads bit for bit.
 Every success measurement runs the same unseen evaluation episodes (paired), so the curve's steps are
 the head's doing, not the scenes'.
@@ -138,13 +138,13 @@ def run_adapt_experiment(
     and measure (increasing); `other_episodes` 0 skips measuring the other embodiments' success."""
     import torch
 
-    from fleet.learner import LearnerConfig
-    from fleet.policy.adapt import AdaptConfig, HeadAdapter
-    from fleet.policy.adapt_data import rehearsal_set
+    from fleet.learning.adapt import AdaptConfig, HeadAdapter
+    from fleet.learning.adapt_data import rehearsal_set
+    from fleet.learning.learner import LearnerConfig
+    from fleet.learning.rollout import judge_rollout
     from fleet.policy.default import load_policy
     from fleet.policy.evaluate import evaluate
     from fleet.policy.train import chunk_policy
-    from fleet.rollout import judge_rollout
     from fleet.sim import parse_shift
 
     shifts = parse_shift(shift)

@@ -9,13 +9,14 @@ so the following requests are measured too).
 
 from __future__ import annotations
 
-import os
+import io
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from fleet.control.safety import SafetyLayer
+from fleet.durable import write_bytes_atomic, write_text_atomic
 from fleet.embodiments import EMBODIMENTS, EmbodimentSpec
 
 CONSTRAINTS = ("workspace", "velocity", "force_estop", "non_finite")
@@ -85,7 +86,7 @@ def run_safety_experiment(n: int = 1000, seed: int = 0, out: Path | None = None)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         _plot(result, amounts, out / "safety_clipping.png")
-        _write_text(out / "safety_table.md", format_table(result, markdown=True) + "\n")
+        write_text_atomic(out / "safety_table.md", format_table(result, markdown=True) + "\n")
     return result
 
 
@@ -105,13 +106,6 @@ def format_table(result: dict, markdown: bool = False) -> str:
     lines = [f"safety layer, n={result['n']} requests per embodiment", fmt.format(*header)]
     lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines + [fmt.format(*row) for row in rows])
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write to a temporary name and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _plot(result: dict, amounts: dict[str, dict[str, list[float]]], path: Path) -> None:
@@ -145,7 +139,7 @@ def _plot(result: dict, amounts: dict[str, dict[str, list[float]]], path: Path) 
         ax.legend(fontsize=8)
     fig.suptitle(f"Safety layer clipping, {result['n']} random requests per embodiment", fontsize=11)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, png.getvalue())

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import load, load_file, save
 
+from fleet.durable import write_bytes_atomic, write_text_atomic
 from fleet.embodiments import EMBODIMENTS, EmbodimentSpec
 from fleet.policy.backbone import PolicyConfig
 from fleet.policy.model import FleetPolicy
@@ -36,24 +37,6 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     elif p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then fsync and rename over `path`, so readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _jsonable(obj: object) -> object:
@@ -96,8 +79,9 @@ def save_checkpoint(model: FleetPolicy, path: str | os.PathLike, extra_meta: dic
     text = json.dumps(meta, indent=1, default=_jsonable)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     st_meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "checkpoint_id": checkpoint_id}
-    _atomic_write(st_path, lambda tmp: save_file(tensors, str(tmp), metadata=st_meta))
-    _atomic_write(json_path, lambda tmp: tmp.write_text(text))
+    st_path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(st_path, save(tensors, metadata=st_meta))
+    write_text_atomic(json_path, text)
     return st_path, json_path
 
 
@@ -243,7 +227,8 @@ def save_head(model: FleetPolicy, name: str, path: str | os.PathLike, version: i
     """Write head `name` to one safetensors file (version, spec and config in its metadata)."""
     data = head_to_bytes(model, name, version)
     out = Path(path)
-    _atomic_write(out, lambda tmp: tmp.write_bytes(data))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out, data)
     return out
 
 

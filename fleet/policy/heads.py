@@ -1,9 +1,10 @@
-"""What every action head shares: the embodiment's proprio stem, the decoder block, and `make_head`.
+"""What every action head shares: the embodiment's proprio stem and the decoder block.
 
 A head is everything one embodiment owns and adaptation may change: its proprio stem (proprio ->
 the backbone's proprio token), its decoder and its output layer. The backbone stays frozen, so a
 head's state dict is a complete, separately versioned unit (checkpoint.save_head / head_to_bytes).
-`TokenHead` (token_head.py) and `FlowHead` (flow_head.py) implement `loss` and `predict`.
+`TokenHead` (token_head.py) and `FlowHead` (flow_head.py) implement `loss` and `predict`; `make_head`
+(model.py) picks the one a spec asks for.
 """
 
 from __future__ import annotations
@@ -142,11 +143,3 @@ class HeadBase(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """-> {"chunk": (B, T, D) normalized in [-1, 1], plus head-specific outputs}."""
         raise NotImplementedError
-
-
-def make_head(spec: EmbodimentSpec, config: PolicyConfig) -> HeadBase:
-    """The head an embodiment's spec asks for."""
-    from fleet.policy.flow_head import FlowHead
-    from fleet.policy.token_head import TokenHead
-
-    return TokenHead(spec, config) if spec.head == "token" else FlowHead(spec, config)

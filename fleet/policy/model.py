@@ -15,8 +15,15 @@ from torch import nn
 from fleet.embodiments import EmbodimentSpec
 from fleet.policy.backbone import Backbone, PolicyConfig
 from fleet.policy.batch import PolicyBatch, collate, denormalize_actions, normalize_actions
-from fleet.policy.heads import HeadBase, make_head
+from fleet.policy.flow_head import FlowHead
+from fleet.policy.heads import HeadBase
+from fleet.policy.token_head import TokenHead
 from fleet.policy.tokenizer import Vocabulary
+
+
+def make_head(spec: EmbodimentSpec, config: PolicyConfig) -> HeadBase:
+    """The head an embodiment's spec asks for."""
+    return TokenHead(spec, config) if spec.head == "token" else FlowHead(spec, config)
 
 
 class FleetPolicy(nn.Module):

@@ -16,8 +16,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+import fleet.sim.render as render
 from fleet.embodiments import EmbodimentSpec, get_embodiment
-from fleet.sim import render
 
 SHIFTS: tuple[str, ...] = ("novel_object", "lighting", "camera_offset", "distractors", "actuator_bias")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fleet.sim import render
+import fleet.sim.render as render
 from fleet.sim.base import FleetEnv
 
 TABLE = 0.25  # the table spans [-TABLE, TABLE] in x and y (metres)

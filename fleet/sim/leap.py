@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fleet.sim import render
+import fleet.sim.render as render
 from fleet.sim.base import FleetEnv
 
 TOLERANCE = 0.1

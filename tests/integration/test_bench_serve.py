@@ -17,7 +17,7 @@ KEYS = {"robots", "actions_per_s", "calls_per_s", "p50_ms", "p99_ms", "starved_t
 def test_run_serve_bench_smoke(ray_session, tmp_path) -> None:
     from ray import serve
 
-    from fleet.bench_serve import format_table, run_serve_bench, write_plot
+    from fleet.bench.serve import format_table, run_serve_bench, write_plot
 
     save_checkpoint(build_model(tuple(EMBODIMENTS)[:4], 0, TINY), tmp_path / "policy")
     apps_before = set(serve.status().applications)

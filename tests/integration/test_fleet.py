@@ -14,8 +14,8 @@ import uuid
 import numpy as np
 import pytest
 
+from fleet.cluster.launcher import FleetConfig
 from fleet.embodiments import EMBODIMENTS
-from fleet.launcher import FleetConfig
 from tests.mocks.tiny_policy import TINY
 
 pytestmark = pytest.mark.ray
@@ -37,7 +37,7 @@ def wait_for(predicate, timeout_s: float = 120.0, every_s: float = 0.5, what: st
 @pytest.fixture(scope="module")
 def fleet(ray_session, tmp_path_factory):
     """A sim-mode fleet of 3 robots (franka x2, hello x1) on a tiny policy, in a private namespace."""
-    from fleet.launcher import down, up
+    from fleet.cluster.launcher import down, up
     from fleet.policy.checkpoint import save_checkpoint
     from fleet.policy.train import build_model
 
@@ -65,7 +65,7 @@ def robot(ray, config, name):
 
 
 def test_up_brings_up_robots_that_report(fleet):
-    from fleet.launcher import status
+    from fleet.cluster.launcher import status
 
     config, info = fleet
     assert sorted(info["robots"]) == ["robot-franka-0", "robot-franka-1", "robot-hello-0"]
@@ -96,18 +96,10 @@ def test_robot_actors_stay_light(ray_session, fleet):
     assert report["rss_mb"] <= 150, f"robot actor RSS {report['rss_mb']:.0f} MB"
 
 
-def _fleet_cli():
-    """The registered `fleet` command when fleet/cli.py registers the fleet commands, else fleet.cli_fleet."""
-    from fleet.cli import app
-
-    names = {c.name or c.callback.__name__ for c in app.registered_commands}
-    return "fleet.cli" if "status" in names else "fleet.cli_fleet"
-
-
 def test_status_from_another_process(ray_session, fleet):
     config, _ = fleet
     address = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", _fleet_cli(), "status", "--json", "--address", address]
+    cmd = [sys.executable, "-m", "fleet.cli", "status", "--json", "--address", address]
     out = subprocess.run(cmd + ["--namespace", config.namespace], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     status = json.loads(out.stdout)
@@ -121,7 +113,7 @@ def test_status_from_another_process(ray_session, fleet):
 
 
 def test_scale_up_and_down_hands_corrections_to_the_replay_store(ray_session, fleet):
-    from fleet.launcher import REPLAY, scale, status
+    from fleet.cluster.launcher import REPLAY, scale, status
 
     ray = ray_session
     config, _ = fleet

@@ -92,7 +92,7 @@ def test_malformed_request_is_answered_and_the_replica_keeps_serving(server) -> 
 
 
 def test_direct_socket_of_every_replica_is_listed_and_serves_the_same_batches(server) -> None:
-    from fleet.direct import HEADER, DirectConnection
+    from fleet.serving.direct import HEADER, DirectConnection
 
     handle, registry = server
     ray = pytest.importorskip("ray")

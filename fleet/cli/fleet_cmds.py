@@ -1,0 +1,373 @@
+"""The fleet commands of `fleet`: up, scale, status, down (registered onto the main app by `register`).
+
+fleet up                                   # private local Ray, one robot per embodiment, live table
+fleet up --robots franka=4,hello=2 --sim --duration 60
+fleet up --shift franka:actuator_bias --adapt   # the learner adapts the franka head as corrections come
+fleet up --config fleet.yaml --detach      # keep it running; then, from any shell:
+fleet status                               # table (or --json: one JSON object)
+fleet scale franka=8 leap=0                # removed robots finish their episode, hand over corrections
+fleet down
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fleet.cli.options import JsonOpt, emit_json, fail
+from fleet.embodiments import EMBODIMENTS
+from fleet.names import NAMESPACE, ROBOT_PREFIX
+
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="Ray to use: 'auto', 'host:port' or 'ray://host:10001'. Default: the private Ray `fleet up` "
+        "started on this machine (recorded in ~/.cache/fleet/cluster.json), else 'auto'.",
+    ),
+]
+NamespaceOpt = Annotated[str, typer.Option("--namespace", help="Ray namespace of the fleet.")]
+
+
+def parse_counts(items: list[str] | str, option: str = "--robots") -> dict[str, int]:
+    """'franka=2,aloha=1' (or ['franka=2', 'aloha=1']) -> {'franka': 2, 'aloha': 1}; ValueError naming the
+    bad item otherwise."""
+    if isinstance(items, str):
+        items = [items]
+    parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"{option}: expected embodiment=count, e.g. franka=2,hello=1")
+    counts: dict[str, int] = {}
+    for part in parts:
+        name, sep, count = part.partition("=")
+        name, count = name.strip(), count.strip()
+        if not sep:
+            raise ValueError(f"{option}: {part!r} is not embodiment=count (e.g. franka=2)")
+        if name not in EMBODIMENTS:
+            raise ValueError(f"{option}: unknown embodiment {name!r} in {part!r}; known: {sorted(EMBODIMENTS)}")
+        if not count.isdigit():
+            raise ValueError(f"{option}: the count for {name} must be an int >= 0, got {count!r}")
+        if name in counts:
+            raise ValueError(f"{option}: {name} is given twice")
+        counts[name] = int(count)
+    return counts
+
+
+def parse_shifts(items: list[str]) -> dict[str, str]:
+    """['franka:actuator_bias', 'hello:lighting+distractors'] -> {embodiment: shift}."""
+    from fleet.sim import parse_shift
+
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, shift = item.partition(":")
+        if not sep or not shift:
+            raise ValueError(f"--shift: {item!r} is not embodiment:shift (e.g. franka:actuator_bias)")
+        if name not in EMBODIMENTS:
+            raise ValueError(f"--shift: unknown embodiment {name!r}; known: {sorted(EMBODIMENTS)}")
+        try:
+            parse_shift(shift)
+        except ValueError as exc:
+            raise ValueError(f"--shift {item!r}: {exc}") from None
+        out[name] = shift
+    return out
+
+
+def _quiet_serve() -> None:
+    """Serve logs every deployment step at INFO; the table and our own lines say what matters."""
+    import logging
+
+    import ray.serve  # noqa: F401 - importing it installs its logger, which we then turn down
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
+def _fmt(value, spec: str = "", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+# the live table's columns: (header, justify); fits 80 columns with 12-character robot names and states
+COLUMNS = (
+    ("robot", "left"), ("state", "left"), ("Hz", "right"), ("eps", "right"), ("succ", "right"),
+    ("recent", "right"), ("interv", "right"), ("head", "right"), ("p50 ms", "right"), ("p99 ms", "right"),
+)  # fmt: skip
+STATE_COLORS = {"normal": "green", "holding": "red", "escalated": "red", "paused": "yellow", "human": "cyan"}
+LEGEND = "succ: all episodes, recent: last 100; interv: corrections; ms: policy latency"
+
+
+def _short_id(robot_id: str) -> str:
+    return robot_id.removeprefix(ROBOT_PREFIX)
+
+
+def render_table(status: dict, title: str = "fleet", width: int = 80):
+    """A rich Table of one `fleet.cluster.launcher.status()` result that fits `width` columns: no vertical rules,
+    robot ids without their "robot-" prefix, errors on their own lines under the table."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, min_width=width)
+    table.padding = (0, 1, 0, 0)  # one space right of a cell, one for the (invisible) rule: two between columns
+    for header, justify in COLUMNS:
+        table.add_column(header, justify=justify, no_wrap=True)
+    errors = []
+    for r in status.get("robots", []):
+        hz = r.get("control_hz")
+        state = r.get("state") or "-"
+        table.add_row(
+            _short_id(r["id"]),
+            f"[{STATE_COLORS.get(state, 'white')}]{state}[/]",
+            _fmt(hz, ".1f"),
+            _fmt(r.get("episodes")),
+            _fmt(r.get("success_rate"), ".0%"),
+            _fmt(r.get("recent_success_rate"), ".0%"),
+            _fmt(r.get("interventions")),
+            _fmt(r.get("head_version"), "", "-") if r.get("head_version") is None else f"v{r['head_version']}",
+            _fmt(r.get("latency_p50_ms"), ".1f"),
+            _fmt(r.get("latency_p99_ms"), ".1f"),
+        )
+        if r.get("last_error"):
+            errors.append(_clip(f"{_short_id(r['id'])}: {r['last_error']}", width))
+    heads = status.get("heads") or {}
+    lines = ["heads: " + (", ".join(f"{k} v{v}" for k, v in sorted(heads.items())) or "unknown")]
+    if status.get("learner") is not None:
+        lines.append(learner_line(status["learner"]))
+    lines += errors
+    lines.append(LEGEND)
+    table.caption = "\n".join(_clip(line, width) for line in lines)
+    table.caption_justify = "left"
+    return table
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def learner_line(learner: dict) -> str:
+    """One line about the learner: state, rounds, what it published or refused last, rollouts watched."""
+    state = learner.get("state", "?")
+    current = learner.get("current")
+    if state == "adapting" and current:
+        state = f"adapting {current['embodiment']} on {current['corrections']} corrections"
+    parts = [f"learner: {state}"]
+    parts.append(
+        f"{learner.get('rounds', 0)} rounds, {learner.get('published', 0)} published, "
+        f"{learner.get('rollbacks', 0)} rolled back"
+    )
+    last = learner.get("last_round")
+    if last:
+        if last.get("event") == "published":
+            parts.append(f"last: {last['embodiment']} v{last['version']} in {last['seconds']:.1f} s")
+        else:
+            parts.append(f"last: {last['embodiment']} refused ({last.get('reason')})")
+    for name, w in sorted((learner.get("watch") or {}).items()):
+        parts.append(f"watching {name} v{w['version']} ({w['episodes']}/{w['needed']} episodes)")
+    if learner.get("last_error"):
+        parts.append(f"error: {learner['last_error']}")
+    return "; ".join(parts)
+
+
+def up_cmd(
+    config: Annotated[Path | None, typer.Option("--config", help="Fleet config file (.json/.yaml).")] = None,
+    robots: Annotated[
+        str | None, typer.Option("--robots", help="Robots per embodiment, e.g. franka=2,aloha=1,hello=1,leap=1.")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option("--address", help="Join this Ray instead of starting a private local one.")
+    ] = None,
+    duration: Annotated[float | None, typer.Option("--duration", min=0, help="Seconds to run, then go down.")] = None,
+    realtime: Annotated[
+        bool | None, typer.Option("--realtime/--sim", help="Hold control rates, or run flat out.")
+    ] = None,
+    shift: Annotated[
+        list[str] | None, typer.Option("--shift", help="embodiment:shift, repeatable, e.g. franka:actuator_bias.")
+    ] = None,
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", help="Policy checkpoint.")] = None,
+    replicas: Annotated[int | None, typer.Option("--replicas", min=1, help="Policy server replicas.")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="Ray namespace of the fleet.")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Leave the fleet running and return.")] = False,
+    adapt: Annotated[
+        bool, typer.Option("--adapt", help="Run the learner: adapt heads from corrections, publish, roll back.")
+    ] = False,
+    adapt_every: Annotated[
+        int | None, typer.Option("--adapt-every", min=1, help="Corrections of one embodiment per round (50).")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Bring a simulated fleet up: the policy server, the replay and head actors, and the robots.
+
+    With no --address it starts a private local Ray that `fleet status`, `fleet scale` and `fleet down`
+    find from any other shell. Shows a live table until Ctrl-C or --duration, then takes the fleet down
+    (unless --detach).
+
+    Examples:
+        fleet up
+        fleet up --robots franka=16,aloha=16,hello=16,leap=16 --realtime
+        fleet up --robots franka=2 --sim --duration 30 --shift franka:actuator_bias
+        fleet up --shift franka:actuator_bias --adapt     # head versions go up as the learner adapts
+        fleet up --config fleet.yaml --detach
+    """
+    from fleet.cluster.launcher import FleetConfig, FleetError, down, status, up
+
+    try:
+        cfg = FleetConfig.from_file(config) if config else FleetConfig()
+        changes: dict = {}
+        if robots is not None:
+            changes["robots"] = parse_counts(robots)
+        if shift:
+            changes["shift"] = cfg.shift | parse_shifts(shift)
+        for key, value in (("address", address), ("realtime", realtime), ("checkpoint", checkpoint)):
+            if value is not None:
+                changes[key] = value
+        for key, value in (("replicas", replicas), ("namespace", namespace)):
+            if value is not None:
+                changes[key] = value
+        if detach:
+            changes["detach"] = True
+        if adapt:
+            changes["adapt"] = True
+        if adapt_every is not None:
+            changes["adapt_every"] = adapt_every
+        cfg = cfg.with_(**changes) if changes else cfg
+    except ValueError as exc:
+        fail(str(exc))
+    _quiet_serve()
+    log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
+    n = sum(cfg.robots.values())
+    log(f"starting {n} robots ({', '.join(f'{k}={v}' for k, v in cfg.robots.items())}) ...")
+    try:
+        info = up(cfg)
+    except (FleetError, ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    log(f"fleet up on Ray {info['address']} (namespace {info['namespace']}, app {info['app']})")
+    if cfg.adapt:
+        log(f"learner: adapts a head every {cfg.adapt_every} corrections of its embodiment; versions in the caption")
+    if detach:
+        log("detached: `fleet status` to watch it, `fleet down` to stop it")
+        if json_out:
+            emit_json(info)
+        return
+    ns = cfg.namespace
+    last: dict = {}
+    try:
+        last = _watch(lambda: status(namespace=ns), duration)
+    except KeyboardInterrupt:
+        log("interrupted")
+    except FleetError as exc:  # the fleet went down from elsewhere (`fleet down`)
+        log(f"the fleet is gone: {exc}")
+        return
+    log("taking the fleet down ...")
+    out = down(namespace=ns)
+    log(f"stopped {len(out['robots'])} robots; Ray stopped: {out['cluster_stopped']}")
+    if json_out:
+        emit_json(last)
+
+
+def _watch(get_status, duration: float | None) -> dict:
+    """Refresh a live table ~2x per second until `duration` passes (forever when None)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from fleet.cluster.launcher import FleetError
+
+    start = time.monotonic()
+    last: dict = {}
+    console = Console(stderr=not sys.stdout.isatty())
+    with Live(console=console, refresh_per_second=2, transient=False) as live:
+        while duration is None or time.monotonic() - start < duration:
+            try:
+                last = get_status()
+            except FleetError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Ray gone or the controller killed: the fleet is down
+                raise FleetError(f"{type(exc).__name__}: {exc}") from None
+            live.update(render_table(last, title=f"fleet  {time.monotonic() - start:5.0f}s  (Ctrl-C to stop)"))
+            time.sleep(0.5)
+    return last
+
+
+def scale_cmd(
+    counts: Annotated[list[str], typer.Argument(help="embodiment=count ..., e.g. franka=8 leap=0.")],
+    address: AddressOpt = None,
+    namespace: NamespaceOpt = NAMESPACE,
+    json_out: JsonOpt = False,
+) -> None:
+    """Set the number of robots per embodiment; embodiments not named keep theirs.
+
+    A removed robot finishes its episode, hands its corrections to the replay actor, then stops.
+
+    Examples:
+        fleet scale franka=8
+        fleet scale franka=8 leap=0 --json
+    """
+    from fleet.cluster.launcher import FleetError, scale
+
+    try:
+        wanted = parse_counts(counts, option="scale")
+        out = scale(wanted, address=address, namespace=namespace)
+    except (FleetError, ValueError) as exc:
+        fail(str(exc))
+    if json_out:
+        emit_json(out)
+        return
+    removed = ", ".join(f"{r['id']} ({r.get('corrections_acked', 0)} corrections)" for r in out["removed"])
+    typer.echo(f"added: {', '.join(out['added']) or 'none'}; removed: {removed or 'none'}")
+    typer.echo("robots: " + ", ".join(f"{k}={v}" for k, v in out["robots"].items()))
+
+
+def status_cmd(address: AddressOpt = None, namespace: NamespaceOpt = NAMESPACE, json_out: JsonOpt = False) -> None:
+    """Show every robot (state, control rate, episodes, success, interventions, head version, latency)
+    and the head versions the policy server serves. Works from any shell while `fleet up` runs.
+
+    Examples:
+        fleet status
+        fleet status --json | jq '.robots[] | {id, success_rate}'
+        fleet status --address 10.0.0.5:6379
+    """
+    from fleet.cluster.launcher import FleetError, status
+
+    try:
+        out = status(address=address, namespace=namespace)
+    except FleetError as exc:
+        fail(str(exc))
+    if json_out:
+        emit_json(out)
+        return
+    from rich.console import Console
+
+    Console().print(render_table(out))
+
+
+def down_cmd(
+    address: AddressOpt = None,
+    namespace: NamespaceOpt = NAMESPACE,
+    keep_cluster: Annotated[bool, typer.Option("--keep-cluster", help="Leave the private local Ray up.")] = False,
+) -> None:
+    """Stop every robot (their corrections are delivered first), delete the policy server and the fleet's
+    actors; stop the private local Ray `fleet up` started.
+
+    Examples:
+        fleet down
+        fleet down --address auto --keep-cluster
+    """
+    from fleet.cluster.launcher import FleetError, down
+
+    _quiet_serve()
+    try:
+        out = down(address=address, namespace=namespace, stop_cluster=not keep_cluster)
+    except FleetError as exc:
+        fail(str(exc))
+    typer.echo(f"stopped {len(out['robots'])} robots, removed {len(out['actors'])} actors, app {out['app']}")
+    if out["cluster_stopped"]:
+        typer.echo("stopped the local Ray")
+
+
+def register(app: typer.Typer) -> None:
+    """Add up, scale, status and down to the `fleet` command."""
+    app.command("up")(up_cmd)
+    app.command("scale")(scale_cmd)
+    app.command("status")(status_cmd)
+    app.command("down")(down_cmd)

@@ -1,0 +1,109 @@
+"""`AdaptConfig`: the knobs of one online-adaptation round (fleet/learning/adapt.py).
+
+No torch here: the launcher and `fleet up` validate a learner's configuration in processes that never
+load a model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+HARDWARE_SHIFTS: tuple[str, ...] = ("actuator_bias",)
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Knobs of one adaptation round. `from_dict` refuses unknown keys."""
+
+    steps: int = 100
+    # optimizer steps per round
+    batch_size: int = 32
+    # rows per step
+    max_round_seconds: float | None = 4.5
+    # a round's time budget: training stops early when what is left would not fit the validation that
+    # follows (about as long as the one before training) on a loaded machine or with a slow head;
+    # metrics["steps_done"] says how many steps ran. None = always all `steps`
+    lr: float = 3e-4
+    # AdamW learning rate (linearly decayed to a tenth over the round)
+    weight_decay: float = 0.0
+    new_share: float = 0.25
+    # share of each batch drawn from this round's new corrections (training part)
+    earlier_share: float = 0.25
+    # share drawn from earlier rounds' corrections; the rest is pretraining rehearsal. A missing source's
+    # share goes to the others in proportion. On the shipped franka head under actuator_bias (40 unseen
+    # episodes per point, success after 20/50/100/150/200 corrections) 1/4 new, 1/4 earlier, 1/2 rehearsal
+    # gave 85/100/85/88/78 %, where 1/2 new, 1/4, 1/4 gave 60/97/63 % (later rounds overfit the few strays
+    # a good head still makes)
+    holdout: float = 0.2
+    # share of each round's new corrections held out for validation (at least one when there are 5+)
+    rehearsal_tolerance: float = 0.02
+    # a candidate may have at most this much higher relative rehearsal loss than the current head
+    rehearsal_val: int = 256
+    # pretraining-style samples held out from the rehearsal set to validate on (and the most earlier
+    # held-out corrections kept for validation)
+    max_corrections: int = 2000
+    # earlier corrections kept (the newest), with their cached backbone memory (~24 kB each)
+    hardware_shifts: tuple[str, ...] = HARDWARE_SHIFTS
+    # shifts that change the embodiment's action mapping: its rehearsal labels get recalibrated (module docstring)
+    calibration_z: float = 3.0
+    # after a hardware change, a dimension's command offset is applied to the rehearsal labels only when
+    # its estimate is this many standard errors from zero ...
+    calibration_min: float = 0.02
+    # ... and at least this large (normalized units: 0.02 is 1 % of the dimension's range)
+    require_holdout_improvement: bool = True
+    # refuse a candidate that is worse than the current head on this round's held-out corrections
+    word_lr: float = 6e-3
+    # learning rate of the head's word adapters: the vectors added to the embeddings of instruction words
+    # the rehearsal set never uses (novel object names). 0 = never adapt words. On the franka head under
+    # novel_object within the learner's 4.5 s rounds (40 unseen episodes, success after 20/50/100/150/200
+    # corrections): 3e-3 gave 28/22/50/50/50 %, 6e-3 22/38/62/72/72 %, 1e-2 35/20/22/18/60 % (unstable)
+    words_only: bool = True
+    # a round whose new corrections name adapted words trains the word adapters alone (the decoder stays as
+    # it is, so rehearsal is bit-identical): training the decoder on them too made the rehearsal gate refuse
+    # every such round on the franka head (executed-action error +3.6 %, loss +4.4 %)
+    eval_batch: int = 256
+    # rows per forward pass when encoding and validating
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.words_only, bool):
+            raise ValueError(f"AdaptConfig.words_only: expected a bool, got {self.words_only!r}")
+        for name in ("steps", "batch_size", "rehearsal_val", "max_corrections", "eval_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "rehearsal_val" else 1):
+                raise ValueError(f"AdaptConfig.{name}: expected a positive int, got {v!r}")
+        shares = ("new_share", "earlier_share", "holdout", "rehearsal_tolerance", "calibration_z", "calibration_min")
+        for name in ("lr", "weight_decay", "word_lr", *shares):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"AdaptConfig.{name}: expected a finite number >= 0, got {v!r}")
+        m = self.max_round_seconds
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+            raise ValueError(f"AdaptConfig.max_round_seconds: expected None or seconds > 0, got {m!r}")
+        if not self.lr > 0:
+            raise ValueError(f"AdaptConfig.lr: expected > 0, got {self.lr!r}")
+        if self.new_share + self.earlier_share > 1.0 or self.new_share <= 0:
+            raise ValueError(
+                f"AdaptConfig.new_share ({self.new_share}) must be > 0 and new_share + earlier_share "
+                f"({self.earlier_share}) at most 1"
+            )
+        if self.holdout >= 1.0:
+            raise ValueError(f"AdaptConfig.holdout: expected a share in [0, 1), got {self.holdout!r}")
+        if isinstance(self.hardware_shifts, str) or not all(isinstance(s, str) for s in self.hardware_shifts):
+            raise ValueError(
+                f"AdaptConfig.hardware_shifts: expected a tuple of shift names, got {self.hardware_shifts!r}"
+            )
+        object.__setattr__(self, "hardware_shifts", tuple(self.hardware_shifts))
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> AdaptConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"AdaptConfig: unknown keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,168 @@
+"""The head store: every published version of every action head, as safetensors bytes (no Ray).
+
+    store = HeadStore(persist_dir="runs/heads")
+    v = store.publish("franka", None, head_to_bytes(model, "franka"), {"loss": 0.1})
+    store.latest()            # {"franka": v}
+
+The HeadRegistry actor (actors/heads.py) is this class on Ray. The learner publishes; every PolicyServer
+replica polls `latest()` and installs what is newer. Versions only ever increase: a rollback re-publishes an
+earlier payload under a new number. With `persist_dir`, each version is written (fleet.durable: temporary
+name, fsync, rename) before `publish` returns, and a restarted store reloads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from fleet.durable import write_bytes_atomic
+
+MAX_PAYLOAD_BYTES = 64 << 20
+# a head is < 2 MB; anything far larger is a mistake, not a head
+MAX_VERSIONS = 100
+# versions kept per head (in memory and on disk); the oldest go first
+
+
+def _payload_embodiment(payload: bytes) -> str | None:
+    """The embodiment named in a safetensors header's metadata (JSON only, nothing executed)."""
+    if len(payload) < 8:
+        return None
+    n = int.from_bytes(payload[:8], "little")
+    try:
+        header = json.loads(payload[8 : 8 + n])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta.get("embodiment") if isinstance(meta, dict) else None
+
+
+class HeadStore:
+    """Versioned head payloads per embodiment (the actor's state; usable without Ray)."""
+
+    def __init__(self, persist_dir: str | os.PathLike | None = None) -> None:
+        self.persist_dir = Path(persist_dir).resolve() if persist_dir else None
+        self._payloads: dict[str, dict[int, bytes]] = {}
+        self._meta: dict[str, dict[int, dict]] = {}
+        self._serving: dict[str, dict] = {}
+        if self.persist_dir is not None:
+            self.persist_dir.mkdir(parents=True, exist_ok=True)
+            self._reload()
+
+    # ----- persistence ---------------------------------------------------------------------------
+    def _reload(self) -> None:
+        """Load every version whose metadata file exists (it is written last, so it marks a whole version)."""
+        for meta_path in sorted(self.persist_dir.glob("*/v*.json")):
+            name, stem = meta_path.parent.name, meta_path.stem
+            try:
+                meta = json.loads(meta_path.read_text())
+                payload = (meta_path.parent / f"{stem}.safetensors").read_bytes()
+                version = int(meta["version"])
+            except (OSError, ValueError, KeyError):
+                continue  # a torn or foreign file: skip it, keep the rest
+            if hashlib.sha256(payload).hexdigest() != meta.get("sha256"):
+                continue
+            self._payloads.setdefault(name, {})[version] = payload
+            self._meta.setdefault(name, {})[version] = meta
+
+    def _persist(self, name: str, version: int, payload: bytes, meta: dict) -> None:
+        if self.persist_dir is None:
+            return
+        folder = self.persist_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(folder / f"v{version:06d}.safetensors", payload)
+        write_bytes_atomic(folder / f"v{version:06d}.json", json.dumps(meta).encode())
+
+    def _forget(self, name: str, version: int) -> None:
+        self._payloads[name].pop(version, None)
+        self._meta[name].pop(version, None)
+        if self.persist_dir is not None:
+            for suffix in (".json", ".safetensors"):  # metadata first: a half-deleted version is never loaded
+                (self.persist_dir / name / f"v{version:06d}{suffix}").unlink(missing_ok=True)
+
+    # ----- API -----------------------------------------------------------------------------------
+    def publish(self, name: str, version: int | None, payload: bytes, meta: dict | None = None) -> int:
+        """Store `payload` as head `name` at `version` (None = latest + 1); returns the version.
+
+        Refuses a version not above the latest (ValueError), unless it is the same payload again (a
+        retried call), which returns the version. Durable before it returns when persisting."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"publish: name must be an embodiment name, got {name!r}")
+        if not isinstance(payload, (bytes, bytearray)) or not 0 < len(payload) <= MAX_PAYLOAD_BYTES:
+            raise ValueError(f"publish {name!r}: payload must be 1..{MAX_PAYLOAD_BYTES} bytes of safetensors")
+        payload = bytes(payload)
+        inside = _payload_embodiment(payload)
+        if inside != name:
+            raise ValueError(f"publish {name!r}: the payload is a head for {inside!r}, not a {name!r} fleet-head")
+        sha = hashlib.sha256(payload).hexdigest()
+        latest = self.latest().get(name, 0)
+        if version is None:
+            version = latest + 1
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"publish {name!r}: version must be a positive int, got {version!r}")
+        if version <= latest:
+            if self._meta.get(name, {}).get(version, {}).get("sha256") == sha:
+                return version  # the same publish retried after a restart: already durable
+            raise ValueError(f"publish {name!r}: version {version} is not above the latest {latest}")
+        record = {
+            "name": name,
+            "version": version,
+            "sha256": sha,
+            "bytes": len(payload),
+            "published_at": time.time(),
+            "meta": dict(meta or {}),
+        }
+        json.dumps(record)  # refuse a meta that cannot be stored before anything is written
+        self._persist(name, version, payload, record)
+        self._payloads.setdefault(name, {})[version] = payload
+        self._meta.setdefault(name, {})[version] = record
+        while len(self._payloads[name]) > MAX_VERSIONS:
+            self._forget(name, min(self._payloads[name]))
+        return version
+
+    def latest(self) -> dict[str, int]:
+        """{embodiment: newest version}."""
+        return {name: max(versions) for name, versions in self._payloads.items() if versions}
+
+    def get(self, name: str, version: int | None = None) -> tuple[int, bytes]:
+        """(version, payload) of head `name` at `version` (None = latest); KeyError if absent."""
+        versions = self._payloads.get(name) or {}
+        if not versions:
+            raise KeyError(f"no published head {name!r}; published: {sorted(self._payloads)}")
+        version = max(versions) if version is None else version
+        if version not in versions:
+            raise KeyError(f"head {name!r} has no version {version}; kept: {sorted(versions)}")
+        return version, versions[version]
+
+    def history(self, name: str) -> list[dict]:
+        """Records of head `name`, oldest first: version, sha256, bytes, published_at, meta."""
+        return [dict(self._meta[name][v]) for v in sorted(self._meta.get(name, {}))]
+
+    def rollback(self, name: str, to_version: int) -> int:
+        """Re-publish the payload of `to_version` as a new, higher version; returns that version."""
+        _, payload = self.get(name, to_version)
+        return self.publish(name, None, payload, {"rollback_of": int(to_version)})
+
+    def report_serving(self, replica: str, versions: dict[str, int], endpoint: dict | None = None) -> None:
+        """A serving replica says which head versions it now serves (shown by `serving`) and, when it has
+        one, where its direct socket listens (`endpoints`). Replicas report every couple of seconds."""
+        self._serving[str(replica)] = {"versions": dict(versions), "at": time.time(), "endpoint": endpoint}
+
+    def serving(self, max_age_s: float = 60.0) -> dict[str, dict]:
+        """{replica: {"versions", "at", "endpoint"}} for replicas that reported within `max_age_s`."""
+        now = time.time()
+        return {r: dict(v) for r, v in self._serving.items() if now - v["at"] <= max_age_s}
+
+    def endpoints(self, node_id: str | None = None, max_age_s: float = 10.0) -> list[dict]:
+        """Direct sockets of the replicas alive within `max_age_s` (sorted by replica), those on `node_id`
+        only when given: a loopback address is reachable from its own node alone."""
+        return [
+            dict(v["endpoint"])
+            for _, v in sorted(self.serving(max_age_s).items())
+            if v.get("endpoint") and (node_id is None or v["endpoint"].get("node_id") == node_id)
+        ]
+
+    def check_health(self) -> bool:
+        return True

@@ -1,0 +1,145 @@
+"""FleetConfig and the fleet CLI's argument parsing, without Ray: clear errors naming the bad field or item."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from fleet.cli.fleet_cmds import parse_counts, parse_shifts, register
+from fleet.cluster.launcher import FleetConfig, FleetError, checkpoint_meta
+
+
+def test_defaults_one_robot_per_embodiment():
+    cfg = FleetConfig()
+    assert cfg.robots == {"franka": 1, "aloha": 1, "hello": 1, "leap": 1}
+    assert cfg.namespace == "fleet" and cfg.route == "direct" and cfg.cluster_cpus >= 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"robots": {"spot": 1}}, "FleetConfig.robots.*spot"),
+        ({"robots": {"franka": -1}}, "FleetConfig.robots.*franka"),
+        ({"robots": {}}, "FleetConfig.robots"),
+        ({"shift": {"franka": "fog"}}, r"FleetConfig.shift\['franka'\]"),
+        ({"replicas": 0}, "FleetConfig.replicas"),
+        ({"route": "carrier-pigeon"}, "FleetConfig.route"),
+        ({"object_store_mb": 10}, "FleetConfig.object_store_mb"),
+        ({"robot_resources": {"robot": -1}}, "FleetConfig.robot_resources"),
+        ({"adapt": "yes"}, "FleetConfig.adapt"),
+        ({"adapt_every": 0}, "FleetConfig.adapt_every"),
+        ({"learner": {"every": 5, "bogus": 1}}, "FleetConfig.learner.*bogus"),
+        ({"learner": {"adapt": {"stepz": 1}}}, "FleetConfig.learner.*AdaptConfig.*stepz"),
+    ],
+)
+def test_bad_fields_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        FleetConfig.from_dict(changes)
+
+
+def test_from_file_yaml_and_json(tmp_path):
+    (tmp_path / "f.yaml").write_text("robots: {franka: 3, leap: 0}\nrealtime: false\nshift: {franka: lighting}\n")
+    cfg = FleetConfig.from_file(tmp_path / "f.yaml")
+    assert cfg.robots == {"franka": 3, "leap": 0} and cfg.realtime is False and cfg.shift == {"franka": "lighting"}
+    (tmp_path / "f.json").write_text(json.dumps({"robots": {"hello": 2}, "replicas": 2}))
+    assert FleetConfig.from_file(tmp_path / "f.json").replicas == 2
+    (tmp_path / "bad.json").write_text(json.dumps({"robot": {"hello": 2}}))
+    with pytest.raises(ValueError, match=r"unknown keys \['robot'\]"):
+        FleetConfig.from_file(tmp_path / "bad.json")
+    (tmp_path / "broken.yaml").write_text("robots: [unclosed")
+    with pytest.raises(ValueError, match="broken.yaml: not valid yaml"):
+        FleetConfig.from_file(tmp_path / "broken.yaml")
+    with pytest.raises(ValueError, match="cannot read"):
+        FleetConfig.from_file(tmp_path / "missing.json")
+
+
+def test_parse_counts_is_strict():
+    assert parse_counts("franka=2, aloha=1") == {"franka": 2, "aloha": 1}
+    assert parse_counts(["franka=8", "leap=0"], "scale") == {"franka": 8, "leap": 0}
+    for bad, message in [
+        ("frank=2", "unknown embodiment 'frank'"),
+        ("franka", "not embodiment=count"),
+        ("franka=two", "the count for franka"),
+        ("franka=-1", "the count for franka"),
+        ("franka=1,franka=2", "franka is given twice"),
+        ("", "expected embodiment=count"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_counts(bad)
+
+
+def test_parse_shifts():
+    assert parse_shifts(["franka:actuator_bias", "hello:lighting+distractors"]) == {
+        "franka": "actuator_bias",
+        "hello": "lighting+distractors",
+    }
+    with pytest.raises(ValueError, match="not embodiment:shift"):
+        parse_shifts(["franka"])
+    with pytest.raises(ValueError, match="--shift 'franka:fog'"):
+        parse_shifts(["franka:fog"])
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FleetError, match="policy.safetensors and policy.json are both needed"):
+        checkpoint_meta(str(tmp_path / "policy"))
+
+
+def test_cli_refuses_bad_arguments_before_touching_ray():
+    import typer
+
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    out = runner.invoke(app, ["up", "--robots", "franka=2,frank=1"])
+    assert out.exit_code == 2 and "unknown embodiment 'frank'" in out.output
+    out = runner.invoke(app, ["scale", "franka=x"])
+    assert out.exit_code == 2 and "the count for franka" in out.output
+    out = runner.invoke(app, ["up", "--help"])
+    assert out.exit_code == 0 and "fleet up --robots" in out.output
+
+
+def test_adapt_config_reaches_the_learner_and_the_table_shows_it():
+    from fleet.cli.fleet_cmds import learner_line, render_table
+
+    cfg = FleetConfig(adapt=True, adapt_every=20, learner={"adapt": {"steps": 80}})
+    assert cfg.learner_config() == {"every": 20, "adapt": {"steps": 80}}
+    assert cfg.cluster_cpus >= FleetConfig().cluster_cpus
+    learner = {
+        "state": "idle",
+        "rounds": 3,
+        "published": 2,
+        "rollbacks": 1,
+        "last_round": {"event": "published", "embodiment": "franka", "version": 4, "seconds": 2.5},
+        "watch": {"franka": {"version": 4, "episodes": 3, "needed": 10}},
+    }
+    line = learner_line(learner)
+    assert "3 rounds, 2 published, 1 rolled back" in line and "franka v4 in 2.5 s" in line and "3/10" in line
+    table = render_table({"robots": [], "heads": {"franka": 4}, "learner": learner})
+    assert "franka v4" in table.caption and "learner: idle" in table.caption
+
+
+def test_the_live_table_fits_an_80_column_terminal():
+    from rich.console import Console
+
+    from fleet.cli.fleet_cmds import COLUMNS, render_table
+
+    def row(name, state, error=None):
+        return {"id": f"robot-{name}", "state": state, "control_hz": 20.0, "episodes": 1234, "success_rate": 1.0,
+                "recent_success_rate": 0.95, "interventions": 12345, "head_version": 12, "latency_p50_ms": 499.9,
+                "latency_p99_ms": 1234.5, "last_error": error}  # fmt: skip
+
+    error = "policy request failed: " + "TimeoutError " * 20
+    robots = [row("franka-10", "conservative", error), row("leap-0", "human")]
+    learner = {"state": "idle", "rounds": 3, "published": 2, "rollbacks": 1}
+    console = Console(width=80, record=True)
+    console.print(render_table({"robots": robots, "heads": {"franka": 12}, "learner": learner}, title="fleet  25s"))
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    text = "\n".join(lines)
+    assert "…" not in text  # nothing truncated by the table itself
+    header = next(line for line in lines if line.startswith("robot"))
+    assert header.split() == [w for h, _ in COLUMNS for w in h.split()]
+    assert "franka-10  conservative" in text and "1234.5" in text and "v12" in text
+    assert any(line.startswith("franka-10: policy request failed") and line.endswith("...") for line in lines)
