@@ -1,4 +1,5 @@
-"""The policy server's wire format: act requests and replies, validated on the way in.
+"""The policy server's wire format: act requests and replies, validated on the way in; and the records
+that cross the Ray boundary between robots and the learner (`EpisodeOutcome`).
 
 numpy only, so robot actors (which never import torch) and the HTTP ingress share it with the
 server. A request is a plain dict; arrays travel as compact numpy arrays inside Ray, and as
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import base64
 import math
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 
 from fleet.embodiments import EMBODIMENTS, EmbodimentSpec
+from fleet.validate import check_bool, check_int, check_number, check_str, fail, is_int
 
 IMAGE_SHAPE = (64, 64, 3)
 MAX_SAMPLES = 32
@@ -226,3 +229,54 @@ def reply_from_wire(reply: dict) -> dict:
         if k in out and out[k] is not None:
             out[k] = _decode_array(out[k], k, np.float32).astype(np.float32, copy=False)
     return out
+
+
+# ---- episode outcomes: robot -> learner ----------------------------------------------------------
+@dataclass(frozen=True)
+class EpisodeOutcome:
+    """One finished episode of one robot, as the learner judges a head's rollout by it. It crosses Ray as
+    `to_dict()` and becomes a record again with `from_dict`, which validates every field (ValueError
+    naming it)."""
+
+    robot_id: str
+    embodiment: str
+    episode: int
+    success: bool
+    head_version: int | None
+    # the one head version every chunk of the episode came from; None when it ran two (a swap mid-episode)
+    # or none (it held throughout): such an episode says nothing about one version
+    head_versions: tuple[int, ...] = ()
+    interventions: int = 0
+    ticks: int = 0
+    shift: str = ""
+    t: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["head_versions"] = list(self.head_versions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> EpisodeOutcome:
+        if not isinstance(d, dict):
+            fail("outcome", "a mapping", type(d).__name__)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            fail("outcome", "only EpisodeOutcome fields", unknown)
+        f = "outcome."
+        version = d.get("head_version")
+        versions = d.get("head_versions", ())
+        if not isinstance(versions, (list, tuple)) or not all(is_int(v) for v in versions):
+            fail(f + "head_versions", "a list of ints", versions)
+        return cls(
+            robot_id=check_str(f + "robot_id", d.get("robot_id")),
+            embodiment=check_str(f + "embodiment", d.get("embodiment")),
+            episode=check_int(f + "episode", d.get("episode"), lo=0),
+            success=check_bool(f + "success", d.get("success")),
+            head_version=None if version is None else check_int(f + "head_version", version, lo=0),
+            head_versions=tuple(versions),
+            interventions=check_int(f + "interventions", d.get("interventions", 0), lo=0),
+            ticks=check_int(f + "ticks", d.get("ticks", 0), lo=0),
+            shift=check_str(f + "shift", d.get("shift", ""), nonempty=False),
+            t=check_number(f + "t", d.get("t", 0.0), lo=0),
+        )
