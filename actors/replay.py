@@ -13,22 +13,55 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import ray
 
-from fleet.data import ReplayStore
 from fleet.names import REPLAY
 
 REPLAY_NUM_CPUS = 0.1
 # the store is I/O-bound: a tenth of a core leaves the CPUs to the robots and the policy
 
 
-class _ReplayActor(ReplayStore):
-    """ReplayStore plus the health check every long-lived actor answers.
+class _ReplayActor:
+    """The ReplayStore's methods on Ray, plus the health check every long-lived actor answers.
 
-    Calls run one at a time (Ray's default for a synchronous actor), which the store relies on: it is
-    the log's only writer and is not thread-safe.
+    A thin adapter that builds the store in its constructor: every process that calls this actor loads
+    this class (Ray reads the method signatures from it), robots included, and a robot's worker runs
+    without pyarrow (actors/lean.py), which the store needs. Calls run one at a time (Ray's default for a
+    synchronous actor), which the store relies on: it is the log's only writer and is not thread-safe.
     """
+
+    def __init__(self, log_dir: str | os.PathLike, capacity: int = 1000, **store_kwargs: Any) -> None:
+        from fleet.data.store import ReplayStore  # pyarrow: only in the replay actor's own process
+
+        self.store = ReplayStore(log_dir, capacity, **store_kwargs)
+
+    def add(self, corrections: list | dict) -> dict[str, list]:
+        return self.store.add(corrections)
+
+    def compact(self) -> int:
+        return self.store.compact()
+
+    def sample(
+        self, embodiment: str, n: int, mode: str = "uniform", seed: int | None = None, half_life: float | None = None
+    ) -> list:
+        return self.store.sample(embodiment, n, mode, seed, half_life)
+
+    def since(self, embodiment: str, cursor: int = 0) -> dict[str, Any]:
+        return self.store.since(embodiment, cursor)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return self.store.counts()
+
+    def stats(self) -> dict[str, Any]:
+        return self.store.stats()
+
+    def log_dir(self) -> str:
+        return self.store.log_dir()
+
+    def export(self, out_dir: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        return self.store.export(out_dir, **kwargs)
 
     def check_health(self) -> bool:
         return True

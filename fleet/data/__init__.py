@@ -8,26 +8,35 @@ store.py       ReplayStore: the replay actor's logic (validate -> log -> buffer 
 export.py      export_corrections: the stored corrections as a LeRobot-style dataset
 """
 
-from fleet.data.arrow import CORRECTION_SCHEMA, corrections_to_table, from_row, table_to_corrections, to_row
-from fleet.data.buffer import CorrectionBuffer
-from fleet.data.correction import IMAGE_SHAPE, Correction, CorrectionError, random_correction, validate_correction
-from fleet.data.log import CorrectionLog, CorrectionLogError, LogPart
-from fleet.data.store import ReplayStore
+from __future__ import annotations
 
-__all__ = [
-    "CORRECTION_SCHEMA",
-    "IMAGE_SHAPE",
-    "Correction",
-    "CorrectionBuffer",
-    "CorrectionError",
-    "CorrectionLog",
-    "CorrectionLogError",
-    "LogPart",
-    "ReplayStore",
-    "corrections_to_table",
-    "from_row",
-    "random_correction",
-    "table_to_corrections",
-    "to_row",
-    "validate_correction",
-]
+import importlib
+from typing import Any
+
+# name -> the submodule that defines it; loaded on first use, so that importing one numpy-only submodule
+# (a robot building a Correction) does not load pyarrow through store.py and arrow.py
+_EXPORTS = {
+    "CORRECTION_SCHEMA": "arrow",
+    "corrections_to_table": "arrow",
+    "from_row": "arrow",
+    "table_to_corrections": "arrow",
+    "to_row": "arrow",
+    "CorrectionBuffer": "buffer",
+    "IMAGE_SHAPE": "correction",
+    "Correction": "correction",
+    "CorrectionError": "correction",
+    "random_correction": "correction",
+    "validate_correction": "correction",
+    "CorrectionLog": "log",
+    "CorrectionLogError": "log",
+    "LogPart": "log",
+    "ReplayStore": "store",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fleet.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fleet.data.{module}"), name)
