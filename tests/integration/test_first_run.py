@@ -1,6 +1,7 @@
 """A newcomer's first run, as a user types it: `fleet up` in an empty home directory (no Ray token anywhere, no
-RAY_* variables), `fleet status --json` from a second process until every robot has finished an episode,
-`fleet scale`, `fleet down` from a third, and nothing left running afterwards.
+RAY_* variables), `fleet status --json` from a second process until every robot has finished an episode and
+the replay actor has acknowledged corrections, `fleet scale`, `fleet down` from a third, and nothing left
+running afterwards.
 
 This is the check that the README's main command works on a fresh machine: every developer machine had a Ray
 token left in ~/.ray from earlier work, which hid that nothing created one."""
@@ -78,8 +79,10 @@ def test_fleet_up_status_scale_down_in_an_empty_home(tmp_path):
             if state_path.exists():
                 s = subprocess.run(cli + ["status", "--json"], env=env, capture_output=True, text=True, timeout=120)
                 rows = json.loads(s.stdout)["robots"] if s.returncode == 0 else []
-                status = rows if rows and all((r["episodes"] or 0) >= 1 for r in rows) else None
+                done = rows and all((r["episodes"] or 0) >= 1 for r in rows)
+                status = rows if done and sum(r.get("corrections_acked", 0) for r in rows) > 0 else None
         assert {r["id"] for r in status} == {"robot-franka-0", "robot-hello-0"}
+        assert all(r["replay_errors"] == 0 for r in status), [r["replay_last_error"] for r in status]
         head = json.loads(state_path.read_text())
         token = Path(head["token_path"])
         assert token.parent == home / ".cache" / "fleet" and stat.S_IMODE(token.stat().st_mode) == 0o600
