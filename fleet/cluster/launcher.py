@@ -33,6 +33,7 @@ from pathlib import Path
 
 from fleet.cluster.local_head import (
     LocalHeadError,
+    cluster_join_env,
     join_env,
     read_state,
     resolve_address,
@@ -240,15 +241,22 @@ def connect(address: str | None = None, namespace: str = NAMESPACE, num_cpus: in
     except LocalHeadError as exc:
         raise FleetError(str(exc)) from None
     if state and state["address"] == address:
-        _join_private_head(state)  # our private head: join it the way it runs (token mode, its token)
+        _join_with(join_env(state))  # our private head: join it the way it runs (token mode, its token)
+    else:
+        _join_with(cluster_join_env())  # a cluster started elsewhere: send a token if there is one
     try:
         ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level="ERROR")
-    except (ConnectionError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever Ray raises (auth, connection, version) becomes one line
         if _STARTED_HEAD is not None:
             stop_local_head(_STARTED_HEAD)
             _STARTED_HEAD = None
-        hint = " If that cluster uses token authentication, set RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN_PATH)."
-        raise FleetError(f"cannot join Ray at {address!r}: {exc}. Is the fleet up (`fleet up`)?{hint}") from None
+        cause = " ".join(str(exc).split(". ")[0].split())
+        if "uthenticat" in str(exc) or "token" in str(exc).lower():
+            fix = "give fleet that cluster's token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+        else:
+            fix = "is the fleet up (`fleet up`)? If that cluster uses token authentication, put its token in "
+            fix += "~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH)"
+        raise FleetError(f"cannot join Ray at {address!r}: {type(exc).__name__}: {cause}\n  fix: {fix}") from None
     return ray.get_runtime_context().gcs_address
 
 
@@ -259,15 +267,14 @@ def _resolve(address: str | None) -> str:
         raise FleetError(str(exc)) from None
 
 
-def _join_private_head(state: dict) -> None:
-    """Ray reads RAY_AUTH_MODE and the token's place when its config is initialized: set what the private
-    head needs (fleet.cluster.local_head.join_env) and refresh the config, as Ray does for a new head."""
-    env = join_env(state)
+def _join_with(env: dict[str, str]) -> None:
+    """Ray reads RAY_AUTH_MODE and the token's place when its config is initialized: set them and refresh
+    the config, as Ray does for a new head."""
     if not env:
-        return  # the user chose
+        return  # nothing to add, or the user chose
     os.environ.update(env)
     try:
-        from ray._raylet import Config
+        from ray._raylet import Config  # Ray is loaded lazily (see the module docstring)
 
         Config.initialize("")
     except (ImportError, AttributeError):  # another Ray version: the environment variables are all it needs

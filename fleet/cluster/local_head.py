@@ -160,6 +160,18 @@ def join_env(state: dict) -> dict[str, str]:
     return env
 
 
+def cluster_join_env() -> dict[str, str]:
+    """For a cluster started elsewhere (`--address`): token mode when RAY_AUTH_MODE is unset and a token is
+    at hand where Ray looks (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), as `ray start` itself
+    decides. A token sent to a cluster without authentication is ignored; a cluster with it needs one."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return {}
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(path):
+        return {"RAY_AUTH_MODE": "token"}
+    return {}
+
+
 # ---- starting and stopping -----------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:

@@ -135,3 +135,17 @@ def test_a_failed_start_is_explained_in_two_lines():
     cause, fix = local_head.explain_failure("OSError: [Errno 98] Address already in use\n")
     assert "Address already in use" in cause and "port" in fix
     assert local_head.explain_failure("")[0] == "no output"
+
+
+def test_joining_a_cluster_started_elsewhere_sends_a_token_when_one_is_at_hand(state, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert local_head.cluster_join_env() == {}  # no token anywhere: join as Ray would without one
+    (tmp_path / "home" / ".ray").mkdir(parents=True)
+    (tmp_path / "home" / ".ray" / "auth_token").write_text("a" * 64)
+    assert local_head.cluster_join_env() == {"RAY_AUTH_MODE": "token"}  # Ray's default place
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert local_head.cluster_join_env() == {}  # the user chose
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    (tmp_path / "home" / ".ray" / "auth_token").unlink()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "theirs")
+    assert local_head.cluster_join_env() == {"RAY_AUTH_MODE": "token"}
