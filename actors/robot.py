@@ -41,10 +41,12 @@ import warnings
 from collections import deque
 
 import ray
+from ray.util import metrics as ray_metrics
 
 from actors.lean import ROBOT_RUNTIME_ENV
 from actors.robot_io import GATEWAY_PREFIX, MemorySink, ReplaySink, make_client
 from fleet.names import NAMESPACE
+from fleet.protocol import EpisodeOutcome
 from fleet.robot import RobotConfig, RobotLoop
 
 __all__ = ["GATEWAY_PREFIX", "ROBOT_NUM_CPUS", "OutcomeSink", "RobotActor", "RobotMetrics"]
@@ -65,14 +67,12 @@ class RobotMetrics:
     LATENCY_BOUNDARIES_MS = [5, 10, 20, 50, 100, 200, 500, 1000, 2000]
 
     def __init__(self, robot_id: str, embodiment: str) -> None:
-        from ray.util import metrics
-
         keys = ("robot", "embodiment")
-        self.episodes = metrics.Counter("fleet_robot_episodes", "Finished episodes.", tag_keys=keys)
-        self.successes = metrics.Counter("fleet_robot_successes", "Successful episodes.", tag_keys=keys)
-        self.interventions = metrics.Counter("fleet_robot_interventions", "Human corrections.", tag_keys=keys)
-        self.control_hz = metrics.Gauge("fleet_robot_control_hz", "Measured control rate (Hz).", tag_keys=keys)
-        self.latency = metrics.Histogram(
+        self.episodes = ray_metrics.Counter("fleet_robot_episodes", "Finished episodes.", tag_keys=keys)
+        self.successes = ray_metrics.Counter("fleet_robot_successes", "Successful episodes.", tag_keys=keys)
+        self.interventions = ray_metrics.Counter("fleet_robot_interventions", "Human corrections.", tag_keys=keys)
+        self.control_hz = ray_metrics.Gauge("fleet_robot_control_hz", "Measured control rate (Hz).", tag_keys=keys)
+        self.latency = ray_metrics.Histogram(
             "fleet_robot_policy_latency_ms",
             "Policy round trip seen by the robot (ms).",
             boundaries=self.LATENCY_BOUNDARIES_MS,
@@ -85,18 +85,19 @@ class RobotMetrics:
 
     def update(self, loop: RobotLoop, control_hz: float | None) -> None:
         """Record what changed since the last call (called from the control thread)."""
+        stats = loop.stats
         for name, value in (
-            ("episodes", loop.episodes_done),
-            ("successes", loop.successes),
-            ("interventions", loop.interventions),
+            ("episodes", stats.episodes_done),
+            ("successes", stats.successes),
+            ("interventions", stats.interventions),
         ):
             if value > self._seen[name]:
                 getattr(self, name).inc(value - self._seen[name])
                 self._seen[name] = value
-        new = min(loop.replies - self._seen["latencies"], len(loop.latencies_ms))
-        for ms in list(loop.latencies_ms)[len(loop.latencies_ms) - new :] if new > 0 else []:
+        new = min(stats.replies - self._seen["latencies"], len(stats.latencies_ms))
+        for ms in list(stats.latencies_ms)[len(stats.latencies_ms) - new :] if new > 0 else []:
             self.latency.observe(ms)
-        self._seen["latencies"] = loop.replies
+        self._seen["latencies"] = stats.replies
         if control_hz is not None:
             self.control_hz.set(control_hz)
 
@@ -127,7 +128,8 @@ def _rss_mb() -> float | None:
 
 # ---- episode outcomes ----------------------------------------------------------------------------
 class OutcomeSink:
-    """Episode outcomes to the named learner actor (`record_outcomes`), without ever blocking the control loop.
+    """Episode outcomes (`EpisodeOutcome`, sent as `to_dict()`) to the named learner actor (`record_outcomes`),
+    without ever blocking the control loop.
 
     Outcomes are statistics, not records: one batch is in flight at a time, a batch the learner never got
     (dead, restarting, not started yet) is counted in `lost` rather than resent, and at most `limit` wait.
@@ -141,8 +143,8 @@ class OutcomeSink:
         self._inflight: tuple[ray.ObjectRef, int] | None = None
         self.sent = self.lost = 0
 
-    def add(self, outcomes: list[dict]) -> None:
-        self.pending.extend(outcomes)
+    def add(self, outcomes: list[EpisodeOutcome]) -> None:
+        self.pending.extend(o.to_dict() for o in outcomes)  # dicts from here on: they cross Ray
 
     def pump(self) -> None:
         """Settle the batch in flight if it finished; send what waits when nothing is in flight."""
@@ -249,7 +251,7 @@ class _RobotActor:
                         self._refresh()
             except Exception as exc:  # noqa: BLE001 - a bug must not leave the robot moving: hold a period
                 self.loop_errors += 1
-                self.loop.last_error = f"control loop error: {type(exc).__name__}: {exc}"
+                self.loop.stats.last_error = f"control loop error: {type(exc).__name__}: {exc}"
                 log.exception("robot %s: control tick failed", self.config.robot_id)
                 time.sleep(period)
             self._ticks.append(time.perf_counter())

@@ -1,5 +1,6 @@
-"""How a robot actor talks to the rest of the fleet: policy clients (PolicyClient protocol of fleet.robot)
-and correction sinks. Ray only, no Serve import in the robot's process for the default "gateway" route.
+"""How a robot actor talks to the rest of the fleet: policy clients (the PolicyClient protocol of
+fleet/robot/client.py) and correction sinks, where a `Correction` record becomes the dict that crosses Ray.
+Ray only, no Serve import in the robot's process for the default "gateway" and "direct" routes.
 
   NoPolicyClient  route "none": every request fails, the robot holds
   DirectClient    route "direct": a TCP connection to a replica's direct socket, the gateway as fallback
@@ -16,8 +17,12 @@ import zlib
 from collections import deque
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+# the module itself, not fleet.data: robot processes run without pyarrow, which fleet.data's store needs
+from fleet.data.correction import Correction
 from fleet.names import GATEWAY_PREFIX, HEADS, NAMESPACE
+from fleet.serving.direct import DirectConnection
 
 MAX_PENDING_CORRECTIONS = 5000
 # corrections a robot holds while the replay actor is unreachable (~13 kB each); beyond, the oldest go
@@ -79,7 +84,7 @@ class HandleClient:
     """PolicyClient over a Serve DeploymentHandle held by the robot itself (imports Ray Serve)."""
 
     def __init__(self, app: str) -> None:
-        from ray import serve
+        from ray import serve  # Ray Serve (+35 MB) only in a robot that asked for the "handle" route
 
         self.app = app
         self._handle = serve.get_app_handle(app)
@@ -137,8 +142,6 @@ class DirectClient:
                 listed, self._listing = ray.get(self._listing), None
                 endpoint = pick_endpoint(listed, self.robot_id, ray.get_runtime_context().get_node_id())
                 if endpoint is not None:
-                    from fleet.serving.direct import DirectConnection
-
                     self._conn = DirectConnection(endpoint["host"], endpoint["port"], connect_timeout_s=0.2)
                     self.reconnects += 1
             elif time.monotonic() >= self._next_try:
@@ -232,7 +235,7 @@ class _PolicyGateway:
 
     async def act(self, request: dict) -> dict:
         if self._handle is None:
-            from ray import serve
+            from ray import serve  # Ray Serve only in the gateway's process, never in the robots calling it
 
             self._handle = serve.get_app_handle(self.app)  # raises while the app does not exist
         self.calls += 1
@@ -247,8 +250,6 @@ PolicyGateway = ray.remote(num_cpus=0, max_restarts=-1)(_PolicyGateway)
 
 def gateway_for_this_node(app: str, namespace: str):
     """The detached PolicyGateway of the caller's node, created on first use (`fleet down` removes it)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     node_id = ray.get_runtime_context().get_node_id()
     return PolicyGateway.options(
         name=f"{GATEWAY_PREFIX}{app}-{node_id[:16]}",
@@ -275,15 +276,15 @@ def make_client(policy: dict | None, robot_id: str = ""):
 
 # ---- correction sinks ----------------------------------------------------------------------------
 class MemorySink:
-    """No replay actor configured: keep corrections (bounded) until someone `take()`s them."""
+    """No replay actor configured: keep corrections (bounded, as dicts) until someone `take()`s them."""
 
     def __init__(self, limit: int = MAX_PENDING_CORRECTIONS) -> None:
         self.items: deque[dict] = deque(maxlen=limit)
         self.dropped = 0
 
-    def __call__(self, batch: list[dict]) -> None:
+    def __call__(self, batch: list[Correction]) -> None:
         self.dropped += max(0, len(self.items) + len(batch) - (self.items.maxlen or 0))
-        self.items.extend(batch)
+        self.items.extend(c.to_dict() for c in batch)
 
     def pump(self) -> None:
         pass
@@ -301,9 +302,9 @@ class MemorySink:
 
 
 class ReplaySink:
-    """Sends corrections to the named ReplayActor without blocking the control loop. A batch counts as
-    delivered only when the actor acknowledged it (it is durable then); a failed send is retried, and
-    correction ids make the retry harmless."""
+    """Sends corrections (as `to_dict()`, what the replay actor's add() takes) to the named ReplayActor without
+    blocking the control loop. A batch counts as delivered only when the actor acknowledged it (it is durable
+    then); a failed send is retried, and correction ids make the retry harmless."""
 
     def __init__(self, name: str, namespace: str, retry_after_s: float = 1.0) -> None:
         self.name, self.namespace, self.retry_after_s = name, namespace, retry_after_s
@@ -314,8 +315,8 @@ class ReplaySink:
         self.acked = self.rejected = self.dropped = self.send_errors = 0
         self.last_error: str | None = None
 
-    def __call__(self, batch: list[dict]) -> None:
-        self._send(list(batch))
+    def __call__(self, batch: list[Correction]) -> None:
+        self._send([c.to_dict() for c in batch])
 
     def _send(self, batch: list[dict]) -> None:
         try:

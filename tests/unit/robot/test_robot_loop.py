@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from fleet.data import validate_correction
+from fleet.data.correction import Correction, validate_correction
 from fleet.embodiments import EMBODIMENTS
+from fleet.protocol import EpisodeOutcome
 from fleet.robot import RobotConfig, RobotLoop
 from fleet.sim import make_env
 from tests.mocks.fake_policy import FEATURE_STATS, FakePolicy
@@ -26,7 +27,7 @@ def make(name: str = "franka", mode: str = "expert", sink=None, feature_stats=No
 
 def run_episodes(loop: RobotLoop, n: int, max_ticks: int = 5000) -> None:
     for _ in range(max_ticks):
-        if loop.episodes_done >= n:
+        if loop.stats.episodes_done >= n:
             return
         loop.tick()
     raise AssertionError(f"{n} episodes did not finish in {max_ticks} ticks")
@@ -81,7 +82,7 @@ def _run_until_fault(mode: str, name: str = "franka"):
     while loop.tick_in_episode < due + 8:
         t = loop.tick_in_episode
         results[t] = loop.tick()
-    assert loop.episodes_done == 0
+    assert loop.stats.episodes_done == 0
     return loop, due, results
 
 
@@ -147,16 +148,17 @@ def test_sim_mode_waits_for_a_slow_server_and_real_time_holds():
 
 
 def test_corrections_reach_the_sink_and_are_valid():
-    got: list[dict] = []
+    got: list[Correction] = []
     loop = make("franka", mode="zeros", sink=got.extend)
     run_episodes(loop, 2)
     r = loop.report()
     assert r["interventions"] > 0 and len(got) == r["interventions"] == r["corrections_sent"]
     assert r["corrections_pending"] == 0
-    assert len({c["id"] for c in got}) == len(got)
+    assert all(isinstance(c, Correction) for c in got) and len({c.id for c in got}) == len(got)
     for c in got[:5]:
         validate_correction(c)
-    assert {c["reason"] for c in got} <= {"stray", "help"}
+        validate_correction(c.to_dict())  # what the sinks send over Ray
+    assert {c.reason for c in got} <= {"stray", "help"}
 
 
 def test_a_failing_sink_keeps_corrections_for_the_next_try():
@@ -172,9 +174,9 @@ def test_a_failing_sink_keeps_corrections_for_the_next_try():
     loop = make("franka", mode="zeros", sink=sink)
     run_episodes(loop, 1)
     assert loop.report()["corrections_pending"] == calls[0] > 0
-    assert "correction sink failed" in loop.last_error
+    assert "correction sink failed" in loop.stats.last_error
     run_episodes(loop, 2)
-    assert len(delivered) == loop.interventions and loop.report()["corrections_pending"] == 0
+    assert len(delivered) == loop.stats.interventions and loop.report()["corrections_pending"] == 0
 
 
 def test_low_confidence_pauses_then_the_human_takes_over_and_releases():
@@ -247,6 +249,10 @@ def test_config_errors_name_the_field():
         RobotConfig("r", "franka", stale_ticks=0)
     with pytest.raises(ValueError, match="RobotConfig.sim_wait_s"):
         RobotConfig("r", "franka", sim_wait_s=-1)
+    with pytest.raises(ValueError, match="RobotConfig.seed: expected a non-negative int, got True"):
+        RobotConfig("r", "franka", seed=True)  # a bool is never an int
+    with pytest.raises(ValueError, match="RobotConfig.n_samples: expected a positive int"):
+        RobotConfig("r", "franka", n_samples=0)
 
 
 def test_the_robot_side_never_imports_torch():
@@ -260,13 +266,15 @@ def test_episode_outcomes_carry_the_head_version_they_ran():
     loop = make("franka", teleop=False)
     run_episodes(loop, 2)
     first = loop.take_outcomes()
-    assert [o["episode"] for o in first] == [0, 1] and loop.take_outcomes() == []
-    assert all(o["head_version"] == 1 and o["head_versions"] == [1] and o["embodiment"] == "franka" for o in first)
-    assert [o["success"] for o in first] == [bool(s) for s in list(loop.outcomes)[:2]]
+    assert [o.episode for o in first] == [0, 1] and loop.take_outcomes() == []
+    assert all(o.head_version == 1 and o.head_versions == (1,) and o.embodiment == "franka" for o in first)
+    assert [o.success for o in first] == [bool(s) for s in list(loop.stats.outcomes)[:2]]
+    assert [EpisodeOutcome.from_dict(o.to_dict()) for o in first] == first  # what crosses Ray to the learner
+    assert first[0].to_dict()["head_versions"] == [1]
     loop.tick(), loop.tick()  # episode 2 starts on version 1 ...
-    assert loop.episodes_done == 2
+    assert loop.stats.episodes_done == 2
     loop.client.head_version = 2  # ... and a new head is published mid-episode
     run_episodes(loop, 4)
     swapped, clean = loop.take_outcomes()
-    assert swapped["head_version"] is None and swapped["head_versions"] == [1, 2]
-    assert clean["head_version"] == 2
+    assert swapped.head_version is None and swapped.head_versions == (1, 2)
+    assert clean.head_version == 2

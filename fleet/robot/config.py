@@ -1,0 +1,55 @@
+"""One robot's configuration: `RobotConfig`, the keyword arguments a robot actor is started with, validated on
+construction (ValueError naming the field, through fleet.validate)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleet.embodiments import EMBODIMENTS
+from fleet.validate import check_choice, check_int, check_number, check_str
+
+
+@dataclass(frozen=True)
+class RobotConfig:
+    robot_id: str
+    # unique name of this robot in the fleet
+    embodiment: str
+    # key into EMBODIMENTS
+    seed: int = 0
+    # first episode's seed; episode k uses seed * 100_003 + k
+    shift: str | None = None
+    # simulator distribution shift(s), e.g. "actuator_bias"
+    realtime: bool = False
+    # hold the embodiment's control rate (True) or run as fast as possible (sim mode)
+    aggregate: str = "latest"
+    # how overlapping chunks are merged (ActionBuffer)
+    n_samples: int = 4
+    # flow samples per request, for the disagreement confidence (token heads report entropy instead)
+    teleop: bool = True
+    # a scripted human reviews every new chunk and corrects strays
+    teleop_tolerance: float = 0.15
+    # the human's tolerance (share of action range)
+    stale_ticks: int | None = None
+    # an action computed from an observation more than this many ticks old is held; None = recompute_every + 1,
+    # so a server that answers within a control period never causes a hold, and a dead one holds at due + 1
+    max_consecutive_failures: int = 5
+    # more failed episodes in a row than this escalates the robot (it stops until reset)
+    sim_wait_s: float = 5.0
+    # sim mode only: how long a tick that would hold waits for the reply in flight (once per request)
+    request_timeout_ticks: int | None = None
+    # a request unanswered this long is abandoned and sent again; None = 2 * chunk_size. Until then the robot
+    # holds but keeps waiting: resending every overdue request would flood a busy server with work nobody reads
+
+    def __post_init__(self) -> None:
+        f = "RobotConfig."
+        check_str(f + "robot_id", self.robot_id)
+        check_choice(f + "embodiment", self.embodiment, sorted(EMBODIMENTS))
+        check_int(f + "seed", self.seed, lo=0, expected="a non-negative int")
+        for name in ("n_samples", "max_consecutive_failures"):
+            check_int(f + name, getattr(self, name), lo=1, expected="a positive int")
+        for name in ("stale_ticks", "request_timeout_ticks"):
+            if getattr(self, name) is not None:
+                check_int(f + name, getattr(self, name), lo=1, expected="None or a positive int")
+        check_number(f + "sim_wait_s", self.sim_wait_s, lo=0, expected="a non-negative number of seconds")
+        if self.shift is not None:
+            check_str(f + "shift", self.shift, nonempty=False, expected="None or a shift name such as 'actuator_bias'")
