@@ -139,7 +139,7 @@ def test_a_rollout_that_lowers_fleet_success_is_rolled_back(ray_session, fleet, 
     replay, registry, start, _ = fleet
     ckpt, demo = checkpoint
     learner = start(ckpt, {"adapt": FAST, "watch_episodes": 5, "min_reference": 5})
-    ok = {"robot_id": "robot-franka-0", "embodiment": "franka", "success": True}
+    ok = {"robot_id": "robot-franka-0", "embodiment": "franka", "episode": 0, "success": True}
     wait_for(ray, learner, lambda s: s["state"] == "idle")
     assert ray.get(learner.record_outcomes.remote([ok | {"head_version": 1}] * 10)) == 10
     send(ray, replay, demo, range(0, 24, 2))
