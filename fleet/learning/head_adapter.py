@@ -86,8 +86,8 @@ class HeadAdapter:
         self._gen = torch.Generator().manual_seed(cfg.seed)
         self.rounds = 0
         self.hardware = HardwareCalibration(model, name, cfg)
-        # the current head's rehearsal scores, keyed by (head.changes, calibration key): they only change when
-        # the head or the labels do, so a round after an accepted or refused one skips them
+        # the current head's rehearsal scores, keyed by (head.changes, version, calibration key): they only change
+        # when the head or the labels do, so a round after an accepted or refused one skips them
         self._rehearsal_scores: tuple[tuple, dict] | None = None
         self.words = WordAdapters(model, name, rehearsal, cfg.eval_batch, enabled=cfg.word_lr > 0)
         t0 = time.perf_counter()
@@ -121,7 +121,7 @@ class HeadAdapter:
         self.head.install(result.state, version)
         if result.rehearsal_scores is not None:
             calib_key, scores = result.rehearsal_scores
-            self._rehearsal_scores = ((self.head.changes, calib_key), dict(scores))
+            self._rehearsal_scores = ((self.head.changes, self.version, calib_key), dict(scores))
 
     # ---- corrections ------------------------------------------------------------------------------
     def add_earlier(self, corrections: Sequence[Correction]) -> int:
@@ -201,7 +201,7 @@ class HeadAdapter:
         """The current head's scores: rehearsal (cached while neither the head nor the labels change) and
         held-out corrections (rows with an adapted word re-encoded under the head's own adapters)."""
         cfg = self.config
-        cache_key = (self.head.changes, self.hardware.key())
+        cache_key = (self.head.changes, self.version, self.hardware.key())
         if self._rehearsal_scores is not None and self._rehearsal_scores[0] == cache_key:
             rehearsal_before = dict(self._rehearsal_scores[1])
         else:

@@ -188,9 +188,8 @@ class Learner:
     def start(self) -> None:
         """Build the adapters (rehearsal memory encoded once) on the checkpoint's heads, reload the corrections
         earlier rounds learnt from, then continue from the registry's newest head of each embodiment."""
-        # torch: the adapters train; this module stays importable without it (the launcher validates configs)
-        from fleet.learning.head_adapter import HeadAdapter
-        from fleet.learning.round_data import rehearsal_set
+        from fleet.learning.head_adapter import HeadAdapter  # torch: off this module's path (launcher, actor handle)
+        from fleet.learning.round_data import rehearsal_set  # torch, likewise
 
         self.state = "preparing"
         latest = self.registry.latest()

@@ -3,11 +3,15 @@ models, no Ray."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
+from fleet.cli import app  # noqa: E402
 from fleet.data import Correction, ReplayStore  # noqa: E402
 from fleet.embodiments import EMBODIMENTS  # noqa: E402
 from fleet.learning.candidate_gate import head_loss  # noqa: E402
@@ -16,7 +20,7 @@ from fleet.learning.head_store import HeadStore  # noqa: E402  (the registry's l
 from fleet.learning.learner import Learner, LearnerConfig  # noqa: E402
 from fleet.learning.round_config import AdaptConfig  # noqa: E402
 from fleet.learning.round_data import encode_demos  # noqa: E402
-from fleet.policy.checkpoint import head_from_bytes  # noqa: E402
+from fleet.policy.checkpoint import head_from_bytes, save_checkpoint  # noqa: E402
 from fleet.policy.demos import collect  # noqa: E402
 from fleet.policy.train import build_model  # noqa: E402
 from tests.mocks.tiny_policy import TINY  # noqa: E402
@@ -327,13 +331,6 @@ def test_a_rollout_that_keeps_success_is_confirmed(fleet_parts, demos):
 # ---- the experiment -------------------------------------------------------------------------------
 def test_experiment_cli_prints_the_documented_json_and_plots(tmp_path):
     """A tiny budget end to end: the JSON shape of the issue, a PNG, and untouched other heads."""
-    import json
-
-    from typer.testing import CliRunner
-
-    from fleet.cli import app
-    from fleet.policy.checkpoint import save_checkpoint
-
     save_checkpoint(tiny(("franka", "hello")), tmp_path / "policy")
     args = ["experiment", "adapt", "--shift", "actuator_bias", "--checkpoint", str(tmp_path / "policy")]
     args += ["--episodes", "2", "--points", "3,6", "--other-episodes", "1", "--rehearsal-episodes", "2"]
@@ -351,10 +348,6 @@ def test_experiment_cli_prints_the_documented_json_and_plots(tmp_path):
 
 
 def test_experiment_cli_names_a_missing_checkpoint(tmp_path):
-    from typer.testing import CliRunner
-
-    from fleet.cli import app
-
     res = CliRunner().invoke(
         app, ["experiment", "adapt", "--shift", "novel_object", "--checkpoint", str(tmp_path / "x")]
     )

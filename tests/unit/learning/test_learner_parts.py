@@ -49,9 +49,9 @@ def test_learner_state_survives_a_restart_and_a_torn_file(tmp_path):
 def test_a_trained_head_keeps_the_registrys_number_not_the_payloads():
     """A rollback re-publishes v1's bytes as v3: the head installs them as v3."""
     torch = pytest.importorskip("torch")
-    from fleet.learning.trained_head import TrainedHead
-    from fleet.policy.train import build_model
-    from tests.mocks.tiny_policy import TINY
+    from fleet.learning.trained_head import TrainedHead  # torch from here on: the tests above run without it
+    from fleet.policy.train import build_model  # torch
+    from tests.mocks.tiny_policy import TINY  # torch
 
     model = build_model(("franka",), seed=0, config=TINY)
     head = TrainedHead(model, "franka")

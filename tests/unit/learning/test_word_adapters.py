@@ -9,6 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
 from fleet.learning.candidate_gate import head_loss  # noqa: E402
 from fleet.learning.head_adapter import HeadAdapter  # noqa: E402
 from fleet.learning.round_config import AdaptConfig  # noqa: E402
@@ -59,8 +62,6 @@ def test_a_heads_word_adapters_change_only_its_rows_that_use_the_word():
 
 
 def test_word_adapters_travel_with_checkpoints_and_head_payloads(tmp_path):
-    from safetensors.torch import load_file, save_file
-
     model = tiny()
     with torch.no_grad():
         model.head("franka").word_delta[model.vocab.token_id("cyan")] = torch.randn(KP.d_model)
@@ -76,8 +77,6 @@ def test_word_adapters_travel_with_checkpoints_and_head_payloads(tmp_path):
     tensors = load_file(str(tmp_path / "p.safetensors"))
     old = {k: v for k, v in tensors.items() if not k.endswith("word_delta")}
     assert len(old) == len(tensors) - 2
-    from safetensors import safe_open
-
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
         meta = f.metadata()
     save_file(old, str(tmp_path / "p.safetensors"), metadata=meta)
@@ -140,7 +139,7 @@ def test_the_adapter_learns_only_words_the_rehearsal_set_never_uses():
 
 def test_the_onnx_backend_runs_adapted_rows_through_the_master_model():
     pytest.importorskip("onnxruntime")
-    from fleet.policy.inference.onnx_backend import OnnxBackend
+    from fleet.policy.inference.onnx_backend import OnnxBackend  # onnxruntime: only once the skip above passed
 
     model = tiny()
     batch = mixed(model)
