@@ -9,7 +9,7 @@
     learner.record_outcomes.remote([{"robot_id": ..., "embodiment": "franka", "head_version": 3, "success": True}])
 
 Every `poll_interval_s` the loop asks the ReplayActor how many corrections each embodiment has; with
-`every` new ones it runs a round (fleet.learning.adapt) and publishes an accepted head to the HeadRegistry,
+`every` new ones it runs a round (fleet.learning.head_adapter) and publishes an accepted head to the HeadRegistry,
 which every PolicyServer replica polls. Robots send their episode outcomes here (fire and forget), which
 is how a rollout that lowers success is noticed and rolled back.
 
@@ -29,6 +29,7 @@ import ray
 
 from fleet.learning.learner import Learner, LearnerConfig
 from fleet.names import HEADS, LEARNER, REPLAY
+from fleet.policy.default import load_policy
 from fleet.policy.openmp import set_omp_wait_policy
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,7 @@ class _LearnerActor:
         autostart: bool = True,
     ) -> None:
         set_omp_wait_policy()  # before torch loads: the learner waits passively at OpenMP barriers
-        import torch
-
-        from fleet.policy.default import load_policy
+        import torch  # here, after the wait policy, and off the import path: robot workers load this module
 
         self.config = LearnerConfig.from_dict(config)
         torch.set_num_threads(self.config.threads)
@@ -104,9 +103,7 @@ class _LearnerActor:
                 self._step()
             except Exception as exc:  # noqa: BLE001 - a failed round must not stop the learner: log, go on
                 self.loop_errors += 1
-                self.learner.last_error = f"{type(exc).__name__}: {exc}"
-                ready = len(self.learner.adapters) == len(self.learner.names)
-                self.learner.state = "idle" if ready else "created"  # "created": start() runs again
+                self.learner.step_failed(exc)
                 log.error("learner: %s", traceback.format_exc())
                 self._stop.wait(max(5.0, self.config.poll_interval_s))
                 continue

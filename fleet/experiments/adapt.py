@@ -10,7 +10,7 @@ For one embodiment and one shift:
   2. run the current policy in the shifted simulator while the scripted teleoperator (fleet.sim.teleop,
      the expert under the shift) watches every chunk and corrects the ones that stray, until the next
      point of the schedule (20, 50, 100, 150, 200 corrections by default); adapt the head on the new
-     corrections (one fleet.learning.adapt round, rehearsal included, published only if the validation
+     corrections (one fleet.learning.head_adapter round, rehearsal included, published only if the validation
      accepts it, exactly as the learner does) and measure the shifted success again. Each collection
      phase runs at least 20 teleoperated episodes, the fleet's work on the newest head: as the learner
      does with the robots' reports, their outcomes and interventions judge a newly published head
@@ -29,11 +29,24 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fleet.data.correction import Correction
+from fleet.embodiments import get_embodiment
+from fleet.learning.head_adapter import HeadAdapter, RoundResult
+from fleet.learning.learner import LearnerConfig
+from fleet.learning.rollout import judge_rollout
+from fleet.learning.round_config import AdaptConfig
+from fleet.learning.round_data import rehearsal_set
+from fleet.policy.default import load_policy
+from fleet.policy.evaluate import evaluate
+from fleet.policy.train import chunk_policy
+from fleet.sim import make_env, parse_shift
+from fleet.sim.teleop import TeleopConfig, Teleoperator
 
 COLLECT_SEED_BASE = 3_000_000
 # correction episodes use seeds apart from pretraining, rehearsal (7_000_000) and evaluation seeds
@@ -56,17 +69,12 @@ def collect_corrections(
     outcomes lists (success, interventions) per finished episode. With `min_episodes`, episodes go on
     (the human still correcting, nothing more recorded) until that many finished.
     """
-    from fleet.embodiments import get_embodiment
-    from fleet.policy.train import chunk_policy
-    from fleet.sim import make_env
-    from fleet.sim.teleop import TeleopConfig, Teleoperator
-
     if n < 1:
         raise ValueError(f"collect_corrections: n must be >= 1, got {n}")
     spec = get_embodiment(name)
     policy = chunk_policy(model)
     teleop = Teleoperator(TeleopConfig(tolerance=tolerance))
-    version = int(model.head_versions[name])
+    version = int(model.head_versions[name])  # of the head that runs (read here; TrainedHead writes it)
     out: list[Correction] = []
     stats: dict = {"episodes": 0, "successes": 0, "chunks": 0, "outcomes": []}
     next_ep = 0
@@ -136,40 +144,14 @@ def run_adapt_experiment(
     """Run the experiment (see the module docstring); returns the `--json` object. `adapt` overrides
     AdaptConfig keys (e.g. {"steps": 100}); `points` are the corrections counts after which to adapt
     and measure (increasing); `other_episodes` 0 skips measuring the other embodiments' success."""
-    import torch
-
-    from fleet.learning.adapt import AdaptConfig, HeadAdapter
-    from fleet.learning.adapt_data import rehearsal_set
-    from fleet.learning.learner import LearnerConfig
-    from fleet.learning.rollout import judge_rollout
-    from fleet.policy.default import load_policy
-    from fleet.policy.evaluate import evaluate
-    from fleet.policy.train import chunk_policy
-    from fleet.sim import parse_shift
-
-    shifts = parse_shift(shift)
-    if not shifts:
-        raise ValueError("shift: name the distribution shift to adapt to, e.g. 'actuator_bias' or 'novel_object'")
-    points = tuple(int(p) for p in points)
-    if not points or min(points) < 1 or list(points) != sorted(set(points)):
-        raise ValueError(f"points: expected increasing positive corrections counts, got {points}")
-    for name, value in (("episodes", episodes), ("other_episodes", other_episodes)):
-        if value < (1 if name == "episodes" else 0):
-            raise ValueError(f"{name}: expected a count >= {1 if name == 'episodes' else 0}, got {value}")
+    points = _check_args(shift, points, episodes, other_episodes)
     torch.set_num_threads(threads)
     model, _ = load_policy(checkpoint)  # FileNotFoundError names the missing shipped checkpoint
     if embodiment not in model.specs:
         raise ValueError(f"embodiment: the checkpoint has no head for {embodiment!r}; it has {sorted(model.specs)}")
     others = [n for n in model.specs if n != embodiment]
-    frozen = {n: model.head_state_dict(n) for n in others}
-    backbone = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
-    eval_seed = seed + 1
-
-    def success(shift_: str | None, name: str = embodiment, n: int = episodes) -> float:
-        # the same scenes and the same flow-sampling noise every time: two measurements of an unchanged head
-        # agree exactly, so a step in the curve (or a difference in another embodiment) is the head's doing
-        torch.manual_seed(eval_seed)
-        return evaluate(chunk_policy(model), name, n, shift=shift_, seed=eval_seed).success_rate
+    untouched = _Untouched(model, others)
+    success = _PairedSuccess(model, embodiment, episodes, seed + 1)
 
     t_start = time.perf_counter()
     success_before = success(shift)
@@ -179,58 +161,11 @@ def run_adapt_experiment(
     rehearsal = rehearsal_set(embodiment, rehearsal_episodes, seed=seed) if rehearsal_episodes else None
     adapter = HeadAdapter(model, embodiment, rehearsal, AdaptConfig.from_dict({"seed": seed} | dict(adapt or {})))
     log(f"rehearsal: {0 if rehearsal is None else len(rehearsal)} samples, encoded in {adapter.prepare_seconds:.1f} s")
-    curve: list[list[float]] = [[0, success_before]]
-    rounds: list[dict] = []
-    # the learner's rollout watch, emulated: the teleoperated episodes that collect the next corrections are
-    # the fleet's work on the newest head; their first `watch_episodes` judge it against the head before
-    watch = LearnerConfig()
-    watched: dict | None = None  # {"state", "reference"}: the head before the newest and its episodes
-    total = 0
-    for i, target in enumerate(points):
-        corrections, stats = collect_corrections(
-            model, embodiment, shift, target - total, seed=seed * 1000 + i, min_episodes=watch.watch_episodes
-        )
-        outcomes, rollout = stats["outcomes"], None
-        if watched is not None and len(watched["reference"]) >= watch.min_reference:
-            ref = watched["reference"][-watch.reference_episodes :]
-            back, info, why = judge_rollout(ref, outcomes[: watch.watch_episodes], watch, embodiment)
-            rollout = {"version": adapter.version, "rolled_back": back, "why": why} | info
-            if back:
-                adapter.set_head(watched["state"], adapter.version + 1)
-                outcomes = watched["reference"]  # the restored head's own episodes
-                log(f"     rollout of the last head rolled back: {why}")
-        previous = model.head_state_dict(embodiment)
-        result = adapter.round(corrections)
-        watched = None
-        if result.accepted:
-            adapter.accept(result, adapter.version + 1)
-            watched = {"state": previous, "reference": outcomes}
-        total = target
-        rate = success(shift)
-        curve.append([total, rate])
-        rounds.append(
-            {
-                "corrections": total,
-                "new": len(corrections),
-                "accepted": result.accepted,
-                "reason": result.reason,
-                "seconds": result.seconds,
-                "head_version": adapter.version,
-                "success": rate,
-                "collect_episodes": stats["episodes"],
-                "collect_success": stats["successes"] / max(1, stats["episodes"]),
-                "previous_rollout": rollout,
-                "metrics": result.metrics,
-            }
-        )
-        verdict = "published" if result.accepted else f"not published ({result.reason})"
-        steps = f"{result.metrics['steps_done']}/{result.metrics['steps']} steps"
-        log(f"{total:>4} corrections: round {result.seconds:.2f} s ({steps}), {verdict}; shifted success {rate:.0%}")
+    curve, rounds = _adapt_along(points, model, adapter, shift, seed, success, log)
+    curve = [[0, success_before], *curve]
     retained_after = success(None)
     others_after = {n: success(None, n, other_episodes) for n in others} if other_episodes else {}
-    identical = all(
-        all(torch.equal(model.head_state_dict(n)[k], v) for k, v in frozen[n].items()) for n in others
-    ) and all(torch.equal(model.backbone.state_dict()[k], v) for k, v in backbone.items())
+    identical = untouched()
     at = {int(c): s for c, s in curve}
     result = {
         "embodiment": embodiment,
@@ -245,9 +180,7 @@ def run_adapt_experiment(
         "curve": curve,
     }
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        details = result | {
+        details = {
             "episodes": episodes,
             "points": list(points),
             "others_before": others_before,
@@ -258,10 +191,136 @@ def run_adapt_experiment(
             "rollbacks": sum(bool(r["previous_rollout"] and r["previous_rollout"]["rolled_back"]) for r in rounds),
             "seconds_total": time.perf_counter() - t_start,
         }
-        (out / "adapt.json").write_text(json.dumps(details, indent=1, default=float))
-        plot_curve(result, out / "adapt.png", retained=(retained_before, retained_after))
+        _write(Path(out), result, details, (retained_before, retained_after))
     log(f"other embodiments: before {others_before}, after {others_after}; heads identical: {identical}")
     return result
+
+
+def _check_args(shift: str, points: tuple[int, ...], episodes: int, other_episodes: int) -> tuple[int, ...]:
+    """The arguments checked before anything loads; returns `points` as ints."""
+    if not parse_shift(shift):
+        raise ValueError("shift: name the distribution shift to adapt to, e.g. 'actuator_bias' or 'novel_object'")
+    points = tuple(int(p) for p in points)
+    if not points or min(points) < 1 or list(points) != sorted(set(points)):
+        raise ValueError(f"points: expected increasing positive corrections counts, got {points}")
+    for name, value in (("episodes", episodes), ("other_episodes", other_episodes)):
+        if value < (1 if name == "episodes" else 0):
+            raise ValueError(f"{name}: expected a count >= {1 if name == 'episodes' else 0}, got {value}")
+    return points
+
+
+class _PairedSuccess:
+    """Closed-loop success of the model, on the same scenes and the same flow-sampling noise every time: two
+    measurements of an unchanged head agree exactly, so a step in the curve (or a difference in another
+    embodiment) is the head's doing."""
+
+    def __init__(self, model, embodiment: str, episodes: int, eval_seed: int) -> None:
+        self.model, self.embodiment, self.episodes, self.eval_seed = model, embodiment, episodes, eval_seed
+
+    def __call__(self, shift: str | None, name: str | None = None, n: int | None = None) -> float:
+        name = self.embodiment if name is None else name
+        n = self.episodes if n is None else n
+        torch.manual_seed(self.eval_seed)
+        return evaluate(chunk_policy(self.model), name, n, shift=shift, seed=self.eval_seed).success_rate
+
+
+class _Untouched:
+    """A snapshot of the other heads and the backbone; called, says whether they are still bit for bit it."""
+
+    def __init__(self, model, others: list[str]) -> None:
+        self.model = model
+        self.heads = {n: model.head_state_dict(n) for n in others}
+        self.backbone = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
+
+    def __call__(self) -> bool:
+        model = self.model
+        heads = all(
+            all(torch.equal(model.head_state_dict(n)[k], v) for k, v in state.items())
+            for n, state in self.heads.items()
+        )
+        return heads and all(torch.equal(model.backbone.state_dict()[k], v) for k, v in self.backbone.items())
+
+
+def _adapt_along(
+    points: tuple[int, ...],
+    model,
+    adapter: HeadAdapter,
+    shift: str,
+    seed: int,
+    success: _PairedSuccess,
+    log: Callable[[str], None],
+) -> tuple[list[list[float]], list[dict]]:
+    """Collect corrections up to each point, adapt on them, measure the shifted success: (curve, rounds).
+
+    The learner's rollout watch, emulated: the teleoperated episodes that collect the next corrections are
+    the fleet's work on the newest head; their first `watch_episodes` judge it against the head before."""
+    embodiment = adapter.name
+    watch = LearnerConfig()
+    watched: dict | None = None  # {"state", "reference"}: the head before the newest and its episodes
+    curve: list[list[float]] = []
+    rounds: list[dict] = []
+    total = 0
+    for i, target in enumerate(points):
+        corrections, stats = collect_corrections(
+            model, embodiment, shift, target - total, seed=seed * 1000 + i, min_episodes=watch.watch_episodes
+        )
+        rollout, outcomes = _judge_last_rollout(adapter, watched, stats["outcomes"], watch, log)
+        previous = adapter.head.state()
+        result = adapter.round(corrections)
+        watched = None
+        if result.accepted:
+            adapter.accept(result, adapter.version + 1)
+            watched = {"state": previous, "reference": outcomes}
+        total = target
+        rate = success(shift)
+        curve.append([total, rate])
+        rounds.append(_round_record(total, len(corrections), result, adapter.version, rate, stats, rollout))
+        verdict = "published" if result.accepted else f"not published ({result.reason})"
+        steps = f"{result.metrics['steps_done']}/{result.metrics['steps']} steps"
+        log(f"{total:>4} corrections: round {result.seconds:.2f} s ({steps}), {verdict}; shifted success {rate:.0%}")
+    return curve, rounds
+
+
+def _judge_last_rollout(
+    adapter: HeadAdapter, watched: dict | None, outcomes: list, watch: LearnerConfig, log: Callable[[str], None]
+) -> tuple[dict | None, list]:
+    """(the verdict on the newest head from this phase's episodes or None, the episodes of the head now
+    current). A rollback puts the head before it back, under the next number, as the learner would."""
+    if watched is None or len(watched["reference"]) < watch.min_reference:
+        return None, outcomes
+    ref = watched["reference"][-watch.reference_episodes :]
+    back, info, why = judge_rollout(ref, outcomes[: watch.watch_episodes], watch, adapter.name)
+    rollout = {"version": adapter.version, "rolled_back": back, "why": why} | info
+    if not back:
+        return rollout, outcomes
+    adapter.head.install(watched["state"], adapter.version + 1)
+    log(f"     rollout of the last head rolled back: {why}")
+    return rollout, watched["reference"]  # the restored head's own episodes
+
+
+def _round_record(
+    total: int, new: int, result: RoundResult, version: int, rate: float, stats: dict, rollout: dict | None
+) -> dict:
+    return {
+        "corrections": total,
+        "new": new,
+        "accepted": result.accepted,
+        "reason": result.reason,
+        "seconds": result.seconds,
+        "head_version": version,
+        "success": rate,
+        "collect_episodes": stats["episodes"],
+        "collect_success": stats["successes"] / max(1, stats["episodes"]),
+        "previous_rollout": rollout,
+        "metrics": result.metrics,
+    }
+
+
+def _write(out: Path, result: dict, details: dict, retained: tuple[float, float]) -> None:
+    """adapt.json (the result, every round's metrics, the other embodiments' success) and adapt.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapt.json").write_text(json.dumps(result | details, indent=1, default=float))
+    plot_curve(result, out / "adapt.png", retained=retained)
 
 
 def format_table(result: dict) -> str:
@@ -283,10 +342,10 @@ def format_table(result: dict) -> str:
 
 def plot_curve(result: dict, path: Path, retained: tuple[float, float] | None = None) -> None:
     """PNG of shifted success against corrections (matplotlib, Agg), with the retained work's before/after."""
-    import matplotlib
+    import matplotlib  # only when a plot is written: the JSON path never loads it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"), so no display backend is tried
 
     xs = [c for c, _ in result["curve"]]
     ys = [s for _, s in result["curve"]]

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from fleet.durable import write_bytes_atomic
+from fleet.validate import check_int
 
 MAX_PAYLOAD_BYTES = 64 << 20
 # a head is < 2 MB; anything far larger is a mistake, not a head
@@ -100,8 +101,7 @@ class HeadStore:
         latest = self.latest().get(name, 0)
         if version is None:
             version = latest + 1
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise ValueError(f"publish {name!r}: version must be a positive int, got {version!r}")
+        check_int(f"publish {name!r}: version", version, lo=1, expected="a positive int")
         if version <= latest:
             if self._meta.get(name, {}).get(version, {}).get("sha256") == sha:
                 return version  # the same publish retried after a restart: already durable

@@ -3,6 +3,7 @@ mid-round publishes nothing and versions stay monotonic, a rollout that lowers s
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 
@@ -10,6 +11,13 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from fleet.cluster.launcher import FleetConfig, down, status, up  # noqa: E402  (Ray loaded lazily there)
+from fleet.data import Correction  # noqa: E402
+from fleet.policy.checkpoint import head_from_bytes, save_checkpoint  # noqa: E402
+from fleet.policy.demos import collect  # noqa: E402
+from fleet.policy.train import build_model  # noqa: E402
+from tests.mocks.tiny_policy import TINY  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -20,11 +28,6 @@ SLOW = {"steps": 100_000, "batch_size": 16, "max_round_seconds": None}  # a roun
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny franka-only policy checkpoint and a few expert samples to turn into corrections."""
-    from fleet.policy.checkpoint import save_checkpoint
-    from fleet.policy.demos import collect
-    from fleet.policy.train import build_model
-    from tests.mocks.tiny_policy import TINY
-
     out = tmp_path_factory.mktemp("learner-ckpt")
     save_checkpoint(build_model(("franka",), config=TINY), out / "policy")
     return out / "policy", collect("franka", 8, seed=21)
@@ -33,9 +36,9 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture
 def fleet(ray_session, tmp_path):
     """Yields (replay, registry, start_learner(config) -> handle, names); kills every actor afterwards."""
-    from actors.heads import get_head_registry
-    from actors.learner import start_learner
-    from actors.replay import start_replay_actor
+    from actors.heads import get_head_registry  # ray: the actors load it, only once ray_session started it
+    from actors.learner import start_learner  # ray
+    from actors.replay import start_replay_actor  # ray
 
     tag = uuid.uuid4().hex[:8]
     names = {"replay": f"replay-{tag}", "heads": f"heads-{tag}", "learner": f"learner-{tag}"}
@@ -63,8 +66,6 @@ def fleet(ray_session, tmp_path):
 
 
 def send(ray, replay, demo, idx) -> None:
-    from fleet.data import Correction
-
     batch = [
         Correction.new(
             robot_id="r0",
@@ -96,10 +97,6 @@ def wait_for(ray, learner, check, timeout_s: float = 120.0) -> dict:
 
 def versions_loadable(ray, registry) -> list[int]:
     """Every stored version of the franka head, each a complete payload that loads into the model."""
-    from fleet.policy.checkpoint import head_from_bytes
-    from fleet.policy.train import build_model
-    from tests.mocks.tiny_policy import TINY
-
     versions = [r["version"] for r in ray.get(registry.history.remote("franka"))]
     model = build_model(("franka",), config=TINY)
     for v in versions:
@@ -139,7 +136,7 @@ def test_a_rollout_that_lowers_fleet_success_is_rolled_back(ray_session, fleet, 
     replay, registry, start, _ = fleet
     ckpt, demo = checkpoint
     learner = start(ckpt, {"adapt": FAST, "watch_episodes": 5, "min_reference": 5})
-    ok = {"robot_id": "robot-franka-0", "embodiment": "franka", "success": True}
+    ok = {"robot_id": "robot-franka-0", "embodiment": "franka", "episode": 0, "success": True}
     wait_for(ray, learner, lambda s: s["state"] == "idle")
     assert ray.get(learner.record_outcomes.remote([ok | {"head_version": 1}] * 10)) == 10
     send(ray, replay, demo, range(0, 24, 2))
@@ -160,10 +157,6 @@ def test_live_fleet_with_adapt_publishes_heads_the_robots_then_run(ray_session, 
     """`fleet up --shift franka:actuator_bias --adapt` in miniature: the shifted robot's corrections reach the
     replay actor, the learner adapts and publishes, the server installs the head, the robot runs it and its
     episode outcomes reach the learner; status shows all of it."""
-    import os
-
-    from fleet.cluster.launcher import FleetConfig, down, status, up
-
     os.environ["FLEET_STATE_DIR"] = str(tmp_path / "state")
     ckpt, _ = checkpoint
     tag = uuid.uuid4().hex[:6]

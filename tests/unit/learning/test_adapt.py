@@ -1,20 +1,26 @@
-"""Head-only adaptation (fleet.learning.adapt) and the learner's logic (fleet.learning.learner), on tiny models,
-no Ray."""
+"""Head-only adaptation (fleet.learning.head_adapter) and the learner's logic (fleet.learning.learner), on tiny
+models, no Ray."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
+from fleet.cli import app  # noqa: E402
 from fleet.data import Correction, ReplayStore  # noqa: E402
 from fleet.embodiments import EMBODIMENTS  # noqa: E402
-from fleet.learning.adapt import AdaptConfig, HeadAdapter  # noqa: E402
-from fleet.learning.adapt_data import encode_demos, head_loss  # noqa: E402
+from fleet.learning.candidate_gate import head_loss  # noqa: E402
+from fleet.learning.head_adapter import HeadAdapter  # noqa: E402
 from fleet.learning.head_store import HeadStore  # noqa: E402  (the registry's logic; needs no running Ray)
 from fleet.learning.learner import Learner, LearnerConfig  # noqa: E402
-from fleet.policy.checkpoint import head_from_bytes  # noqa: E402
+from fleet.learning.round_config import AdaptConfig  # noqa: E402
+from fleet.learning.round_data import encode_demos  # noqa: E402
+from fleet.policy.checkpoint import head_from_bytes, save_checkpoint  # noqa: E402
 from fleet.policy.demos import collect  # noqa: E402
 from fleet.policy.train import build_model  # noqa: E402
 from tests.mocks.tiny_policy import TINY  # noqa: E402
@@ -109,7 +115,7 @@ def test_consistent_corrections_are_accepted_and_lower_the_held_out_loss(demos):
     # the next round reuses the accepted candidate's rehearsal scores: the same as computing them afresh
     adapter.accept(result, version=2)
     again = adapter.round(corrections(demo, range(0, 20, 2)))
-    fresh = head_loss(model.head("franka"), adapter.rehearsal_val, seed=adapter.config.seed)
+    fresh = head_loss(model.head("franka"), adapter.data.rehearsal_val, seed=adapter.config.seed)
     assert again.metrics["before"]["rehearsal"] == m["after"]["rehearsal"] == pytest.approx(fresh, rel=1e-6)
 
 
@@ -153,11 +159,11 @@ def test_a_hardware_shift_recalibrates_the_rehearsal_labels(demos):
     assert calib[0] == pytest.approx(0.01, abs=1e-3) and calib[1] == pytest.approx(-0.008, abs=1e-3)
     assert all(v == 0.0 for v in calib[2:]), "dimensions without an offset keep their old labels"
     assert first.metrics["gate"]["on"] == "rehearsal" and first.metrics["rehearsal_rows"] > 0
-    assert adapter.calibration is not None and adapter.rehearsal_train.actions.shape[-1] == 7
+    assert adapter.calibration is not None and adapter.data.rehearsal_train.actions.shape[-1] == 7
     # a restarted learner's adapter relearns the calibration from the corrections it reloads
     again = HeadAdapter(tiny(), "franka", None, AdaptConfig(**FAST))
     assert again.add_earlier(fixed) == len(fixed) and again.hardware_changed
-    assert np.allclose(again._physical_offset(again.calibration), calib, atol=1e-6)
+    assert np.allclose(again.hardware.physical(), calib, atol=1e-6)
 
 
 def test_config_errors_name_the_field():
@@ -284,7 +290,7 @@ def test_a_rollout_that_lowers_success_is_rolled_back(fleet_parts, demos):
     learner = make()
     learner.start()
     v1_payload, v1_head = registry.get("franka", 1)[1], model.head_state_dict("franka")
-    ok = {"robot_id": "r0", "embodiment": "franka", "success": True}
+    ok = {"robot_id": "r0", "embodiment": "franka", "episode": 0, "success": True}
     assert learner.record_outcomes([ok | {"head_version": 1}] * 10) == 10
     add(replay, demos["franka"], range(0, 24, 2))
     (event,) = learner.step()
@@ -312,7 +318,7 @@ def test_a_rollout_that_keeps_success_is_confirmed(fleet_parts, demos):
     _, replay, registry, make = fleet_parts
     learner = make()
     learner.start()
-    ok = {"robot_id": "r0", "embodiment": "franka", "success": True}
+    ok = {"robot_id": "r0", "embodiment": "franka", "episode": 0, "success": True}
     learner.record_outcomes([ok | {"head_version": 1}] * 5 + [ok | {"head_version": 1, "success": False}] * 5)
     add(replay, demos["franka"], range(0, 24, 2))
     learner.step()
@@ -325,13 +331,6 @@ def test_a_rollout_that_keeps_success_is_confirmed(fleet_parts, demos):
 # ---- the experiment -------------------------------------------------------------------------------
 def test_experiment_cli_prints_the_documented_json_and_plots(tmp_path):
     """A tiny budget end to end: the JSON shape of the issue, a PNG, and untouched other heads."""
-    import json
-
-    from typer.testing import CliRunner
-
-    from fleet.cli import app
-    from fleet.policy.checkpoint import save_checkpoint
-
     save_checkpoint(tiny(("franka", "hello")), tmp_path / "policy")
     args = ["experiment", "adapt", "--shift", "actuator_bias", "--checkpoint", str(tmp_path / "policy")]
     args += ["--episodes", "2", "--points", "3,6", "--other-episodes", "1", "--rehearsal-episodes", "2"]
@@ -349,10 +348,6 @@ def test_experiment_cli_prints_the_documented_json_and_plots(tmp_path):
 
 
 def test_experiment_cli_names_a_missing_checkpoint(tmp_path):
-    from typer.testing import CliRunner
-
-    from fleet.cli import app
-
     res = CliRunner().invoke(
         app, ["experiment", "adapt", "--shift", "novel_object", "--checkpoint", str(tmp_path / "x")]
     )
@@ -366,7 +361,7 @@ def test_a_drop_chance_explains_is_not_rolled_back(fleet_parts, demos):
     _, replay, registry, make = fleet_parts
     learner = make()
     learner.start()
-    ok = {"robot_id": "r0", "embodiment": "franka", "success": True}
+    ok = {"robot_id": "r0", "embodiment": "franka", "episode": 0, "success": True}
     learner.record_outcomes([ok | {"head_version": 1}] * 10)
     add(replay, demos["franka"], range(0, 24, 2))
     learner.step()
@@ -381,7 +376,7 @@ def test_a_rollout_that_needs_more_human_help_is_rolled_back(fleet_parts, demos)
     _, replay, registry, make = fleet_parts
     learner = make()
     learner.start()
-    ok = {"robot_id": "r0", "embodiment": "franka", "success": True}
+    ok = {"robot_id": "r0", "embodiment": "franka", "episode": 0, "success": True}
     learner.record_outcomes([ok | {"head_version": 1, "interventions": k % 3} for k in range(10)])  # mean 0.9
     add(replay, demos["franka"], range(0, 24, 2))
     learner.step()

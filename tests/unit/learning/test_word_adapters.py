@@ -9,8 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fleet.learning.adapt import AdaptConfig, HeadAdapter  # noqa: E402
-from fleet.learning.adapt_data import head_loss  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from fleet.learning.candidate_gate import head_loss  # noqa: E402
+from fleet.learning.head_adapter import HeadAdapter  # noqa: E402
+from fleet.learning.round_config import AdaptConfig  # noqa: E402
 from fleet.policy.checkpoint import head_from_bytes, head_to_bytes, load_checkpoint, save_checkpoint  # noqa: E402
 from fleet.policy.demos import collect  # noqa: E402
 from fleet.policy.inference.backend import TorchBackend  # noqa: E402
@@ -58,8 +62,6 @@ def test_a_heads_word_adapters_change_only_its_rows_that_use_the_word():
 
 
 def test_word_adapters_travel_with_checkpoints_and_head_payloads(tmp_path):
-    from safetensors.torch import load_file, save_file
-
     model = tiny()
     with torch.no_grad():
         model.head("franka").word_delta[model.vocab.token_id("cyan")] = torch.randn(KP.d_model)
@@ -75,8 +77,6 @@ def test_word_adapters_travel_with_checkpoints_and_head_payloads(tmp_path):
     tensors = load_file(str(tmp_path / "p.safetensors"))
     old = {k: v for k, v in tensors.items() if not k.endswith("word_delta")}
     assert len(old) == len(tensors) - 2
-    from safetensors import safe_open
-
     with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
         meta = f.metadata()
     save_file(old, str(tmp_path / "p.safetensors"), metadata=meta)
@@ -115,7 +115,7 @@ def test_the_adapter_learns_only_words_the_rehearsal_set_never_uses():
     assert unseen  # novel_object names colours and shapes pretraining never shows
     cfg = AdaptConfig(steps=40, batch_size=16, lr=1e-3, word_lr=1e-2, max_round_seconds=None, holdout=0.0)
     adapter = HeadAdapter(model, "franka", rehearsal, cfg)
-    rehearsal_memory = adapter.rehearsal_train.memory.clone()
+    rehearsal_memory = adapter.data.rehearsal_train.memory.clone()
     result = adapter.round(corrections(novel, range(len(novel)), shift="novel_object"))
     assert set(result.metrics["adapted_words"]) == unseen
     delta = result.state["word_delta"]
@@ -127,19 +127,19 @@ def test_the_adapter_learns_only_words_the_rehearsal_set_never_uses():
 
     # the adapters lower the loss on the corrections they were trained on, for the same candidate head
     adapter.accept(result, version=2)
-    data = adapter.earlier
-    with_words = head_loss(model.head("franka"), adapter._reencode(data, model.head("franka").word_delta), seed=0)
-    without = head_loss(model.head("franka"), adapter._reencode(data, torch.zeros_like(delta)), seed=0)
+    data = adapter.data.earlier
+    with_words = head_loss(model.head("franka"), adapter.words.reencode(data, model.head("franka").word_delta), seed=0)
+    without = head_loss(model.head("franka"), adapter.words.reencode(data, torch.zeros_like(delta)), seed=0)
     assert with_words < without
 
     # instructions of known words encode exactly as before
     fresh = HeadAdapter(model, "franka", rehearsal, cfg)
-    assert torch.equal(fresh.rehearsal_train.memory, rehearsal_memory)
+    assert torch.equal(fresh.data.rehearsal_train.memory, rehearsal_memory)
 
 
 def test_the_onnx_backend_runs_adapted_rows_through_the_master_model():
     pytest.importorskip("onnxruntime")
-    from fleet.policy.inference.onnx_backend import OnnxBackend
+    from fleet.policy.inference.onnx_backend import OnnxBackend  # onnxruntime: only once the skip above passed
 
     model = tiny()
     batch = mixed(model)

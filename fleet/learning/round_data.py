@@ -1,21 +1,21 @@
-"""What online adaptation trains and judges on: corrections and rehearsal samples with their backbone
-memory (`Cached`), and the deterministic scores a candidate head is gated by (`head_loss`,
-`head_action_error`). The rounds themselves are in adapt.py.
+"""What head adaptation trains and validates on: corrections and rehearsal samples with their backbone
+memory (`Cached`), and the pools one head keeps between rounds (`HeadData`). The rounds themselves are in
+head_adapter.py; the scores a candidate is judged by in candidate_gate.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from fleet.data.correction import Correction
-from fleet.policy.demos import DemoSet
-
-if TYPE_CHECKING:
-    import torch
+from fleet.learning.round_config import AdaptConfig
+from fleet.policy.batch import PolicyBatch, normalize_actions
+from fleet.policy.demos import DemoSet, collect
+from fleet.validate import check_int
 
 REHEARSAL_SEED = 7_000_000
 # rehearsal episodes use seeds far from pretraining (0..) and evaluation (1_000_000_007..) seeds
@@ -40,10 +40,7 @@ def corrections_to_demos(corrections: Sequence[Correction], name: str) -> DemoSe
 def rehearsal_set(name: str, episodes: int = 120, seed: int = 0, states_per_episode: float = 4.0) -> DemoSet:
     """Pretraining-style expert samples of `name` in the unshifted simulator (about `states_per_episode`
     visited states kept per episode, as pretraining keeps them)."""
-    from fleet.policy.demos import collect
-
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-        raise ValueError(f"rehearsal_set: episodes must be a positive int, got {episodes!r}")
+    check_int("rehearsal_set.episodes", episodes, lo=1, expected="a positive int")
     pilot = collect(name, min(episodes, 8), seed=REHEARSAL_SEED + seed * 1000 + 999)
     keep = min(1.0, states_per_episode * pilot.episodes / max(1, len(pilot)))
     return collect(name, episodes, seed=REHEARSAL_SEED + seed * 1000, keep=keep)
@@ -65,9 +62,7 @@ class Cached:
         return int(self.memory.shape[0])
 
     @staticmethod
-    def cat(parts: Sequence[Cached]) -> Cached | None:
-        import torch
-
+    def cat(parts: Sequence[Cached | None]) -> Cached | None:
         parts = [p for p in parts if p is not None and len(p)]
         if not parts:
             return None
@@ -90,10 +85,6 @@ class Cached:
 def encode_demos(model, demos: DemoSet, eval_batch: int = 256, keep_inputs: bool = False) -> Cached:
     """Backbone memory of every sample, once (no_grad: the stem and backbone are frozen during adaptation).
     keep_inputs: also keep the raw rows (Cached.inputs), to re-encode them under new word adapters."""
-    import torch
-
-    from fleet.policy.batch import PolicyBatch, normalize_actions
-
     name = demos.embodiment
     spec = model.specs[name]
     n = len(demos)
@@ -132,59 +123,9 @@ def encode_demos(model, demos: DemoSet, eval_batch: int = 256, keep_inputs: bool
     return Cached(torch.cat(mems), torch.cat(masks), actions, inputs)
 
 
-def _mean_over(head, data: Cached | None, seed: int, eval_batch: int, score) -> float | None:
-    """Row-weighted mean of `score(part, generator)` over `data` in chunks of `eval_batch`, with `head` in eval
-    mode and no autograd (its mode restored after). None when `data` is empty. The generator is seeded with
-    `seed`, so two heads are compared on the same noise draws."""
-    import torch
-
-    if data is None or len(data) == 0:
-        return None
-    gen = torch.Generator().manual_seed(int(seed))
-    total = 0.0
-    was_training = head.training
-    head.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(data), eval_batch):
-                part = data.take(torch.arange(start, min(len(data), start + eval_batch)))
-                total += float(score(part, gen)) * len(part)
-    finally:
-        head.train(was_training)
-    return total / len(data)
-
-
-def head_loss(head, data: Cached | None, seed: int, eval_batch: int = 256) -> float | None:
-    """Mean loss of `head` on `data` (None when empty). Deterministic: a flow head's noise and times come
-    from a generator seeded with `seed`, so two heads are compared on the same draws."""
-    return _mean_over(
-        head, data, seed, eval_batch, lambda part, gen: head.loss(part.memory, part.pad_mask, part.actions, gen)[0]
-    )
-
-
-def head_action_error(head, data: Cached | None, seed: int, eval_batch: int = 256) -> float | None:
-    """Mean absolute error (normalized units) of the actions `head` would execute on `data`: its greedy chunk
-    (a flow head: the mean of 2 samples; the fleet runs 4, but two heads compared on the same seeded noise
-    need fewer, and 4 cost ~1 s a round) over the first `loss_head_steps` steps, the ones a robot executes
-    before asking again. None when `data` is empty. Deterministic like `head_loss`.
-
-    This is what closed-loop success follows; the training loss need not: a token head's cross-entropy
-    can fall while its most likely bins move away from the target."""
-    steps = head.config.loss_head_steps
-    k = 2 if getattr(head, "kind", "") == "flow" else 1
-
-    def error(part, gen):
-        chunk = head.predict(part.memory, part.pad_mask, k, 0.0, gen)["chunk"]
-        return (chunk[:, :steps] - part.actions[:, :steps]).abs().mean()
-
-    return _mean_over(head, data, seed, eval_batch, error)
-
-
 def relabel(data: Cached | None, offset: np.ndarray) -> Cached | None:
     """`data` with `offset` (D,) added to every action and clipped to the range: what the expert commands
     on hardware whose commands are offset by -`offset`."""
-    import torch
-
     if data is None or not np.any(offset):
         return data
     shifted = (data.actions + torch.from_numpy(offset)).clamp(-1.0, 1.0)
@@ -193,3 +134,53 @@ def relabel(data: Cached | None, offset: np.ndarray) -> Cached | None:
 
 def bounded(data: Cached | None, n: int) -> Cached | None:
     return data if data is None or len(data) <= n else data.tail(n)
+
+
+class HeadData:
+    """The samples one head's rounds train and validate on, kept between rounds:
+
+      rehearsal_train, rehearsal_val   the rehearsal set, encoded once here and split once
+      earlier, earlier_val             every earlier round's corrections: the training part (the newest
+                                       `max_corrections`) and the held-out part (never trained on)
+
+    Its random generator (seeded by `config.seed`) draws the rehearsal split and each round's held-out share.
+    """
+
+    def __init__(self, model, name: str, rehearsal: DemoSet | None, config: AdaptConfig) -> None:
+        self.model, self.name, self.config = model, name, config
+        self._rng = np.random.default_rng(config.seed)
+        self.rehearsal_train: Cached | None = None
+        self.rehearsal_val: Cached | None = None
+        self.earlier: Cached | None = None
+        self.earlier_val: Cached | None = None
+        if rehearsal is not None and len(rehearsal):
+            data = encode_demos(model, rehearsal, config.eval_batch)
+            perm = torch.from_numpy(self._rng.permutation(len(data)))
+            n_val = min(config.rehearsal_val, len(data) // 4) if len(data) >= 8 else 0
+            self.rehearsal_val = data.take(perm[:n_val]) if n_val else None
+            self.rehearsal_train = data.take(perm[n_val:])
+
+    def encode(self, corrections: list[Correction]) -> Cached:
+        """Corrections with their memory and raw rows (re-encoded later when they name an adapted word)."""
+        demos = corrections_to_demos(corrections, self.name)
+        return encode_demos(self.model, demos, self.config.eval_batch, keep_inputs=True)
+
+    def split_holdout(self, new: Cached) -> tuple[Cached, Cached | None]:
+        """(training part, held-out part) of a round's new corrections: `holdout` of them, at least one of 5+."""
+        holdout = self.config.holdout
+        n = len(new)
+        n_hold = int(round(holdout * n)) if n >= 5 else 0
+        n_hold = max(1, n_hold) if n >= 5 and holdout > 0 else n_hold
+        perm = torch.from_numpy(self._rng.permutation(n))
+        return new.take(perm[n_hold:]), (new.take(perm[:n_hold]) if n_hold else None)
+
+    def keep(self, train: Cached, holdout: Cached | None) -> None:
+        """A round's corrections join the earlier pools (whatever its verdict)."""
+        self.earlier = bounded(Cached.cat([self.earlier, train]), self.config.max_corrections)
+        self.earlier_val = bounded(Cached.cat([self.earlier_val, holdout]), max(1, self.config.rehearsal_val))
+
+    def rehearsal(self, offset: np.ndarray | None) -> tuple[Cached | None, Cached | None]:
+        """(training, validation) rehearsal rows, their labels shifted by a hardware change's `offset`."""
+        if offset is None:
+            return self.rehearsal_train, self.rehearsal_val
+        return relabel(self.rehearsal_train, offset), relabel(self.rehearsal_val, offset)

@@ -1,4 +1,4 @@
-"""`AdaptConfig`: the knobs of one online-adaptation round (fleet/learning/adapt.py).
+"""`AdaptConfig`: the knobs of one head-adaptation round (fleet/learning/head_adapter.py).
 
 No torch here: the launcher and `fleet up` validate a learner's configuration in processes that never
 load a model.
@@ -6,8 +6,9 @@ load a model.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
+
+from fleet.validate import check_bool, check_int, check_number, fail
 
 HARDWARE_SHIFTS: tuple[str, ...] = ("actuator_bias",)
 
@@ -67,33 +68,31 @@ class AdaptConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.words_only, bool):
-            raise ValueError(f"AdaptConfig.words_only: expected a bool, got {self.words_only!r}")
+        f = "AdaptConfig."
+        check_bool(f + "words_only", self.words_only)
         for name in ("steps", "batch_size", "rehearsal_val", "max_corrections", "eval_batch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "rehearsal_val" else 1):
-                raise ValueError(f"AdaptConfig.{name}: expected a positive int, got {v!r}")
+            lo = 0 if name == "rehearsal_val" else 1
+            check_int(f + name, getattr(self, name), lo=lo, expected="a positive int" if lo else "an int >= 0")
         shares = ("new_share", "earlier_share", "holdout", "rehearsal_tolerance", "calibration_z", "calibration_min")
         for name in ("lr", "weight_decay", "word_lr", *shares):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"AdaptConfig.{name}: expected a finite number >= 0, got {v!r}")
+            check_number(f + name, getattr(self, name), lo=0)
         m = self.max_round_seconds
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
-            raise ValueError(f"AdaptConfig.max_round_seconds: expected None or seconds > 0, got {m!r}")
+        if (
+            m is not None
+            and check_number(f + "max_round_seconds", m, finite=False, expected="None or seconds > 0") <= 0
+        ):
+            fail(f + "max_round_seconds", "None or seconds > 0", m)
         if not self.lr > 0:
-            raise ValueError(f"AdaptConfig.lr: expected > 0, got {self.lr!r}")
+            fail(f + "lr", "> 0", self.lr)
         if self.new_share + self.earlier_share > 1.0 or self.new_share <= 0:
             raise ValueError(
                 f"AdaptConfig.new_share ({self.new_share}) must be > 0 and new_share + earlier_share "
                 f"({self.earlier_share}) at most 1"
             )
         if self.holdout >= 1.0:
-            raise ValueError(f"AdaptConfig.holdout: expected a share in [0, 1), got {self.holdout!r}")
+            fail(f + "holdout", "a share in [0, 1)", self.holdout)
         if isinstance(self.hardware_shifts, str) or not all(isinstance(s, str) for s in self.hardware_shifts):
-            raise ValueError(
-                f"AdaptConfig.hardware_shifts: expected a tuple of shift names, got {self.hardware_shifts!r}"
-            )
+            fail(f + "hardware_shifts", "a tuple of shift names", self.hardware_shifts)
         object.__setattr__(self, "hardware_shifts", tuple(self.hardware_shifts))
 
     @classmethod
