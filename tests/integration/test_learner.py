@@ -162,7 +162,8 @@ def test_live_fleet_with_adapt_publishes_heads_the_robots_then_run(ray_session, 
     episode outcomes reach the learner; status shows all of it."""
     import os
 
-    from fleet.cluster.launcher import FleetConfig, down, status, up
+    from fleet.cluster.config import FleetConfig
+    from fleet.cluster.launcher import down, status, up
 
     os.environ["FLEET_STATE_DIR"] = str(tmp_path / "state")
     ckpt, _ = checkpoint

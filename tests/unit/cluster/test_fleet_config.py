@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fleet.cli.fleet_cmds import parse_counts, parse_shifts, register
-from fleet.cluster.launcher import FleetConfig, FleetError, checkpoint_meta
+from fleet.cluster.config import FleetConfig
+from fleet.cluster.launcher import FleetError, checkpoint_meta
 
 
 def test_defaults_one_robot_per_embodiment():
