@@ -17,9 +17,11 @@ from pathlib import Path
 
 import ray
 
+from actors.robot import RobotActor
 from fleet.durable import write_text_atomic
 from fleet.embodiments import EMBODIMENTS
 from fleet.names import HEADS, LEARNER, REPLAY, robot_name, robot_prefix
+from fleet.validate import is_int
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,6 @@ class _FleetController:
         return options
 
     def _spawn(self, embodiment: str, index: int) -> str:
-        from actors.robot import RobotActor
-
         cfg = self.cfg
         name = robot_name(embodiment, index)
         ordinal = list(EMBODIMENTS).index(embodiment)
@@ -147,7 +147,7 @@ class _FleetController:
     async def scale(self, counts: dict[str, int]) -> dict:
         """Set robots per embodiment; embodiments not named keep their count."""
         for name, count in counts.items():
-            if name not in EMBODIMENTS or isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            if name not in EMBODIMENTS or not is_int(count) or count < 0:
                 raise ValueError(f"scale: {name}={count!r}: expected a known embodiment and a count >= 0")
         async with self._lock:
             self.desired |= dict(counts)
@@ -164,7 +164,7 @@ class _FleetController:
     async def _heads(self, timeout_s: float) -> dict:
         try:
             if self._handle is None:
-                from ray import serve
+                from ray import serve  # Ray Serve (tens of MB) only once status asks for the head versions
 
                 self._handle = serve.get_app_handle(self.cfg["app_name"])
             return await asyncio.wait_for(self._handle.head_versions.remote(), timeout_s)

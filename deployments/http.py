@@ -24,8 +24,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
+from ray.serve.context import _get_global_client
 from ray.serve.handle import DeploymentHandle
 
+from deployments.policy import policy_deployment
 from fleet.embodiments import EMBODIMENTS
 from fleet.protocol import (
     RequestError,
@@ -119,8 +121,6 @@ class HttpIngress:
 
 def build_http_app(config: dict | ServeConfig | None = None) -> Application:
     """HttpIngress bound to a PolicyServer built from the same config (keys: fleet.serving.config.ServeConfig)."""
-    from deployments.policy import policy_deployment
-
     cfg = ServeConfig.from_dict(config)
     ingress = HttpIngress.options(ray_actor_options={"num_cpus": cfg.ingress_cpus})
     return ingress.bind(policy_deployment(cfg).bind(cfg.to_dict()), cfg.to_dict())
@@ -128,8 +128,6 @@ def build_http_app(config: dict | ServeConfig | None = None) -> Application:
 
 def http_address() -> str:
     """http://host:port of this Ray's running Serve HTTP proxy (Serve must be started)."""
-    from ray.serve.context import _get_global_client
-
     options = _get_global_client().http_config
     return f"http://{options.host or '127.0.0.1'}:{options.port}"
 
@@ -137,8 +135,6 @@ def http_address() -> str:
 def start_serve(host: str = "127.0.0.1", port: int | None = 8000) -> str:
     """Start Serve with its HTTP proxy on host:port (port None = a free one) unless Serve already runs
     in this Ray; returns the proxy's address either way. Binds 127.0.0.1 unless told otherwise."""
-    from ray.serve.context import _get_global_client
-
     if _get_global_client(raise_if_no_controller_running=False) is None:
         if port is None:
             with socket.socket() as s:

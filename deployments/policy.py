@@ -52,7 +52,7 @@ REPORT_EVERY_S = 2.0
 class PolicyServer:
     def __init__(self, config: dict | None = None) -> None:
         set_omp_wait_policy()  # before torch loads (fleet.serving.runtime imports it): a replica waits passively
-        from fleet.serving.runtime import PolicyRuntime
+        from fleet.serving.runtime import PolicyRuntime  # torch, after the line above (and not in the driver)
 
         self.config = cfg = ServeConfig.from_dict(config)
         self.runtime = PolicyRuntime(

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NoReturn
+
+from fleet import validate
 
 HeadKind = Literal["token", "flow"]
 
@@ -55,8 +57,8 @@ class EmbodimentSpec:
     # one line shown in `fleet status` and the README
 
     def __post_init__(self) -> None:
-        def fail(field_name: str, expected: str, got: object) -> None:
-            raise ValueError(f"EmbodimentSpec {self.name!r}: field {field_name!r} must be {expected}, got {got!r}")
+        def fail(field_name: str, expected: str, got: object) -> NoReturn:
+            validate.fail(f"EmbodimentSpec {self.name!r}: field {field_name!r}", expected, got)
 
         if not isinstance(self.name, str) or not self.name.isidentifier() or self.name.lower() != self.name:
             fail("name", "a lowercase identifier such as 'franka'", self.name)
@@ -166,6 +168,8 @@ class EmbodimentSpec:
         return cls(**kw)
 
 
+# fleet.validate's is_number / is_int, widened to numpy scalars: a spec's bounds may come as numpy arrays
+# (float32 or int64 elements, tests/unit/test_embodiments.py), which those refuse
 def _is_real(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 

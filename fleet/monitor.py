@@ -14,6 +14,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from fleet.validate import check_int, fail, is_number
+
 log = logging.getLogger(__name__)
 
 
@@ -58,16 +60,14 @@ class MonitorConfig:
             self._check_int(name, 1)
         for name, lo, hi in (("success_drop", 0, 1), ("drift_alpha", 0, 1), ("latency_percentile", 0, 100)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < hi:
-                raise ValueError(f"MonitorConfig.{name}: expected a number in ({lo}, {hi}), got {v!r}")
+            if not (is_number(v) and lo < v < hi):
+                fail(f"MonitorConfig.{name}", f"a number in ({lo}, {hi})", v)
         b = self.latency_budget_ms
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not (math.isfinite(b) and b > 0):
-            raise ValueError(f"MonitorConfig.latency_budget_ms: expected a positive number, got {b!r}")
+        if not (is_number(b) and math.isfinite(b) and b > 0):
+            fail("MonitorConfig.latency_budget_ms", "a positive number", b)
 
     def _check_int(self, name: str, least: int) -> None:
-        v = getattr(self, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < least:
-            raise ValueError(f"MonitorConfig.{name}: expected an int >= {least}, got {v!r}")
+        check_int(f"MonitorConfig.{name}", getattr(self, name), lo=least)
 
 
 class DriftDetector:
@@ -188,8 +188,8 @@ class Monitor:
 
     def record_latency(self, robot_id: str, ms: float) -> None:
         """One policy round trip of `robot_id`, in milliseconds."""
-        if isinstance(ms, bool) or not isinstance(ms, (int, float, np.number)) or not (math.isfinite(ms) and ms >= 0):
-            raise ValueError(f"ms: expected a non-negative finite latency in milliseconds, got {ms!r}")
+        if not ((is_number(ms) or isinstance(ms, np.number)) and math.isfinite(ms) and ms >= 0):
+            fail("ms", "a non-negative finite latency in milliseconds", ms)
         cfg = self.config
         for scope, key in (("robot", str(robot_id)), ("fleet", "")):
             samples = self._latency.setdefault(key, deque(maxlen=cfg.latency_window))

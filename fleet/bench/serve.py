@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.protocol import make_request
+from fleet.protocol import make_request, reply_from_wire, request_to_wire
+from fleet.serving.direct import HEADER, pack, unpack
+from fleet.sim import make_env
 
 FLOW_SAMPLES = 4
 # flow-head robots ask for this many samples (RobotConfig's default), token-head robots for 1
@@ -39,8 +41,6 @@ STALE_SLACK_TICKS = 2
 
 def _observations(names: list[str], n_robots: int, seed: int = 0) -> list[list[dict]]:
     """OBS_PER_ROBOT real simulator observations per robot (robot i is embodiment names[i % len])."""
-    from fleet.sim import make_env
-
     pools: dict[str, list[dict]] = {}
     per_name = math.ceil(n_robots / len(names)) * OBS_PER_ROBOT
     for name in names:
@@ -90,9 +90,6 @@ class _DirectCaller:
         self._reader = self._writer = None
 
     async def __call__(self, request: dict) -> dict:
-        from fleet.protocol import reply_from_wire, request_to_wire
-        from fleet.serving.direct import HEADER, pack, unpack
-
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(self.endpoint["host"], self.endpoint["port"])
         self._writer.write(pack(request_to_wire(request, binary=True)))
@@ -176,9 +173,11 @@ def run_serve_bench(
     routes: how the simulated robots reach the replica, each measured in turn at every robot count:
     "direct" (the replica's TCP socket, the fleet robots' default) and/or "handle" (Serve handle calls).
     """
+    # lazily: Ray and the deployments (which import it), torch (the runtime), only when the benchmark runs
     import ray
     from ray import serve
 
+    from deployments.http import start_serve
     from deployments.policy import build_app
     from fleet.serving.runtime import PolicyRuntime
 
@@ -201,8 +200,6 @@ def run_serve_bench(
         # Ray starts workers at niceness 15 by default: on a shared machine the replica would be starved
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2))
-    from deployments.http import start_serve
-
     start_serve(port=None)  # a free port: never collide with a fleet already serving on 8000
     app_name = f"fleet-bench-{uuid.uuid4().hex[:6]}"
     config = {
@@ -296,10 +293,10 @@ def format_table(result: dict) -> str:
 
 def write_plot(result: dict, out_dir: str | os.PathLike) -> Path:
     """serve_bench.png in out_dir: served calls/s vs raw rows/s, and p50/p99 latency, against robots."""
-    import matplotlib
+    import matplotlib  # lazily: matplotlib only when a plot is written (--out)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     routes = list(dict.fromkeys(r.get("route", "handle") for r in result["results"]))

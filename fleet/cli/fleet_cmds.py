@@ -210,7 +210,8 @@ def up_cmd(
         fleet up --shift franka:actuator_bias --adapt     # head versions go up as the learner adapts
         fleet up --config fleet.yaml --detach
     """
-    from fleet.cluster.launcher import FleetConfig, FleetError, down, status, up
+    from fleet.cluster.config import FleetConfig
+    from fleet.cluster.launcher import FleetError, down, status, up
 
     try:
         cfg = FleetConfig.from_file(config) if config else FleetConfig()

@@ -1,6 +1,7 @@
 """Start or join Ray, bring a simulated fleet up, scale it, read its status and take it down.
 
-    from fleet.cluster.launcher import FleetConfig, up, scale, status, down
+    from fleet.cluster.config import FleetConfig
+    from fleet.cluster.launcher import up, scale, status, down
     up(FleetConfig(robots={"franka": 2, "hello": 1}, realtime=False))
     scale({"franka": 8, "hello": 0})          # removed robots finish their episode and hand over corrections
     status()                                  # {"robots": [...], "heads": {"franka": 1, ...}}
@@ -26,11 +27,10 @@ without the token) and records it in a state file (~/.cache/fleet/cluster.json, 
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from fleet.cluster.config import FleetConfig
 from fleet.cluster.local_head import (
     LocalHeadError,
     cluster_join_env,
@@ -43,8 +43,10 @@ from fleet.cluster.local_head import (
 )
 from fleet.embodiments import EMBODIMENTS
 from fleet.names import APP, CONTROLLER, GATEWAY_PREFIX, HEADS, LEARNER, NAMESPACE, REPLAY, ROBOT_PREFIX
+from fleet.policy.default import DEFAULT_CHECKPOINT, REPRODUCE
+from fleet.validate import is_int
 
-__all__ = ["FleetConfig", "FleetError", "connect", "down", "resolve_address", "scale", "state_file", "status", "up"]
+__all__ = ["FleetError", "connect", "down", "resolve_address", "scale", "state_file", "status", "up"]
 
 _KEEP: dict[str, object] = {}
 _STARTED_HEAD: dict | None = None
@@ -56,179 +58,12 @@ class FleetError(RuntimeError):
     """A fleet operation that cannot proceed; the message says why and what to do."""
 
 
-@dataclass(frozen=True)
-class FleetConfig:
-    """What `fleet up` starts. `from_file` reads it from JSON or YAML; unknown keys are refused."""
-
-    robots: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EMBODIMENTS, 1))
-    # embodiment -> number of robots
-    checkpoint: str | None = None
-    # policy checkpoint prefix or directory; None = the shipped fleet/checkpoints/policy
-    replicas: int = 1
-    # PolicyServer replicas
-    replica_cpus: float = 1.0
-    # Ray CPUs per replica
-    realtime: bool = True
-    # robots hold their embodiment's control rate (False: sim mode, as fast as the policy answers)
-    shift: dict[str, str] = field(default_factory=dict)
-    # embodiment -> simulator shift for all its robots, e.g. {"franka": "actuator_bias"}
-    address: str | None = None
-    # Ray to join ("auto", "host:port", "ray://host:10001"); None = start a private local head
-    namespace: str = NAMESPACE
-    # Ray namespace of every named actor of this fleet
-    app_name: str = APP
-    # Serve application name of the policy server
-    log_dir: str = "runs/fleet"
-    # durable corrections (log_dir/corrections) and published heads (log_dir/heads)
-    seed: int = 0
-    # robot i of an embodiment runs episode seeds derived from (seed, embodiment, i)
-    teleop: bool = True
-    # a scripted human reviews and corrects every robot's chunks
-    route: str = "direct"
-    # how robots reach the server: "direct" (a TCP connection to a replica, the gateway as fallback),
-    # "gateway" (a forwarding actor per node), "handle" (own Serve handle), "none"
-    robot_cpus: float = 0.05
-    # Ray CPUs per robot actor
-    robot_resources: dict[str, float] = field(default_factory=dict)
-    # extra Ray resources per robot, e.g. {"robot": 1} on a cluster whose robot nodes offer "robot"
-    spread: bool = True
-    # spread robots over nodes (Ray's SPREAD strategy) instead of packing them
-    server: dict = field(default_factory=dict)
-    # extra fleet.serving.config.ServeConfig keys for the policy server, e.g. {"max_batch_size": 32}
-    num_cpus: int | None = None
-    # CPUs of the private local head; None = enough for the fleet (at least this machine's cores)
-    object_store_mb: int = 256
-    # object store of the private local head (requests and replies are small)
-    detach: bool = False
-    # keep the fleet running after the `fleet up` process exits (detached actors)
-    adapt: bool = False
-    # run the learner: adapt heads from the fleet's corrections, publish them, roll back success drops
-    adapt_every: int = 50
-    # new corrections of one embodiment per adaptation round
-    learner: dict = field(default_factory=dict)
-    # extra fleet.learning.learner.LearnerConfig keys, e.g. {"adapt": {"steps": 100}, "watch_episodes": 20}
-    learner_cpus: float = 1.0
-    # Ray CPUs of the learner actor
-
-    def __post_init__(self) -> None:
-        def fail(name: str, expected: str, got: object = None) -> None:
-            got = getattr(self, name) if got is None else got
-            raise ValueError(f"FleetConfig.{name}: expected {expected}, got {got!r}")
-
-        if not isinstance(self.robots, dict) or not self.robots:
-            fail("robots", "a non-empty mapping embodiment -> count, e.g. {'franka': 2}")
-        for name, count in self.robots.items():
-            if name not in EMBODIMENTS:
-                fail("robots", f"embodiment names from {sorted(EMBODIMENTS)}", name)
-            if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 1000:
-                fail("robots", f"a count in [0, 1000] for {name!r}", count)
-        object.__setattr__(self, "robots", dict(self.robots))
-        if not isinstance(self.shift, dict):
-            fail("shift", "a mapping embodiment -> shift name")
-        from fleet.sim import parse_shift
-
-        for name, shift in self.shift.items():
-            if name not in EMBODIMENTS:
-                fail("shift", f"embodiment names from {sorted(EMBODIMENTS)}", name)
-            try:
-                parse_shift(shift)
-            except ValueError as exc:
-                raise ValueError(f"FleetConfig.shift[{name!r}]: {exc}") from None
-        object.__setattr__(self, "shift", dict(self.shift))
-        for name in ("replicas", "object_store_mb"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                fail(name, "a positive int")
-        if self.object_store_mb < 80:
-            fail("object_store_mb", "at least 80 (Ray's minimum object store)")
-        if self.num_cpus is not None and (isinstance(self.num_cpus, bool) or not isinstance(self.num_cpus, int)):
-            fail("num_cpus", "None or a positive int")
-        for name in ("replica_cpus", "robot_cpus"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 64:
-                fail(name, "a number of CPUs in [0, 64]")
-        if self.route not in ("direct", "gateway", "handle", "none"):
-            fail("route", "'direct', 'gateway', 'handle' or 'none'")
-        for name in ("namespace", "app_name", "log_dir"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                fail(name, "a non-empty string")
-        if not isinstance(self.robot_resources, dict) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in self.robot_resources.items()
-        ):
-            fail("robot_resources", "a mapping resource name -> non-negative amount")
-        if not isinstance(self.server, dict):
-            fail("server", "a mapping of fleet.serving.config.ServeConfig keys")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            fail("seed", "a non-negative int")
-        if not isinstance(self.adapt, bool):
-            fail("adapt", "a bool")
-        if isinstance(self.adapt_every, bool) or not isinstance(self.adapt_every, int) or self.adapt_every < 1:
-            fail("adapt_every", "a positive int")
-        v = self.learner_cpus
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 64:
-            fail("learner_cpus", "a number of CPUs in [0, 64]")
-        if not isinstance(self.learner, dict):
-            fail("learner", "a mapping of fleet.learning.learner.LearnerConfig keys")
-        from fleet.learning.learner import LearnerConfig
-
-        try:
-            LearnerConfig.from_dict(self.learner_config())
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"FleetConfig.learner: {exc}") from None
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FleetConfig:
-        if not isinstance(d, dict):
-            raise ValueError(f"fleet config: expected a mapping of fields, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"fleet config: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> FleetConfig:
-        """Read a .json, .yaml or .yml file (YAML through PyYAML, which Ray depends on)."""
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as exc:
-            raise ValueError(f"fleet config {p}: cannot read ({exc.strerror})") from None
-        try:
-            if p.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear message
-            raise ValueError(f"fleet config {p}: not valid {p.suffix.lstrip('.') or 'json'}: {exc}") from None
-        return cls.from_dict(data)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def learner_config(self) -> dict:
-        """The LearnerConfig dict of this fleet's learner: `learner` plus every = adapt_every."""
-        return {"every": self.adapt_every} | dict(self.learner)
-
-    def with_(self, **changes) -> FleetConfig:
-        return FleetConfig.from_dict(self.to_dict() | changes)
-
-    @property
-    def cluster_cpus(self) -> int:
-        """Logical CPUs a private head needs for this fleet."""
-        need = self.replicas * self.replica_cpus + sum(self.robots.values()) * self.robot_cpus + 1.0
-        need += self.learner_cpus if self.adapt else 0.0
-        return self.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
-
-
 # ---- finding and starting Ray --------------------------------------------------------------------
 def connect(address: str | None = None, namespace: str = NAMESPACE, num_cpus: int | None = None,
             object_store_mb: int = 256) -> str:  # fmt: skip
     """Join Ray and return its GCS address. Already connected: that Ray. address None: start a private
     local head sized `num_cpus` (see the module docstring); "auto", "host:port" or "ray://...": join it."""
-    import ray
+    import ray  # lazily: fleet/cluster loads Ray only when an operation needs it (DESIGN)
 
     global _STARTED_HEAD
     if ray.is_initialized():
@@ -284,8 +119,6 @@ def _join_with(env: dict[str, str]) -> None:
 # ---- the checkpoint, read without torch ----------------------------------------------------------
 def checkpoint_meta(checkpoint: str | None) -> tuple[str, dict]:
     """(checkpoint prefix, its JSON metadata); FleetError naming the path when it is missing or unreadable."""
-    from fleet.policy.default import DEFAULT_CHECKPOINT, REPRODUCE
-
     p = Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT
     if p.is_dir():
         p = p / "policy"
@@ -311,7 +144,7 @@ def _check_embodiments(counts: dict[str, int], meta: dict) -> None:
 
 # ---- fleet operations ----------------------------------------------------------------------------
 def _controller(namespace: str):
-    import ray
+    import ray  # lazily: fleet/cluster loads Ray only when an operation needs it (DESIGN)
 
     try:
         return ray.get_actor(CONTROLLER, namespace=namespace)
@@ -322,7 +155,7 @@ def _controller(namespace: str):
 def up(config: FleetConfig | None = None) -> dict:
     """Deploy the policy server, the head registry, the replay actor, the controller and the robots.
     Returns {"address", "namespace", "app", "robots": [ids], "checkpoint"}."""
-    import ray
+    import ray  # lazily: fleet/cluster loads Ray only when an operation needs it (DESIGN)
 
     config = config or FleetConfig()
     checkpoint, meta = checkpoint_meta(config.checkpoint)
@@ -340,6 +173,7 @@ def up(config: FleetConfig | None = None) -> dict:
 
 
 def _up(config: FleetConfig, address: str, checkpoint: str, meta: dict) -> dict:
+    # lazily: Ray, and the Ray adapters (actors/, deployments/ import Ray), only when a fleet starts
     import ray
     from ray import serve
 
@@ -363,7 +197,7 @@ def _up(config: FleetConfig, address: str, checkpoint: str, meta: dict) -> dict:
     server |= {"registry": HEADS, "registry_namespace": ns} | config.server
     serve.run(build_app(server), name=config.app_name, route_prefix=None)
     if config.adapt:
-        from actors.learner import start_learner
+        from actors.learner import start_learner  # Ray (and the learner's torch) only for an adapting fleet
 
         _KEEP[f"{ns}/{LEARNER}"] = start_learner(
             checkpoint,
@@ -402,10 +236,9 @@ def scale(counts: dict[str, int], address: str | None = None, namespace: str = N
     """Set the number of robots per embodiment ({"franka": 8, "leap": 0}); others are left as they are.
     Removed robots finish their episode and hand over their corrections before they stop.
     Returns {"added": [ids], "removed": [final reports], "robots": {embodiment: count}}."""
-    import ray
+    import ray  # lazily: fleet/cluster loads Ray only when an operation needs it (DESIGN)
 
-    bad = {n: c for n, c in counts.items() if n not in EMBODIMENTS or isinstance(c, bool) or not isinstance(c, int)}
-    if bad or any(c < 0 for c in counts.values()):
+    if not all(n in EMBODIMENTS and is_int(c) and c >= 0 for n, c in counts.items()):
         raise FleetError(f"scale: expected embodiment=count with names from {sorted(EMBODIMENTS)}, got {counts}")
     return ray.get(_require(address, namespace).scale.remote(dict(counts)))
 
@@ -414,7 +247,7 @@ def status(address: str | None = None, namespace: str = NAMESPACE, timeout_s: fl
     """{"robots": [{"id", "embodiment", "state", "control_hz", "episodes", "success_rate", "interventions",
     "head_version", "latency_p50_ms", "latency_p99_ms", ...}], "heads": {embodiment: version}, ...}, plus
     "learner" (state, versions, rounds, published, rollbacks, watch, last_round) when the fleet adapts."""
-    import ray
+    import ray  # lazily: fleet/cluster loads Ray only when an operation needs it (DESIGN)
 
     return ray.get(_require(address, namespace).status.remote(timeout_s))
 
@@ -422,8 +255,8 @@ def status(address: str | None = None, namespace: str = NAMESPACE, timeout_s: fl
 def down(address: str | None = None, namespace: str = NAMESPACE, stop_cluster: bool = True) -> dict:
     """Stop every robot (corrections delivered first), delete the Serve app, kill the fleet's named actors;
     with the private local head `fleet up` started, stop it too. Returns what was stopped."""
-    import ray
-    from ray import serve
+    import ray  # lazily: fleet/cluster loads Ray only when an operation needs it (DESIGN)
+    from ray import serve  # the same
 
     connect(_resolve(address), namespace)
     out: dict = {"robots": [], "actors": [], "app": None, "cluster_stopped": False}

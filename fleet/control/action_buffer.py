@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fleet.validate import check_choice, check_int, check_number
+
 AGGREGATES = ("latest", "weighted", "temporal_ensemble", "conservative")
 
 
@@ -32,21 +34,13 @@ class BufferConfig:
     # a request pending this many ticks is presumed lost and needs_refill turns true again; None = chunk_size
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, value: object, upper: int | None = None) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upper and value > upper):
-                bound = f"an int in [1, {upper}]" if upper else "a positive int"
-                raise ValueError(f"BufferConfig.{name}: expected {bound}, got {value!r}")
-
-        positive_int("chunk_size", self.chunk_size)
-        positive_int("recompute_every", self.recompute_every, self.chunk_size)
-        positive_int("low_water", self.low_water, self.chunk_size)
+        check_int("BufferConfig.chunk_size", self.chunk_size, lo=1, expected="a positive int")
+        check_int("BufferConfig.recompute_every", self.recompute_every, 1, self.chunk_size)
+        check_int("BufferConfig.low_water", self.low_water, 1, self.chunk_size)
         if self.request_timeout is not None:
-            positive_int("request_timeout", self.request_timeout)
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"BufferConfig.aggregate: expected one of {AGGREGATES}, got {self.aggregate!r}")
-        m = self.ensemble_m
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not (math.isfinite(m) and m >= 0):
-            raise ValueError(f"BufferConfig.ensemble_m: expected a finite number >= 0, got {m!r}")
+            check_int("BufferConfig.request_timeout", self.request_timeout, lo=1, expected="a positive int")
+        check_choice("BufferConfig.aggregate", self.aggregate, AGGREGATES)
+        check_number("BufferConfig.ensemble_m", self.ensemble_m, lo=0)
 
 
 class _Slot:
@@ -63,9 +57,9 @@ class _Slot:
 
 
 def _tick(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name}: expected a non-negative int tick, got {value!r}")
-    return int(value)
+    if isinstance(value, np.integer):  # a numpy int is an int here (np.bool_ is not one)
+        value = int(value)
+    return check_int(name, value, lo=0, expected="a non-negative int tick")
 
 
 class ActionBuffer:

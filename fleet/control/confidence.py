@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fleet.validate import check_int, fail, is_number
+
 
 @dataclass(frozen=True, eq=False)
 class FeatureStats:
@@ -96,10 +98,10 @@ class ConfidenceConfig:
     def __post_init__(self) -> None:
         for name in ("disagreement_threshold", "entropy_threshold", "ood_threshold", "novelty_threshold", "sharpness"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
-                raise ValueError(f"ConfidenceConfig.{name}: expected a positive finite number, got {v!r}")
-        if self.n_bins is not None and (not isinstance(self.n_bins, int) or self.n_bins < 2):
-            raise ValueError(f"ConfidenceConfig.n_bins: expected None or an int >= 2, got {self.n_bins!r}")
+            if not (is_number(v) and math.isfinite(v) and v > 0):
+                fail(f"ConfidenceConfig.{name}", "a positive finite number", v)
+        if self.n_bins is not None:
+            check_int("ConfidenceConfig.n_bins", self.n_bins, lo=2, expected="None or an int >= 2")
 
 
 @dataclass(frozen=True)
@@ -169,10 +171,8 @@ class ConfidenceEstimator:
             if h.ndim != 2 or h.size == 0:
                 raise ValueError(f"entropy: expected shape (T, D) of per-dim entropies in nats, got {h.shape}")
             n_bins = reply.get("n_bins", cfg.n_bins)
-            if n_bins is not None and (
-                isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 2
-            ):
-                raise ValueError(f"n_bins: expected an int >= 2, got {n_bins!r}")
+            if n_bins is not None:  # a numpy int is an int here (np.bool_ is not one)
+                check_int("n_bins", int(n_bins) if isinstance(n_bins, np.integer) else n_bins, lo=2)
             scale = math.log(n_bins) if n_bins else 1.0
             score("entropy", float(h.mean()) / scale, cfg.entropy_threshold, "token entropy")
         features = reply.get("features")

@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from fleet.control.confidence import Confidence
+from fleet.validate import check_bool, check_int, check_number, fail, is_number
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +47,14 @@ class DegradationConfig:
 
     def __post_init__(self) -> None:
         for name in ("pause_below", "recover_above"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise ValueError(f"DegradationConfig.{name}: expected a number in [0, 1], got {v!r}")
+            check_number(f"DegradationConfig.{name}", getattr(self, name), 0, 1, expected="a number in [0, 1]")
         if self.recover_above < self.pause_below:
             raise ValueError(f"DegradationConfig.recover_above: expected >= pause_below={self.pause_below}")
         for name in ("recover_checks", "max_consecutive_failures", "history"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"DegradationConfig.{name}: expected a positive int, got {v!r}")
+            check_int(f"DegradationConfig.{name}", getattr(self, name), lo=1, expected="a positive int")
         s = self.conservative_velocity_scale
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1:
-            raise ValueError(f"DegradationConfig.conservative_velocity_scale: expected a number in (0, 1], got {s!r}")
+        if not (is_number(s) and 0 < s <= 1):
+            fail("DegradationConfig.conservative_velocity_scale", "a number in (0, 1]", s)
 
 
 @dataclass(frozen=True)
@@ -172,8 +169,7 @@ class DegradationPolicy:
 
     def episode_end(self, success: bool, tick: int | None = None, t: float | None = None) -> State:
         """Record an episode outcome; more than N failures in a row escalates from any state."""
-        if not isinstance(success, bool):
-            raise ValueError(f"success: expected a bool, got {success!r}")
+        check_bool("success", success)
         self._failures = 0 if success else self._failures + 1
         n = self.config.max_consecutive_failures
         if self._failures > n and self._state is not State.ESCALATED:

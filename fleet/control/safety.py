@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from fleet.embodiments import EmbodimentSpec
+from fleet.validate import fail, is_number
 
 COUNTERS = ("calls", "modified", "missing", "non_finite", "stale", "workspace", "acceleration", "velocity")
 COUNTERS += ("estop_trips", "estop_ticks", "held")
@@ -43,13 +44,11 @@ class SafetyConfig:
 
     def __post_init__(self) -> None:
         vs = self.velocity_scale
-        if isinstance(vs, bool) or not isinstance(vs, (int, float)) or not 0 < vs <= 1:
-            raise ValueError(f"SafetyConfig.velocity_scale: expected a number in (0, 1], got {vs!r}")
+        if not (is_number(vs) and 0 < vs <= 1):
+            fail("SafetyConfig.velocity_scale", "a number in (0, 1]", vs)
         age = self.max_action_age_s
-        if age is not None and (isinstance(age, bool) or not isinstance(age, (int, float)) or not age > 0):
-            raise ValueError(
-                f"SafetyConfig.max_action_age_s: expected None or a positive number of seconds, got {age!r}"
-            )
+        if age is not None and not (is_number(age) and age > 0):
+            fail("SafetyConfig.max_action_age_s", "None or a positive number of seconds", age)
         for name in ("stop_action", "neutral_action"):
             value = getattr(self, name)
             if value is None:
@@ -140,8 +139,8 @@ class SafetyLayer:
 
     @velocity_scale.setter
     def velocity_scale(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise ValueError(f"velocity_scale: expected a number in (0, 1], got {value!r}")
+        if not (is_number(value) and 0 < value <= 1):
+            fail("velocity_scale", "a number in (0, 1]", value)
         self._velocity_scale = float(value)
 
     @property
@@ -184,8 +183,8 @@ class SafetyLayer:
                 raise ValueError(f"force: expected a number or a 1-D force/torque vector, got {force!r}")
             # a sensor reading NaN cannot vouch for safety: its norm is NaN and trips the e-stop below
             force_norm = float(np.sqrt(np.sum(f * f)))
-        if age_s is not None and (isinstance(age_s, bool) or not isinstance(age_s, (int, float)) or not age_s >= 0):
-            raise ValueError(f"age_s: expected None or a non-negative number of seconds, got {age_s!r}")
+        if age_s is not None and not (is_number(age_s) and age_s >= 0):
+            fail("age_s", "None or a non-negative number of seconds", age_s)
         return action, force_norm
 
     def _limit(self, target: np.ndarray, use_acceleration: bool) -> tuple[np.ndarray, float, float]:

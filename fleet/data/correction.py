@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from fleet.embodiments import EMBODIMENTS, EmbodimentSpec
+from fleet.validate import check_choice, check_int, is_number
 
 IMAGE_SHAPE: tuple[int, int, int] = (64, 64, 3)
 MAX_TEXT = 1024
@@ -124,9 +125,9 @@ def _text(c: Correction, field: str, *, allow_empty: bool) -> str:
 
 def _count(c: Correction, field: str) -> int:
     value = getattr(c, field)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise _fail(field, "a non-negative int", repr(value))
-    return int(value)
+    if isinstance(value, np.integer):  # a numpy int is an int here (np.bool_ is not one)
+        value = int(value)
+    return check_int(field, value, lo=0, expected="a non-negative int", error=CorrectionError)
 
 
 def _array(c: Correction, field: str, shape: tuple[int, ...], what: str) -> np.ndarray:
@@ -180,12 +181,10 @@ def validate_correction(c: Any, specs: dict[str, EmbodimentSpec] | None = None) 
     c = Correction.from_dict(c)
     ident = _text(c, "id", allow_empty=False)
     robot_id = _text(c, "robot_id", allow_empty=False)
-    name = c.embodiment
-    if not isinstance(name, str) or name not in specs:
-        raise _fail("embodiment", f"one of {sorted(specs)}", repr(name))
+    name = check_choice("embodiment", c.embodiment, sorted(specs), error=CorrectionError)
     spec = specs[name]
     timestamp = c.timestamp
-    if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float, np.integer, np.floating)):
+    if not (is_number(timestamp) or isinstance(timestamp, np.integer | np.floating)):
         raise _fail("timestamp", "unix seconds as a float", type(timestamp).__name__)
     if not math.isfinite(float(timestamp)) or float(timestamp) < 0:
         raise _fail("timestamp", "finite non-negative unix seconds", repr(timestamp))

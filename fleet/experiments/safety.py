@@ -18,6 +18,7 @@ import numpy as np
 from fleet.control.safety import SafetyLayer
 from fleet.durable import write_bytes_atomic, write_text_atomic
 from fleet.embodiments import EMBODIMENTS, EmbodimentSpec
+from fleet.validate import check_int
 
 CONSTRAINTS = ("workspace", "velocity", "force_estop", "non_finite")
 NON_FINITE_RATE = 0.05  # share of requests with a NaN or Inf in some dimensions
@@ -74,10 +75,8 @@ def run_safety_experiment(n: int = 1000, seed: int = 0, out: Path | None = None)
     "velocity": share, "force_estop": share, "non_finite": share}}}}, shares of the n requests in [0, 1].
     With `out`, also writes out/safety_clipping.png and out/safety_table.md.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n: expected a positive int, got {n!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    check_int("n", n, lo=1, expected="a positive int")
+    check_int("seed", seed, lo=0, expected="a non-negative int")
     result: dict = {"n": n, "embodiments": {}}
     amounts: dict[str, dict[str, list[float]]] = {}
     for name, spec in EMBODIMENTS.items():
@@ -110,10 +109,10 @@ def format_table(result: dict, markdown: bool = False) -> str:
 
 def _plot(result: dict, amounts: dict[str, dict[str, list[float]]], path: Path) -> None:
     """Per embodiment: histograms of how much the workspace clip and the velocity limit changed each request."""
-    import matplotlib
+    import matplotlib  # lazily: matplotlib only when the experiment writes its plot (--out)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
     names = list(result["embodiments"])
     cols = min(2, len(names))

@@ -6,8 +6,10 @@ with noise-injected demonstrations and DAgger rounds (the policy drives, the exp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable
@@ -17,9 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fleet.control import FeatureStats
 from fleet.embodiments import EMBODIMENTS
+from fleet.policy import parallel
 from fleet.policy.backbone import PolicyConfig
+from fleet.policy.batch import PolicyBatch, normalize_actions
+from fleet.policy.checkpoint import save_checkpoint
 from fleet.policy.demos import DemoSet, collect
+from fleet.policy.model import FleetPolicy
+from fleet.policy.tokenizer import default_vocabulary
+from fleet.validate import is_int, is_number
 
 
 def default_policy_config() -> PolicyConfig:
@@ -85,16 +94,16 @@ class PretrainConfig:
         for f in ("steps", "batch_size", "demo_episodes"):
             if getattr(self, f) < 1:
                 raise ValueError(f"PretrainConfig.{f} must be >= 1, got {getattr(self, f)}")
-        if self.dagger_samples is not None and (isinstance(self.dagger_samples, bool) or self.dagger_samples < 1):
+        if self.dagger_samples is not None and not (is_int(self.dagger_samples) and self.dagger_samples >= 1):
             raise ValueError(f"PretrainConfig.dagger_samples must be None or >= 1, got {self.dagger_samples!r}")
         if self.dagger_rounds < 0 or self.dagger_episodes < 0:
             raise ValueError("PretrainConfig.dagger_rounds and dagger_episodes must be >= 0")
         for name, w in (self.mix or {}).items():
             if name not in self.embodiments:
                 raise ValueError(f"PretrainConfig.mix: {name!r} is not trained; embodiments {list(self.embodiments)}")
-            if not (isinstance(w, int | float) and math.isfinite(w) and w > 0):
+            if not (is_number(w) and math.isfinite(w) and w > 0):
                 raise ValueError(f"PretrainConfig.mix[{name!r}] must be a positive number, got {w!r}")
-        if isinstance(self.workers, bool) or not 1 <= self.workers <= self.threads:
+        if not (is_int(self.workers) and 1 <= self.workers <= self.threads):
             raise ValueError(
                 f"PretrainConfig.workers must be between 1 and threads ({self.threads}), got {self.workers!r}"
             )
@@ -137,8 +146,6 @@ class DemoTensors:
     """All demonstrations as tensors ready to slice into mixed-embodiment batches."""
 
     def __init__(self, model, demos: dict[str, DemoSet]):
-        from fleet.policy.batch import normalize_actions
-
         self.model = model
         self.names = list(demos)
         p_max = max(model.specs[n].proprio_dim for n in self.names)
@@ -166,13 +173,8 @@ class DemoTensors:
 
     def batch(self, batch_size: int | dict[str, int], gen: torch.Generator):
         """A mixed batch: `batch_size` rows split evenly, or a dict of rows per embodiment."""
-        from fleet.policy.batch import PolicyBatch
-
-        rows = (
-            batch_size
-            if isinstance(batch_size, dict)
-            else dict.fromkeys(self.names, max(1, batch_size // len(self.names)))
-        )
+        per_name = isinstance(batch_size, dict)
+        rows = batch_size if per_name else dict.fromkeys(self.names, max(1, batch_size // len(self.names)))
         parts, names = [], []
         for name in self.names:
             d = self.data[name]
@@ -206,9 +208,6 @@ def chunk_policy(model, n_samples: int | None = None) -> Callable[[list[dict], l
 
 
 def build_model(embodiments: tuple[str, ...], seed: int = 0, config: PolicyConfig | None = None):
-    from fleet.policy.model import FleetPolicy
-    from fleet.policy.tokenizer import default_vocabulary
-
     torch.manual_seed(seed)
     specs = {n: EMBODIMENTS[n] for n in embodiments}
     return FleetPolicy(config or default_policy_config(), specs, default_vocabulary(list(EMBODIMENTS)))
@@ -216,9 +215,6 @@ def build_model(embodiments: tuple[str, ...], seed: int = 0, config: PolicyConfi
 
 def fit_feature_stats(model, tensors: DemoTensors, n: int = 2048, seed: int = 0) -> dict[str, dict]:
     """Per-embodiment mean/covariance of the pooled backbone feature on training data (for OOD scores)."""
-    from fleet.control import FeatureStats
-    from fleet.policy.batch import PolicyBatch
-
     gen = torch.Generator().manual_seed(seed)
     out = {}
     model.eval()
@@ -246,10 +242,6 @@ def pretrain(
     With `cfg.workers` > 1 the other ranks run in spawned processes and this one is rank 0."""
     if cfg.workers == 1:
         return _run(cfg, 0, out, progress, log)
-    import multiprocessing as mp
-
-    from fleet.policy import parallel
-
     store = parallel.rendezvous_file()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(cfg, r, store), daemon=True) for r in range(1, cfg.workers)]
@@ -279,159 +271,167 @@ def _worker(cfg: PretrainConfig, rank: int, store: str) -> None:
     _run(cfg, rank, None, False, lambda m: None, store=store)
 
 
-def _run(
-    cfg: PretrainConfig,
-    rank: int,
-    out: Path | None,
-    progress: bool,
-    log: Callable[[str], None],
-    store: str | None = None,
-):
-    from fleet.policy import parallel
-
+def _run(cfg: PretrainConfig, rank: int, out: Path | None, progress: bool, log: Callable, store: str | None = None):
+    """The training itself, on every rank; rank 0 returns (model, report, meta), the others None."""
     t0 = time.perf_counter()
     world = cfg.workers
     torch.set_num_threads(max(1, cfg.threads // world))
     if world > 1:
         parallel.init(rank, world, store)
     try:
-        return _train(cfg, rank, world, out, progress, log, t0)
+        run = _Pretraining(cfg, rank, world, log)
+        run.collect_demos()
+        tensors = run.fit(progress, t0)
+        if world > 1:
+            parallel.check_in_sync(run.model)
+        run.model.eval()
+        run.report.samples = {n: len(d) for n, d in run.demos.items()}
+        if rank != 0:
+            return None
+        torch.set_num_threads(cfg.threads)
+        return run.finish(tensors, out, t0)
     finally:
         if world > 1:
             parallel.shutdown()
 
 
-def _train(
-    cfg: PretrainConfig,
-    rank: int,
-    world: int,
-    out: Path | None,
-    progress: bool,
-    log: Callable[[str], None],
-    t0: float,
-):
-    """The training itself, on every rank; rank 0 returns (model, report, meta), the others None."""
-    from fleet.policy import parallel
+def _lr_at(cfg: PretrainConfig, step: int) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to 5% of it."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    model = build_model(cfg.embodiments, cfg.seed, cfg.policy)
-    if world > 1:
-        parallel.broadcast_params(model)
-    owner = parallel.assign(cfg.embodiments, world)
-    if world > 1:
-        log(f"data-parallel over {world} processes; collection by rank: {owner}")
-    report = PretrainReport(config=asdict(cfg))
-    demos: dict[str, DemoSet] = {}
-    keep: dict[str, float] = {}
-    for i, name in enumerate(cfg.embodiments):
-        pilot = collect(name, 10, seed=cfg.seed * 1000 + 10 * i + 9)
-        keep[name] = min(1.0, cfg.states_per_episode * pilot.episodes / max(1, len(pilot)))
-        if owner[name] != rank:
-            continue
-        half = cfg.demo_episodes // 2
-        clean = collect(name, cfg.demo_episodes - half, seed=cfg.seed * 1000 + 10 * i, keep=keep[name])
-        noisy = collect(name, half, seed=cfg.seed * 1000 + 10 * i + 1, noise=cfg.noise, keep=keep[name])
-        demos[name] = clean.extend(noisy)
-    if world > 1:
-        demos = parallel.share_demos(demos, owner, cfg.embodiments)
-    for name, d in demos.items():
-        log(f"demos {name}: {len(d)} samples from {cfg.demo_episodes} expert episodes")
-        model.set_proprio_stats(name, d.proprio.mean(0), d.proprio.std(0) + 1e-3)
-    tensors = DemoTensors(model, demos)
-    params = [p for p in model.parameters() if p.requires_grad]
+
+def _optimizer(cfg: PretrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     try:  # the fused kernel is 16% of a step faster on 2 CPU cores (0.285 -> 0.240 s, batch 64)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError):  # a build without the fused CPU kernel
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    dagger_at = {int(cfg.steps * (k + 1) / (cfg.dagger_rounds + 1)) for k in range(cfg.dagger_rounds)}
-    # rank 0 samples as a single process would; the other ranks from their own streams
-    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * rank)
-    rows = cfg.rows()
-    log(f"rows per batch: {rows}")
-    rows = parallel.split_rows(rows, world)
-    bar = _progress(progress)
-    task = bar.add_task("pretrain", total=cfg.steps) if bar else None
-    running = None
-    try:
-        if bar:
-            bar.start()
-        for step in range(cfg.steps):
-            if step in dagger_at and cfg.dagger_episodes > 0:
-                new_sets = {}
-                for i, name in enumerate(cfg.embodiments):
-                    if owner[name] != rank:
-                        continue
-                    new_sets[name] = collect(
-                        name,
-                        cfg.dagger_episodes,
-                        seed=cfg.seed * 1000 + 500 + 10 * i + step,
-                        policy=chunk_policy(model, n_samples=cfg.dagger_samples),
-                        keep=keep[name],
-                        n_envs=DAGGER_ENVS,
-                    )
-                if world > 1:
-                    parallel.check_in_sync(model)
-                    new_sets = parallel.share_demos(new_sets, owner, cfg.embodiments)
-                rates = {n: new_sets[n].successes / max(1, new_sets[n].episodes) for n in cfg.embodiments}
-                demos = {n: demos[n].extend(new_sets[n]) for n in cfg.embodiments}
-                tensors = DemoTensors(model, demos)
-                report.dagger_success.append(rates)
-                log(f"step {step}: DAgger round, policy success while collecting {rates}")
-                model.train()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            model.train()
-            loss, _ = model.action_loss(tensors.batch(rows, gen), generator=gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                value = parallel.average_gradients(params, loss, world)
-            else:
-                value = loss.item()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            running = value if running is None else 0.98 * running + 0.02 * value
-            if step % 50 == 0 or step == cfg.steps - 1:
-                report.losses.append((step, running))
-            if bar:
-                bar.update(task, advance=1, description=f"pretrain loss {running:.3f}")
-            elif (step + 1) % 250 == 0:  # no bar (--json): a line now and then, to stderr
-                log(f"step {step + 1}/{cfg.steps} loss {running:.3f} ({time.perf_counter() - t0:.0f} s)")
-    finally:
-        if bar:
-            bar.stop()
-    if world > 1:
-        parallel.check_in_sync(model)
-    model.eval()
-    report.samples = {n: len(d) for n, d in demos.items()}
-    if rank != 0:
-        return None
-    torch.set_num_threads(cfg.threads)
-    meta = {
-        "feature_stats": fit_feature_stats(model, tensors, seed=cfg.seed),
-        "pretrain": {"config": asdict(cfg), "samples": report.samples, "dagger_success": report.dagger_success},
-    }
-    report.seconds = time.perf_counter() - t0
-    meta["pretrain"]["seconds"] = report.seconds
-    if out is not None:
-        from fleet.policy.checkpoint import save_checkpoint
+class _Pretraining:
+    """One rank's run: the model, the demonstrations (this rank collects those `owner` gives it, then all
+    ranks share them), the optimizer steps with DAgger rounds among them, and the report."""
 
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(model, out / "policy", extra_meta=meta)
-        (out / "pretrain_report.json").write_text(json.dumps(asdict(report), indent=1))
-    return model, report, meta
+    def __init__(self, cfg: PretrainConfig, rank: int, world: int, log: Callable[[str], None]) -> None:
+        self.cfg, self.rank, self.world, self.log = cfg, rank, world, log
+        self.model = build_model(cfg.embodiments, cfg.seed, cfg.policy)
+        if world > 1:
+            parallel.broadcast_params(self.model)
+        self.owner = parallel.assign(cfg.embodiments, world)
+        if world > 1:
+            log(f"data-parallel over {world} processes; collection by rank: {self.owner}")
+        self.report = PretrainReport(config=asdict(cfg))
+        self.demos: dict[str, DemoSet] = {}
+        self.keep: dict[str, float] = {}  # share of visited states kept per embodiment (states_per_episode)
+
+    def collect_demos(self) -> None:
+        """Expert demonstrations, half of them with injected action noise; sets the proprio statistics."""
+        cfg = self.cfg
+        for i, name in enumerate(cfg.embodiments):
+            pilot = collect(name, 10, seed=cfg.seed * 1000 + 10 * i + 9)
+            self.keep[name] = min(1.0, cfg.states_per_episode * pilot.episodes / max(1, len(pilot)))
+            if self.owner[name] != self.rank:
+                continue
+            half = cfg.demo_episodes // 2
+            clean = collect(name, cfg.demo_episodes - half, seed=cfg.seed * 1000 + 10 * i, keep=self.keep[name])
+            noisy = collect(name, half, seed=cfg.seed * 1000 + 10 * i + 1, noise=cfg.noise, keep=self.keep[name])
+            self.demos[name] = clean.extend(noisy)
+        if self.world > 1:
+            self.demos = parallel.share_demos(self.demos, self.owner, cfg.embodiments)
+        for name, d in self.demos.items():
+            self.log(f"demos {name}: {len(d)} samples from {cfg.demo_episodes} expert episodes")
+            self.model.set_proprio_stats(name, d.proprio.mean(0), d.proprio.std(0) + 1e-3)
+
+    def dagger_round(self, step: int) -> None:
+        """The current policy drives, the expert relabels; the episodes join the demonstrations."""
+        cfg, model = self.cfg, self.model
+        new_sets = {}
+        for i, name in enumerate(cfg.embodiments):
+            if self.owner[name] != self.rank:
+                continue
+            new_sets[name] = collect(
+                name,
+                cfg.dagger_episodes,
+                seed=cfg.seed * 1000 + 500 + 10 * i + step,
+                policy=chunk_policy(model, n_samples=cfg.dagger_samples),
+                keep=self.keep[name],
+                n_envs=DAGGER_ENVS,
+            )
+        if self.world > 1:
+            parallel.check_in_sync(model)
+            new_sets = parallel.share_demos(new_sets, self.owner, cfg.embodiments)
+        rates = {n: new_sets[n].successes / max(1, new_sets[n].episodes) for n in cfg.embodiments}
+        self.demos = {n: self.demos[n].extend(new_sets[n]) for n in cfg.embodiments}
+        self.report.dagger_success.append(rates)
+        self.log(f"step {step}: DAgger round, policy success while collecting {rates}")
+
+    def fit(self, progress: bool, t0: float) -> DemoTensors:
+        """Every optimizer step (DAgger rounds among them); returns the final demonstrations' tensors."""
+        cfg, model, world = self.cfg, self.model, self.world
+        tensors = DemoTensors(model, self.demos)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = _optimizer(cfg, params)
+        dagger_at = {int(cfg.steps * (k + 1) / (cfg.dagger_rounds + 1)) for k in range(cfg.dagger_rounds)}
+        # rank 0 samples as a single process would; the other ranks from their own streams
+        gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.rank)
+        rows = cfg.rows()
+        self.log(f"rows per batch: {rows}")
+        rows = parallel.split_rows(rows, world)
+        bar = _progress(progress)
+        task = bar.add_task("pretrain", total=cfg.steps) if bar else None
+        running = None
+        with bar if bar is not None else contextlib.nullcontext():  # a Progress shows from enter to exit
+            for step in range(cfg.steps):
+                if step in dagger_at and cfg.dagger_episodes > 0:
+                    self.dagger_round(step)
+                    tensors = DemoTensors(model, self.demos)
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(cfg, step)
+                value = _step(model, opt, params, tensors.batch(rows, gen), gen, world)
+                running = value if running is None else 0.98 * running + 0.02 * value
+                if step % 50 == 0 or step == cfg.steps - 1:
+                    self.report.losses.append((step, running))
+                if bar:
+                    bar.update(task, advance=1, description=f"pretrain loss {running:.3f}")
+                elif (step + 1) % 250 == 0:  # no bar (--json): a line now and then, to stderr
+                    self.log(f"step {step + 1}/{cfg.steps} loss {running:.3f} ({time.perf_counter() - t0:.0f} s)")
+        return tensors
+
+    def finish(self, tensors: DemoTensors, out: Path | None, t0: float):
+        """(model, report, meta) on rank 0, the checkpoint and report written to `out` when set."""
+        cfg, model, report = self.cfg, self.model, self.report
+        meta = {
+            "feature_stats": fit_feature_stats(model, tensors, seed=cfg.seed),
+            "pretrain": {"config": asdict(cfg), "samples": report.samples, "dagger_success": report.dagger_success},
+        }
+        report.seconds = time.perf_counter() - t0
+        meta["pretrain"]["seconds"] = report.seconds
+        if out is not None:
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(model, out / "policy", extra_meta=meta)
+            (out / "pretrain_report.json").write_text(json.dumps(asdict(report), indent=1))
+        return model, report, meta
+
+
+def _step(model, opt, params: list, batch, gen: torch.Generator, world: int) -> float:
+    """One optimizer step on `batch`; returns the loss (averaged over the ranks when world > 1)."""
+    model.train()
+    loss, _ = model.action_loss(batch, generator=gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    value = parallel.average_gradients(params, loss, world) if world > 1 else loss.item()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return value
 
 
 def _progress(enabled: bool):
     if not enabled:
         return None
+    # lazily: rich only for an interactive run (--json and the tests run without the bar)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(

@@ -7,8 +7,10 @@ mapping through `ServeConfig.from_dict`, which refuses unknown keys.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import NoReturn
 
 from fleet.names import HEADS
+from fleet.validate import check_bool, check_choice, check_int, check_number, fail, is_number
 
 BACKENDS = ("torch", "onnx")  # fleet.policy.inference.backend.BACKENDS (kept here so the config imports no model code)
 PRECISIONS = ("fp32", "bf16", "int8")  # fleet.policy.inference.precision.PRECISIONS
@@ -81,57 +83,48 @@ class ServeConfig:
     # a robot counts as active for `gather_s` when it asked within this many seconds
 
     def __post_init__(self) -> None:
-        def fail(name: str, expected: str) -> None:
-            raise ValueError(f"ServeConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
-
         for name in ("replica_cpus", "ingress_cpus"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 64:
-                fail(name, "a number of CPUs in [0, 64]")
+            check_number(f"ServeConfig.{name}", getattr(self, name), 0, 64, expected="a number of CPUs in [0, 64]")
         if self.threads is None:
             object.__setattr__(self, "threads", max(1, int(self.replica_cpus or 1)))
         for name in ("num_replicas", "max_batch_size", "threads", "max_body_bytes", "encoder_cache_robots"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(name, "a positive int")
-        if self.max_ongoing_requests is not None and (
-            not isinstance(self.max_ongoing_requests, int) or self.max_ongoing_requests < self.max_batch_size
-        ):
-            fail("max_ongoing_requests", f"None or an int >= max_batch_size ({self.max_batch_size})")
+            check_int(f"ServeConfig.{name}", getattr(self, name), lo=1, expected="a positive int")
+        if self.max_ongoing_requests is not None:
+            expected = f"None or an int >= max_batch_size ({self.max_batch_size})"
+            check_int(
+                "ServeConfig.max_ongoing_requests", self.max_ongoing_requests, self.max_batch_size, expected=expected
+            )
         for name, low, high in (("batch_wait_timeout_s", 0, 1), ("poll_interval_s", 0.01, 10)):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
-                fail(name, f"a number of seconds in [{low}, {high}]")
+            self._check_seconds(name, low, high)
         if self.autoscaling is not None and not isinstance(self.autoscaling, dict):
-            fail("autoscaling", "None or a Serve autoscaling_config dict")
-        if self.auth_token is not None and (not isinstance(self.auth_token, str) or not self.auth_token):
-            fail("auth_token", "None or a non-empty string")
+            self._fail("autoscaling", "None or a Serve autoscaling_config dict")
+        if self.auth_token is not None and not (isinstance(self.auth_token, str) and self.auth_token):
+            self._fail("auth_token", "None or a non-empty string")  # not check_str: a token of spaces stays valid
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", str(self.checkpoint))
-        if self.backend not in BACKENDS:
-            fail("backend", f"one of {BACKENDS}")
-        if self.precision not in PRECISIONS:
-            fail("precision", f"one of {PRECISIONS}")
+        check_choice("ServeConfig.backend", self.backend, BACKENDS)
+        check_choice("ServeConfig.precision", self.precision, PRECISIONS)
         if self.backend == "onnx" and self.precision == "bf16":
-            fail("precision", "'fp32' or 'int8' with backend 'onnx' (bf16 runs with backend 'torch')")
+            self._fail("precision", "'fp32' or 'int8' with backend 'onnx' (bf16 runs with backend 'torch')")
         for name in ("encoder_cache", "direct"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, "a bool")
+            check_bool(f"ServeConfig.{name}", getattr(self, name))
         if not isinstance(self.direct_host, str) or not self.direct_host:
-            fail("direct_host", "an interface address such as '127.0.0.1'")
+            self._fail("direct_host", "an interface address such as '127.0.0.1'")
         for name, low, high in (("gather_s", 0, 0.1), ("active_window_s", 0.01, 60)):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
-                fail(name, f"a number of seconds in [{low}, {high}]")
+            self._check_seconds(name, low, high)
         res = self.replica_resources
         if res is not None and (
-            not isinstance(res, dict)
-            or not all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                for k, v in res.items()
-            )
+            not isinstance(res, dict) or not all(isinstance(k, str) and is_number(v) and v >= 0 for k, v in res.items())
         ):
-            fail("replica_resources", "None or a mapping resource name -> non-negative amount")
+            self._fail("replica_resources", "None or a mapping resource name -> non-negative amount")
+
+    def _fail(self, name: str, expected: str) -> NoReturn:
+        fail(f"ServeConfig.{name}", expected, getattr(self, name))
+
+    def _check_seconds(self, name: str, low: float, high: float) -> None:
+        check_number(
+            f"ServeConfig.{name}", getattr(self, name), low, high, expected=f"a number of seconds in [{low}, {high}]"
+        )
 
     @property
     def ongoing_limit(self) -> int:

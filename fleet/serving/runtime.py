@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fleet.policy.batch import PolicyBatch
+from fleet.policy.checkpoint import head_from_bytes
+from fleet.policy.default import load_policy
+from fleet.policy.inference.backend import make_backend
+from fleet.policy.inference.encoder_cache import EncoderCache
 from fleet.protocol import RequestError, validate_request
+from fleet.validate import check_int
 
 
 def _percentile(values, q: float) -> float | None:
@@ -46,12 +52,7 @@ class PolicyRuntime:
         """backend/precision: how the model runs (fleet.policy.inference.backend.make_backend); `model` stays the fp32
         master the heads are validated and swapped into. encoder_cache: False, True (4096 robots) or a
         number of robots to remember."""
-        from fleet.policy.inference.backend import make_backend
-        from fleet.policy.inference.encoder_cache import EncoderCache
-
         if model is None:
-            from fleet.policy.default import load_policy
-
             model, _ = load_policy(checkpoint)
         if threads >= 1:
             torch.set_num_threads(int(threads))
@@ -113,8 +114,6 @@ class PolicyRuntime:
 
     def _batch(self, rows: list[dict]):
         """PolicyBatch straight from validated requests: numpy stacks, one torch.from_numpy per field."""
-        from fleet.policy.batch import PolicyBatch
-
         b = len(rows)
         proprio = np.zeros((b, self._proprio_width), np.float32)
         for i, r in enumerate(rows):
@@ -186,12 +185,9 @@ class PolicyRuntime:
         `version` is authoritative (a rollback re-publishes old weights under a new number). Refuses a
         version not above the serving one and any payload that does not fit the model (ValueError, old
         head kept). The swap waits for the running batch: no batch mixes two versions of a head."""
-        from fleet.policy.checkpoint import head_from_bytes
-
         if name not in self.model.specs:
             raise ValueError(f"set_head: no head {name!r}; this model has {sorted(self.model.specs)}")
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise ValueError(f"set_head {name!r}: version must be an int, got {version!r}")
+        check_int(f"set_head {name!r}: version", version, expected="an int")
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise ValueError(f"set_head {name!r}: payload must be safetensors bytes, got {type(payload).__name__}")
         with self._swap_lock:

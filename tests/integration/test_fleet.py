@@ -14,7 +14,7 @@ import uuid
 import numpy as np
 import pytest
 
-from fleet.cluster.launcher import FleetConfig
+from fleet.cluster.config import FleetConfig
 from fleet.embodiments import EMBODIMENTS
 from tests.mocks.tiny_policy import TINY
 

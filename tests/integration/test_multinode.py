@@ -25,7 +25,8 @@ import json, os, sys, time
 import ray
 from ray.cluster_utils import Cluster
 
-from fleet.cluster.launcher import FleetConfig, down, status, up
+from fleet.cluster.config import FleetConfig
+from fleet.cluster.launcher import down, status, up
 from fleet.policy.checkpoint import save_checkpoint
 from fleet.policy.train import build_model
 from tests.mocks.tiny_policy import TINY

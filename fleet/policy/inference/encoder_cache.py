@@ -29,14 +29,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from fleet.validate import check_int
+
 
 class EncoderCache:
     """robot id -> (frame bytes, instruction bytes, image tokens (N, d) float32). Thread-safe."""
 
     def __init__(self, max_robots: int = 4096) -> None:
-        if isinstance(max_robots, bool) or not isinstance(max_robots, int) or max_robots < 1:
-            raise ValueError(f"EncoderCache.max_robots: expected a positive int, got {max_robots!r}")
-        self.max_robots = max_robots
+        self.max_robots = check_int("EncoderCache.max_robots", max_robots, lo=1, expected="a positive int")
         self._entries: OrderedDict[str, tuple[bytes, bytes, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0

@@ -22,16 +22,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fleet.validate import check_int, fail, is_number
+
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update: y = base(x) + scale * (x A^T) B^T."""
 
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LoRA rank: expected a positive int, got {rank!r}")
-        if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"LoRA alpha: expected a positive number, got {alpha!r}")
+        check_int("LoRA rank", rank, lo=1, expected="a positive int")
+        if not (is_number(alpha) and math.isfinite(alpha) and alpha > 0):
+            fail("LoRA alpha", "a positive number", alpha)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout: expected a number in [0, 1), got {dropout!r}")
         self.base = base

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import os
 import tempfile
@@ -50,7 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fleet.policy.inference.backend import PolicyBackend
+import fleet.policy.backbone as backbone_mod
+import fleet.policy.heads as heads_mod
+import fleet.policy.token_head as token_mod
+from fleet.policy.inference.base import PolicyBackend
 from fleet.policy.inference.precision import check_precision
 
 OPSET = 17
@@ -100,10 +104,6 @@ def _exportable():
     without its data-dependent shortcut, attention spelled out, and a concatenating KV cache. Each computes
     the same values (the ONNX tests check the graphs against eager within 1e-4); together they halve a token
     head's decode graph (~4900 -> ~2400 nodes after ORT's optimizer) and its batch-1 latency."""
-    import fleet.policy.backbone as backbone_mod
-    import fleet.policy.heads as heads_mod
-    import fleet.policy.token_head as token_mod
-
     saved = backbone_mod.attend_mask, heads_mod.attend_mask, backbone_mod.F, token_mod.KVCache
     backbone_mod.attend_mask = heads_mod.attend_mask = _always_mask
     backbone_mod.F, token_mod.KVCache = _EXPORT_F, _ConcatKVCache
@@ -286,9 +286,7 @@ def _has_vnni() -> bool:
 
 
 def _quantize(src: Path, dst: Path) -> None:
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # onnxruntime only when a graph is quantized
 
     root = logging.getLogger()
     level = root.level
@@ -320,7 +318,7 @@ class _Session:
 
 
 def _session(data: bytes, threads: int) -> _Session:
-    import onnxruntime as ort
+    import onnxruntime as ort  # lazily: a torch-only server (the default backend) never loads ONNX Runtime
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads

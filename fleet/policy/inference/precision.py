@@ -42,6 +42,8 @@ import warnings
 
 import torch
 from torch import nn
+from torch.ao.quantization import per_channel_dynamic_qconfig
+from torch.ao.quantization import quantize_dynamic as ao_quantize_dynamic
 
 PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -78,9 +80,6 @@ def _to_bf16(module: nn.Module) -> nn.Module:
 def quantize_dynamic(module: nn.Module) -> nn.Module:
     """Replace (in place) every Linear of `module` except the proprio stems with torch.ao's dynamically
     quantized int8 Linear (per-channel weights); returns the module."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig
-    from torch.ao.quantization import quantize_dynamic as ao_quantize_dynamic
-
     names = {name for name, sub in module.named_modules() if isinstance(sub, nn.Linear) and not _skip(name)}
     if not names:
         return module

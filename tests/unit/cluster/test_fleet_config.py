@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
-from fleet.cli.fleet_cmds import parse_counts, parse_shifts, register
-from fleet.cluster.launcher import FleetConfig, FleetError, checkpoint_meta
+from fleet.cli.fleet_cmds import COLUMNS, learner_line, parse_counts, parse_shifts, register, render_table
+from fleet.cluster.config import FleetConfig
+from fleet.cluster.launcher import FleetError, checkpoint_meta
 
 
 def test_defaults_one_robot_per_embodiment():
@@ -87,8 +90,6 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_cli_refuses_bad_arguments_before_touching_ray():
-    import typer
-
     app = typer.Typer()
     register(app)
     runner = CliRunner()
@@ -101,8 +102,6 @@ def test_cli_refuses_bad_arguments_before_touching_ray():
 
 
 def test_adapt_config_reaches_the_learner_and_the_table_shows_it():
-    from fleet.cli.fleet_cmds import learner_line, render_table
-
     cfg = FleetConfig(adapt=True, adapt_every=20, learner={"adapt": {"steps": 80}})
     assert cfg.learner_config() == {"every": 20, "adapt": {"steps": 80}}
     assert cfg.cluster_cpus >= FleetConfig().cluster_cpus
@@ -121,10 +120,6 @@ def test_adapt_config_reaches_the_learner_and_the_table_shows_it():
 
 
 def test_the_live_table_fits_an_80_column_terminal():
-    from rich.console import Console
-
-    from fleet.cli.fleet_cmds import COLUMNS, render_table
-
     def row(name, state, error=None):
         return {"id": f"robot-{name}", "state": state, "control_hz": 20.0, "episodes": 1234, "success_rate": 1.0,
                 "recent_success_rate": 0.95, "interventions": 12345, "head_version": 12, "latency_p50_ms": 499.9,

@@ -1,5 +1,6 @@
 """FleetPolicy on a tiny config: shapes, cached decoding, flow sampling, overfitting, head-only training, collate."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from fleet.policy.backbone import PolicyConfig
 from fleet.policy.batch import collate
 from fleet.policy.model import FleetPolicy
 from fleet.policy.tokenizer import default_vocabulary
+from fleet.sim import make_env
 
 torch.set_num_threads(1)
 
@@ -132,10 +134,9 @@ def test_flow_samples_differ_across_noise_and_repeat_with_the_seed() -> None:
 
 
 def test_flow_execute_sample_executes_the_first_sample_for_the_named_embodiments_only() -> None:
-    from dataclasses import replace
-
     torch.manual_seed(0)
-    model = FleetPolicy(replace(TINY, flow_execute_sample=("leap",)), dict(EMBODIMENTS), default_vocabulary())
+    cfg = dataclasses.replace(TINY, flow_execute_sample=("leap",))
+    model = FleetPolicy(cfg, dict(EMBODIMENTS), default_vocabulary())
     batch = mixed_batch(model, ["leap", "aloha"])
     leap, aloha = model.predict(batch, n_samples=4, generator=torch.Generator().manual_seed(3))
     np.testing.assert_allclose(
@@ -147,7 +148,7 @@ def test_flow_execute_sample_executes_the_first_sample_for_the_named_embodiments
     )
     assert PolicyConfig.from_dict({**TINY.to_dict(), "flow_execute_sample": ["leap"]}).flow_execute_sample == ("leap",)
     with pytest.raises(ValueError, match="flow_execute_sample"):
-        replace(TINY, flow_execute_sample="leap")
+        dataclasses.replace(TINY, flow_execute_sample="leap")
 
 
 @pytest.mark.parametrize(("name", "steps", "lr"), [("franka", 300, 3e-3), ("aloha", 400, 1e-2)])
@@ -273,10 +274,6 @@ def test_collate_rejects_bad_actions_and_pads_fields() -> None:
 def test_focus_loss_trains_the_query_keypoint_onto_the_named_object() -> None:
     """The auxiliary focus loss moves the first query keypoint to the privileged object position (and only
     applies when the batch carries focus labels)."""
-    import dataclasses
-
-    from fleet.sim import make_env
-
     torch.manual_seed(0)
     cfg = dataclasses.replace(TINY, keypoints=2, aux_focus_weight=5.0)
     model = FleetPolicy(cfg, {"franka": EMBODIMENTS["franka"]}, default_vocabulary())

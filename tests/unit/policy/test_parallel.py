@@ -13,8 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fleet.policy import parallel  # noqa: E402
+from fleet.policy.checkpoint import load_checkpoint  # noqa: E402
 from fleet.policy.demos import DemoSet, collect  # noqa: E402
 from fleet.policy.train import PretrainConfig, default_workers, pretrain  # noqa: E402
+from tests.unit.policy.test_model import mixed_batch, tiny_model  # noqa: E402
 
 NAMES = ["franka", "hello", "franka", "hello"]  # token heads: a deterministic loss (no flow noise)
 KEYS = ("images", "proprio", "actions", "focus")
@@ -33,8 +35,6 @@ def _run_ranks(target, *args) -> None:
 
 
 def _grad_rank(rank: int, store: str, out: str) -> None:
-    from tests.unit.policy.test_model import mixed_batch, tiny_model
-
     torch.set_num_threads(1)
     parallel.init(rank, 2, store)
     try:
@@ -140,8 +140,6 @@ def keep_threads():
 def test_two_worker_pretrain_trains_on_the_same_data_as_one(tmp_path, keep_threads):
     """Same seed, no DAgger: both runs collect the same demonstrations (split over ranks or not); the
     two-worker run ends in sync (checked inside) and writes a loadable checkpoint."""
-    from fleet.policy.checkpoint import load_checkpoint
-
     base = dict(
         embodiments=("franka", "leap", "aloha"),
         steps=4,

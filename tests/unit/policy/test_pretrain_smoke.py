@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 torch = pytest.importorskip("torch")
 
 from fleet.cli import app  # noqa: E402
+from fleet.experiments import transfer  # noqa: E402
 from fleet.policy.checkpoint import load_checkpoint  # noqa: E402
 from fleet.policy.evaluate import evaluate  # noqa: E402
 from fleet.policy.train import PretrainConfig, chunk_policy, pretrain  # noqa: E402
@@ -74,8 +75,6 @@ def test_eval_cli_rejects_unknown_embodiment_and_missing_head(tiny_run):
 
 
 def test_transfer_experiment_json_shape(tmp_path, monkeypatch):
-    from fleet.experiments import transfer
-
     result = transfer.run_transfer_experiment(
         steps=2, episodes=2, demo_episodes=3, batch_size=8, out=tmp_path, log=lambda m: None
     )

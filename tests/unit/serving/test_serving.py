@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fleet.embodiments import EMBODIMENTS
-from fleet.policy.checkpoint import head_to_bytes
+from fleet.policy.checkpoint import head_to_bytes, save_checkpoint
 from fleet.policy.train import build_model
 from fleet.protocol import make_request
 from fleet.serving.config import ServeConfig
@@ -171,8 +171,6 @@ def test_set_head_waits_for_the_running_batch() -> None:
 
 
 def test_runtime_loads_a_checkpoint(tmp_path) -> None:
-    from fleet.policy.checkpoint import save_checkpoint
-
     save_checkpoint(tiny_model(0), tmp_path / "policy")
     runtime = PolicyRuntime(tmp_path / "policy", threads=1)
     assert runtime.head_versions() == dict.fromkeys(NAMES, 1)
@@ -204,7 +202,7 @@ def test_serve_config_defaults_and_validation() -> None:
 
 
 def test_replica_resources_reach_the_deployment_options() -> None:
-    from deployments.policy import policy_deployment
+    from deployments.policy import policy_deployment  # Ray (deployments import it): only these tests load it
 
     dep = policy_deployment({"replica_resources": {"policy": 1}, "replica_cpus": 2})
     opts = dep.ray_actor_options
@@ -225,7 +223,7 @@ class _BatchKnobs:
 
 
 def test_gather_waits_only_for_robots_that_are_active() -> None:
-    from deployments.policy import PolicyServer
+    from deployments.policy import PolicyServer  # Ray, as above
 
     server = object.__new__(PolicyServer.func_or_class)
     server.config = ServeConfig.from_dict({"gather_s": 0.004, "active_window_s": 0.2, "max_batch_size": 8})

@@ -3,6 +3,7 @@ the encoder cache's hits equal its misses, merged LoRA equals unmerged. Nothing 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -301,8 +302,6 @@ def test_runtime_encoder_cache_replies_equal_uncached(model) -> None:
 
 # ----- LoRA ----------------------------------------------------------------------------------------------
 def test_lora_merged_equals_unmerged_and_restores_the_head(model) -> None:
-    import copy
-
     work = copy.deepcopy(model)
     batch = mixed_batch(work)
     names = list(work.head("aloha").state_dict())
@@ -336,8 +335,6 @@ def test_lora_merged_equals_unmerged_and_restores_the_head(model) -> None:
 
 
 def test_lora_training_step_moves_only_the_adapters(model) -> None:
-    import copy
-
     work = copy.deepcopy(model).train()
     head = work.head("hello")
     frozen = {k: v.clone() for k, v in head.state_dict().items()}
