@@ -41,7 +41,7 @@ SETUP_HOOK = f"{__name__}.setup"
 
 def _hook_env_var() -> str:
     try:
-        from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
+        from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR  # Ray's private name, if there
 
         return WORKER_PROCESS_SETUP_HOOK_ENV_VAR
     except ImportError:  # the name in Ray 2.60

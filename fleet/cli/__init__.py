@@ -20,6 +20,10 @@ import typer
 
 from fleet.cli import adapt_cmds, fleet_cmds, infer_cmds
 from fleet.cli.options import CkptOpt, JsonOpt, OutOpt, emit_json, fail
+from fleet.embodiments import EMBODIMENTS
+from fleet.policy.openmp import set_omp_wait_policy
+from fleet.sim import parse_shift
+from fleet.sim.gallery import render_gallery
 
 app = typer.Typer(
     help="Multi-embodiment VLA fleet: simulate, train, evaluate, serve and adapt one policy across robot bodies.",
@@ -46,7 +50,6 @@ def render(
     shift: Annotated[str | None, typer.Option(help="Distribution shift(s), e.g. 'lighting+distractors'.")] = None,
 ) -> None:
     """Write a strip of frames from one expert episode of each simulated robot, so you can see the worlds."""
-    from fleet.sim.gallery import render_gallery
 
     try:
         paths = render_gallery(out, seed=seed, shift=shift)
@@ -98,6 +101,7 @@ def pretrain(
     in two data-parallel processes with `--eval-episodes 0`; the README lists other recipes, timed, and what
     each reaches).
     """
+    # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
     from fleet.policy.evaluate import evaluate
     from fleet.policy.train import PretrainConfig, chunk_policy, default_workers
     from fleet.policy.train import pretrain as run_pretrain
@@ -157,11 +161,10 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Closed-loop success of the policy on one embodiment, with chunk recycling and the safety layer."""
-    from fleet.embodiments import EMBODIMENTS
+    # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
     from fleet.policy.default import load_policy
     from fleet.policy.evaluate import evaluate
     from fleet.policy.train import chunk_policy
-    from fleet.sim import parse_shift
 
     if embodiment not in EMBODIMENTS:
         fail(f"--embodiment: unknown {embodiment!r}; known: {sorted(EMBODIMENTS)}")
@@ -191,6 +194,7 @@ def experiment_safety(
 ) -> None:
     """Safety-layer stress test: push random (some NaN, some huge) actions through every embodiment's safety
     layer; report the share modified per constraint and plot the clipping distribution."""
+    # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
     from fleet.experiments.safety import format_table, run_safety_experiment
 
     result = run_safety_experiment(n=n, seed=seed, out=out)
@@ -214,6 +218,7 @@ def experiment_transfer(
 ) -> None:
     """Train one backbone on hello (3-DOF) + franka (7-DOF) with embodiment tokens, and each alone, at equal
     steps; report closed-loop success for each and plot it. Does cross-robot training help?"""
+    # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
     from fleet.experiments.transfer import format_table, run_transfer_experiment
 
     log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
@@ -245,6 +250,7 @@ def export_corrections_cmd(
 
     Example: fleet export-corrections runs/dataset --log-dir runs/fleet/corrections --embodiment franka
     """
+    # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
     from fleet.data.export import export_corrections
 
     if not log_dir.is_dir():
@@ -292,6 +298,7 @@ def bench_serve(
 ) -> None:
     """Serving throughput and latency at several fleet sizes, next to the raw in-process batched forward at
     the same batch sizes (ratio = served / raw), measured side by side in one run."""
+    # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
     from fleet.bench.serve import ROUTES, format_table, run_serve_bench, write_plot
 
     routes = tuple(r.strip() for r in route.split(",") if r.strip())
@@ -332,7 +339,6 @@ adapt_cmds.register(experiment_app)
 
 def main() -> None:
     """The `fleet` console script: set how OpenMP waits (before any command imports torch), then run."""
-    from fleet.policy.openmp import set_omp_wait_policy
 
     set_omp_wait_policy(sys.argv)
     app()

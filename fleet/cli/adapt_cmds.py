@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from fleet.cli.options import CkptOpt, JsonOpt, emit_json, fail
+from fleet.embodiments import EMBODIMENTS
+from fleet.sim import parse_shift
 
 
 def experiment_adapt(
@@ -46,9 +48,8 @@ def experiment_adapt(
         fleet experiment adapt --shift actuator_bias --out runs/adapt_bias
         fleet experiment adapt --shift novel_object --episodes 20 --points 20,50 --json
     """
-    from fleet.embodiments import EMBODIMENTS
+    # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
     from fleet.experiments.adapt import format_table, run_adapt_experiment
-    from fleet.sim import parse_shift
 
     if embodiment not in EMBODIMENTS:
         fail(f"--embodiment: unknown {embodiment!r}; known: {sorted(EMBODIMENTS)}")

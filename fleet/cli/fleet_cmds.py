@@ -11,16 +11,24 @@ fleet down
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from fleet.cli.options import JsonOpt, emit_json, fail
+from fleet.cluster.config import FleetConfig
+from fleet.cluster.launcher import FleetError, down, scale, status, up
 from fleet.embodiments import EMBODIMENTS
 from fleet.names import NAMESPACE, ROBOT_PREFIX
+from fleet.sim import parse_shift
 
 AddressOpt = Annotated[
     str | None,
@@ -59,7 +67,6 @@ def parse_counts(items: list[str] | str, option: str = "--robots") -> dict[str, 
 
 def parse_shifts(items: list[str]) -> dict[str, str]:
     """['franka:actuator_bias', 'hello:lighting+distractors'] -> {embodiment: shift}."""
-    from fleet.sim import parse_shift
 
     out: dict[str, str] = {}
     for item in items:
@@ -78,9 +85,7 @@ def parse_shifts(items: list[str]) -> dict[str, str]:
 
 def _quiet_serve() -> None:
     """Serve logs every deployment step at INFO; the table and our own lines say what matters."""
-    import logging
-
-    import ray.serve  # noqa: F401 - importing it installs its logger, which we then turn down
+    import ray.serve  # noqa: F401 - Ray lazily; importing Serve installs its logger, which we then turn down
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
@@ -105,9 +110,6 @@ def _short_id(robot_id: str) -> str:
 def render_table(status: dict, title: str = "fleet", width: int = 80):
     """A rich Table of one `fleet.cluster.launcher.status()` result that fits `width` columns: no vertical rules,
     robot ids without their "robot-" prefix, errors on their own lines under the table."""
-    from rich import box
-    from rich.table import Table
-
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, min_width=width)
     table.padding = (0, 1, 0, 0)  # one space right of a cell, one for the (invisible) rule: two between columns
     for header, justify in COLUMNS:
@@ -210,8 +212,6 @@ def up_cmd(
         fleet up --shift franka:actuator_bias --adapt     # head versions go up as the learner adapts
         fleet up --config fleet.yaml --detach
     """
-    from fleet.cluster.config import FleetConfig
-    from fleet.cluster.launcher import FleetError, down, status, up
 
     try:
         cfg = FleetConfig.from_file(config) if config else FleetConfig()
@@ -269,10 +269,6 @@ def up_cmd(
 
 def _watch(get_status, duration: float | None) -> dict:
     """Refresh a live table ~2x per second until `duration` passes (forever when None)."""
-    from rich.console import Console
-    from rich.live import Live
-
-    from fleet.cluster.launcher import FleetError
 
     start = time.monotonic()
     last: dict = {}
@@ -304,7 +300,6 @@ def scale_cmd(
         fleet scale franka=8
         fleet scale franka=8 leap=0 --json
     """
-    from fleet.cluster.launcher import FleetError, scale
 
     try:
         wanted = parse_counts(counts, option="scale")
@@ -328,7 +323,6 @@ def status_cmd(address: AddressOpt = None, namespace: NamespaceOpt = NAMESPACE, 
         fleet status --json | jq '.robots[] | {id, success_rate}'
         fleet status --address 10.0.0.5:6379
     """
-    from fleet.cluster.launcher import FleetError, status
 
     try:
         out = status(address=address, namespace=namespace)
@@ -337,8 +331,6 @@ def status_cmd(address: AddressOpt = None, namespace: NamespaceOpt = NAMESPACE, 
     if json_out:
         emit_json(out)
         return
-    from rich.console import Console
-
     Console().print(render_table(out))
 
 
@@ -354,7 +346,6 @@ def down_cmd(
         fleet down
         fleet down --address auto --keep-cluster
     """
-    from fleet.cluster.launcher import FleetError, down
 
     _quiet_serve()
     try:

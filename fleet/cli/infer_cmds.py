@@ -46,6 +46,7 @@ def _emit(result: dict, json_out: bool, out: Path | None, table: str, stem: str)
 
 def _run(techniques: tuple[str, ...], checkpoint, batch: str, episodes, embodiments, repeats, threads, random_init):
     """run_infer_bench with the CLI's parsing and error handling."""
+    # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
     from fleet.bench.infer import run_infer_bench
 
     try:
@@ -84,6 +85,7 @@ def register(bench_app: typer.Typer, experiment_app: typer.Typer) -> None:
         KV cache, vision-encoder cache, chunk recycling and LoRA merge, each at batch 1 and a fleet-sized batch,
         with its speedup, max action difference (share of range) and closed-loop success change; writes the
         accuracy-vs-speed plot to --out."""
+        # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
         from fleet.bench.infer import TECHNIQUES, format_table, write_plot
 
         chosen = tuple(_names(techniques) or TECHNIQUES)
@@ -110,6 +112,7 @@ def register(bench_app: typer.Typer, experiment_app: typer.Typer) -> None:
     ) -> None:
         """The notes' exercise: latency of fp32, bf16 and int8 (and ONNX Runtime fp32 / int8) against their
         accuracy (max action difference, closed-loop success per embodiment); plots accuracy vs speed."""
+        # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
         from fleet.bench.infer import PRECISION_TECHNIQUES, format_table, write_plot
 
         result = _run(PRECISION_TECHNIQUES, checkpoint, batch, episodes, embodiments, repeats, threads, random_init)

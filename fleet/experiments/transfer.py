@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 PAIR = ("hello", "franka")
 
 
@@ -26,6 +28,7 @@ def run_transfer_experiment(
     threads: int = 2,
 ) -> dict:
     """Returns {"steps", "joint": {"hello": s, "franka": s}, "alone": {"hello": s, "franka": s}, ...}."""
+    # torch: only when the experiment runs, so `fleet --help` does not load it
     from fleet.policy.evaluate import evaluate
     from fleet.policy.train import PretrainConfig, chunk_policy, pretrain
 
@@ -79,11 +82,10 @@ def format_table(result: dict) -> str:
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # matplotlib only when a plot is asked for
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     x = np.arange(len(PAIR))
     fig, ax = plt.subplots(figsize=(5.5, 3.6))

@@ -24,7 +24,7 @@ def resolve_checkpoint(path: str | Path | None = None) -> Path:
 
 def load_policy(path: str | Path | None = None):
     """(model, meta) from a checkpoint path or the shipped default; the model is in eval mode."""
-    from fleet.policy.checkpoint import load_checkpoint
+    from fleet.policy.checkpoint import load_checkpoint  # torch: the launcher reads this module's paths without it
 
     model, meta = load_checkpoint(resolve_checkpoint(path))
     model.eval()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fleet.control import ActionBuffer, SafetyLayer
 from fleet.embodiments import get_embodiment
 from fleet.sim import make_env
 
@@ -57,8 +58,6 @@ def evaluate(
     The robot executes each chunk's first `recompute_every` actions (default: the spec's), then asks
     again; every action goes through a `SafetyLayer`, as on a real robot.
     """
-    from fleet.control import ActionBuffer, SafetyLayer
-
     spec = get_embodiment(name)
     every = recompute_every or spec.recompute_every
     successes: list[bool] = []

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from fleet.embodiments import EMBODIMENTS
+
 PAD = "[PAD]"
 UNK = "[UNK]"
 _WORD = re.compile(r"[a-z]+")
@@ -68,8 +70,6 @@ class Vocabulary:
         Each entry of `words` is tokenized, so "pick up" adds two words and punctuation is dropped.
         """
         if embodiments is None:
-            from fleet.embodiments import EMBODIMENTS
-
             embodiments = list(EMBODIMENTS)
         out = [PAD, UNK] + [f"[EMB_{name.upper()}]" for name in embodiments]
         seen = set(out)

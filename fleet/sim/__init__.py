@@ -26,6 +26,7 @@ def _builtin() -> None:
     if _LOADED:
         return
     _LOADED = True
+    # the bodies import fleet.sim.base, and so this package: loading them on first use breaks the circle
     from fleet.sim.aloha import AlohaEnv
     from fleet.sim.franka import FrankaEnv
     from fleet.sim.hello import HelloEnv

@@ -24,12 +24,12 @@ def expert_frames(name: str, seed: int = 0, shift=None, n_frames: int = 5) -> tu
 
 def render_gallery(out_dir: Path, names: list[str] | None = None, seed: int = 0, shift=None) -> list[Path]:
     """Write `<out_dir>/<embodiment>.png` per embodiment (plus `all.png`) and return the paths."""
-    import matplotlib
+    import matplotlib  # matplotlib only when pictures are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fleet.sim import env_names
+    from fleet.sim import env_names  # fleet.sim imports this module's package: at call time, no circle
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
