@@ -7,12 +7,10 @@ which makes compaction (write the merged part, then delete the old ones) safe to
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import pyarrow.parquet as pq
 
 from fleet.data.arrow import CORRECTION_SCHEMA, corrections_to_table, table_to_corrections
 from fleet.data.correction import Correction
+from fleet.durable import durable_temp, fsync_dir, publish
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +42,6 @@ class LogPart:
     # last batch sequence number it holds (== start for a single batch)
     path: Path
     # where it lies
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CorrectionLog:
@@ -105,11 +96,9 @@ class CorrectionLog:
 
     # ---- writing ------------------------------------------------------------------------------
     def _write_temp(self, table: pa.Table) -> Path:
-        tmp = self.directory / f"{TEMP_PREFIX}{uuid.uuid4().hex}.parquet"
-        with open(tmp, "xb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        tmp = durable_temp(self.directory, sink.getvalue().to_pybytes(), prefix=TEMP_PREFIX, suffix=".parquet")
         if self.publish_delay_s:
             time.sleep(self.publish_delay_s)
         return tmp
@@ -123,23 +112,13 @@ class CorrectionLog:
             while True:
                 final = self.directory / f"part-{self._next_seq:08d}.parquet"
                 try:
-                    os.link(tmp, final)  # atomic like rename, but never replaces an existing part
+                    publish(tmp, final, replace=False)  # never replaces an existing part
                     break
                 except FileExistsError:
                     # another writer took this number: skip past everything published so far
                     self._next_seq = max([self._next_seq, *(p.end for p in self.parts())]) + 1
-                except OSError as exc:
-                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                        raise
-                    # a filesystem without hard links: a plain atomic rename
-                    if final.exists():
-                        self._next_seq += 1
-                        continue
-                    os.replace(tmp, final)
-                    break
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.directory)
         self._next_seq += 1
         return final
 
@@ -201,11 +180,10 @@ class CorrectionLog:
                 merged.append(table if len(keep) == table.num_rows else table.take(pa.array(keep, pa.int64())))
             final = self.directory / f"part-{run[0].start:08d}-{max(p.end for p in run):08d}.parquet"
             tmp = self._write_temp(pa.concat_tables(merged))
-            os.replace(tmp, final)  # may replace an earlier merge of the same run: a subset of this one
-            _fsync_dir(self.directory)
+            publish(tmp, final)  # may replace an earlier merge of the same run: a subset of this one
             for part in run:
                 if part.path != final:
                     part.path.unlink(missing_ok=True)
                     removed += 1
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return removed

@@ -49,3 +49,18 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path, m
 def test_the_directory_must_exist(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         write_text_atomic(tmp_path / "missing" / "f.txt", "x")
+
+
+def test_publish_without_replace_never_clobbers_and_keeps_the_temp_for_another_try(tmp_path):
+    from fleet.durable import durable_temp, publish
+
+    first = durable_temp(tmp_path, b"one", prefix=".tmp-", suffix=".parquet")
+    assert first.name.startswith(".tmp-") and first.read_bytes() == b"one"
+    publish(first, tmp_path / "part-1", replace=False)
+    assert (tmp_path / "part-1").read_bytes() == b"one" and not first.exists()
+    second = durable_temp(tmp_path, b"two")
+    with pytest.raises(FileExistsError):
+        publish(second, tmp_path / "part-1", replace=False)
+    assert (tmp_path / "part-1").read_bytes() == b"one" and second.read_bytes() == b"two"
+    publish(second, tmp_path / "part-1")  # replace=True: the rename wins
+    assert (tmp_path / "part-1").read_bytes() == b"two" and sorted(p.name for p in tmp_path.iterdir()) == ["part-1"]
