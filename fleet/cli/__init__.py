@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from fleet.cli import adapt_cmds, fleet_cmds, infer_cmds
-from fleet.cli.options import CkptOpt, JsonOpt, OutOpt, emit_json, fail
+from fleet.cli.options import CkptOpt, JsonOpt, OutOpt, emit_json, fail, show
 from fleet.embodiments import EMBODIMENTS
 from fleet.policy.openmp import set_omp_wait_policy
 from fleet.sim import parse_shift
@@ -198,12 +198,7 @@ def experiment_safety(
     from fleet.experiments.safety import format_table, run_safety_experiment
 
     result = run_safety_experiment(n=n, seed=seed, out=out)
-    if json_out:
-        emit_json(result)
-        return
-    typer.echo(format_table(result))
-    if out is not None:
-        typer.echo(f"wrote {out / 'safety_clipping.png'} and {out / 'safety_table.md'}")
+    show(result, json_out, format_table, out and [out / "safety_clipping.png", out / "safety_table.md"])
 
 
 @experiment_app.command("transfer")
@@ -225,12 +220,7 @@ def experiment_transfer(
     result = run_transfer_experiment(
         steps=steps, episodes=episodes, demo_episodes=demo_episodes, seed=seed, out=out, log=log, threads=threads
     )
-    if json_out:
-        emit_json(result)
-        return
-    typer.echo(format_table(result))
-    if out is not None:
-        typer.echo(f"wrote {out / 'transfer.png'}")
+    show(result, json_out, format_table, out and [out / "transfer.png"])
 
 
 @app.command("export-corrections")
@@ -324,10 +314,7 @@ def bench_serve(
         )
     if out is not None:
         write_plot(result, out)
-    if json_out:
-        emit_json(result)
-        return
-    typer.echo(format_table(result))
+    show(result, json_out, format_table)
 
 
 # up / scale / status / down; bench infer and experiment quantize; experiment adapt (after the commands above,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fleet.cli.options import CkptOpt, JsonOpt, emit_json, fail
+from fleet.cli.options import CkptOpt, JsonOpt, fail, show
 from fleet.embodiments import EMBODIMENTS
 from fleet.sim import parse_shift
 
@@ -82,12 +82,7 @@ def experiment_adapt(
         )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
-    if json_out:
-        emit_json(result)
-        return
-    typer.echo(format_table(result))
-    if out is not None:
-        typer.echo(f"wrote {out / 'adapt.png'} and {out / 'adapt.json'}")
+    show(result, json_out, format_table, out and [out / "adapt.png", out / "adapt.json"])
 
 
 def register(experiment_app: typer.Typer) -> None:

@@ -34,3 +34,13 @@ def emit_json(obj: dict) -> None:
     """One JSON object on one stdout line (what --json prints); values JSON cannot hold are written as str."""
     sys.stdout.write(json.dumps(obj, default=str) + "\n")
     sys.stdout.flush()
+
+
+def show(result: dict, json_out: bool, format_table, wrote: list | None = None) -> None:
+    """A command's result: one JSON object with --json, else its table and the files it wrote."""
+    if json_out:
+        emit_json(result)
+        return
+    typer.echo(format_table(result))
+    if wrote:
+        typer.echo("wrote " + " and ".join(str(w) for w in wrote))

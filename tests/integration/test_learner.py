@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 from fleet.cluster.config import FleetConfig  # noqa: E402
 from fleet.cluster.launcher import down, status, up  # noqa: E402  (Ray loaded lazily there)
-from fleet.data import Correction  # noqa: E402
+from fleet.data.correction import Correction  # noqa: E402
 from fleet.policy.checkpoint import head_from_bytes, save_checkpoint  # noqa: E402
 from fleet.policy.demos import collect  # noqa: E402
 from fleet.policy.train import build_model  # noqa: E402

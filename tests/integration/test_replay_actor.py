@@ -8,7 +8,8 @@ import uuid
 import numpy as np
 import pytest
 
-from fleet.data import CorrectionLog, random_correction, validate_correction
+from fleet.data.correction import random_correction, validate_correction
+from fleet.data.log import CorrectionLog
 
 pytestmark = pytest.mark.ray
 

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 from typer.testing import CliRunner
 
 from fleet.cli import app
-from fleet.data import CorrectionLog, random_correction
+from fleet.data.correction import random_correction
+from fleet.data.log import CorrectionLog
 
 
 def test_export_corrections_command(tmp_path):

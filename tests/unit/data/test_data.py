@@ -16,20 +16,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import fleet.data.buffer
-from fleet.data import (
-    CORRECTION_SCHEMA,
-    Correction,
-    CorrectionBuffer,
-    CorrectionError,
-    CorrectionLog,
-    ReplayStore,
-    corrections_to_table,
-    from_row,
-    random_correction,
-    table_to_corrections,
-    to_row,
-    validate_correction,
-)
+from fleet.data.arrow import CORRECTION_SCHEMA, corrections_to_table, from_row, table_to_corrections, to_row
+from fleet.data.buffer import CorrectionBuffer
+from fleet.data.correction import Correction, CorrectionError, random_correction, validate_correction
+from fleet.data.log import CorrectionLog
+from fleet.data.store import ReplayStore
 from fleet.embodiments import EMBODIMENTS
 
 NAMES = ("franka", "aloha", "hello", "leap")

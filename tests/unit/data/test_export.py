@@ -9,8 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from fleet.data import CorrectionLog, ReplayStore, random_correction, validate_correction
+from fleet.data.correction import random_correction, validate_correction
 from fleet.data.export import FRAME_SCHEMA, encode_png, export_corrections
+from fleet.data.log import CorrectionLog
+from fleet.data.store import ReplayStore
 from fleet.embodiments import EMBODIMENTS
 
 COLUMNS = [

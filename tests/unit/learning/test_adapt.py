@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 torch = pytest.importorskip("torch")
 
 from fleet.cli import app  # noqa: E402
-from fleet.data import Correction, ReplayStore  # noqa: E402
+from fleet.data.correction import Correction  # noqa: E402
+from fleet.data.store import ReplayStore  # noqa: E402
 from fleet.embodiments import EMBODIMENTS  # noqa: E402
 from fleet.learning.candidate_gate import head_loss  # noqa: E402
 from fleet.learning.head_adapter import HeadAdapter  # noqa: E402

@@ -13,23 +13,12 @@ from fleet.policy.batch import collate
 from fleet.policy.model import FleetPolicy
 from fleet.policy.tokenizer import default_vocabulary
 from fleet.sim import make_env
+from tests.mocks.tiny_policy import TINY as SHARED_TINY
 
 torch.set_num_threads(1)
 
-TINY = PolicyConfig(
-    d_model=32,
-    n_layers=1,
-    n_heads=2,
-    mlp_ratio=2,
-    patch_size=16,
-    max_instr_len=8,
-    n_bins=16,
-    head_layers=2,
-    head_heads=2,
-    head_mlp_ratio=2,
-    n_euler=4,
-    flow_train_noise=16,
-)
+# the shared tiny configuration with a deeper head and more flow steps: enough capacity to overfit a batch
+TINY = dataclasses.replace(SHARED_TINY, head_layers=2, n_euler=4, flow_train_noise=16)
 INSTRUCTIONS = {
     "franka": "pick up the red cube",
     "aloha": "lift the blue bar with both arms",
