@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from fleet.durable import write_text_atomic
+from fleet.validate import is_int
 
 TEMP_PREFIX = "fleet-ray-"
 TOKEN_NAME = "auth_token"
@@ -63,7 +64,8 @@ def ensure_token() -> str | None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        write_text_atomic(path, secrets.token_hex(32), mode=0o600)  # 256 bits, as `ray get-auth-token --generate` makes
+        # 256 bits, as `ray get-auth-token --generate` makes; owner-only from the first byte
+        write_text_atomic(path, secrets.token_hex(32), mode=0o600)
         return str(path)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise LocalHeadError(
@@ -103,7 +105,7 @@ def _is_our_head(pid: int, temp_dir: str) -> bool:
 
 
 def _valid_pid(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 1
+    return is_int(value) and value > 1
 
 
 def read_state() -> dict | None:
