@@ -1,4 +1,4 @@
-"""The replay actor: `fleet.data.ReplayStore` on Ray, restarted by Ray and reloaded from its log.
+"""The replay actor: `fleet.data.store.ReplayStore` on Ray, restarted by Ray and reloaded from its log.
 
     from actors.replay import start_replay_actor
     replay = start_replay_actor("runs/replay-log")
