@@ -189,7 +189,13 @@ def up_cmd(
     ] = None,
     checkpoint: Annotated[str | None, typer.Option("--checkpoint", help="Policy checkpoint.")] = None,
     replicas: Annotated[int | None, typer.Option("--replicas", min=1, help="Policy server replicas.")] = None,
-    namespace: Annotated[str | None, typer.Option("--namespace", help="Ray namespace of the fleet.")] = None,
+    namespace: Annotated[
+        str | None,
+        typer.Option(
+            "--namespace",
+            help="Ray namespace of the fleet; another name runs a second fleet (its own app and runs/NAME log).",
+        ),
+    ] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Leave the fleet running and return.")] = False,
     adapt: Annotated[
         bool, typer.Option("--adapt", help="Run the learner: adapt heads from corrections, publish, roll back.")
@@ -226,6 +232,12 @@ def up_cmd(
         for key, value in (("replicas", replicas), ("namespace", namespace)):
             if value is not None:
                 changes[key] = value
+        if namespace is not None and namespace != NAMESPACE:  # a second fleet: its own Serve app and log
+            defaults = FleetConfig()
+            if cfg.app_name == defaults.app_name:
+                changes["app_name"] = f"{defaults.app_name}-{namespace}"
+            if cfg.log_dir == defaults.log_dir:
+                changes["log_dir"] = f"runs/{namespace}"
         if detach:
             changes["detach"] = True
         if adapt:
@@ -355,6 +367,8 @@ def down_cmd(
     typer.echo(f"stopped {len(out['robots'])} robots, removed {len(out['actors'])} actors, app {out['app']}")
     if out["cluster_stopped"]:
         typer.echo("stopped the local Ray")
+    elif out.get("cluster_kept_for"):
+        typer.echo(f"left the local Ray up: fleets still run in namespaces {out['cluster_kept_for']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -61,18 +61,22 @@ class FleetError(RuntimeError):
 # ---- finding and starting Ray --------------------------------------------------------------------
 def connect(address: str | None = None, namespace: str = NAMESPACE, num_cpus: int | None = None,
             object_store_mb: int = 256) -> str:  # fmt: skip
-    """Join Ray and return its GCS address. Already connected: that Ray. address None: start a private
-    local head sized `num_cpus` (see the module docstring); "auto", "host:port" or "ray://...": join it."""
+    """Join Ray and return its GCS address. Already connected: that Ray. address None: the private local
+    head `fleet up` started, or a new one sized `num_cpus` (see the module docstring); "auto", "host:port"
+    or "ray://...": join it."""
     import ray  # lazily: fleet/cluster loads Ray only when an operation needs it (DESIGN)
 
     global _STARTED_HEAD
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     try:
-        if address is None:
+        state = read_state()
+        if address is None and state:
+            address = state["address"]  # a private head runs already (another `fleet up`): join it
+        elif address is None:
             _STARTED_HEAD = start_local_head(num_cpus or os.cpu_count() or 1, object_store_mb)
             address = _STARTED_HEAD["address"]
-        state = read_state()
+            state = read_state()
     except LocalHeadError as exc:
         raise FleetError(str(exc)) from None
     if state and state["address"] == address:
@@ -186,13 +190,18 @@ def _up(config: FleetConfig, address: str, checkpoint: str, meta: dict) -> dict:
     ns = config.namespace
     if _controller(ns) is not None:
         raise FleetError(f"a fleet is already running in namespace {ns!r}; use `fleet scale` or `fleet down`")
+    start_serve(port=None)
+    if config.app_name in serve.status().applications:  # Serve app names are global, not per namespace
+        raise FleetError(
+            f"the Serve app {config.app_name!r} already serves another fleet on this Ray; give this fleet its own "
+            "(`fleet up --namespace NAME` names it fleet-policy-NAME)"
+        )
     log_dir = Path(config.log_dir).resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     _KEEP[f"{ns}/{HEADS}"] = get_head_registry(HEADS, ns, log_dir / "heads", detached=config.detach)
     _KEEP[f"{ns}/{REPLAY}"] = start_replay_actor(
         log_dir / "corrections", name=REPLAY, namespace=ns, detached=config.detach
     )
-    start_serve(port=None)
     server = {"checkpoint": checkpoint, "num_replicas": config.replicas, "replica_cpus": config.replica_cpus}
     server |= {"registry": HEADS, "registry_namespace": ns} | config.server
     serve.run(build_app(server), name=config.app_name, route_prefix=None)
@@ -296,8 +305,16 @@ def down(address: str | None = None, namespace: str = NAMESPACE, stop_cluster: b
     try:
         state = read_state()
         if stop_cluster and state and state["address"] == ray.get_runtime_context().gcs_address:
-            ray.shutdown()
-            out["cluster_stopped"] = stop_local_head(state)
+            others = sorted(
+                e["namespace"]
+                for e in ray.util.list_named_actors(all_namespaces=True)
+                if e["name"] == CONTROLLER and e["namespace"] != namespace  # ours may linger: kill is async
+            )
+            if others:  # another fleet (another `fleet up --namespace`) runs on this head: leave it up
+                out["cluster_kept_for"] = others
+            else:
+                ray.shutdown()
+                out["cluster_stopped"] = stop_local_head(state)
     except LocalHeadError as exc:
         raise FleetError(str(exc)) from None
     return out

@@ -89,6 +89,11 @@ def test_fleet_up_status_scale_down_in_an_empty_home(tmp_path):
         assert stat.S_IMODE(Path(head["private_dir"]).stat().st_mode) == 0o700
         assert head["auth_mode"] == "token" and not (home / ".ray").exists()  # our token, not Ray's default
 
+        # a second `fleet up` in another shell joins the running head and refuses, leaving the first alone
+        again = subprocess.run(cli + up_args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        assert again.returncode == 2 and "a fleet is already running in namespace 'fleet'" in again.stderr
+        assert json.loads(state_path.read_text())["pid"] == head["pid"] and up.poll() is None
+
         scaled = json.loads(run("scale", "franka=2", "hello=0", "--json").stdout)
         assert scaled["added"] == ["robot-franka-1"] and scaled["removed"][0]["id"] == "robot-hello-0"
         down = run("down")
