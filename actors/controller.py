@@ -95,8 +95,9 @@ class _FleetController:
         replay = {"name": REPLAY, "namespace": cfg["namespace"]}
         # with a learner, every finished episode's outcome (and the head version it ran) goes to it
         outcomes = {"name": LEARNER, "namespace": cfg["namespace"]} if cfg.get("adapt") else None
+        state_dir = str(Path(cfg["log_dir"]) / "robots")  # e-stop latches, kept across robot restarts
         self.robots[name] = RobotActor.options(**self._robot_options(name)).remote(
-            robot_config, policy, replay, self.feature_stats.get(embodiment), outcomes=outcomes
+            robot_config, policy, replay, self.feature_stats.get(embodiment), outcomes=outcomes, state_dir=state_dir
         )
         return name
 
@@ -153,6 +154,13 @@ class _FleetController:
             self.desired |= dict(counts)
             self._save_desired()
             return await self._reconcile()
+
+    async def reset_estop(self, robot_id: str) -> dict:
+        """An operator's reset of one robot's latched force e-stop; ValueError naming the robots for an unknown id."""
+        handle = self.robots.get(robot_id)
+        if handle is None:
+            raise ValueError(f"robot: expected one of {sorted(self.robots)}, got {robot_id!r}")
+        return await _get(handle.reset_estop.remote(), 30.0)
 
     def config(self) -> dict:
         return dict(self.cfg) | {"desired": dict(self.desired)}

@@ -27,11 +27,14 @@ How it reaches the policy (`policy["route"]`; the clients and sinks are in actor
 Neither blocks the control loop. Safety never depends on the server: a slow, hung or dead policy makes
 the robot hold (RobotLoop + SafetyLayer stale-action rule), and report() says so in state/last_error.
 Ray restarts a dead robot forever (max_restarts=-1); the new incarnation starts a fresh episode with a
-fresh safety layer (e-stop clear) and its first command is the hold.
+fresh safety layer and its first command is the hold. A force e-stop stays latched until an operator resets
+it (`reset_estop`, `fleet estop reset ROBOT`), across restarts too: with `state_dir` the actor writes the
+latch to `<state_dir>/<robot id>.estop.json` whenever it changes and restores it on start.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -39,12 +42,14 @@ import threading
 import time
 import warnings
 from collections import deque
+from pathlib import Path
 
 import ray
 from ray.util import metrics as ray_metrics
 
 from actors.lean import ROBOT_RUNTIME_ENV
 from actors.robot_io import GATEWAY_PREFIX, MemorySink, ReplaySink, make_client
+from fleet.durable import write_text_atomic
 from fleet.names import NAMESPACE
 from fleet.protocol import EpisodeOutcome
 from fleet.robot import RobotConfig, RobotLoop
@@ -181,7 +186,7 @@ class OutcomeSink:
 
 # ---- the actor -----------------------------------------------------------------------------------
 class _RobotActor:
-    """One simulated robot. Methods: report, ping, stop, reset_degradation, take_corrections."""
+    """One simulated robot. Methods: report, ping, stop, reset_estop, reset_degradation, take_corrections."""
 
     def __init__(
         self,
@@ -192,12 +197,16 @@ class _RobotActor:
         metrics: bool = True,
         autostart: bool = True,
         outcomes: dict | None = None,
+        state_dir: str | None = None,
     ) -> None:
         self.config = RobotConfig(**config)
         self.sink = ReplaySink(replay["name"], replay.get("namespace", NAMESPACE)) if replay else MemorySink()
         self.outcome_sink = OutcomeSink(outcomes["name"], outcomes.get("namespace", NAMESPACE)) if outcomes else None
         self.client = make_client(policy, self.config.robot_id)
         self.loop = RobotLoop(self.config, self.client, self.sink, feature_stats)
+        # a latched force e-stop outlives the actor: written on every latch change, restored on start
+        self._estop_file = Path(state_dir) / f"{self.config.robot_id}.estop.json" if state_dir else None
+        self._estop_saved = self._restore_estop()
         self.metrics = RobotMetrics(self.config.robot_id, self.config.embodiment) if metrics else None
         ctx = ray.get_runtime_context()
         with warnings.catch_warnings():  # Ray's own implementation uses its deprecated actor_id property
@@ -242,6 +251,8 @@ class _RobotActor:
             try:
                 with self._lock:
                     done = self.loop.tick().episode_done
+                    if self.loop.safety.estopped != self._estop_saved:
+                        self._save_estop()
                     self.sink.pump()
                     if self.outcome_sink is not None:
                         if done:
@@ -327,6 +338,37 @@ class _RobotActor:
         out = self.report()
         out["corrections_delivered"] = delivered
         return out
+
+    # ---- the e-stop latch -------------------------------------------------------------------------
+    def _restore_estop(self) -> bool:
+        if self._estop_file is None:
+            return False
+        try:
+            latched = json.loads(self._estop_file.read_text()).get("latched") is True
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, AttributeError):
+            latched = True  # an unreadable record may hide a latch: stay stopped until an operator resets
+        if latched:
+            self.loop.safety.latch_estop()
+        return latched
+
+    def _save_estop(self) -> None:
+        latched = self.loop.safety.estopped
+        if self._estop_file is not None:
+            self._estop_file.parent.mkdir(parents=True, exist_ok=True)
+            record = {"robot_id": self.config.robot_id, "latched": latched, "t": time.time()}
+            write_text_atomic(self._estop_file, json.dumps(record))
+        self._estop_saved = latched
+
+    def reset_estop(self) -> dict:
+        """An operator's reset of a latched force e-stop (`fleet estop reset ROBOT`): the robot may move again
+        from the next tick, through the safety layer as always. Returns {"robot", "was_latched"}."""
+        with self._lock:
+            was = self.loop.reset_estop()
+            self._save_estop()
+            self._refresh()
+        return {"robot": self.config.robot_id, "was_latched": was}
 
     def reset_degradation(self) -> str:
         """An operator's reset: leaves ESCALATED (or any state) for NORMAL."""

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from fleet.cli.options import JsonOpt, emit_json, fail
 from fleet.cluster.config import FleetConfig
-from fleet.cluster.launcher import FleetError, down, scale, status, up
+from fleet.cluster.launcher import FleetError, down, reset_estop, scale, status, up
 from fleet.embodiments import EMBODIMENTS
 from fleet.names import NAMESPACE, ROBOT_PREFIX
 from fleet.sim import parse_shift
@@ -99,7 +99,14 @@ COLUMNS = (
     ("robot", "left"), ("state", "left"), ("Hz", "right"), ("eps", "right"), ("succ", "right"),
     ("recent", "right"), ("interv", "right"), ("head", "right"), ("p50 ms", "right"), ("p99 ms", "right"),
 )  # fmt: skip
-STATE_COLORS = {"normal": "green", "holding": "red", "escalated": "red", "paused": "yellow", "human": "cyan"}
+STATE_COLORS = {
+    "normal": "green",
+    "estop": "bold red",
+    "holding": "red",
+    "escalated": "red",
+    "paused": "yellow",
+    "human": "cyan",
+}
 LEGEND = "succ: all episodes, recent: last 100; interv: corrections; ms: policy latency"
 
 
@@ -371,9 +378,34 @@ def down_cmd(
         typer.echo(f"left the local Ray up: fleets still run in namespaces {out['cluster_kept_for']}")
 
 
+estop_app = typer.Typer(help="The robots' force e-stop: it latches until an operator resets it here.")
+
+
+@estop_app.command("reset")
+def estop_reset_cmd(
+    robot: Annotated[str, typer.Argument(help="The robot's id as `fleet status` shows it, e.g. franka-0.")],
+    address: AddressOpt = None,
+    namespace: NamespaceOpt = NAMESPACE,
+) -> None:
+    """Reset a robot's latched force e-stop: an operator's decision, after checking the robot is clear.
+    The robot moves again from its next tick, through the safety layer as always.
+
+    Examples:
+        fleet estop reset franka-0
+        fleet estop reset robot-leap-1 --namespace second
+    """
+    robot_id = robot if robot.startswith(ROBOT_PREFIX) else ROBOT_PREFIX + robot
+    try:
+        out = reset_estop(robot_id, address=address, namespace=namespace)
+    except FleetError as exc:
+        fail(str(exc))
+    typer.echo(f"{out['robot']}: e-stop reset" if out["was_latched"] else f"{out['robot']}: the e-stop was not latched")
+
+
 def register(app: typer.Typer) -> None:
-    """Add up, scale, status and down to the `fleet` command."""
+    """Add up, scale, status, down and estop to the `fleet` command."""
     app.command("up")(up_cmd)
     app.command("scale")(scale_cmd)
     app.command("status")(status_cmd)
     app.command("down")(down_cmd)
+    app.add_typer(estop_app, name="estop")

@@ -46,7 +46,7 @@ from fleet.names import APP, CONTROLLER, GATEWAY_PREFIX, HEADS, LEARNER, NAMESPA
 from fleet.policy.default import DEFAULT_CHECKPOINT, REPRODUCE
 from fleet.validate import is_int
 
-__all__ = ["FleetError", "connect", "down", "resolve_address", "scale", "state_file", "status", "up"]
+__all__ = ["FleetError", "connect", "down", "reset_estop", "resolve_address", "scale", "state_file", "status", "up"]
 
 _KEEP: dict[str, object] = {}
 _STARTED_HEAD: dict | None = None
@@ -90,11 +90,12 @@ def connect(address: str | None = None, namespace: str = NAMESPACE, num_cpus: in
             stop_local_head(_STARTED_HEAD)
             _STARTED_HEAD = None
         cause = " ".join(str(exc).split(". ")[0].split())
+        if address == "auto" and isinstance(exc, ConnectionError):
+            raise FleetError("no fleet is running here: start one with `fleet up` (or pass --address)") from None
         if "uthenticat" in str(exc) or "token" in str(exc).lower():
-            fix = "give fleet that cluster's token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+            fix = "give fleet that cluster's token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
         else:
-            fix = "is the fleet up (`fleet up`)? If that cluster uses token authentication, put its token in "
-            fix += "~/.ray/auth_token (or RAY_AUTH_TOKEN_PATH)"
+            fix = "is a fleet up there? A cluster with token auth needs its token in ~/.ray/auth_token"
         raise FleetError(f"cannot join Ray at {address!r}: {type(exc).__name__}: {cause}\n  fix: {fix}") from None
     return ray.get_runtime_context().gcs_address
 
@@ -250,6 +251,19 @@ def scale(counts: dict[str, int], address: str | None = None, namespace: str = N
     if not all(n in EMBODIMENTS and is_int(c) and c >= 0 for n, c in counts.items()):
         raise FleetError(f"scale: expected embodiment=count with names from {sorted(EMBODIMENTS)}, got {counts}")
     return ray.get(_require(address, namespace).scale.remote(dict(counts)))
+
+
+def reset_estop(robot_id: str, address: str | None = None, namespace: str = NAMESPACE) -> dict:
+    """An operator's reset of a robot's latched force e-stop: {"robot", "was_latched"}. FleetError for a robot
+    the fleet does not have."""
+    import ray  # lazily (see the module docstring)
+
+    try:
+        return ray.get(_require(address, namespace).reset_estop.remote(robot_id))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, ValueError):
+            raise FleetError(str(exc.cause)) from None
+        raise
 
 
 def status(address: str | None = None, namespace: str = NAMESPACE, timeout_s: float = 3.0) -> dict:

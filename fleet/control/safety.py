@@ -157,6 +157,10 @@ class SafetyLayer:
         """Clear the e-stop latch (an operator's explicit decision; nothing else clears it)."""
         self._estopped = False
 
+    def latch_estop(self) -> None:
+        """Latch the e-stop without a force reading: a latch restored from before a restart (not a new trip)."""
+        self._estopped = True
+
     def reset(self, last_action: np.ndarray | None = None) -> None:
         """New episode: forget the motion history. `last_action` (D,) = where the robot is, if known,
         so the first action is velocity-limited from there. The e-stop latch is kept."""

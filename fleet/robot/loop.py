@@ -140,9 +140,6 @@ class RobotLoop:
             action, age = None, None  # not allowed to move: the safety layer holds
         self.safety.velocity_scale = self.degradation.velocity_scale
         sent, report = self.safety(action, force=self._last_force, age_s=age)
-        if report.estop:
-            # a latched e-stop is an operator's call in reality; the simulated human resets it once stopped
-            self.safety.reset_estop()
         moved = not report.held
         self.stats.moved_ticks += int(moved)
         self.stats.held_ticks += int(not moved)
@@ -292,8 +289,19 @@ class RobotLoop:
     # ---- reporting -------------------------------------------------------------------------------
     @property
     def state(self) -> str:
-        """The degradation state, or "holding" while the policy leaves the robot without a fresh action."""
+        """ "estop" while the force e-stop is latched; else the degradation state, or "holding" while the
+        policy leaves the robot without a fresh action."""
+        if self.safety.estopped:
+            return "estop"
         return "holding" if self._holding else self.degradation.state.value
+
+    def reset_estop(self) -> bool:
+        """An operator's decision: clear a latched force e-stop (nothing else does). True if it was latched."""
+        was = self.safety.estopped
+        if was:
+            self.safety.reset_estop()
+            self.stats.estop_resets += 1
+        return was
 
     def report(self) -> dict:
         """The robot's status (fleet.robot.report.robot_report)."""

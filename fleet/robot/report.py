@@ -41,6 +41,8 @@ class RobotStats:
     # every reply received (used, late or malformed): latencies_ms holds the newest
     abandoned_calls: int = 0
     malformed_replies: int = 0
+    estop_resets: int = 0
+    # operator resets of a latched force e-stop
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
     episode_interventions: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
@@ -127,5 +129,7 @@ def robot_report(loop: RobotLoop) -> dict:
         "first_tick": loop.first_tick,
         "transitions": [t.to_dict() for t in list(loop.degradation.transitions)[-5:]],
         "safety": loop.safety.stats(),
+        "estop_latched": loop.safety.estopped,
+        "estop_resets": s.estop_resets,
         "last_error": s.last_error,
     }

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,7 +81,7 @@ def test_up_brings_up_robots_that_report(fleet):
     assert s["heads"] == dict.fromkeys(EMBODIMENTS, 1)
     for row in s["robots"]:
         assert STATUS_KEYS <= set(row)
-        assert row["state"] in ("normal", "human", "paused", "conservative", "holding")
+        assert row["state"] in ("normal", "human", "paused", "conservative", "holding", "estop")
         assert row["control_hz"] > 0 and row["head_version"] == 1 and row["latency_p50_ms"] > 0
         assert row["interventions"] > 0  # the untrained policy strays; the scripted human corrects it
         assert row["loop_errors"] == 0 and row["mode"] == "sim"  # metrics and sink work in the control thread
@@ -153,6 +154,42 @@ def test_killed_robot_comes_back_in_a_safe_state(ray_session, fleet):
     np.testing.assert_array_equal(first["sent"], EMBODIMENTS["hello"].stop_action)  # the base stands still
     assert after["safety"]["estop_trips"] == 0
     wait_for(lambda: ray.get(handle.report.remote())["episodes"] >= 1, what="the restarted robot to drive")
+
+
+def test_a_latched_estop_survives_a_restart_until_an_operator_resets_it(ray_session, fleet):
+    """The latch is written to the robot's state file; a restarted robot comes back latched and holds, however
+    long, until `reset_estop` (what `fleet estop reset` calls); the reset is written too."""
+    from fleet.cluster.launcher import FleetError, reset_estop
+
+    ray = ray_session
+    config, _ = fleet
+    name = "robot-franka-0"
+    latch = Path(config.log_dir).resolve() / "robots" / f"{name}.estop.json"
+    latch.parent.mkdir(parents=True, exist_ok=True)
+    latch.write_text(json.dumps({"robot_id": name, "latched": True}))  # as the control thread writes a trip
+    handle = robot(ray, config, name)
+    before = ray.get(handle.report.remote())
+    ray.kill(handle, no_restart=False)
+
+    def back():
+        try:
+            r = ray.get(handle.report.remote(), timeout=30)
+        except ray.exceptions.RayActorError:
+            return None
+        return r if r["pid"] != before["pid"] and r["ticks"] > 20 else None
+
+    after = wait_for(back, what="the robot to restart and tick")
+    assert after["estop_latched"] is True and after["state"] == "estop"
+    moved = ray.get(handle.report.remote())["held_ticks"]
+    time.sleep(1.0)
+    later = ray.get(handle.report.remote())
+    assert later["estop_latched"] is True and later["held_ticks"] > moved  # still holding, every tick
+    assert reset_estop(name, namespace=config.namespace) == {"robot": name, "was_latched": True}
+    assert json.loads(latch.read_text())["latched"] is False
+    wait_for(lambda: ray.get(handle.report.remote())["state"] != "estop", what="the robot to leave the e-stop")
+    assert reset_estop(name, namespace=config.namespace)["was_latched"] is False
+    with pytest.raises(FleetError, match="robot: expected one of"):
+        reset_estop("robot-nope-0", namespace=config.namespace)
 
 
 def test_robots_hold_when_the_server_is_gone_and_the_handle_route_works(ray_session, fleet):

@@ -216,12 +216,15 @@ def test_novel_scene_slows_the_robot_down():
 def test_repeated_failures_escalate_and_only_a_reset_resumes():
     loop = make("leap", mode="zeros", teleop=False, max_consecutive_failures=1)
     run_episodes(loop, 2)
-    assert loop.report()["state"] == "escalated"
+    assert loop.report()["degradation"] == "escalated"
     asked = len(loop.client.requests)
     assert not any(loop.tick().moved for _ in range(10))
     assert len(loop.client.requests) == asked  # an escalated robot stops asking the server
     assert loop.reset_degradation() == "normal"
     loop.client.mode = "expert"
+    if loop.safety.estopped:  # the zeros policy slammed the hand shut: a separate operator decision
+        assert not any(loop.tick().moved for _ in range(3))
+        assert loop.reset_estop()
     assert any(loop.tick().moved for _ in range(3))
 
 
@@ -278,3 +281,22 @@ def test_episode_outcomes_carry_the_head_version_they_ran():
     swapped, clean = loop.take_outcomes()
     assert swapped.head_version is None and swapped.head_versions == (1, 2)
     assert clean.head_version == 2
+
+
+def test_a_force_estop_stays_latched_until_an_operator_resets_it():
+    """A trip latches: the robot holds on every later tick, also once the force is gone, until reset_estop()."""
+    loop = make("franka", teleop=False)
+    for _ in range(5):
+        loop.tick()
+    loop._last_force = EMBODIMENTS["franka"].max_force * 2  # the arm presses too hard
+    tripped = loop.tick()
+    assert not tripped.moved and "force_estop" in tripped.fired and loop.state == "estop"
+    for _ in range(30):  # the force is gone (the sim reads ~0 while the arm holds): still stopped
+        r = loop.tick()
+        assert not r.moved and loop.report()["estop_latched"] is True
+    report = loop.report()
+    assert report["state"] == "estop" and report["safety"]["estop_trips"] == 1 and report["estop_resets"] == 0
+    assert loop.reset_estop() is True and loop.reset_estop() is False  # the operator's decision, counted once
+    assert any(loop.tick().moved for _ in range(20))
+    report = loop.report()
+    assert report["estop_latched"] is False and report["estop_resets"] == 1 and report["state"] != "estop"
