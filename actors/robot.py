@@ -13,7 +13,7 @@ the robot also sends every finished episode's outcome, tagged with the head vers
 actor (fire and forget, `OutcomeSink`): the learner's signal for rolling back a head that lowers success.
 
 The actor imports numpy, `fleet.robot` and Ray, never torch, Ray Serve or pyarrow (actors/lean.py), so a robot costs
-~130 MB RSS.
+~120 MB RSS (121 MB measured in `fleet up`).
 How it reaches the policy (`policy["route"]`; the clients and sinks are in actors/robot_io.py):
   "gateway"  (default) a `PolicyGateway` actor per node holds the Serve DeploymentHandle; the robot sends
              `gateway.act.remote(request)` and polls the ObjectRef with `ray.wait(timeout=0)`. One Serve
