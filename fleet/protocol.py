@@ -100,6 +100,11 @@ def _from_bytes(raw: bytes, field: str, dtype, shape: Any) -> np.ndarray:
     return arr
 
 
+def _whole(value: Any) -> bool:
+    """An int (numpy's too: requests decoded from msgpack or built from arrays carry them), never a bool."""
+    return is_int(value) or isinstance(value, np.integer)
+
+
 def validate_request(req: Any, specs: dict[str, EmbodimentSpec] | None = None) -> dict:
     """Return a normalized copy of `req` (image uint8 (64,64,3), proprio float32 (P,)), or raise RequestError."""
     specs = EMBODIMENTS if specs is None else specs
@@ -133,10 +138,10 @@ def validate_request(req: Any, specs: dict[str, EmbodimentSpec] | None = None) -
     if not isinstance(instruction, str) or not instruction.strip() or len(instruction) > MAX_INSTRUCTION:
         raise RequestError(f"instruction: expected a non-empty string of at most {MAX_INSTRUCTION} characters")
     n_samples = req.get("n_samples", 1)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or not 1 <= n_samples <= MAX_SAMPLES:
+    if not _whole(n_samples) or not 1 <= n_samples <= MAX_SAMPLES:
         raise RequestError(f"n_samples: expected an int in [1, {MAX_SAMPLES}], got {n_samples!r}")
     obs_tick = req.get("obs_tick", 0)
-    if isinstance(obs_tick, bool) or not isinstance(obs_tick, (int, np.integer)) or obs_tick < 0:
+    if not _whole(obs_tick) or obs_tick < 0:
         raise RequestError(f"obs_tick: expected a non-negative int, got {obs_tick!r}")
     for key in ("robot_id", "request_id"):
         value = req.get(key, "")
