@@ -142,7 +142,9 @@ class DirectClient:
                 listed, self._listing = ray.get(self._listing), None
                 endpoint = pick_endpoint(listed, self.robot_id, ray.get_runtime_context().get_node_id())
                 if endpoint is not None:
-                    self._conn = DirectConnection(endpoint["host"], endpoint["port"], connect_timeout_s=0.2)
+                    self._conn = DirectConnection(
+                        endpoint["host"], endpoint["port"], connect_timeout_s=0.2, token=endpoint.get("token")
+                    )
                     self.reconnects += 1
             elif time.monotonic() >= self._next_try:
                 self._next_try = time.monotonic() + self.retry_s

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,11 +36,13 @@ from ray.serve import Application
 
 from fleet.policy.openmp import set_omp_wait_policy
 from fleet.serving.config import ServeConfig
-from fleet.serving.direct import DirectServer
+from fleet.serving.direct import DirectLimits, DirectServer, fleet_token
 
 logger = logging.getLogger("ray.serve")
 REPORT_EVERY_S = 2.0
 # how often a replica tells the registry it is alive, what it serves and where its direct socket is
+MAX_REFUSED = 64
+# refused head versions a replica remembers (and reports); the oldest are forgotten
 
 
 @serve.deployment(
@@ -72,11 +75,11 @@ class PolicyServer:
         # one model thread: batches and head swaps run in arrival order and never overlap
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         self._swap_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-swap")
-        self._refused: set[tuple[str, int]] = set()
+        self._refused: dict[tuple[str, int], str] = {}  # (head, version) -> why this replica will not install it
         self._poll_error: str | None = None
         self._seen: dict[str, float] = {}  # robot_id -> when it last asked (the gather target)
         self._endpoint: dict | None = None
-        self._direct = DirectServer(self.act) if cfg.direct else None
+        self._direct = self._make_direct(cfg) if cfg.direct else None
         self._direct_ready = asyncio.get_running_loop().create_task(self._start_direct()) if cfg.direct else None
         self._poller = asyncio.get_running_loop().create_task(self._poll_heads()) if cfg.registry else None
 
@@ -110,6 +113,19 @@ class PolicyServer:
         self.act.set_max_batch_size(target)
         self.act.set_batch_wait_timeout_s(max(cfg.batch_wait_timeout_s, cfg.gather_s if target > 1 else 0.0))
 
+    def _make_direct(self, cfg: ServeConfig) -> DirectServer:
+        """The direct socket, with the fleet's token (or, on a cluster without one, a secret of this replica
+        that robots read from its endpoint in the registry) and the config's limits."""
+        token = cfg.direct_token or fleet_token()
+        self._direct_secret = None if token else secrets.token_hex(16)
+        limits = DirectLimits(
+            max_connections=cfg.direct_max_connections,
+            max_in_flight_per_connection=cfg.direct_max_in_flight,
+            max_in_flight=cfg.ongoing_limit,
+            request_timeout_s=cfg.direct_request_timeout_s,
+        )
+        return DirectServer(self.act, token or self._direct_secret, limits)
+
     async def _start_direct(self) -> None:
         host, port = await self._direct.start(self.config.direct_host, 0)
         self._endpoint = {
@@ -118,6 +134,8 @@ class PolicyServer:
             "node_id": ray.get_runtime_context().get_node_id(),
             "replica": self.runtime.replica_id,
         }
+        if self._direct_secret is not None:
+            self._endpoint["token"] = self._direct_secret
         logger.info("direct route listening on %s:%d", host, port)
 
     async def endpoint(self) -> dict | None:
@@ -134,18 +152,19 @@ class PolicyServer:
         direct = self._direct
         return self.runtime.stats() | {
             "hot_swap_error": self._poll_error,
-            "direct": None
-            if direct is None
-            else {
-                "endpoint": self._endpoint,
-                "requests": direct.requests,
-                "bad_frames": direct.bad_frames,
-                "connections": direct.connections,
-            },
+            "refused_heads": self._refused_list(),
+            "direct": None if direct is None else {"endpoint": self._public_endpoint()} | direct.stats(),
         }
 
+    def _public_endpoint(self) -> dict | None:
+        return None if self._endpoint is None else {k: v for k, v in self._endpoint.items() if k != "token"}
+
+    def _refused_list(self) -> list[dict]:
+        return [{"embodiment": n, "version": v, "error": why} for (n, v), why in sorted(self._refused.items())]
+
     async def check_health(self) -> None:
-        """Serve restarts the replica when this raises: a broken model or a dead head poller."""
+        """Serve restarts the replica when this raises: a broken model or a dead head poller. A head this
+        replica refused is not a reason: it keeps serving the head it has (stats()["refused_heads"])."""
         health = self.runtime.health()
         if not health["ok"]:
             raise RuntimeError(f"policy runtime unhealthy: {health['last_error']}")
@@ -168,9 +187,10 @@ class PolicyServer:
                 latest = await registry.latest.remote()
                 changed = await self._install_newer(registry, latest)
                 if changed or time.monotonic() - reported >= REPORT_EVERY_S:
-                    # also how robots find this replica's direct socket (HeadStore.endpoints)
+                    # also how robots find this replica's direct socket (HeadStore.endpoints), and how the
+                    # learner learns that a head was installed everywhere or refused somewhere
                     registry.report_serving.remote(
-                        self.runtime.replica_id, self.runtime.head_versions(), self._endpoint
+                        self.runtime.replica_id, self.runtime.head_versions(), self._endpoint, self._refused_list()
                     )
                     reported = time.monotonic()
                 self._poll_error = None
@@ -179,6 +199,10 @@ class PolicyServer:
                 wait = max(wait, 1.0)  # get_actor blocks the loop briefly: do not hammer the GCS
             except ray.exceptions.RayError as exc:  # it died or restarts: look it up by name again
                 registry, self._poll_error = None, f"registry {cfg.registry!r}: {type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - anything else: the poller (and so the replica) must live on
+                self._poll_error = f"head poll: {type(exc).__name__}: {exc}"
+                logger.exception("head poll failed; trying again")
+                wait = max(wait, 1.0)
             await asyncio.sleep(wait)
 
     async def _install_newer(self, registry, latest: dict[str, int]) -> bool:
@@ -188,8 +212,8 @@ class PolicyServer:
         for name, version in latest.items():
             if name not in serving or version <= serving[name] or (name, version) in self._refused:
                 continue
-            version, payload = await registry.get.remote(name, version)
             try:
+                version, payload = await registry.get.remote(name, version)
                 if not self.runtime.backend.shares_model:
                     # the backend rebuilds its own form of the head (an ONNX export takes seconds): off the loop,
                     # so batches keep being served by the old head until the brief install under the forward lock
@@ -200,9 +224,15 @@ class PolicyServer:
                     self.runtime.set_head(name, version, payload)
                 changed = True
                 logger.info("installed head %s v%d", name, version)
-            except ValueError as exc:  # a payload that does not fit this model: keep the old head, never retry
-                self._refused.add((name, version))
-                logger.error("refused head %s v%d: %s", name, version, exc)
+            except ray.exceptions.RayError:
+                raise  # the registry is away: the poll loop looks it up again
+            except Exception as exc:  # noqa: BLE001 - a payload that does not fit: keep the old head, never retry
+                why = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                self._refused[(name, version)] = why
+                while len(self._refused) > MAX_REFUSED:
+                    self._refused.pop(next(iter(self._refused)))
+                changed = True  # report the refusal now
+                logger.error("refused head %s v%d: %s", name, version, why)
         return changed
 
 

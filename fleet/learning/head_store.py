@@ -19,25 +19,15 @@ import time
 from pathlib import Path
 
 from fleet.durable import write_bytes_atomic
+from fleet.learning.head_check import check_head_payload
 from fleet.validate import check_int
 
 MAX_PAYLOAD_BYTES = 64 << 20
 # a head is < 2 MB; anything far larger is a mistake, not a head
 MAX_VERSIONS = 100
 # versions kept per head (in memory and on disk); the oldest go first
-
-
-def _payload_embodiment(payload: bytes) -> str | None:
-    """The embodiment named in a safetensors header's metadata (JSON only, nothing executed)."""
-    if len(payload) < 8:
-        return None
-    n = int.from_bytes(payload[:8], "little")
-    try:
-        header = json.loads(payload[8 : 8 + n])
-    except (ValueError, UnicodeDecodeError):
-        return None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta.get("embodiment") if isinstance(meta, dict) else None
+FORGET_REPLICA_S = 3600.0
+# a replica that has not reported for this long is forgotten (restarted replicas get new ids)
 
 
 class HeadStore:
@@ -48,6 +38,9 @@ class HeadStore:
         self._payloads: dict[str, dict[int, bytes]] = {}
         self._meta: dict[str, dict[int, dict]] = {}
         self._serving: dict[str, dict] = {}
+        self._checked: dict[str, dict] = {}  # name -> check_head_payload of its newest version: the next must match
+        self.refused_publishes = 0
+        self.skipped_at_load: list[str] = []  # persisted files that could not be loaded (torn, foreign, corrupt)
         if self.persist_dir is not None:
             self.persist_dir.mkdir(parents=True, exist_ok=True)
             self._reload()
@@ -61,12 +54,17 @@ class HeadStore:
                 meta = json.loads(meta_path.read_text())
                 payload = (meta_path.parent / f"{stem}.safetensors").read_bytes()
                 version = int(meta["version"])
-            except (OSError, ValueError, KeyError):
-                continue  # a torn or foreign file: skip it, keep the rest
-            if hashlib.sha256(payload).hexdigest() != meta.get("sha256"):
+                if hashlib.sha256(payload).hexdigest() != meta.get("sha256"):
+                    raise ValueError("sha256 differs from the payload's")
+                info = check_head_payload(payload, name)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                # a torn or foreign file: skip it, keep the rest
+                self.skipped_at_load.append(f"{meta_path}: {type(exc).__name__}: {exc}")
                 continue
             self._payloads.setdefault(name, {})[version] = payload
             self._meta.setdefault(name, {})[version] = meta
+            if version >= max(self._payloads[name]):
+                self._checked[name] = info
 
     def _persist(self, name: str, version: int, payload: bytes, meta: dict) -> None:
         if self.persist_dir is None:
@@ -87,16 +85,28 @@ class HeadStore:
     def publish(self, name: str, version: int | None, payload: bytes, meta: dict | None = None) -> int:
         """Store `payload` as head `name` at `version` (None = latest + 1); returns the version.
 
-        Refuses a version not above the latest (ValueError), unless it is the same payload again (a
-        retried call), which returns the version. Durable before it returns when persisting."""
+        Refuses (ValueError, counted in `refused_publishes`) a payload `check_head_payload` refuses: bad
+        metadata, non-finite weights, tensors or spec unlike the current version's. Refuses a version not
+        above the latest, unless it is the same payload again (a retried call), which returns the version.
+        Durable before it returns when persisting."""
+        try:
+            return self._publish(name, version, payload, meta)
+        except ValueError:  # HeadPayloadError included
+            self.refused_publishes += 1
+            raise
+        except TypeError as exc:
+            self.refused_publishes += 1
+            raise ValueError(f"publish {name!r}: {exc}") from None
+
+    def _publish(self, name: str, version: int | None, payload: bytes, meta: dict | None) -> int:
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"publish: name must be an embodiment name, got {name!r}")
         if not isinstance(payload, (bytes, bytearray)) or not 0 < len(payload) <= MAX_PAYLOAD_BYTES:
             raise ValueError(f"publish {name!r}: payload must be 1..{MAX_PAYLOAD_BYTES} bytes of safetensors")
+        if meta is not None and not (isinstance(meta, dict) and all(isinstance(k, str) for k in meta)):
+            raise ValueError(f"publish {name!r}: meta must be None or a mapping with string keys")
         payload = bytes(payload)
-        inside = _payload_embodiment(payload)
-        if inside != name:
-            raise ValueError(f"publish {name!r}: the payload is a head for {inside!r}, not a {name!r} fleet-head")
+        info = check_head_payload(payload, name, reference=self._checked.get(name))
         sha = hashlib.sha256(payload).hexdigest()
         latest = self.latest().get(name, 0)
         if version is None:
@@ -114,10 +124,14 @@ class HeadStore:
             "published_at": time.time(),
             "meta": dict(meta or {}),
         }
-        json.dumps(record)  # refuse a meta that cannot be stored before anything is written
+        try:
+            json.dumps(record, allow_nan=False)  # refuse a meta that cannot be stored before anything is written
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"publish {name!r}: meta must be plain JSON with finite numbers ({exc})") from None
         self._persist(name, version, payload, record)
         self._payloads.setdefault(name, {})[version] = payload
         self._meta.setdefault(name, {})[version] = record
+        self._checked[name] = info
         while len(self._payloads[name]) > MAX_VERSIONS:
             self._forget(name, min(self._payloads[name]))
         return version
@@ -145,10 +159,35 @@ class HeadStore:
         _, payload = self.get(name, to_version)
         return self.publish(name, None, payload, {"rollback_of": int(to_version)})
 
-    def report_serving(self, replica: str, versions: dict[str, int], endpoint: dict | None = None) -> None:
-        """A serving replica says which head versions it now serves (shown by `serving`) and, when it has
-        one, where its direct socket listens (`endpoints`). Replicas report every couple of seconds."""
-        self._serving[str(replica)] = {"versions": dict(versions), "at": time.time(), "endpoint": endpoint}
+    def report_serving(
+        self, replica: str, versions: dict[str, int], endpoint: dict | None = None, refused: list | None = None
+    ) -> None:
+        """A serving replica says which head versions it now serves (shown by `serving`), which it refused to
+        install (`refused`: [{"embodiment", "version", "error"}]) and, when it has one, where its direct socket
+        listens (`endpoints`). Replicas report every couple of seconds."""
+        now = time.time()
+        self._serving = {r: v for r, v in self._serving.items() if now - v["at"] <= FORGET_REPLICA_S}
+        self._serving[str(replica)] = {
+            "versions": dict(versions),
+            "at": now,
+            "endpoint": endpoint,
+            "refused": list(refused or []),
+        }
+
+    def rollout_state(self, name: str, version: int, max_age_s: float = 10.0) -> dict:
+        """Where head `name` v`version` stands on the replicas alive within `max_age_s`: {"replicas",
+        "installed" (serving it or newer), "refused" ([{"replica", "error"}]), "everywhere" (every replica
+        installed it, and at least one is alive)}. The learner judges a rollout only once it is everywhere."""
+        alive = self.serving(max_age_s)
+        installed = sorted(r for r, v in alive.items() if int(v["versions"].get(name, 0)) >= version)
+        refused = [
+            {"replica": r, "error": x.get("error")}
+            for r, v in sorted(alive.items())
+            for x in v.get("refused", [])
+            if isinstance(x, dict) and x.get("embodiment") == name and x.get("version") == version
+        ]
+        everywhere = bool(alive) and len(installed) == len(alive)
+        return {"replicas": len(alive), "installed": installed, "refused": refused, "everywhere": everywhere}
 
     def serving(self, max_age_s: float = 60.0) -> dict[str, dict]:
         """{replica: {"versions", "at", "endpoint"}} for replicas that reported within `max_age_s`."""

@@ -74,7 +74,17 @@ class ServeConfig:
     # (fleet/serving/direct.py): the same batch queue, without the ~3 ms of a handle call's hops
     direct_host: str = "127.0.0.1"
     # where the direct socket listens; loopback keeps it to this node. A cluster whose robots run on other
-    # nodes than the replicas can set the node's address (the socket has no authentication: a private network)
+    # nodes than the replicas can set the node's address (a private network: the token travels in clear)
+    direct_token: str | None = None
+    # the token a direct connection must present; None = the fleet's Ray token (fleet.serving.direct.fleet_token),
+    # or, on a cluster without one, a per-replica secret listed with the replica's endpoint in the registry
+    direct_max_connections: int = 256
+    # open direct connections per replica; more are refused (counted in stats()["direct"]["refused"])
+    direct_max_in_flight: int = 8
+    # requests one direct connection may have unanswered (a robot has one); more are refused. Across
+    # connections a replica holds at most max_ongoing_requests (a connection with none in flight is always let in)
+    direct_request_timeout_s: float = 5.0
+    # a direct request unanswered after this gets an error reply (its slot is freed)
     gather_s: float = 0.004
     # after a batch, wait up to this long for the robots that were just answered to ask again, so closed-loop
     # robots share one batch instead of splitting into two alternating half-size ones. A batch leaves as soon
@@ -87,7 +97,15 @@ class ServeConfig:
             check_number(f"ServeConfig.{name}", getattr(self, name), 0, 64, expected="a number of CPUs in [0, 64]")
         if self.threads is None:
             object.__setattr__(self, "threads", max(1, int(self.replica_cpus or 1)))
-        for name in ("num_replicas", "max_batch_size", "threads", "max_body_bytes", "encoder_cache_robots"):
+        for name in (
+            "num_replicas",
+            "max_batch_size",
+            "threads",
+            "max_body_bytes",
+            "encoder_cache_robots",
+            "direct_max_connections",
+            "direct_max_in_flight",
+        ):
             check_int(f"ServeConfig.{name}", getattr(self, name), lo=1, expected="a positive int")
         if self.max_ongoing_requests is not None:
             expected = f"None or an int >= max_batch_size ({self.max_batch_size})"
@@ -110,7 +128,13 @@ class ServeConfig:
             check_bool(f"ServeConfig.{name}", getattr(self, name))
         if not isinstance(self.direct_host, str) or not self.direct_host:
             self._fail("direct_host", "an interface address such as '127.0.0.1'")
-        for name, low, high in (("gather_s", 0, 0.1), ("active_window_s", 0.01, 60)):
+        if self.direct_token is not None and not (isinstance(self.direct_token, str) and self.direct_token):
+            self._fail("direct_token", "None or a non-empty string")
+        for name, low, high in (
+            ("gather_s", 0, 0.1),
+            ("active_window_s", 0.01, 60),
+            ("direct_request_timeout_s", 0.01, 600),
+        ):
             self._check_seconds(name, low, high)
         res = self.replica_resources
         if res is not None and (

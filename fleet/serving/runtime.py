@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fleet.learning.head_check import check_head_payload
 from fleet.policy.batch import PolicyBatch
 from fleet.policy.checkpoint import head_from_bytes
 from fleet.policy.default import load_policy
@@ -184,12 +185,17 @@ class PolicyRuntime:
 
         `version` is authoritative (a rollback re-publishes old weights under a new number). Refuses a
         version not above the serving one and any payload that does not fit the model (ValueError, old
-        head kept). The swap waits for the running batch: no batch mixes two versions of a head."""
+        head kept): `check_head_payload` first (metadata types, the model's spec, finite weights, the serving
+        head's tensor names and shapes), then the loader's own checks. The swap waits for the running batch:
+        no batch mixes two versions of a head."""
         if name not in self.model.specs:
             raise ValueError(f"set_head: no head {name!r}; this model has {sorted(self.model.specs)}")
         check_int(f"set_head {name!r}: version", version, expected="an int")
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise ValueError(f"set_head {name!r}: payload must be safetensors bytes, got {type(payload).__name__}")
+        serving = {k: tuple(v.shape) for k, v in self.model.head_state_dict(name).items()}
+        spec = self.model.specs[name].to_dict()
+        check_head_payload(bytes(payload), name, spec=spec, reference={"spec": spec, "tensors": serving})
         with self._swap_lock:
             if self.backend.shares_model:  # the backend runs the master model: swap it between two batches
                 with self._lock:

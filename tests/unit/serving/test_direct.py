@@ -14,7 +14,9 @@ import pytest
 from actors.robot_io import DirectClient, pick_endpoint
 from fleet.embodiments import EMBODIMENTS
 from fleet.protocol import make_request, validate_request
-from fleet.serving.direct import HEADER, MAX_FRAME, DirectConnection, DirectServer
+from fleet.serving.direct import HEADER, MAX_FRAME, DirectConnection, DirectServer, hello, pack
+
+TOKEN = "test-token"
 
 
 def obs(i: int = 0) -> dict:
@@ -34,7 +36,7 @@ class LoopThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = DirectServer(self.act)
+        self.server = DirectServer(self.act, TOKEN)
         self.host, self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(5)
 
     async def act(self, raw: dict) -> dict:
@@ -77,7 +79,7 @@ def wait_reply(conn: DirectConnection, timeout_s: float = 5.0) -> dict:
 
 
 def test_round_trip_carries_the_image_bytes_and_float32_arrays(server) -> None:
-    conn = DirectConnection(server.host, server.port)
+    conn = DirectConnection(server.host, server.port, token=TOKEN)
     o = obs(3)
     conn.submit(make_request("r0", "franka", o, obs_tick=7))
     reply = wait_reply(conn)
@@ -89,7 +91,7 @@ def test_round_trip_carries_the_image_bytes_and_float32_arrays(server) -> None:
 
 
 def test_bad_request_and_garbage_frames_get_error_replies_and_the_connection_keeps_working(server) -> None:
-    conn = DirectConnection(server.host, server.port)
+    conn = DirectConnection(server.host, server.port, token=TOKEN)
     bad = make_request("r0", "franka", obs(), obs_tick=1)
     bad["proprio"] = np.zeros(3, np.float32)  # franka wants 7 values
     conn.submit(bad)
@@ -113,19 +115,19 @@ def test_bad_request_and_garbage_frames_get_error_replies_and_the_connection_kee
 
 def test_an_oversized_frame_header_closes_that_connection_only(server) -> None:
     raw = socket.create_connection((server.host, server.port))
-    raw.sendall(HEADER.pack(MAX_FRAME + 1))
+    raw.sendall(pack(hello(TOKEN)) + HEADER.pack(MAX_FRAME + 1))
     raw.settimeout(5)
     head = raw.recv(HEADER.size)
     assert HEADER.unpack(head)[0] > 0  # the error reply, then the server hangs up
     raw.close()
-    conn = DirectConnection(server.host, server.port)
+    conn = DirectConnection(server.host, server.port, token=TOKEN)
     conn.submit(make_request("r1", "franka", obs(), obs_tick=1))
     assert wait_reply(conn)["request_id"] == "r1:1"
     conn.close()
 
 
 def test_the_reply_to_a_cancelled_request_is_dropped(server) -> None:
-    conn = DirectConnection(server.host, server.port)
+    conn = DirectConnection(server.host, server.port, token=TOKEN)
     conn.submit(make_request("slow", "franka", obs(), obs_tick=1))  # answered after 0.3 s
     conn.cancel()
     conn.submit(make_request("fast", "franka", obs(), obs_tick=2))
@@ -136,7 +138,7 @@ def test_the_reply_to_a_cancelled_request_is_dropped(server) -> None:
 
 
 def test_a_closed_server_raises_connection_error_on_poll(server) -> None:
-    conn = DirectConnection(server.host, server.port)
+    conn = DirectConnection(server.host, server.port, token=TOKEN)
     conn.submit(make_request("slow", "franka", obs(), obs_tick=1))
     deadline = time.monotonic() + 5
     while server.server.requests == 0 and time.monotonic() < deadline:  # accepted and being answered
@@ -180,7 +182,7 @@ def test_direct_client_uses_the_socket_and_falls_back_to_the_gateway_when_it_bre
     client = DirectClient("robot-0", "app", "ns", "registry")
     client._gateway = FakeGateway()
     client._connection = lambda: client._conn  # no registry here: the test hands it the connection
-    client._conn = DirectConnection(server.host, server.port)
+    client._conn = DirectConnection(server.host, server.port, token=TOKEN)
     client.submit(make_request("robot-0", "franka", obs(), obs_tick=1))
     deadline = time.monotonic() + 5
     reply = None
