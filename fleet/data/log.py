@@ -3,15 +3,22 @@
 A part appears only by an atomic rename of a complete, fsynced file, so a crash at any moment leaves
 the log readable: at worst a `.tmp-*` file that readers ignore. Reading deduplicates by correction id,
 which makes compaction (write the merged part, then delete the old ones) safe to interrupt.
+
+Reading streams (`iter_all`: one record batch of one part in memory at a time) and trusts nothing on disk:
+every row is validated again as a new correction would be, and a row that fails is skipped and counted. A
+part that cannot be read (torn by a disk fault, foreign, corrupt) is moved to `quarantine/` beside a note of
+why, counted, and the rows read from it before the fault are written again as a new part, so one bad file
+never stops a store from starting.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +26,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fleet.data.arrow import CORRECTION_SCHEMA, corrections_to_table, table_to_corrections
-from fleet.data.correction import Correction
-from fleet.durable import durable_temp, fsync_dir, publish
+from fleet.data.correction import Correction, CorrectionError, validate_correction
+from fleet.durable import durable_temp, fsync_dir, publish, write_text_atomic
+from fleet.embodiments import EmbodimentSpec
 
 log = logging.getLogger(__name__)
 
 _PART_RE = re.compile(r"^part-(\d{8,})(?:-(\d{8,}))?\.parquet$")
 TEMP_PREFIX = ".tmp-"
+QUARANTINE = "quarantine"
+# where unreadable parts are moved (beside a `<part>.why.json`); never read back
+READ_BATCH_ROWS = 256
+# rows decoded at a time while reading a part
 
 
 class CorrectionLogError(RuntimeError):
@@ -60,7 +72,11 @@ class CorrectionLog:
         # temp files the last read_all() skipped (a write that crashed before its rename)
         self.duplicates_skipped = 0
         # rows the last read_all() dropped as repeats of an id (an interrupted compaction)
-        self._next_seq = max((p.end for p in self.parts()), default=0) + 1
+        self.invalid_rows = 0
+        # rows the last read skipped because they no longer pass validate_correction
+        self.quarantined: list[dict] = []
+        # parts the last read moved to quarantine/: {"part", "error", "rows_salvaged"}
+        self._next_seq = max((p.end for p in self.parts() + self._quarantined_parts()), default=0) + 1
 
     # ---- listing ------------------------------------------------------------------------------
     def parts(self) -> list[LogPart]:
@@ -72,6 +88,18 @@ class CorrectionLog:
                 start = int(m.group(1))
                 found.append(LogPart(start, int(m.group(2) or start), Path(entry.path)))
         return sorted(found)
+
+    def _quarantined_parts(self) -> list[LogPart]:
+        """Parts already set aside: their numbers are never reused."""
+        folder = self.directory / QUARANTINE
+        if not folder.is_dir():
+            return []
+        found = []
+        for entry in os.scandir(folder):
+            m = _PART_RE.match(entry.name)
+            if m:
+                found.append(LogPart(int(m.group(1)), int(m.group(2) or m.group(1)), Path(entry.path)))
+        return found
 
     def temp_files(self) -> list[Path]:
         """Leftovers of writes that crashed before their rename: never part of the log."""
@@ -91,6 +119,7 @@ class CorrectionLog:
             "parts": len(parts),
             "bytes": sum(p.path.stat().st_size for p in parts),
             "temp_files": len(self.temp_files()),
+            "quarantined": len(self._quarantined_parts()),
             "next_seq": self._next_seq,
         }
 
@@ -129,8 +158,38 @@ class CorrectionLog:
         except (OSError, pa.ArrowException) as exc:
             raise CorrectionLogError(f"{part.path}: unreadable log part ({exc})") from exc
 
-    def read_all(self) -> list[Correction]:
-        """Every stored correction once, in the order it was appended; leftover temp files are ignored."""
+    def iter_part(self, part: LogPart) -> Iterator[Correction]:
+        """The rows of one part, a row group at a time (decoded READ_BATCH_ROWS rows at a time); CorrectionLogError
+        where it cannot be read, after the rows of the row groups before the fault."""
+        try:
+            reader = pq.ParquetFile(part.path)
+            for group in range(reader.num_row_groups):
+                table = reader.read_row_group(group)
+                for start in range(0, table.num_rows, READ_BATCH_ROWS):
+                    yield from table_to_corrections(table.slice(start, READ_BATCH_ROWS))
+        except (OSError, pa.ArrowException, CorrectionError, ValueError, KeyError, TypeError) as exc:
+            raise CorrectionLogError(f"{part.path.name}: unreadable log part ({type(exc).__name__}: {exc})") from exc
+
+    def quarantine(self, part: LogPart, error: str) -> Path:
+        """Move `part` out of the log into quarantine/, with a note saying why; returns where it went."""
+        folder = self.directory / QUARANTINE
+        folder.mkdir(exist_ok=True)
+        target = folder / part.path.name
+        n = 1
+        while target.exists():
+            n += 1
+            target = folder / f"{part.path.stem}.{n}{part.path.suffix}"
+        write_text_atomic(target.with_name(target.name + ".why.json"), json.dumps({"error": error, "at": time.time()}))
+        os.replace(part.path, target)
+        fsync_dir(self.directory)
+        fsync_dir(folder)
+        return target
+
+    def iter_all(self, specs: dict[str, EmbodimentSpec] | None = None) -> Iterator[Correction]:
+        """Every stored correction once, in the order it was appended, streamed part by part; rows that fail
+        validation are skipped (`invalid_rows`), unreadable parts quarantined (`quarantined`) with their
+        readable rows written again as a new part. Only the log's writer may iterate with quarantining, and
+        only before it appends (the replay store does so when it starts)."""
         self.ignored_temp_files = [p.name for p in self.temp_files()]
         if self.ignored_temp_files:
             log.warning(
@@ -140,16 +199,37 @@ class CorrectionLog:
                 self.ignored_temp_files,
             )
         seen: set[str] = set()
-        out: list[Correction] = []
-        self.duplicates_skipped = 0
+        self.duplicates_skipped = self.invalid_rows = 0
+        self.quarantined = []
         for part in self.parts():
-            for c in table_to_corrections(self._read_part(part)):
-                if c.id in seen:
-                    self.duplicates_skipped += 1
-                    continue
-                seen.add(c.id)
-                out.append(c)
-        return out
+            salvaged: list[Correction] = []  # this part's rows so far: rewritten if the part turns out bad
+            try:
+                for c in self.iter_part(part):
+                    try:
+                        c = validate_correction(c, specs)
+                    except CorrectionError as exc:
+                        self.invalid_rows += 1
+                        log.warning("correction log %s: skipping an invalid row: %s", part.path.name, exc)
+                        continue
+                    salvaged.append(c)
+                    if c.id in seen:
+                        self.duplicates_skipped += 1
+                        continue
+                    seen.add(c.id)
+                    yield c
+            except CorrectionLogError as exc:
+                self._set_aside(part, str(exc), salvaged)
+
+    def _set_aside(self, part: LogPart, error: str, salvaged: list[Correction]) -> None:
+        if salvaged:
+            self.append(salvaged)  # durable again before the bad file leaves the log
+        where = self.quarantine(part, error)
+        self.quarantined.append({"part": part.path.name, "error": error, "rows_salvaged": len(salvaged)})
+        log.error("correction log %s: %s moved to %s (%d rows salvaged)", self.directory, error, where, len(salvaged))
+
+    def read_all(self) -> list[Correction]:
+        """Every stored correction once, in the order it was appended (see `iter_all`); for export and tests."""
+        return list(self.iter_all())
 
     # ---- compaction ---------------------------------------------------------------------------
     def compact(self, small_bytes: int = 16 * 1024 * 1024) -> int:
@@ -159,11 +239,15 @@ class CorrectionLog:
         between leaves rows in two parts, which read_all deduplicates. Returns how many parts were removed.
         """
         runs: list[list[LogPart]] = [[]]
+        run_bytes = 0
         for part in self.parts():
-            if part.path.stat().st_size < small_bytes:
+            size = part.path.stat().st_size
+            if size < small_bytes and run_bytes < small_bytes:  # a merged part stays below ~2 x small_bytes
                 runs[-1].append(part)
+                run_bytes += size
             elif runs[-1]:
-                runs.append([])
+                runs.append([part] if size < small_bytes else [])
+                run_bytes = size if size < small_bytes else 0
         removed = 0
         for run in runs:
             if len(run) < 2:

@@ -2,7 +2,10 @@
 
 An `add` validates each correction, drops ids already stored, appends the new ones to the durable log
 and only then puts them in memory and answers; that answer is the acknowledgement. A new store
-reloads the log, so a restarted actor holds exactly what was acknowledged before.
+reloads the log, so a restarted actor holds exactly what was acknowledged before. The reload streams the
+log into the bounded buffers (memory does not grow with the log), validates every row again, and sets
+aside a part it cannot read (`CorrectionLog.iter_all`: quarantined, counted, shown in `stats`) instead of
+failing: a store that cannot start would be restarted by Ray forever while robots drop corrections.
 """
 
 from __future__ import annotations
@@ -47,10 +50,12 @@ class ReplayStore:
         # acknowledged, and this is the only writer, so it can go.
         self.temp_files_removed_at_start = self.log.remove_temp_files()
         self.buffer = CorrectionBuffer(capacity)
-        loaded = self.log.read_all()
-        for c in loaded:
+        self.loaded_at_start = 0
+        for c in self.log.iter_all(self.specs):
             self.buffer.add(c)
-        self.loaded_at_start = len(loaded)
+            self.loaded_at_start += 1
+        self.quarantined_at_start = list(self.log.quarantined)
+        self.invalid_rows_at_start = self.log.invalid_rows
         self._appends_since_compact = len(self.log.parts())
         self._accepted: Counter[str] = Counter()
         self._duplicates: Counter[str] = Counter()
@@ -148,6 +153,8 @@ class ReplayStore:
             "rejected": dict(self._rejected),
             "rejected_total": sum(self._rejected.values()),
             "loaded_at_start": self.loaded_at_start,
+            "quarantined_at_start": self.quarantined_at_start,
+            "invalid_rows_at_start": self.invalid_rows_at_start,
             "temp_files_removed_at_start": self.temp_files_removed_at_start,
             "compaction_errors": self.compaction_errors,
             "log": self.log.stats(),
@@ -159,7 +166,7 @@ class ReplayStore:
 
     def export(self, out_dir: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
         """Write every stored correction as a LeRobot-style dataset; see fleet.data.export.export_corrections."""
-        return export_corrections(self.log.read_all(), out_dir, **kwargs)
+        return export_corrections(list(self.log.iter_all(self.specs)), out_dir, **kwargs)
 
 
 def _claimed_id(item: Any) -> str | None:
