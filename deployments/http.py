@@ -10,8 +10,9 @@
     GET  /healthz  {"status": "ok", "heads": {embodiment: version}}
 
 A malformed request gets a 4xx whose JSON names the field and the problem ({"error", "field"}):
-400 unparseable body, 401 bad or missing token, 413 too large, 415 unknown content type, 422 a field
-out of shape or range. Validation happens here, so only compact numpy arrays travel inside Ray.
+400 unparseable body, 401 bad or missing token, 413 too large (also a chunked body, checked while it
+streams in), 415 unknown content type, 422 a field out of shape or range. Validation happens here, so only
+compact numpy arrays travel inside Ray.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations (Request) at runtime
@@ -48,6 +49,18 @@ def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "field": field or error_field(message)}, status_code=status)
 
 
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, read chunk by chunk; None as soon as it passes `limit` bytes (the rest is never
+    read: a chunked upload has no Content-Length to refuse up front)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.1},
     max_ongoing_requests=256,
@@ -79,9 +92,9 @@ class HttpIngress:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return self._reject(413, f"body: {declared} bytes exceeds the limit of {limit}")
-        body = await request.body()
-        if len(body) > limit:
-            return self._reject(413, f"body: {len(body)} bytes exceeds the limit of {limit}")
+        body = await read_body(request, limit)
+        if body is None:  # a chunked upload (or a lying Content-Length) past the limit: stopped reading there
+            return self._reject(413, f"body: more than {limit} bytes, the limit")
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         try:
             if ctype in MSGPACK_TYPES:

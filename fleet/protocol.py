@@ -68,13 +68,7 @@ def _decode_array(value: Any, field: str, dtype) -> np.ndarray:
                 raise RequestError(f"{field}: 'data' must be raw bytes, got {type(raw).__name__}")
             raw = bytes(raw)
         if "dtype" in value:
-            try:
-                wire = np.dtype(str(value["dtype"]))
-            except TypeError as exc:
-                raise RequestError(f"{field}: unknown dtype {value['dtype']!r}") from exc
-            if wire.kind not in "uif":
-                raise RequestError(f"{field}: dtype must be numeric, got {value['dtype']!r}")
-            dtype = wire
+            dtype = _wire_dtype(value["dtype"], field)
         return _from_bytes(raw, field, dtype, value.get("shape"))
     if isinstance(value, (list, tuple)):
         try:
@@ -87,6 +81,21 @@ def _decode_array(value: Any, field: str, dtype) -> np.ndarray:
     raise RequestError(f"{field}: expected an array, got {type(value).__name__}")
 
 
+def _wire_dtype(name: Any, field: str) -> np.dtype:
+    """A plain numeric dtype named by a short string ("<f4", "uint8"); numpy's dtype parser is never handed
+    anything longer or stranger (a "(100000000000,)f8" made it raise where a caller expected a RequestError)."""
+    expected = "a numeric dtype such as '<f4' or 'uint8'"
+    if not isinstance(name, str) or not 0 < len(name) <= 12 or not name.lstrip("<>|=").isalnum():
+        raise RequestError(f"{field}: dtype must be {expected}, got {str(name)[:40]!r}")
+    try:
+        wire = np.dtype(name)
+    except Exception as exc:  # noqa: BLE001 - numpy raises TypeError, ValueError and others on odd names
+        raise RequestError(f"{field}: dtype must be {expected}, got {name!r}") from exc
+    if wire.kind not in "uif" or wire.subdtype is not None or wire.fields is not None:
+        raise RequestError(f"{field}: dtype must be {expected}, got {name!r}")
+    return wire
+
+
 def _from_bytes(raw: bytes, field: str, dtype, shape: Any) -> np.ndarray:
     dtype = np.dtype(dtype)
     if len(raw) % dtype.itemsize:
@@ -95,7 +104,7 @@ def _from_bytes(raw: bytes, field: str, dtype, shape: Any) -> np.ndarray:
     if shape is not None:
         try:
             arr = arr.reshape([int(s) for s in shape])
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise RequestError(f"{field}: {arr.size} values do not fit shape {shape}") from exc
     return arr
 

@@ -94,18 +94,36 @@ def test_msgpack_round_trip_with_raw_bytes(client) -> None:
         ("proprio", "application/json", 422, "proprio"),
         ("embodiment", "application/json", 422, "embodiment"),
         ("image", "application/json", 422, "image"),
+        ("dtype", "application/json", 422, "image"),  # was a 500: numpy's parser raised ValueError
     ],
 )
 def test_malformed_http_gets_a_4xx_naming_the_problem(client, body, ctype: str, status: int, field: str) -> None:
     if isinstance(body, str):  # a well-formed body with one bad field
         wire = request_to_wire(request("hello", 4))
-        wire[body] = {"proprio": [1.0, 2.0], "embodiment": "spot", "image": {"b64": "AAAA", "shape": [2, 2]}}[body]
+        bad = {
+            "proprio": [1.0, 2.0],
+            "embodiment": "spot",
+            "image": {"b64": "AAAA", "shape": [2, 2]},
+            "dtype": wire["image"] | {"dtype": "(100000000000,)f8"},
+        }
+        wire["image" if body == "dtype" else body] = bad[body]
         body = json.dumps(wire).encode()
     r = client.post("/v1/act", content=body, headers={"Content-Type": ctype})
     assert r.status_code == status, r.text
     assert r.json()["field"] == field and r.json()["error"].startswith(field)
     ok = client.post("/v1/act", json=request_to_wire(request("hello", 5)))
     assert ok.status_code == 200, ok.text  # the replica keeps serving
+
+
+def test_a_chunked_body_over_the_limit_gets_413_before_it_is_read_whole(client) -> None:
+    def chunks():  # no Content-Length: the ingress can only count as the body streams in
+        for _ in range(40):
+            yield b"x" * 65536  # 2.6 MB against a 200 kB limit
+
+    r = client.post("/v1/act", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json()["field"] == "body" and "more than 200000 bytes" in r.json()["error"]
+    assert client.post("/v1/act", json=request_to_wire(request("hello", 7))).status_code == 200
 
 
 def test_bearer_token_is_enforced(client) -> None:

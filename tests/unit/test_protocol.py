@@ -93,6 +93,12 @@ def test_decode_raw_bytes_msgpack() -> None:
         ({"instruction": "x" * 1000}, "instruction", "256"),
         ({"request_id": "x" * 1000}, "request_id", "128"),
         ({"image": {"data": b"\x00" * 12, "dtype": "object"}}, "image", "dtype"),
+        # numpy's dtype parser raised ValueError on these (a 500 over HTTP), or built a record type
+        ({"image": {"data": b"\x00" * 16, "dtype": "(100000000000,)f8"}}, "image", "dtype"),
+        ({"image": {"data": b"\x00" * 16, "dtype": "f8,i4"}}, "image", "dtype"),
+        ({"image": {"data": b"\x00" * 16, "dtype": "V8"}}, "image", "dtype"),
+        ({"image": {"data": b"\x00" * 16, "dtype": 8}}, "image", "dtype"),
+        ({"image": {"b64": "AAAA", "shape": [float("inf")]}}, "image", "fit"),
     ],
 )
 def test_malformed_fields_are_named(patch: dict, field: str, words: str) -> None:
