@@ -339,5 +339,5 @@ class Learner:
             "last_round": None
             if last_round is None
             else {k: last_round.get(k) for k in ("event", "embodiment", "version", "seconds", "reason", "corrections")},
-            "last_error": self.last_error,
+            "last_error": self.last_error or self.rollouts.last_error,
         }

@@ -1,6 +1,7 @@
 """What a learner keeps across restarts: how far it read each embodiment's corrections (its cursors), the
-event history (rounds, publishes, rollouts, rollbacks) and its counters, in `state_dir/learner_state.json`
-(written atomically: fleet.durable).
+event history (rounds, publishes, rollouts, rollbacks), its counters, the rollouts it watches and the
+rollbacks it decided but has not done yet, in `state_dir/learner_state.json` (written atomically:
+fleet.durable).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class LearnerState:
         self.rounds = 0
         self.published = 0
         self.rollbacks = 0
+        self.watching: dict[str, dict] = {}  # rollouts under watch (fleet.learning.rollout.RolloutWatch)
+        self.pending_rollbacks: dict[str, dict] = {}  # rollbacks decided, retried until done
 
     @property
     def path(self) -> Path | None:
@@ -45,6 +48,10 @@ class LearnerState:
             self.rounds = int(saved.get("rounds", 0))
             self.published = int(saved.get("published", 0))
             self.rollbacks = int(saved.get("rollbacks", 0))
+            names = set(self.cursors)
+            self.watching = {k: dict(v) for k, v in dict(saved.get("watching", {})).items() if k in names}
+            pending = dict(saved.get("pending_rollbacks", {}))
+            self.pending_rollbacks = {k: dict(v) for k, v in pending.items() if k in names}
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             return f"learner state {path}: unreadable, starting afresh ({exc})"
         return None
@@ -59,6 +66,8 @@ class LearnerState:
             "rounds": self.rounds,
             "published": self.published,
             "rollbacks": self.rollbacks,
+            "watching": self.watching,
+            "pending_rollbacks": self.pending_rollbacks,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(state, default=str))

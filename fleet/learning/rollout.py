@@ -8,7 +8,13 @@ After a rollout v -> v+1 the watch compares the newest `reference_episodes` outc
 rarely reverts a good head) re-publishes v's payload as v+2 (a rollback never reuses a number). Robots also
 report how often the human stepped in during the episode: with a teleoperator rescuing every stray, a worse
 head shows first as more interventions per episode, so a significant rise by more than `intervention_rise`
-rolls back too. A rollout watched `watch_timeout_s` without enough episodes is confirmed.
+rolls back too.
+
+The replicas have a say: a head some replica refused to install (HeadStore.rollout_state) is rolled back at
+once, and a rollout without enough episodes is confirmed after `watch_timeout_s` only once every live replica
+reports it installed (the clock starts then), never on silence. Every decision is durable before it acts:
+the watched rollouts and a decided rollback are saved in the learner's state, and a rollback whose registry
+call fails (or whose learner dies) is retried on every step, by the restarted learner too, until it is done.
 """
 
 from __future__ import annotations
@@ -84,8 +90,9 @@ def _drop_z(p_ref: float, n_ref: int, p_new: float, n_new: int) -> float:
 
 class RolloutWatch:
     """The learner's rollouts under watch, at most one per embodiment: `watching[name]` is {"version",
-    "previous", "published_at"}. While a rollout is watched that embodiment gets no new round, so every
-    verdict compares exactly two versions.
+    "previous", "published_at", "installed_at"}; `pending[name]` a decided rollback not yet done. Both live in
+    `state` (saved on every change). While a rollout is watched or its rollback pending, that embodiment gets
+    no new round, so every verdict compares exactly two versions.
 
     A rollback re-publishes the previous version's payload to `registry` under a new number, installs it in
     `heads[name]` and counts it in `state` (saved)."""
@@ -101,58 +108,131 @@ class RolloutWatch:
     ) -> None:
         self.config, self.outcomes, self.registry = config, outcomes, registry
         self.heads, self.state, self.log = heads, state, log
-        self.watching: dict[str, dict] = {}
+        self.last_error: str | None = None
+
+    @property
+    def watching(self) -> dict[str, dict]:
+        return self.state.watching
+
+    @property
+    def pending(self) -> dict[str, dict]:
+        return self.state.pending_rollbacks
 
     def __contains__(self, name: str) -> bool:
-        return name in self.watching
+        return name in self.watching or name in self.pending
 
     def start(self, name: str, version: int, previous: int) -> None:
         """Watch the rollout previous -> version of head `name`, published now."""
         self.watching[name] = {"version": version, "previous": previous, "published_at": time.time()}
+        self.state.save()
 
     def status(self) -> dict[str, dict]:
-        """Each watched rollout with the episodes that ran on the new version and how many are needed."""
+        """Each watched rollout with the episodes that ran on the new version and how many are needed, and
+        each rollback decided but not yet done."""
         needed = self.config.watch_episodes
-        return {
+        out = {
             name: w | {"episodes": self.outcomes.count(name, w["version"]), "needed": needed}
             for name, w in list(self.watching.items())
         }
+        return out | {name: p | {"rollback_pending": True} for name, p in list(self.pending.items())}
+
+    def _installed(self, name: str, version: int) -> dict:
+        """HeadStore.rollout_state of the registry; a registry without it (a bare store) counts as everywhere."""
+        ask = getattr(self.registry, "rollout_state", None)
+        if ask is None:
+            return {"everywhere": True, "refused": []}
+        return ask(name, version)
 
     def judge(self, name: str) -> dict | None:
-        """Decide the watched rollout of `name` if enough episodes ran: confirm or roll back (the event), else
-        None."""
+        """Decide the watched rollout of `name` if enough episodes ran, or a replica refused it: confirm or
+        roll back (the event), else None. A pending rollback is retried first."""
+        if name in self.pending:
+            return self._rollback(name)
         w = self.watching.get(name)
         if w is None:
             return None
         cfg = self.config
+        installed = self._installed(name, w["version"])
+        if installed["refused"]:
+            why = "; ".join(f"{r['replica']}: {r['error']}" for r in installed["refused"][:3])
+            return self._decide_rollback(name, w, {"episodes": 0}, f"replicas refused to install it ({why})")
+        if installed["everywhere"] and w.get("installed_at") is None:
+            w["installed_at"] = time.time()
+            self.state.save()
         new = self.outcomes.episodes(name, w["version"])
         ref = self.outcomes.episodes(name, w["previous"])[-cfg.reference_episodes :]
         if len(new) < cfg.watch_episodes:
-            if time.time() - w["published_at"] > cfg.watch_timeout_s:
-                del self.watching[name]
+            since = w.get("installed_at")
+            if since is not None and time.time() - since > cfg.watch_timeout_s:
                 return self._confirmed(name, w, {"episodes": len(new)}, "timeout")
             return None
         new = new[: cfg.watch_episodes]
-        del self.watching[name]
         if len(ref) < cfg.min_reference:
             return self._confirmed(name, w, {"episodes": len(new)}, "no reference episodes")
         rollback, info, reason = judge_rollout(ref, new, cfg, name)
         if rollback:
-            return self._rollback(name, w, info, reason)
+            return self._decide_rollback(name, w, info, reason)
         return self._confirmed(name, w, info, reason)
 
     def _confirmed(self, name: str, w: dict, info: dict, why: str) -> dict:
-        return self.state.event("rollout_confirmed", name, version=w["version"], **info, why=why)
-
-    def _rollback(self, name: str, w: dict, info: dict, message: str) -> dict:
-        _, payload = self.registry.get(name, w["previous"])
-        meta = {"rollback_of": w["version"], "restores": w["previous"], "reason": message}
-        version = int(self.registry.publish(name, None, payload, meta))
-        self.heads[name].install_payload(payload, version)
-        self.state.rollbacks += 1
-        event = self.state.event(
-            "rollback", name, version=version, rolled_back=w["version"], restores=w["previous"], reason=message, **info
-        )
-        self.log(f"learner: {name} v{w['version']} rolled back as v{version}: {message}")
+        del self.watching[name]
+        event = self.state.event("rollout_confirmed", name, version=w["version"], **info, why=why)
         self.state.save()
         return event
+
+    def _decide_rollback(self, name: str, w: dict, info: dict, reason: str) -> dict | None:
+        """Record the decision (durably) before acting on it, then act."""
+        del self.watching[name]
+        self.pending[name] = {
+            "rolled_back": w["version"],
+            "restores": w["previous"],
+            "reason": reason,
+            "info": info,
+            "version": None,
+            "decided_at": time.time(),
+            "attempts": 0,
+        }
+        self.state.save()
+        return self._rollback(name)
+
+    def _rollback(self, name: str) -> dict | None:
+        """Do the pending rollback of `name`: the event, or None when the registry failed (retried next step)."""
+        p = self.pending[name]
+        p["attempts"] += 1
+        try:
+            _, payload = self.registry.get(name, p["restores"])
+            if p["version"] is None:
+                # the number is fixed before the call: a retry after a lost answer publishes the same version,
+                # which the registry answers (same payload) instead of storing a second copy
+                p["version"] = max(int(self.registry.latest().get(name, 0)), self.heads[name].version) + 1
+                self.state.save()
+            meta = {"rollback_of": p["rolled_back"], "restores": p["restores"], "reason": p["reason"]}
+            version = int(self.registry.publish(name, p["version"], payload, meta))
+        except ValueError as exc:  # the number was taken meanwhile (another publisher): pick a new one next time
+            p["version"] = None
+            return self._failed(name, p, exc)
+        except Exception as exc:  # noqa: BLE001 - the registry is away or restarting: retried next step
+            return self._failed(name, p, exc)
+        self.heads[name].install_payload(payload, version)
+        del self.pending[name]
+        self.state.rollbacks += 1
+        event = self.state.event(
+            "rollback",
+            name,
+            version=version,
+            rolled_back=p["rolled_back"],
+            restores=p["restores"],
+            reason=p["reason"],
+            attempts=p["attempts"],
+            **p["info"],
+        )
+        self.log(f"learner: {name} v{p['rolled_back']} rolled back as v{version}: {p['reason']}")
+        self.last_error = None
+        self.state.save()
+        return event
+
+    def _failed(self, name: str, p: dict, exc: BaseException) -> None:
+        self.last_error = f"rollback of {name} v{p['rolled_back']} failed, will retry: {type(exc).__name__}: {exc}"
+        self.log(f"learner: {self.last_error}")
+        self.state.save()
+        return None
