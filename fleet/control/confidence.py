@@ -1,8 +1,10 @@
 """How sure the policy is, read from ONE reply: flow-sample spread, token entropy, feature novelty.
 
-The estimator never calls a model. A reply with no uncertainty signal (a single deterministic chunk) is
-reported as unknown (`known=False`, value 1.0, reason "no uncertainty signal"), never as confident: the
-caller decides what unknown means (DegradationPolicy's `unknown_is_low`).
+The estimator never calls a model. A reply with no uncertainty signal (a single deterministic chunk, one
+flow sample, features without statistics) is reported as unknown and fails closed: `known=False`, value 0.0,
+reason "no uncertainty signal", so anything gating on the value (DegradationPolicy) treats it as low and asks
+a human, instead of trusting a policy that gave no grounds to. Robots ask flow heads for several samples
+and token heads return entropies, so their replies always carry a signal.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ class ConfidenceConfig:
 class Confidence:
     """One reply's confidence: value in [0, 1] is the weakest component."""
 
-    value: float  # min over components; 1.0 when unknown
+    value: float  # min over components; 0.0 when unknown (fail closed)
     reasons: list[str]  # why it is low (or "no uncertainty signal")
     components: dict[str, float] = field(default_factory=dict)  # raw signals and per-component confidences
     known: bool = True  # False when the reply carried no uncertainty signal at all
@@ -178,8 +180,8 @@ class ConfidenceEstimator:
         features = reply.get("features")
         if features is not None and self.feature_stats is not None:
             score("ood_distance", self.feature_stats.distance(features), cfg.ood_threshold, "ood distance")
-        if not levels:
-            return Confidence(1.0, reasons + ["no uncertainty signal"], comps, known=False)
+        if not levels:  # fail closed: no grounds for confidence is not confidence
+            return Confidence(0.0, reasons + ["no uncertainty signal"], comps, known=False)
         novel = not comps.get("ood_distance", 0.0) <= cfg.novelty_threshold
         if novel:
             reasons.append(f"novel scene: ood distance {comps['ood_distance']:.2f} > {cfg.novelty_threshold:g}")

@@ -28,7 +28,8 @@ def samples_with_std(std: float, k: int = 8, t: int = 16, d: int = 7) -> np.ndar
 @pytest.mark.parametrize("reply", [{}, {"chunk": np.zeros((16, 7))}, {"samples": np.zeros((1, 16, 7))}])
 def test_no_uncertainty_signal_is_unknown_not_confident(reply):
     conf = ConfidenceEstimator().estimate(reply)
-    assert conf.known is False and conf.value == 1.0 and "no uncertainty signal" in conf.reasons
+    # fails closed: before, an unknown scored 1.0 and a policy gating on the value trusted it
+    assert conf.known is False and conf.value == 0.0 and "no uncertainty signal" in conf.reasons
     assert not conf.is_novel
 
 
@@ -127,3 +128,10 @@ def test_confidence_to_dict_is_json():
     conf = ConfidenceEstimator().estimate({"samples": samples_with_std(0.5)})
     d = json.loads(json.dumps(conf.to_dict()))
     assert d["known"] is True and d["value"] == pytest.approx(conf.value) and isinstance(conf, Confidence)
+
+
+def test_a_reply_without_uncertainty_pauses_the_default_degradation_policy():
+    from fleet.control.degradation import DegradationPolicy, State
+
+    policy = DegradationPolicy()
+    assert policy.update(ConfidenceEstimator().estimate({"chunk": np.zeros((16, 7))})) is State.PAUSED
