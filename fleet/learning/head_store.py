@@ -203,5 +203,13 @@ class HeadStore:
             if v.get("endpoint") and (node_id is None or v["endpoint"].get("node_id") == node_id)
         ]
 
+    def stats(self) -> dict:
+        """What the store refused and skipped: publishes refused since start, files skipped at load."""
+        return {
+            "latest": self.latest(),
+            "refused_publishes": self.refused_publishes,
+            "skipped_at_load": list(self.skipped_at_load),
+        }
+
     def check_health(self) -> bool:
         return True

@@ -110,10 +110,14 @@ def test_kill_mid_round_publishes_nothing_and_versions_stay_monotonic(ray_sessio
     ray = ray_session
     replay, registry, start, names = fleet
     ckpt, demo = checkpoint
-    learner = start(ckpt, {"adapt": FAST})
+    learner = start(ckpt, {"adapt": FAST, "watch_episodes": 2, "min_reference": 2})
     send(ray, replay, demo, range(0, 24, 2))
     wait_for(ray, learner, lambda s: s["published"] == 1)
     assert ray.get(registry.latest.remote()) == {"franka": 2}
+    # the rollout is judged (a watched rollout survives a restart and holds back rounds until judged)
+    ok = {"robot_id": "robot-franka-0", "embodiment": "franka", "episode": 0, "success": True}
+    ray.get(learner.record_outcomes.remote([ok | {"head_version": 1}] * 2 + [ok | {"head_version": 2}] * 2))
+    wait_for(ray, learner, lambda s: not s["watch"])
     ray.kill(learner, no_restart=True)
 
     # a learner whose round never ends is killed while adapting

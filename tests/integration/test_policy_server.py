@@ -102,7 +102,7 @@ def test_direct_socket_of_every_replica_is_listed_and_serves_the_same_batches(se
         time.sleep(0.2)
     assert {e["replica"] for e in endpoints} == set(ray.get(registry.serving.remote()))
     for k, endpoint in enumerate(endpoints):
-        conn = DirectConnection(endpoint["host"], endpoint["port"])
+        conn = DirectConnection(endpoint["host"], endpoint["port"], token=endpoint.get("token"))
         conn.submit(request("aloha", 50 + k))
         reply = None
         while reply is None and time.monotonic() < deadline:
