@@ -4,6 +4,7 @@ watches it (the watch is in its saved state), and rolls the head back when the f
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -24,7 +25,16 @@ def test_a_learner_killed_mid_watch_still_rolls_back_a_worse_head(ray_session, f
     v1 = ray.get(registry.get.remote("franka", 1))[1]
 
     ray.kill(learner, no_restart=False)  # mid-watch: Ray restarts it, its memory is gone
-    status = wait_for(ray, learner, lambda s: s["state"] == "idle")
+    deadline = time.monotonic() + 120
+    while True:  # the restarting actor answers with errors until it is back
+        try:
+            status = ray.get(learner.status.remote(), timeout=30)
+            if status["state"] == "idle":
+                break
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            pass
+        assert time.monotonic() < deadline, "the learner did not come back"
+        time.sleep(0.5)
     assert "franka" in status["watch"] and status["watch"]["franka"]["version"] == 2  # before: forgotten
     ray.get(learner.record_outcomes.remote([ok | {"head_version": 1}] * 10))
     ray.get(learner.record_outcomes.remote([ok | {"head_version": 2, "success": False}] * 5))
