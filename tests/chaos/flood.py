@@ -90,7 +90,7 @@ class Robot(threading.Thread):
             try:
                 if sock is None:
                     sock = socket.create_connection((self.endpoint["host"], self.endpoint["port"]), timeout=2)
-                    sock.sendall(hello_frame(self.endpoint.get("token") or _fleet_token()))
+                    sock.sendall(hello_frame(token_for(self.endpoint)))
                 tick += 1
                 sent = time.monotonic()
                 sock.sendall(frame(request_wire("robot-ok", tick)))
@@ -110,7 +110,11 @@ class Robot(threading.Thread):
         _close(sock)
 
 
-def _fleet_token() -> str | None:
+def token_for(endpoint: dict) -> str | None:
+    """The token a robot presents to this endpoint: the replica's own secret when it lists one, else the
+    fleet's (Ray's) token."""
+    if endpoint.get("token"):
+        return endpoint["token"]
     try:
         from fleet.serving.direct import fleet_token
     except ImportError:  # a tree from before the token
@@ -142,7 +146,7 @@ def flooder(endpoint: dict, stop: threading.Event, sent: list[int], k: int) -> N
     """Pipeline frames on one connection and never read (SO_RCVBUF small, as a stuck client's would be)."""
     sock = socket.create_connection((endpoint["host"], endpoint["port"]), timeout=2)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-    sock.sendall(hello_frame(endpoint.get("token") or _fleet_token()))
+    sock.sendall(hello_frame(token_for(endpoint)))
     data = frame(request_wire(f"flood-{k}", 1))
     sock.settimeout(0.2)
     while not stop.is_set():

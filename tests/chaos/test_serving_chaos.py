@@ -30,6 +30,7 @@ from tests.chaos.flood import (
     request_wire,
     rss_mb,
     start_policy_app,
+    token_for,
 )
 from tests.mocks.poisoned_heads import poisoned
 from tests.mocks.tiny_policy import TINY
@@ -100,9 +101,9 @@ def test_a_thousand_half_sent_frames_are_dropped_and_a_connected_robot_is_served
             refused_at_connect += 1
             continue
         if k % 2:  # authenticated, then a header and half a body
-            sock.sendall(hello_frame(endpoint.get("token")) + whole[: len(whole) // 2])
+            sock.sendall(hello_frame(token_for(endpoint)) + whole[: len(whole) // 2])
         else:  # half a hello
-            sock.sendall(hello_frame(endpoint.get("token"))[:6])
+            sock.sendall(hello_frame(token_for(endpoint))[:6])
         socks.append(sock)
     peak = rss_mb(pid)
     deadline = time.monotonic() + 30
@@ -171,9 +172,16 @@ def test_poisoned_heads_are_refused_the_old_head_keeps_serving_and_nothing_resta
     franka = handle.head_versions.remote().result(timeout_s=60)["franka"]
     good = head_to_bytes(build_model(NAMES, 1, TINY), "franka", 1)
     kinds = poisoned(good)
-    for k, bad in enumerate(kinds.values()):
-        ray.get(registry.publish_unchecked.remote("franka", franka + 1 + k, bad))
     versions = []
+    for k, bad in enumerate(kinds.values()):  # one at a time: a replica only ever tries the newest version
+        ray.get(registry.publish_unchecked.remote("franka", franka + 1 + k, bad))
+        deadline = time.monotonic() + 10
+        while not any(
+            r["version"] == franka + 1 + k for r in handle.stats.remote().result(timeout_s=60)["refused_heads"]
+        ):
+            assert time.monotonic() < deadline, f"version {franka + 1 + k} neither installed nor refused"
+            versions.append(handle.act.remote(request_wire("r", k)).result(timeout_s=60)["head_version"])
+            time.sleep(0.1)
     for i in range(30):  # served throughout, by the head it had
         reply = handle.act.remote(request_wire(f"r{i}", i)).result(timeout_s=60)
         assert "error" not in reply and np.isfinite(reply["chunk"]).all()
@@ -215,7 +223,7 @@ def test_a_stopped_replica_recovers_without_a_restart_and_memory_stays_bounded(a
     try:
         # meanwhile a client keeps sending into the stopped replica's socket buffers
         sock = socket.create_connection((endpoint["host"], endpoint["port"]), timeout=2)
-        sock.sendall(hello_frame(endpoint.get("token")))
+        sock.sendall(hello_frame(token_for(endpoint)))
         sock.settimeout(0.2)
         sent, data = 0, frame(request_wire("while-stopped", 1))
         until = time.monotonic() + 3.0
