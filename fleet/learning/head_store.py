@@ -206,6 +206,7 @@ class HeadStore:
     def stats(self) -> dict:
         """What the store refused and skipped: publishes refused since start, files skipped at load."""
         return {
+            "pid": os.getpid(),
             "latest": self.latest(),
             "refused_publishes": self.refused_publishes,
             "skipped_at_load": list(self.skipped_at_load),

@@ -27,6 +27,20 @@ def report(name: str, figures: dict) -> None:
     print(f"\nCHAOS {name}: {json.dumps(figures)}")
 
 
+def stats_after_restart(ray, actor, old_pid: int) -> dict:
+    """The actor's stats once its restarted incarnation answers (calls fail or reach the old one until then)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            stats = ray.get(actor.stats.remote(), timeout=30)
+            if stats["pid"] != old_pid:
+                return stats
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError("the actor did not come back")
+
+
 def batch(n: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [validate_correction(random_correction("franka", rng)).to_dict() for _ in range(n)]
@@ -49,14 +63,7 @@ def test_a_replay_actor_starts_from_a_corrupt_log_and_sets_the_bad_parts_aside(r
         held = {c.id for c in ray.get(replay.since.remote("franka", 0))["corrections"]}
         assert held == acked[0] | acked[2] | acked[3]
         ray.kill(replay, no_restart=False)  # a restart finds a clean log
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                again = ray.get(replay.stats.remote(), timeout=30)
-                break
-            except ray.exceptions.RayActorError:
-                assert time.monotonic() < deadline
-                time.sleep(0.5)
+        again = stats_after_restart(ray, replay, stats["pid"])
         assert again["quarantined_at_start"] == [] and again["loaded_at_start"] == 30
     finally:
         ray.kill(replay, no_restart=True)
@@ -74,15 +81,9 @@ def test_a_truncated_registry_file_leaves_the_registry_serving_the_version_befor
             ray.get(registry.publish.remote("franka", None, head_to_bytes(build_model(NAMES, seed, TINY), "franka")))
         path = tmp_path / "heads" / "franka" / "v000002.safetensors"
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+        old_pid = ray.get(registry.stats.remote())["pid"]
         ray.kill(registry, no_restart=False)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                stats = ray.get(registry.stats.remote(), timeout=30)
-                break
-            except ray.exceptions.RayActorError:
-                assert time.monotonic() < deadline
-                time.sleep(0.5)
+        stats = stats_after_restart(ray, registry, old_pid)
         assert stats["latest"] == {"franka": 1} and len(stats["skipped_at_load"]) == 1
         # and it keeps accepting the next head
         payload = head_to_bytes(build_model(NAMES, 2, TINY), "franka")

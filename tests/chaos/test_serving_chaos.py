@@ -20,7 +20,6 @@ from fleet.policy.checkpoint import head_to_bytes
 from fleet.policy.train import build_model
 from tests.chaos.conftest import NAMES
 from tests.chaos.flood import (
-    HEADER,
     Robot,
     endpoint_of,
     flood,
@@ -256,4 +255,3 @@ def test_a_stopped_replica_recovers_without_a_restart_and_memory_stays_bounded(a
     assert robot.replies >= during + 20  # served again after SIGCONT
     assert replica_pid(handle) == pid  # recovered, not restarted
     assert rss_mb(pid) - before < 200
-    assert HEADER.size == 4
