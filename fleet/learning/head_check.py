@@ -124,9 +124,10 @@ def check_head_payload(
             raise _fail(name, f"tensors {a!r} and {b!r} overlap in the data section")
     if reference is not None:
         ref = reference["tensors"]
-        # a head written before heads had word adapters lacks their tables; the loader fills in zeros
+        # a head written before heads had word adapters lacks their tables (the loader fills in zeros): either
+        # side may lack them
         missing = sorted(k for k in set(ref) - set(shapes) if not k.endswith(OPTIONAL_SUFFIX))
-        extra = sorted(set(shapes) - set(ref))
+        extra = sorted(k for k in set(shapes) - set(ref) if not k.endswith(OPTIONAL_SUFFIX))
         if missing or extra:
             raise _fail(name, f"tensors differ from the current head's: missing {missing[:5]}, unexpected {extra[:5]}")
         for key, want in ref.items():
