@@ -238,6 +238,9 @@ def export_corrections_cmd(
     """Write the fleet's corrections as a LeRobot-style dataset for offline training:
     OUT/data/chunk-000/file-000.parquet, OUT/meta/info.json, OUT/meta/tasks.parquet, OUT/meta/episodes/...
 
+    One LeRobot v3.0 dataset per embodiment: OUT itself for one body, OUT/<embodiment>/ each for several (listed in
+    OUT/export.json); LeRobot's LeRobotDataset(repo_id, root=...) loads each offline.
+
     Example: fleet export-corrections runs/dataset --log-dir runs/fleet/corrections --embodiment franka
     """
     # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
