@@ -314,3 +314,26 @@ def test_openpi_and_http_endpoints_reach_the_fleets_replica(ray_session, fleet):
     ok = httpx.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
     assert ok.status_code == 200, ok.text
     assert np.asarray(ok.json()["chunk"]).shape == (16, 3) and ok.json()["head_version"] == 1
+
+
+def test_an_unmodified_openpi_client_drives_a_robot(fleet):
+    """openpi-client 0.1.2 itself (WebsocketClientPolicy + ActionChunkBroker), from its own venv (it pins numpy < 2):
+    FLEET_OPENPI_PYTHON names that venv's python (with gymnasium for the sim; see fleet/serving/openpi_drive.py)."""
+    python = os.environ.get("FLEET_OPENPI_PYTHON")
+    if not python or not Path(python).exists():
+        pytest.skip("set FLEET_OPENPI_PYTHON to a python with openpi-client and gymnasium (not installable here)")
+    _, info = fleet
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [python, "-m", "fleet.serving.openpi_drive", info["endpoints"]["openpi"] + "/hello", "--token", TOKEN]
+    run = subprocess.run(
+        cmd + ["--episodes", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+        env=dict(os.environ, PYTHONPATH=str(repo)),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["client"] == "openpi-client" and out["server"] == {"server": "vla-fleet", "protocol": "openpi-websocket"}
+    assert out["head_version"] == 1 and out["server_calls"] >= 1 and out["episodes"][0]["steps"] > 0

@@ -96,7 +96,10 @@ def test_every_body_exports_as_a_dataset_lerobots_loader_accepts(tmp_path):
 
 LOAD = textwrap.dedent(
     """
-    import json, sys
+    import json, sys, types
+    # torchvision's PyPI wheel (built for CUDA torch) cannot load its C ops beside a CPU torch; LeRobot's loader
+    # needs only its pure-python transforms, so the C ops' meta registrations are skipped
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
     import numpy as np
     from ledataset.datasets.lerobot_dataset import LeRobotDataset
     root, chunk = sys.argv[1], int(sys.argv[2])
