@@ -18,6 +18,7 @@ SNAPSHOT = {
             "episodes": 4,
             "successes": 3,
             "success_rate": 0.75,
+            "recent_success_rate": 0.5,
             "interventions": 7,
             "held_ticks": 2,
             "ticks": 400,
@@ -30,13 +31,25 @@ SNAPSHOT = {
         {"id": "robot-hello-0", "embodiment": "hello", "state": "restarting", "episodes": None},
     ],
     "replicas": [
-        {"replica": "r1:42", "mean_batch_size": 3.5, "queue_depth": 0, "requests": 90, "batches": 30,
-         "infer_ms_p50": 8.0, "infer_ms_p99": 20.0, "head_versions": {"franka": 2, "hello": 1},
-         "openpi": {"connections": 1}},
+        {
+            "replica": "r1:42",
+            "mean_batch_size": 3.5,
+            "queue_depth": 0,
+            "requests": 90,
+            "batches": 30,
+            "infer_ms_p50": 8.0,
+            "infer_ms_p99": 20.0,
+            "head_versions": {"franka": 2, "hello": 1},
+            "openpi": {"connections": 1},
+        },
     ],  # fmt: skip
     "learner": {"state": "idle", "rounds": 5, "published": 3, "rollbacks": 1},
-    "replay": {"accepted": {"franka": 7}, "buffer": {"embodiments": {"franka": {"count": 7}}}, "rejected_total": 0,
-               "log": {"bytes": 1234}},  # fmt: skip
+    "replay": {
+        "accepted": {"franka": 7},
+        "buffer": {"embodiments": {"franka": {"count": 7}}},
+        "rejected_total": 0,
+        "log": {"bytes": 1234},
+    },  # fmt: skip
     "heads": {"franka": 2, "hello": 1},
     "desired": {"franka": 1, "hello": 1},
 }
@@ -96,3 +109,23 @@ def test_server_wants_the_token_and_answers_healthz():
     assert ok.startswith(b"HTTP/1.1 200") and b"fleet_robot_episodes_total" in ok
     assert health.startswith(b"HTTP/1.1 200") and other.startswith(b"HTTP/1.1 404")
     assert counts == {"scrapes": 1, "refused": 2, "errors": 0}
+
+
+def test_grafana_dashboard_plots_metrics_the_fleet_exports():
+    """Every metric a panel of deployments/grafana/fleet-dashboard.json queries is one render() produces."""
+    import json
+    import re
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).resolve().parents[2] / "deployments/grafana/fleet-dashboard.json").read_text())
+    exported = {name for name, _ in samples(render(SNAPSHOT))}
+    queried = {
+        name
+        for panel in dash["panels"]
+        for target in panel.get("targets", [])
+        for name in re.findall(r"\bfleet_[a-z_]+", target["expr"])
+    }
+    assert len(queried) >= 15 and queried <= exported, queried - exported
+    assert {p["type"] for p in dash["panels"]} == {"row", "timeseries"} and dash["__inputs"][0][
+        "pluginId"
+    ] == "prometheus"
