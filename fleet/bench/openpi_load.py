@@ -25,11 +25,9 @@ def _client(url: str, token: str | None):
         from openpi_client.websocket_client_policy import WebsocketClientPolicy
     except ImportError:
         return _FramingClient(url, token), "fleet openpi-framing client"
-    import openpi_client
+    from importlib.metadata import version
 
-    return WebsocketClientPolicy(
-        url, api_key=token
-    ), f"openpi-client {getattr(openpi_client, '__version__', '')}".strip()
+    return WebsocketClientPolicy(url, api_key=token), f"openpi-client {version('openpi-client')}"
 
 
 class _FramingClient:
