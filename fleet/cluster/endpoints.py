@@ -100,7 +100,7 @@ def plan_endpoints(config: FleetConfig, serve_running: bool) -> EndpointPlan:
     running on this Ray (another fleet), the HTTP ingress joins its proxy wherever that listens."""
     host, taken = config.endpoint_host, set()
     http = config.http_port
-    if http and not serve_running:
+    if http is not None and not serve_running:
         http = _claim(host, http, "HTTP ingress", "--http-port", taken)
     openpi = _claim(host, config.openpi_port, "openpi endpoint", "--openpi-port", taken)
     metrics = _claim(host, config.metrics_port, "metrics endpoint", "--metrics-port", taken)
