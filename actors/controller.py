@@ -62,6 +62,7 @@ class _FleetController:
         self._replay = None
         self._replica_stats: dict[str, tuple[float, dict]] = {}  # replica -> (when seen, its stats)
         self._metrics: MetricsServer | None = None
+        self._metrics_lock = asyncio.Lock()
 
     # ---- desired counts --------------------------------------------------------------------------
     def _load_desired(self) -> dict | None:
@@ -159,10 +160,12 @@ class _FleetController:
         """Listen for Prometheus scrapes where the config says (`metrics`: {"host", "port"}); a restarted
         controller listens again on the same port."""
         where = self.cfg.get("metrics")
-        if not where or self._metrics is not None:
-            return
-        self._metrics = MetricsServer(self._scrape, token=self.cfg.get("api_token"))
-        await self._metrics.start(where["host"], where["port"])
+        async with self._metrics_lock:
+            if not where or self._metrics is not None:
+                return
+            server = MetricsServer(self._scrape, token=self.cfg.get("api_token"))
+            await server.start(where["host"], where["port"])
+            self._metrics = server
 
     async def _scrape(self) -> bytes:
         return render(await self.metrics_snapshot())
@@ -215,6 +218,11 @@ class _FleetController:
             return {"state": "unreachable", "last_error": f"{type(exc).__name__}: {exc}"}
 
     async def status(self, timeout_s: float = 3.0) -> dict:
+        if self._metrics is None and self.cfg.get("metrics"):  # a restarted controller listens again
+            try:
+                await self._start_metrics()
+            except OSError as exc:
+                log.warning("metrics endpoint: %s", exc)
         names = sorted(self.robots)
 
         async def one(name: str) -> dict:
