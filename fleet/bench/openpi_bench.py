@@ -160,8 +160,12 @@ def run_openpi_bench(
             _wait_http(f"http://127.0.0.1:{peer_port}/healthz")
             urls = {"openpi": f"ws://127.0.0.1:{openpi_port}", "peer": f"ws://127.0.0.1:{peer_port}"}
             for n in counts:
+                before = handle.stats.remote().result()
                 outs, client = _point(n, robots, urls, token, client_python, repeats, seconds_per_point)
+                after = handle.stats.remote().result()
                 results += _summarize(n, outs, seconds_per_point)
+                batches = after["batches"] - before["batches"]
+                results[-2]["server_batch"] = (after["rows"] - before["rows"]) / batches if batches else None
     finally:
         peer.terminate()
         peer.wait(timeout=30)
@@ -197,15 +201,17 @@ def _summarize(n: int, outs: list[dict], seconds: float) -> list[dict]:
 
 
 def format_openpi_table(result: dict) -> str:
-    lines = ["robots  route    calls/s  windows (calls/s)       p50 ms  p99 ms  vs peer"]
+    lines = ["robots  route    calls/s  windows (calls/s)    p50 ms  p99 ms  batch  vs peer"]
     lines.append("-" * len(lines[0]))
     for r in result["results"]:
         windows = " ".join(f"{w:.0f}" for w in r["windows_calls_per_s"])
         vs = f"{r['vs_peer']:.2f}x" if r.get("vs_peer") is not None else ""
         p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.1f}"
         p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}"
+        batch = f"{r['server_batch']:.1f}" if r.get("server_batch") else "1" if r["route"] == "peer" else "-"
         lines.append(
-            f"{r['robots']:>6}  {r['route']:<7} {r['calls_per_s']:>8.1f}  {windows:<22} {p50:>6}  {p99:>6}  {vs:>7}"
+            f"{r['robots']:>6}  {r['route']:<7} {r['calls_per_s']:>8.1f}  {windows:<19} {p50:>6}  {p99:>6}  "
+            f"{batch:>5}  {vs:>7}"
         )
     cfg = result["config"]
     lines.append(f"client: {cfg['client']}; torch threads {cfg['threads']} each; niceness {cfg.get('niceness')}")
