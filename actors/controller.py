@@ -5,6 +5,10 @@ the cluster finds it there (`fleet status`, `fleet scale`, `fleet down` from ano
 and owns the robot actors, so they live as long as it does, and Ray restarts a dead robot (on another
 node if its node is gone). If the controller itself restarts, its robots died with it: the new
 incarnation recreates them from the counts it saved in `log_dir/desired.json`.
+
+It also serves the fleet's Prometheus metrics (fleet/metrics.py) when the config names a `metrics` endpoint: on
+each scrape it gathers the robots' reports, every replica's stats, the learner's and the replay store's
+status, and renders them. `status()` carries the URLs of the fleet's endpoints (`endpoints`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +25,7 @@ import ray
 from actors.robot import RobotActor
 from fleet.durable import write_text_atomic
 from fleet.embodiments import EMBODIMENTS
+from fleet.metrics import MetricsServer, render
 from fleet.names import HEADS, LEARNER, REPLAY, robot_name, robot_prefix
 from fleet.validate import is_int
 
@@ -53,6 +59,10 @@ class _FleetController:
         self._lock = asyncio.Lock()
         self._handle = None
         self._learner = None
+        self._replay = None
+        self._replica_stats: dict[str, tuple[float, dict]] = {}  # replica -> (when seen, its stats)
+        self._metrics: MetricsServer | None = None
+        self._metrics_lock = asyncio.Lock()
 
     # ---- desired counts --------------------------------------------------------------------------
     def _load_desired(self) -> dict | None:
@@ -141,9 +151,24 @@ class _FleetController:
     # ---- API -------------------------------------------------------------------------------------
     async def start(self) -> list[str]:
         async with self._lock:
+            await self._start_metrics()
             self._save_desired()
             await self._reconcile()
             return sorted(self.robots)
+
+    async def _start_metrics(self) -> None:
+        """Listen for Prometheus scrapes where the config says (`metrics`: {"host", "port"}); a restarted
+        controller listens again on the same port."""
+        where = self.cfg.get("metrics")
+        async with self._metrics_lock:
+            if not where or self._metrics is not None:
+                return
+            server = MetricsServer(self._scrape, token=self.cfg.get("api_token"))
+            await server.start(where["host"], where["port"])
+            self._metrics = server
+
+    async def _scrape(self) -> bytes:
+        return render(await self.metrics_snapshot())
 
     async def scale(self, counts: dict[str, int]) -> dict:
         """Set robots per embodiment; embodiments not named keep their count."""
@@ -163,7 +188,7 @@ class _FleetController:
         return await _get(handle.reset_estop.remote(), 30.0)
 
     def config(self) -> dict:
-        return dict(self.cfg) | {"desired": dict(self.desired)}
+        return {k: v for k, v in self.cfg.items() if k != "api_token"} | {"desired": dict(self.desired)}
 
     def robot_handles(self) -> dict:
         """{robot id: actor handle} (handles are picklable: other processes can call the robots)."""
@@ -193,6 +218,11 @@ class _FleetController:
             return {"state": "unreachable", "last_error": f"{type(exc).__name__}: {exc}"}
 
     async def status(self, timeout_s: float = 3.0) -> dict:
+        if self._metrics is None and self.cfg.get("metrics"):  # a restarted controller listens again
+            try:
+                await self._start_metrics()
+            except OSError as exc:
+                log.warning("metrics endpoint: %s", exc)
         names = sorted(self.robots)
 
         async def one(name: str) -> dict:
@@ -210,11 +240,56 @@ class _FleetController:
         robots = [{k: r.get(k) for k in STATUS_KEYS} | r for r in reports]
         out = {"robots": robots, "heads": heads, "desired": dict(self.desired), "app": self.cfg["app_name"]}
         out |= {"namespace": self.cfg["namespace"], "realtime": self.cfg["realtime"]}
+        out["endpoints"] = dict(self.cfg.get("endpoints") or {"http": None, "openpi": None, "metrics": None})
         if heads_error:
             out["heads_error"] = heads_error
         if learner is not None:
             out["learner"] = learner
         return out
+
+    # ---- metrics ---------------------------------------------------------------------------------
+    async def metrics_snapshot(self, timeout_s: float = 3.0) -> dict:
+        """`status()` plus every serving replica's stats ("replicas") and the replay store's ("replay")."""
+        status, replicas, replay = await asyncio.gather(
+            self.status(timeout_s), self._replicas(timeout_s), self._replay_stats(timeout_s)
+        )
+        return status | {"replicas": replicas, "replay": replay}
+
+    async def _replicas(self, timeout_s: float) -> list[dict]:
+        """Stats of each replica the head registry saw in the last 10 s. A Serve handle call reaches one replica
+        of Serve's choosing, so a few more calls than replicas go out at once and the answers are kept per
+        replica; one not reached this time shows its last stats for up to 30 s."""
+        try:
+            registry = ray.get_actor(HEADS, namespace=self.cfg["namespace"])
+            serving = await _get(registry.serving.remote(10.0), timeout_s)
+            if self._handle is None:
+                from ray import serve  # lazily, as in _heads
+
+                self._handle = serve.get_app_handle(self.cfg["app_name"])
+            calls = [self._handle.stats.remote() for _ in range(2 * len(serving) + 1)]
+            answers = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout_s)
+        except Exception as exc:  # noqa: BLE001 - metrics must answer with the server down
+            log.warning("replica stats: %s", exc)
+            serving, answers = {}, []
+        now = time.monotonic()
+        for a in answers:
+            if isinstance(a, dict) and a.get("replica"):
+                self._replica_stats[str(a["replica"])] = (now, a)
+        self._replica_stats = {k: v for k, v in self._replica_stats.items() if now - v[0] <= 30.0}
+        out = []
+        for rid, (_, stats) in sorted(self._replica_stats.items()):
+            versions = (serving.get(rid) or {}).get("versions")
+            out.append(stats | {"head_versions": versions if versions is not None else stats.get("head_versions")})
+        return out
+
+    async def _replay_stats(self, timeout_s: float) -> dict:
+        try:
+            if self._replay is None:
+                self._replay = ray.get_actor(REPLAY, namespace=self.cfg["namespace"])
+            return await _get(self._replay.stats.remote(), timeout_s)
+        except Exception as exc:  # noqa: BLE001 - metrics must answer while the replay actor restarts
+            self._replay = None
+            return {"error": f"{type(exc).__name__}: {exc}"}
 
     async def shutdown(self) -> list[dict]:
         """Stop every robot now (the running episode is cut short; its corrections are delivered)."""

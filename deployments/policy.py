@@ -37,6 +37,7 @@ from ray.serve import Application
 from fleet.policy.openmp import set_omp_wait_policy
 from fleet.serving.config import ServeConfig
 from fleet.serving.direct import DirectLimits, DirectServer, fleet_token
+from fleet.serving.openpi import OpenpiServer, batch_queue_depth
 
 logger = logging.getLogger("ray.serve")
 REPORT_EVERY_S = 2.0
@@ -82,6 +83,11 @@ class PolicyServer:
         self._direct = self._make_direct(cfg) if cfg.direct else None
         self._direct_ready = asyncio.get_running_loop().create_task(self._start_direct()) if cfg.direct else None
         self._poller = asyncio.get_running_loop().create_task(self._poll_heads()) if cfg.registry else None
+        self._openpi = self._openpi_ready = None  # openpi's websocket protocol, same batches (fleet/serving/openpi.py)
+        if cfg.openpi_port is not None:
+            self._openpi = OpenpiServer(self.act, self.runtime.model.specs, self.runtime.head_versions, cfg.auth_token)
+            start = self._openpi.start(cfg.openpi_host, cfg.openpi_port, reuse_port=True)
+            self._openpi_ready = asyncio.get_running_loop().create_task(start)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def act(self, requests: list[dict]) -> list[dict]:
@@ -151,6 +157,8 @@ class PolicyServer:
     async def stats(self) -> dict:
         direct = self._direct
         return self.runtime.stats() | {
+            "queue_depth": batch_queue_depth(self.act),
+            "openpi": None if self._openpi is None else self._openpi.stats(),
             "hot_swap_error": self._poll_error,
             "refused_heads": self._refused_list(),
             "direct": None if direct is None else {"endpoint": self._public_endpoint()} | direct.stats(),
@@ -172,6 +180,8 @@ class PolicyServer:
             raise RuntimeError(f"head poller stopped: {self._poller.exception()!r}")
         if self._direct_ready is not None and self._direct_ready.done() and self._direct_ready.exception():
             raise RuntimeError(f"direct route failed to start: {self._direct_ready.exception()!r}")
+        if self._openpi_ready is not None and self._openpi_ready.done() and self._openpi_ready.exception():
+            raise RuntimeError(f"openpi endpoint failed to start: {self._openpi_ready.exception()!r}")
 
     # ----- hot swap ------------------------------------------------------------------------------
     async def _poll_heads(self) -> None:

@@ -238,6 +238,9 @@ def export_corrections_cmd(
     """Write the fleet's corrections as a LeRobot-style dataset for offline training:
     OUT/data/chunk-000/file-000.parquet, OUT/meta/info.json, OUT/meta/tasks.parquet, OUT/meta/episodes/...
 
+    One LeRobot v3.0 dataset per embodiment: OUT itself for one body, OUT/<embodiment>/ each for several (listed in
+    OUT/export.json); LeRobot's LeRobotDataset(repo_id, root=...) loads each offline.
+
     Example: fleet export-corrections runs/dataset --log-dir runs/fleet/corrections --embodiment franka
     """
     # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
@@ -280,9 +283,19 @@ def bench_serve(
         str,
         typer.Option(
             help="How the simulated robots reach the replica: 'direct' (its TCP socket, the fleet's default), "
-            "'handle' (Serve handle calls) or 'direct,handle' (both, side by side at every count).",
+            "'handle' (Serve handle calls) or 'direct,handle' (both, side by side at every count); 'openpi,peer': "
+            "our openpi endpoint against openpi's own server design (inline infer, no batching), same clients.",
         ),
     ] = "direct",
+    repeats: Annotated[int, typer.Option(min=1, help="openpi,peer: alternating windows per route and count.")] = 3,
+    client_python: Annotated[
+        str | None,
+        typer.Option(
+            "--client-python",
+            envvar="FLEET_OPENPI_PYTHON",
+            help="openpi,peer: a python with openpi-client; its WebsocketClientPolicy is then the client.",
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     out: OutOpt = None,
 ) -> None:
@@ -292,8 +305,10 @@ def bench_serve(
     from fleet.bench.serve import ROUTES, format_table, run_serve_bench, write_plot
 
     routes = tuple(r.strip() for r in route.split(",") if r.strip())
+    if set(routes) <= {"openpi", "peer"} and routes:
+        return _bench_openpi(robots, seconds, checkpoint, repeats, client_python, json_out)
     if not routes or any(r not in ROUTES for r in routes):
-        fail(f"--route: expected 'direct', 'handle' or 'direct,handle', got {route!r}")
+        fail(f"--route: expected 'direct', 'handle', 'direct,handle' or 'openpi,peer', got {route!r}")
 
     try:
         counts = tuple(int(x) for x in robots.split(",") if x.strip())
@@ -315,6 +330,23 @@ def bench_serve(
     if out is not None:
         write_plot(result, out)
     show(result, json_out, format_table)
+
+
+def _bench_openpi(robots: str, seconds: float, checkpoint, repeats: int, client_python, json_out: bool) -> None:
+    from fleet.bench.openpi_bench import format_openpi_table, run_openpi_bench
+
+    try:
+        counts = tuple(int(x) for x in robots.split(",") if x.strip())
+        if not counts or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        fail(f"--robots: expected comma-separated positive ints like 1,4,16, got {robots!r}")
+    if client_python is not None and not Path(client_python).exists():
+        fail(f"--client-python: {client_python} does not exist")
+    quiet = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
+    with quiet:
+        result = run_openpi_bench(counts, seconds, repeats, checkpoint=checkpoint, client_python=client_python)
+    show(result, json_out, format_openpi_table)
 
 
 # up / scale / status / down; bench infer and experiment quantize; experiment adapt (after the commands above,

@@ -7,6 +7,9 @@ fleet up --config fleet.yaml --detach      # keep it running; then, from any she
 fleet status                               # table (or --json: one JSON object)
 fleet scale franka=8 leap=0                # removed robots finish their episode, hand over corrections
 fleet down
+
+Endpoints `fleet up` serves outside Ray (loopback, the fleet's token from ~/.cache/fleet/api_token):
+HTTP ingress 127.0.0.1:8000 (POST /v1/act), openpi websocket 127.0.0.1:8001, Prometheus 127.0.0.1:8002/metrics.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 from rich import box
@@ -141,6 +145,8 @@ def render_table(status: dict, title: str = "fleet", width: int = 80):
             errors.append(_clip(f"{_short_id(r['id'])}: {r['last_error']}", width))
     heads = status.get("heads") or {}
     lines = ["heads: " + (", ".join(f"{k} v{v}" for k, v in sorted(heads.items())) or "unknown")]
+    if status.get("endpoints"):
+        lines.append(endpoints_caption(status["endpoints"]))
     if status.get("learner") is not None:
         lines.append(learner_line(status["learner"]))
     lines += errors
@@ -148,6 +154,17 @@ def render_table(status: dict, title: str = "fleet", width: int = 80):
     table.caption = "\n".join(_clip(line, width) for line in lines)
     table.caption_justify = "left"
     return table
+
+
+def endpoints_caption(endpoints: dict) -> str:
+    """One line that fits 80 columns: "endpoints on 127.0.0.1: http :8000  openpi :8001  metrics :8002/metrics"."""
+    on = {k: urlsplit(v) for k, v in endpoints.items() if v}
+    if not on:
+        return "endpoints: none"
+    hosts = {u.hostname for u in on.values()}
+    if len(hosts) != 1:
+        return "endpoints: " + "  ".join(f"{k} {u.netloc}{u.path}" for k, u in on.items())
+    return f"endpoints on {hosts.pop()}: " + "  ".join(f"{k} :{u.port}{u.path}" for k, u in on.items())
 
 
 def _clip(text: str, width: int) -> str:
@@ -210,6 +227,39 @@ def up_cmd(
     adapt_every: Annotated[
         int | None, typer.Option("--adapt-every", min=1, help="Corrections of one embodiment per round (50).")
     ] = None,
+    http_port: Annotated[
+        int | None, typer.Option("--http-port", min=0, max=65535, help="HTTP ingress port (8000; 0 = any free one).")
+    ] = None,
+    no_http: Annotated[bool, typer.Option("--no-http", help="Do not start the HTTP ingress.")] = False,
+    openpi_port: Annotated[
+        int | None,
+        typer.Option("--openpi-port", min=0, max=65535, help="openpi websocket port (8001; 0 = any free one)."),
+    ] = None,
+    no_openpi: Annotated[bool, typer.Option("--no-openpi", help="Do not start the openpi endpoint.")] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", min=0, max=65535, help="Prometheus /metrics port (8002; 0 = any free one)."),
+    ] = None,
+    no_metrics: Annotated[bool, typer.Option("--no-metrics", help="Do not serve Prometheus metrics.")] = False,
+    host: Annotated[
+        str | None,
+        typer.Option("--host", help="Interface the endpoints listen on (127.0.0.1; another needs a token)."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="FLEET_API_TOKEN",
+            show_envvar=True,
+            help="Token the endpoints take (default: ~/.cache/fleet/api_token, made once).",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option("--token-file", help="Read the endpoints' token from this file.")
+    ] = None,
+    no_token: Annotated[
+        bool, typer.Option("--no-token", help="Endpoints without a token (loopback --host only).")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Bring a simulated fleet up: the policy server, the replay and head actors, and the robots.
@@ -224,6 +274,11 @@ def up_cmd(
         fleet up --robots franka=2 --sim --duration 30 --shift franka:actuator_bias
         fleet up --shift franka:actuator_bias --adapt     # head versions go up as the learner adapts
         fleet up --config fleet.yaml --detach
+        fleet up --openpi-port 9000 --no-http --host 10.0.0.5 --token-file ~/robot.token
+
+    Endpoints for robots and monitoring outside Ray (their URLs in `fleet status`; each takes the token):
+    the HTTP ingress (POST /v1/act, `Authorization: Bearer TOKEN`), openpi's websocket protocol (openpi-client's
+    WebsocketClientPolicy(host, 8001, api_key=TOKEN)) and Prometheus metrics (/metrics, bearer token).
     """
 
     try:
@@ -251,6 +306,9 @@ def up_cmd(
             changes["adapt"] = True
         if adapt_every is not None:
             changes["adapt_every"] = adapt_every
+        changes |= endpoint_changes(
+            http_port, no_http, openpi_port, no_openpi, metrics_port, no_metrics, host, token, token_file, no_token
+        )
         cfg = cfg.with_(**changes) if changes else cfg
     except ValueError as exc:
         fail(str(exc))
@@ -263,6 +321,8 @@ def up_cmd(
     except (FleetError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     log(f"fleet up on Ray {info['address']} (namespace {info['namespace']}, app {info['app']})")
+    for line in endpoint_lines(info.get("endpoints")):
+        log(line)
     if cfg.adapt:
         log(f"learner: adapts a head every {cfg.adapt_every} corrections of its embodiment; versions in the caption")
     if detach:
@@ -284,6 +344,45 @@ def up_cmd(
     log(f"stopped {len(out['robots'])} robots; Ray stopped: {out['cluster_stopped']}")
     if json_out:
         emit_json(last)
+
+
+def endpoint_changes(
+    http_port, no_http, openpi_port, no_openpi, metrics_port, no_metrics, host, token, token_file, no_token
+) -> dict:
+    """FleetConfig changes from the endpoint flags; ValueError naming a flag."""
+    changes: dict = {}
+    for key, port, off in (("http_port", http_port, no_http), ("openpi_port", openpi_port, no_openpi),
+                           ("metrics_port", metrics_port, no_metrics)):  # fmt: skip
+        if off:
+            changes[key] = None
+        elif port is not None:
+            changes[key] = port
+    if host is not None:
+        changes["endpoint_host"] = host
+    if sum(x is not None and x is not False for x in (token, token_file, no_token or None)) > 1:
+        raise ValueError("--token / FLEET_API_TOKEN, --token-file and --no-token: give one of them")
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"--token-file {token_file}: cannot read ({exc.strerror})") from None
+        if not token:
+            raise ValueError(f"--token-file {token_file}: the file is empty")
+    if token is not None:
+        changes["api_token"] = token
+    if no_token:
+        changes["require_token"] = False
+    return changes
+
+
+def endpoint_lines(endpoints: dict | None) -> list[str]:
+    """What `fleet up` and `fleet status` say about the endpoints, one line each that is on."""
+    endpoints = endpoints or {}
+    lines = []
+    for key, label in (("http", "HTTP ingress"), ("openpi", "openpi websocket"), ("metrics", "Prometheus")):
+        if endpoints.get(key):
+            lines.append(f"{label}: {endpoints[key]}")
+    return lines
 
 
 def _watch(get_status, duration: float | None) -> dict:

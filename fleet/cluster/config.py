@@ -9,6 +9,7 @@ fleet/cluster/launcher.py brings a fleet up from one (connect / up / scale / sta
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -23,6 +24,16 @@ from fleet.sim import parse_shift
 from fleet.validate import check_bool, check_choice, check_int, check_number, check_str, fail, is_int, is_number
 
 ROUTES = ("direct", "gateway", "handle", "none")
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _fail(name: str, expected: str, got: object) -> NoReturn:
@@ -82,6 +93,18 @@ class FleetConfig:
     # extra fleet.learning.learner.LearnerConfig keys, e.g. {"adapt": {"steps": 100}, "watch_episodes": 20}
     learner_cpus: float = 1.0
     # Ray CPUs of the learner actor
+    endpoint_host: str = "127.0.0.1"
+    # where the HTTP ingress, the openpi endpoint and the metrics endpoint listen; loopback unless told otherwise
+    http_port: int | None = 8000
+    # HTTP ingress for outside robots (deployments/http.py, on Serve's proxy); 0 = any free port, None = none
+    openpi_port: int | None = 8001
+    # openpi-compatible websocket endpoint (fleet/serving/openpi.py, in every replica); 0 = any free port, None = none
+    metrics_port: int | None = 8002
+    # Prometheus metrics at /metrics (fleet/metrics.py, served by the controller); 0 = any free port, None = none
+    api_token: str | None = None
+    # the token every endpoint takes; None = the fleet's own (~/.cache/fleet/api_token, made once, mode 0600)
+    require_token: bool = True
+    # False: the endpoints take no token (refused unless endpoint_host is a loopback address)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "robots", self._checked_robots())
@@ -124,7 +147,23 @@ class FleetConfig:
             check_str(f"FleetConfig.{name}", getattr(self, name))
         check_int("FleetConfig.seed", self.seed, lo=0, expected="a non-negative int")
         check_bool("FleetConfig.adapt", self.adapt)
+        self._check_endpoints()
         check_int("FleetConfig.adapt_every", self.adapt_every, lo=1, expected="a positive int")
+
+    def _check_endpoints(self) -> None:
+        check_str("FleetConfig.endpoint_host", self.endpoint_host)
+        for name in ("http_port", "openpi_port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None:
+                check_int(f"FleetConfig.{name}", port, 0, 65535, expected="None (off), 0 (any free port) or a port")
+        ports = [p for p in (self.http_port, self.openpi_port, self.metrics_port) if p]
+        if len(ports) != len(set(ports)):
+            _fail("http_port", "three different ports for http, openpi and metrics", ports)
+        if self.api_token is not None and not (isinstance(self.api_token, str) and self.api_token.strip()):
+            _fail("api_token", "None or a non-empty string", "(hidden)")
+        check_bool("FleetConfig.require_token", self.require_token)
+        if not self.require_token and not is_loopback(self.endpoint_host):
+            _fail("require_token", "True when endpoint_host is not a loopback address", self.require_token)
 
     def _check_mappings(self) -> None:
         res = self.robot_resources
@@ -183,4 +222,5 @@ class FleetConfig:
         """Logical CPUs a private head needs for this fleet."""
         need = self.replicas * self.replica_cpus + sum(self.robots.values()) * self.robot_cpus + 1.0
         need += self.learner_cpus if self.adapt else 0.0
+        need += 0.1 if self.http_port is not None else 0.0  # the HTTP ingress replica
         return self.num_cpus or max(os.cpu_count() or 1, math.ceil(need))

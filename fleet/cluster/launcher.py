@@ -1,6 +1,7 @@
 """Start or join Ray, bring a simulated fleet up, scale it, read its status and take it down.
 
     from fleet.cluster.config import FleetConfig
+from fleet.cluster.endpoints import EndpointError, EndpointPlan, plan_endpoints
     from fleet.cluster.launcher import up, scale, status, down
     up(FleetConfig(robots={"franka": 2, "hello": 1}, realtime=False))
     scale({"franka": 8, "hello": 0})          # removed robots finish their episode and hand over corrections
@@ -15,6 +16,11 @@ owned by the controller). With `adapt` (`fleet up --adapt`) also the LearnerActo
 (actors.learner): every `adapt_every` corrections of an embodiment it adapts that head and publishes it to
 the registry, which every replica polls; robots send it their episode outcomes, so a head that lowers
 success is rolled back.
+
+Endpoints for what runs outside Ray (fleet/cluster/endpoints.py plans them): the HTTP ingress (deployments/http.py,
+its own Serve app `<app>-http` on Serve's proxy, 127.0.0.1:8000), the openpi websocket endpoint (in every policy
+replica, 127.0.0.1:8001) and the Prometheus metrics (in the controller, 127.0.0.1:8002/metrics), all taking the
+fleet's endpoint token; `status()["endpoints"]` has their URLs.
 
 Finding the cluster from another shell: with no address, `connect` starts a private head
 (fleet.cluster.local_head: `ray start --head --block` in a subprocess, token authentication on, its files in
@@ -31,6 +37,7 @@ import os
 from pathlib import Path
 
 from fleet.cluster.config import FleetConfig
+from fleet.cluster.endpoints import EndpointError, EndpointPlan, plan_endpoints
 from fleet.cluster.local_head import (
     LocalHeadError,
     cluster_join_env,
@@ -181,6 +188,7 @@ def _up(config: FleetConfig, address: str, checkpoint: str, meta: dict) -> dict:
     # lazily: Ray, and the Ray adapters (actors/, deployments/ import Ray), only when a fleet starts
     import ray
     from ray import serve
+    from ray.serve.context import _get_global_client
 
     from actors.controller import FleetController
     from actors.heads import get_head_registry
@@ -191,7 +199,12 @@ def _up(config: FleetConfig, address: str, checkpoint: str, meta: dict) -> dict:
     ns = config.namespace
     if _controller(ns) is not None:
         raise FleetError(f"a fleet is already running in namespace {ns!r}; use `fleet scale` or `fleet down`")
-    start_serve(port=None)
+    serve_running = _get_global_client(raise_if_no_controller_running=False) is not None
+    try:
+        plan = plan_endpoints(config, serve_running)
+    except (EndpointError, LocalHeadError) as exc:
+        raise FleetError(str(exc)) from None
+    http_base = start_serve(config.endpoint_host, plan.http_port or None)
     if config.app_name in serve.status().applications:  # Serve app names are global, not per namespace
         raise FleetError(
             f"the Serve app {config.app_name!r} already serves another fleet on this Ray; give this fleet its own "
@@ -204,8 +217,11 @@ def _up(config: FleetConfig, address: str, checkpoint: str, meta: dict) -> dict:
         log_dir / "corrections", name=REPLAY, namespace=ns, detached=config.detach
     )
     server = {"checkpoint": checkpoint, "num_replicas": config.replicas, "replica_cpus": config.replica_cpus}
-    server |= {"registry": HEADS, "registry_namespace": ns} | config.server
+    server |= {"registry": HEADS, "registry_namespace": ns}
+    server |= {"openpi_port": plan.openpi_port, "openpi_host": plan.host, "auth_token": plan.token} | config.server
     serve.run(build_app(server), name=config.app_name, route_prefix=None)
+    if plan.http_port is not None:
+        _deploy_http(config.app_name, server, plan)
     if config.adapt:
         from actors.learner import start_learner  # Ray (and the learner's torch) only for an adapting fleet
 
@@ -227,11 +243,31 @@ def _up(config: FleetConfig, address: str, checkpoint: str, meta: dict) -> dict:
     # the controller reads the checkpoint's feature statistics itself (1.3 MB for the shipped one): as an
     # argument they would live in this process's object store, and a restarted controller could not get them
     # back once `fleet up` has exited
-    own = {"log_dir": str(log_dir), "checkpoint": checkpoint}
+    own = {"log_dir": str(log_dir), "checkpoint": checkpoint, "api_token": plan.token}
+    own["endpoints"] = endpoints = plan.urls(http_base)
+    own["metrics"] = {"host": plan.host, "port": plan.metrics_port} if plan.metrics_port else None
     controller = FleetController.options(**options).remote(config.to_dict() | own)
     _KEEP[f"{ns}/{CONTROLLER}"] = controller
     robots = ray.get(controller.start.remote())
-    return {"address": address, "namespace": ns, "app": config.app_name, "robots": robots, "checkpoint": checkpoint}
+    out = {"address": address, "namespace": ns, "app": config.app_name, "robots": robots, "checkpoint": checkpoint}
+    return out | {"endpoints": endpoints}
+
+
+def _deploy_http(app_name: str, server: dict, plan: EndpointPlan) -> None:
+    """The HTTP ingress as its own Serve app on the proxy, forwarding to this fleet's PolicyServer (no second one)."""
+    from ray import serve
+
+    from deployments.http import HttpIngress
+    from fleet.serving.config import ServeConfig
+
+    cfg = ServeConfig.from_dict(server)
+    policy = serve.get_deployment_handle("PolicyServer", app_name)
+    ingress = HttpIngress.options(ray_actor_options={"num_cpus": cfg.ingress_cpus}).bind(policy, cfg.to_dict())
+    serve.run(ingress, name=http_app_name(app_name), route_prefix=plan.http_prefix)
+
+
+def http_app_name(app_name: str) -> str:
+    return f"{app_name}-http"
 
 
 def _require(address: str | None, namespace: str):
@@ -298,6 +334,8 @@ def down(address: str | None = None, namespace: str = NAMESPACE, stop_cluster: b
     # the app first: its replicas poll the head registry, which goes next
     if app is not None:
         try:
+            if http_app_name(app) in serve.status().applications:  # the HTTP ingress first: it calls the app
+                serve.delete(http_app_name(app))
             serve.delete(app)
             out["app"] = app
         except Exception as exc:  # noqa: BLE001 - the app may already be gone

@@ -77,6 +77,30 @@ def ensure_token() -> str | None:
     return str(path)
 
 
+API_TOKEN_NAME = "api_token"
+
+
+def ensure_api_token() -> str:
+    """The token the fleet's network endpoints take (HTTP `Authorization: Bearer`, openpi `Api-Key`, metrics), made
+    once in the state directory (api_token, mode 0600). Not the Ray token: a robot given this one can ask for
+    actions and read metrics, never join the cluster and run code on it."""
+    path = _private_dir(state_dir()) / API_TOKEN_NAME
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        write_text_atomic(path, secrets.token_urlsafe(32), mode=0o600)
+        return path.read_text().strip()
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise LocalHeadError(
+            f"{path} must be a regular file owned by you with mode 0600 (it is the fleet's endpoint token); "
+            f"fix it with `chmod 600 {path}`, or remove it and a new one is made"
+        )
+    token = path.read_text().strip()
+    if not token:
+        raise LocalHeadError(f"{path} is empty; remove it and `fleet up` makes a new token")
+    return token
+
+
 # ---- the recorded head ---------------------------------------------------------------------------
 def _pid_alive(pid: int) -> bool:
     try:

@@ -1,29 +1,32 @@
-"""Export stored corrections as a LeRobot v3-style dataset that pyarrow (or LeRobot tooling) can read.
+"""Export stored corrections as LeRobot v3.0 datasets that LeRobot's own `LeRobotDataset` loads offline.
 
-    fleet.data.export.export_corrections("runs/replay-log", "runs/corrections-dataset")
+    fleet.data.export.export_corrections("runs/fleet/corrections", "runs/corrections-dataset")
 
-Layout (LeRobot v3.0 conventions, one episode per correction, one frame per step of its chunk):
+One LeRobot dataset per embodiment (a dataset has one fps and fixed feature shapes; bodies differ in both).
+An export of one body is that dataset at out_dir; an export of several puts each in out_dir/<embodiment>/ and
+lists them in out_dir/export.json ({"layout": "one LeRobot dataset per embodiment", "datasets": {...}}):
 
-    out_dir/data/chunk-000/file-000.parquet            frames; a new file every `max_frames_per_file`
-    out_dir/meta/info.json                             codebase_version, fps, totals, features, embodiments
-    out_dir/meta/tasks.parquet                         task_index (int64), task (string: the instruction)
-    out_dir/meta/episodes/chunk-000/file-000.parquet   per episode: length, tasks, file and frame ranges
-    out_dir/meta/stats.json                            min/max/mean/std/count per numeric feature
-                                                       (only when a single embodiment is exported)
+    <dataset>/data/chunk-000/file-000.parquet            frames; a new file every `max_frames_per_file`
+    <dataset>/meta/info.json                             LeRobot's keys (codebase_version, fps, totals, chunks_size,
+                                                         data_files_size_in_mb, video_files_size_in_mb, features ...)
+    <dataset>/meta/tasks.parquet                         task_index (int64), indexed by the task text, as pandas
+                                                         writes `DataFrame({"task_index": ...}, index=tasks)`
+    <dataset>/meta/episodes/chunk-000/file-000.parquet   per episode: length, tasks, file and frame ranges
+    <dataset>/meta/stats.json                            min/max/mean/std/count per numeric feature
 
 Frame columns: `index` (int64, global frame), `episode_index` (int64), `frame_index` (int64, step k of
-the chunk), `timestamp` (float32, k / control_hz), `task_index` (int64), `observation.state`
-(list<float32>, proprio), `observation.images.cam` (struct<bytes: binary PNG, path: string>, LeRobot's
-on-disk form of an image feature), `action` (list<float32>, corrected_chunk[k]: what the human
-commanded), plus project columns `policy_action` (list<float32>, policy_chunk[k]), `embodiment`,
-`correction_id`, `robot_id`, `source_episode`, `source_tick`, `head_version`, `reason`, `shift`,
-`correction_timestamp` (float64 unix seconds) and `is_observation_frame` (bool).
+the chunk), `timestamp` (float32, k / control_hz: relative to the episode, exact in float32), `task_index` (int64),
+`observation.state` (fixed_size_list<float32>[proprio_dim]), `observation.images.cam` (struct<bytes: binary PNG,
+path: string>, LeRobot's on-disk form of an image feature), `action` (fixed_size_list<float32>[action_dim],
+corrected_chunk[k]: what the human commanded), plus project columns `policy_action` (the same shape,
+policy_chunk[k]), `embodiment`, `correction_id`, `robot_id`, `source_episode`, `source_tick`, `head_version`,
+`reason`, `shift`, `correction_time_us` (int64 unix microseconds: a float32 tensor would lose a minute of an epoch
+time) and `is_observation_frame` (bool).
 
 A correction records one observation, taken when the chunk started: every frame of the episode repeats
 it, and `is_observation_frame` is True only at frame 0, the one frame where it is current. Train
-chunked policies from frame 0 with the episode's actions as the target chunk. With several embodiments
-in one export, `action` and `observation.state` lengths vary by row (filter on `embodiment`); their
-features then have shape [null] and per-embodiment shapes, names and fps are in info["embodiments"].
+chunked policies from frame 0 with the episode's actions as the target chunk (LeRobot: `delta_timestamps`
+{"action": [k / fps for k in range(16)]} at frame 0 gives the corrected chunk).
 """
 
 from __future__ import annotations
@@ -51,30 +54,40 @@ DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 IMAGE_KEY = "observation.images.cam"
 
+DATA_FILES_SIZE_IN_MB = 100
+VIDEO_FILES_SIZE_IN_MB = 200
+# LeRobot's defaults (its info.json names them); the exporter splits files by frames (`max_frames_per_file`)
+LAYOUT = "one LeRobot dataset per embodiment"
+
 _IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
-FRAME_SCHEMA = pa.schema(
-    [
-        ("index", pa.int64()),
-        ("episode_index", pa.int64()),
-        ("frame_index", pa.int64()),
-        ("timestamp", pa.float32()),
-        ("task_index", pa.int64()),
-        ("observation.state", pa.list_(pa.float32())),
-        (IMAGE_KEY, _IMAGE_TYPE),
-        ("action", pa.list_(pa.float32())),
-        ("policy_action", pa.list_(pa.float32())),
-        ("embodiment", pa.string()),
-        ("correction_id", pa.string()),
-        ("robot_id", pa.string()),
-        ("source_episode", pa.int64()),
-        ("source_tick", pa.int64()),
-        ("head_version", pa.int64()),
-        ("reason", pa.string()),
-        ("shift", pa.string()),
-        ("correction_timestamp", pa.float64()),
-        ("is_observation_frame", pa.bool_()),
-    ]
-)
+
+
+def frame_schema(spec: EmbodimentSpec) -> pa.Schema:
+    """The frame table of one embodiment's dataset: vectors as fixed-size lists, as LeRobot writes them."""
+    state, action = pa.list_(pa.float32(), spec.proprio_dim), pa.list_(pa.float32(), spec.action_dim)
+    return pa.schema(
+        [
+            ("index", pa.int64()),
+            ("episode_index", pa.int64()),
+            ("frame_index", pa.int64()),
+            ("timestamp", pa.float32()),
+            ("task_index", pa.int64()),
+            ("observation.state", state),
+            (IMAGE_KEY, _IMAGE_TYPE),
+            ("action", action),
+            ("policy_action", action),
+            ("embodiment", pa.string()),
+            ("correction_id", pa.string()),
+            ("robot_id", pa.string()),
+            ("source_episode", pa.int64()),
+            ("source_tick", pa.int64()),
+            ("head_version", pa.int64()),
+            ("reason", pa.string()),
+            ("shift", pa.string()),
+            ("correction_time_us", pa.int64()),
+            ("is_observation_frame", pa.bool_()),
+        ]
+    )
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -114,17 +127,15 @@ def _feature(dtype: str, shape: list, names: Any = None) -> dict[str, Any]:
     return {"dtype": dtype, "shape": shape, "names": names}
 
 
-def _features(specs: list[EmbodimentSpec]) -> dict[str, dict[str, Any]]:
-    one = specs[0] if len(specs) == 1 else None
-    action = _feature("float32", [one.action_dim] if one else [None], list(one.dim_names) if one else None)
-    state = _feature("float32", [one.proprio_dim] if one else [None])
+def _features(spec: EmbodimentSpec) -> dict[str, dict[str, Any]]:
+    action = _feature("float32", [spec.action_dim], list(spec.dim_names))
     return {
         "index": _feature("int64", [1]),
         "episode_index": _feature("int64", [1]),
         "frame_index": _feature("int64", [1]),
         "timestamp": _feature("float32", [1]),
         "task_index": _feature("int64", [1]),
-        "observation.state": state,
+        "observation.state": _feature("float32", [spec.proprio_dim]),
         IMAGE_KEY: _feature("image", [64, 64, 3], ["height", "width", "channels"]),
         "action": action,
         "policy_action": dict(action),
@@ -136,9 +147,32 @@ def _features(specs: list[EmbodimentSpec]) -> dict[str, dict[str, Any]]:
         "head_version": _feature("int64", [1]),
         "reason": _feature("string", [1]),
         "shift": _feature("string", [1]),
-        "correction_timestamp": _feature("float64", [1]),
+        "correction_time_us": _feature("int64", [1]),
         "is_observation_frame": _feature("bool", [1]),
     }
+
+
+def _tasks_table(tasks: dict[str, int]) -> pa.Table:
+    """meta/tasks.parquet as pandas writes `DataFrame({"task_index": [...]}, index=pd.Index(tasks, name="task"))`:
+    the task text is the index (LeRobot reads `tasks.iloc[task_index].name`), recorded in the pandas metadata."""
+    table = pa.table(
+        {"task_index": pa.array(list(tasks.values()), pa.int64()), "task": pa.array(list(tasks), pa.string())}
+    )
+    pandas_meta = {
+        "index_columns": ["task"],
+        "column_indexes": [
+            {"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "object",
+             "metadata": {"encoding": "UTF-8"}},
+        ],
+        "columns": [
+            {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
+             "metadata": None},
+            {"name": "task", "field_name": "task", "pandas_type": "unicode", "numpy_type": "object", "metadata": None},
+        ],
+        "creator": {"library": "pyarrow", "version": pa.__version__},
+        "pandas_version": "2.2.3",
+    }  # fmt: skip
+    return table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
 
 
 def _stats(values: np.ndarray) -> dict[str, list]:
@@ -159,7 +193,7 @@ def _frames(c: Correction, episode: int, first_index: int, task_index: int, spec
         "index": list(range(first_index, first_index + steps)),
         "episode_index": [episode] * steps,
         "frame_index": list(range(steps)),
-        "timestamp": [k / spec.control_hz for k in range(steps)],
+        "timestamp": [k / spec.control_hz for k in range(steps)],  # per episode: small, exact enough in float32
         "task_index": [task_index] * steps,
         "observation.state": [state] * steps,
         IMAGE_KEY: [png] * steps,
@@ -173,35 +207,32 @@ def _frames(c: Correction, episode: int, first_index: int, task_index: int, spec
         "head_version": [c.head_version] * steps,
         "reason": [c.reason] * steps,
         "shift": [c.shift] * steps,
-        "correction_timestamp": [c.timestamp] * steps,
+        "correction_time_us": [round(c.timestamp * 1e6)] * steps,
         "is_observation_frame": [k == 0 for k in range(steps)],
     }
 
 
 def _write_dataset(
-    corrections: list[Correction],
-    root: Path,
-    specs: dict[str, EmbodimentSpec],
-    max_frames_per_file: int,
-    files_per_chunk: int,
+    corrections: list[Correction], root: Path, spec: EmbodimentSpec, max_frames_per_file: int, files_per_chunk: int
 ) -> dict[str, Any]:
+    """One embodiment's corrections as one LeRobot v3.0 dataset at `root`."""
+    schema = frame_schema(spec)
     tasks: dict[str, int] = {}
     episodes: list[dict[str, Any]] = []
     files: list[str] = []
-    pending: dict[str, list] = {name: [] for name in FRAME_SCHEMA.names}
+    pending: dict[str, list] = {name: [] for name in schema.names}
 
     def flush() -> None:
         k = len(files)
         rel = DATA_PATH.format(chunk_index=k // files_per_chunk, file_index=k % files_per_chunk)
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table(pending, schema=FRAME_SCHEMA), root / rel)
+        pq.write_table(pa.table(pending, schema=schema), root / rel)
         files.append(rel)
         for column in pending.values():
             column.clear()
 
     total = 0
     for ep, c in enumerate(corrections):
-        spec = specs[c.embodiment]
         steps = len(c.corrected_chunk)
         if pending["index"] and len(pending["index"]) + steps > max_frames_per_file:
             flush()  # an episode never straddles two files
@@ -218,6 +249,8 @@ def _write_dataset(
                 "data/file_index": k % files_per_chunk,
                 "dataset_from_index": total,
                 "dataset_to_index": total + steps,
+                "meta/episodes/chunk_index": 0,
+                "meta/episodes/file_index": 0,
                 "embodiment": c.embodiment,
                 "correction_id": c.id,
             }
@@ -227,10 +260,7 @@ def _write_dataset(
         flush()  # an empty export still has one (empty) data file, so readers find the schema
 
     (root / "meta").mkdir(parents=True, exist_ok=True)
-    task_table = pa.table(
-        {"task_index": pa.array(list(tasks.values()), pa.int64()), "task": pa.array(list(tasks), pa.string())}
-    )
-    pq.write_table(task_table, root / "meta" / "tasks.parquet")
+    pq.write_table(_tasks_table(tasks), root / "meta" / "tasks.parquet")
     episodes_rel = EPISODES_PATH.format(chunk_index=0, file_index=0)
     (root / episodes_rel).parent.mkdir(parents=True, exist_ok=True)
     ep_schema = pa.schema(
@@ -242,56 +272,76 @@ def _write_dataset(
             ("data/file_index", pa.int64()),
             ("dataset_from_index", pa.int64()),
             ("dataset_to_index", pa.int64()),
+            ("meta/episodes/chunk_index", pa.int64()),
+            ("meta/episodes/file_index", pa.int64()),
             ("embodiment", pa.string()),
             ("correction_id", pa.string()),
         ]
     )
     pq.write_table(pa.Table.from_pylist(episodes, schema=ep_schema), root / episodes_rel)
-
-    names = sorted({c.embodiment for c in corrections})
-    used = [specs[n] for n in names]
-    hz = {s.control_hz for s in used}
     info = {
         "codebase_version": CODEBASE_VERSION,
-        "robot_type": names[0] if len(names) == 1 else ("mixed" if names else None),
+        "robot_type": spec.name,
         "total_episodes": len(corrections),
         "total_frames": total,
         "total_tasks": len(tasks),
         "chunks_size": files_per_chunk,
-        "fps": hz.pop() if len(hz) == 1 else None,
+        "data_files_size_in_mb": DATA_FILES_SIZE_IN_MB,
+        "video_files_size_in_mb": VIDEO_FILES_SIZE_IN_MB,
+        "fps": spec.control_hz,
         "splits": {"train": f"0:{len(corrections)}"},
         "data_path": DATA_PATH,
         "video_path": None,
-        "features": _features(used),
-        "embodiments": {
-            s.name: {
-                "action_dim": s.action_dim,
-                "proprio_dim": s.proprio_dim,
-                "action_names": list(s.dim_names),
-                "action_low": list(s.action_low),
-                "action_high": list(s.action_high),
-                "fps": s.control_hz,
-                "head": s.head,
-                "episodes": sum(1 for c in corrections if c.embodiment == s.name),
-            }
-            for s in used
+        "features": _features(spec),
+        "embodiment": {
+            "name": spec.name,
+            "action_dim": spec.action_dim,
+            "proprio_dim": spec.proprio_dim,
+            "action_names": list(spec.dim_names),
+            "action_low": list(spec.action_low),
+            "action_high": list(spec.action_high),
+            "head": spec.head,
+            "chunk_size": spec.chunk_size,
         },
         "source": "vla-fleet corrections: one episode per correction, one frame per chunk step",
     }
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=2))
-    if len(used) == 1:
+    if corrections:
         stats = {
             "observation.state": _stats(np.stack([c.proprio for c in corrections])),
             "action": _stats(np.concatenate([c.corrected_chunk for c in corrections])),
             "policy_action": _stats(np.concatenate([c.policy_chunk for c in corrections])),
         }
         (root / "meta" / "stats.json").write_text(json.dumps(stats, indent=2))
+    return {"total_episodes": len(corrections), "total_frames": total, "total_tasks": len(tasks), "files": files}
+
+
+def _write_export(
+    corrections: list[Correction], root: Path, specs: dict[str, EmbodimentSpec], only: str | None, **split
+) -> dict[str, Any]:
+    """One body (or `only`): a dataset at root. Several: root/<embodiment>/ each, listed in root/export.json."""
+    names = [only] if only else sorted({c.embodiment for c in corrections})
+    if len(names) == 1:
+        summary = _write_dataset(corrections, root, specs[names[0]], **split)
+        return summary | {"embodiments": {names[0]: summary["total_episodes"]}, "datasets": {names[0]: "."}}
+    root.mkdir(parents=True, exist_ok=True)
+    parts = {
+        n: _write_dataset([c for c in corrections if c.embodiment == n], root / n, specs[n], **split) for n in names
+    }
+    index = {
+        "layout": LAYOUT,
+        "datasets": {
+            n: {"path": n, "episodes": p["total_episodes"], "frames": p["total_frames"]} for n, p in parts.items()
+        },
+    }
+    (root / "export.json").write_text(json.dumps(index, indent=2))
     return {
-        "total_episodes": len(corrections),
-        "total_frames": total,
-        "total_tasks": len(tasks),
-        "files": files,
-        "embodiments": {n: info["embodiments"][n]["episodes"] for n in names},
+        "total_episodes": sum(p["total_episodes"] for p in parts.values()),
+        "total_frames": sum(p["total_frames"] for p in parts.values()),
+        "total_tasks": sum(p["total_tasks"] for p in parts.values()),
+        "files": [f"{n}/{f}" for n, p in parts.items() for f in p["files"]],
+        "embodiments": {n: p["total_episodes"] for n, p in parts.items()},
+        "datasets": {n: n for n in names},
     }
 
 
@@ -305,11 +355,10 @@ def export_corrections(
     files_per_chunk: int = 1000,
     specs: dict[str, EmbodimentSpec] | None = None,
 ) -> dict[str, Any]:
-    """Write corrections (a log directory, or Correction objects / dicts) as a LeRobot-style dataset.
-
-    `embodiment` keeps only that body (fixed feature shapes, a LeRobot-loadable dataset). The dataset
-    is built in a temporary sibling directory and renamed into place, so `out_dir` never holds a
-    half-written export. Refuses a non-empty `out_dir` unless `overwrite`. Returns a summary dict.
+    """Write corrections (a log directory, or Correction objects / dicts) as LeRobot datasets, one per embodiment
+    (see the module docstring for the layout); `embodiment` keeps only that body. The export is built in a
+    temporary sibling directory and renamed into place, so `out_dir` never holds a half-written export. Refuses
+    a non-empty `out_dir` unless `overwrite`. Returns a summary dict ("datasets": embodiment -> path in out_dir).
     """
     specs = EMBODIMENTS if specs is None else specs
     if max_frames_per_file < 1 or files_per_chunk < 1:
@@ -327,8 +376,9 @@ def export_corrections(
         raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    split = {"max_frames_per_file": max_frames_per_file, "files_per_chunk": files_per_chunk}
     try:
-        summary = _write_dataset(corrections, staging, specs, max_frames_per_file, files_per_chunk)
+        summary = _write_export(corrections, staging, specs, embodiment, **split)
         if out.exists():
             trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
             out.rename(trash)
@@ -338,4 +388,4 @@ def export_corrections(
             staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"out_dir": str(out), **summary}
+    return {"out_dir": str(out), "layout": LAYOUT, **summary}

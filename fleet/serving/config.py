@@ -91,6 +91,11 @@ class ServeConfig:
     # as every robot seen in the last `active_window_s` is in it, so one robot alone never waits; 0 disables
     active_window_s: float = 1.0
     # a robot counts as active for `gather_s` when it asked within this many seconds
+    openpi_port: int | None = None
+    # each replica also speaks openpi's websocket protocol here (fleet/serving/openpi.py): the same batch queue;
+    # replicas of a node share the port (SO_REUSEPORT). None = off; 0 = any free port (one replica). Token: auth_token
+    openpi_host: str = "127.0.0.1"
+    # where the openpi endpoint listens; loopback unless told otherwise
 
     def __post_init__(self) -> None:
         for name in ("replica_cpus", "ingress_cpus"):
@@ -130,6 +135,10 @@ class ServeConfig:
             self._fail("direct_host", "an interface address such as '127.0.0.1'")
         if self.direct_token is not None and not (isinstance(self.direct_token, str) and self.direct_token):
             self._fail("direct_token", "None or a non-empty string")
+        if self.openpi_port is not None:
+            check_int("ServeConfig.openpi_port", self.openpi_port, 0, 65535, expected="None or a port in [0, 65535]")
+        if not isinstance(self.openpi_host, str) or not self.openpi_host:
+            self._fail("openpi_host", "an interface address such as '127.0.0.1'")
         for name, low, high in (
             ("gather_s", 0, 0.1),
             ("active_window_s", 0.01, 60),

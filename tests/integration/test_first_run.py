@@ -66,6 +66,7 @@ def test_fleet_up_status_scale_down_in_an_empty_home(tmp_path):
         return out
 
     up_args = ["up", "--robots", "franka=1,hello=1", "--sim", "--checkpoint", str(tmp_path / "policy")]
+    up_args += ["--http-port", "0", "--openpi-port", "0", "--metrics-port", "0"]  # 8000-8002 may be taken here
     with open(tmp_path / "up.out", "w") as out, open(tmp_path / "up.err", "w") as err:
         up = subprocess.Popen(cli + up_args + ["--duration", "900"], env=env, cwd=tmp_path, stdout=out, stderr=err)
     state_path = home / ".cache" / "fleet" / "cluster.json"
@@ -79,6 +80,7 @@ def test_fleet_up_status_scale_down_in_an_empty_home(tmp_path):
             if state_path.exists():
                 s = subprocess.run(cli + ["status", "--json"], env=env, capture_output=True, text=True, timeout=120)
                 rows = json.loads(s.stdout)["robots"] if s.returncode == 0 else []
+                endpoints = json.loads(s.stdout)["endpoints"] if s.returncode == 0 else {}
                 done = rows and all((r["episodes"] or 0) >= 1 for r in rows)
                 status = rows if done and sum(r.get("corrections_acked", 0) for r in rows) > 0 else None
         assert {r["id"] for r in status} == {"robot-franka-0", "robot-hello-0"}
@@ -88,6 +90,10 @@ def test_fleet_up_status_scale_down_in_an_empty_home(tmp_path):
         assert token.parent == home / ".cache" / "fleet" and stat.S_IMODE(token.stat().st_mode) == 0o600
         assert stat.S_IMODE(Path(head["private_dir"]).stat().st_mode) == 0o700
         assert head["auth_mode"] == "token" and not (home / ".ray").exists()  # our token, not Ray's default
+        # the endpoints for outside robots are up, on loopback, behind the fleet's own endpoint token (not Ray's)
+        assert set(endpoints) == {"http", "openpi", "metrics"} and all("127.0.0.1:" in v for v in endpoints.values())
+        api_token = home / ".cache" / "fleet" / "api_token"
+        assert stat.S_IMODE(api_token.stat().st_mode) == 0o600 and api_token.read_text() != token.read_text()
 
         # a second `fleet up` in another shell joins the running head and refuses, leaving the first alone
         again = subprocess.run(cli + up_args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.ray
 
 STATUS_KEYS = {"id", "embodiment", "state", "control_hz", "episodes", "success_rate", "interventions"}
 STATUS_KEYS |= {"head_version", "latency_p50_ms", "latency_p99_ms"}
+TOKEN = "fleet-test-" + uuid.uuid4().hex[:8]
 
 
 def wait_for(predicate, timeout_s: float = 120.0, every_s: float = 0.5, what: str = "condition"):
@@ -55,6 +56,10 @@ def fleet(ray_session, tmp_path_factory):
         app_name=f"fleet-policy-{tag}",
         log_dir=str(root / "log"),
         server={"threads": 1, "max_batch_size": 16},
+        http_port=0,  # any free ports: the defaults (8000-8002) may be taken on a shared machine
+        openpi_port=0,
+        metrics_port=0,
+        api_token=TOKEN,
     )
     info = up(config)
     yield config, info
@@ -218,3 +223,117 @@ def test_robots_hold_when_the_server_is_gone_and_the_handle_route_works(ray_sess
     finally:
         for handle in (lost, direct):
             ray.kill(handle, no_restart=True)
+
+
+# ---- the endpoints `fleet up` serves outside Ray ----------------------------------------------------------
+def _scrape(url: str, token: str | None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _samples(text: str) -> dict[tuple, float]:
+    """{(name, ((label, value), ...) sorted): value} of a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (smp.name, tuple(sorted(smp.labels.items()))): smp.value
+        for fam in text_string_to_metric_families(text)
+        for smp in fam.samples
+    }
+
+
+def test_metrics_endpoint_that_status_names_has_plausible_values(fleet):
+    from fleet.cluster.launcher import status
+
+    config, info = fleet
+    done = lambda: (s := status(namespace=config.namespace)) and all((r["episodes"] or 0) >= 1 for r in s["robots"])  # noqa: E731
+    wait_for(done, what="an episode of every robot")
+    endpoints = status(namespace=config.namespace)["endpoints"]
+    assert endpoints == info["endpoints"] and all(endpoints.values())
+    assert endpoints["metrics"].startswith("http://127.0.0.1:") and endpoints["metrics"].endswith("/metrics")
+    assert _scrape(endpoints["metrics"], None)[0] == 401 and _scrape(endpoints["metrics"], "wrong")[0] == 401
+    code, text = _scrape(endpoints["metrics"], TOKEN)
+    assert code == 200, text
+    m = _samples(text)
+
+    def robot(name: str, **extra) -> float:
+        return m[(name, tuple(sorted({"robot": "robot-franka-0", "embodiment": "franka", **extra}.items())))]
+
+    def any_of(name: str, **labels) -> list[float]:
+        return [v for (n, lab), v in m.items() if n == name and set(labels.items()) <= set(lab)]
+
+    assert robot("fleet_robot_episodes_total") >= 1 and robot("fleet_robot_up") == 1
+    assert robot("fleet_robot_control_hz") > 0 and robot("fleet_robot_interventions_total") > 0
+    assert 0 <= robot("fleet_robot_success_rate") <= 1 and robot("fleet_robot_head_version") == 1
+    assert robot("fleet_robot_policy_latency_ms", quantile="0.5") > 0
+    assert robot("fleet_robot_ticks_total") >= robot("fleet_robot_held_ticks_total") >= 0
+    assert robot("fleet_robot_estops_total") >= 0 and robot("fleet_robot_estop_latched") in (0, 1)
+    batch = any_of("fleet_replica_mean_batch_size")
+    assert len(batch) == 1 and batch[0] >= 1  # one replica, found through the registry
+    assert any_of("fleet_replica_forward_ms", quantile="0.5")[0] > 0
+    assert any_of("fleet_replica_queue_depth")[0] >= 0 and any_of("fleet_replica_requests_total")[0] > 0
+    assert any_of("fleet_replica_head_version", embodiment="hello") == [1]
+    assert any_of("fleet_head_version", embodiment="franka") == [1]
+    assert any_of("fleet_replay_corrections_stored_total", embodiment="franka")[0] > 0
+
+
+def test_openpi_and_http_endpoints_reach_the_fleets_replica(ray_session, fleet):
+    """A robot outside Ray: openpi's framing (the unit tests' client) and the HTTP ingress, both answered by the
+    fleet's own PolicyServer replica (its openpi counter moves; the head version is the fleet's)."""
+    import httpx
+
+    from fleet.protocol import make_request, request_to_wire
+    from fleet.sim import make_env
+    from tests.unit.serving.test_openpi import Client
+
+    config, info = fleet
+    obs, _ = make_env("franka", seed=3).reset(seed=3)
+    client = Client(info["endpoints"]["openpi"] + "/franka", api_key=TOKEN)
+    assert client.metadata["embodiments"]["franka"]["head_version"] == 1
+    reply = client.infer(
+        {"observation/image": obs["image"], "observation/state": obs["proprio"], "prompt": obs["instruction"]}
+    )
+    client.close()
+    assert reply["actions"].shape == (16, 7) and reply["actions"].dtype == np.float32
+    assert np.isfinite(reply["actions"]).all() and reply["head_version"] == 1 and reply["server_timing"]["infer_ms"] > 0
+    from ray import serve
+
+    stats = serve.get_app_handle(config.app_name).stats.remote().result(timeout_s=60)
+    assert stats["openpi"]["requests"] >= 1 and stats["openpi"]["errors"] == 0
+
+    body = request_to_wire(make_request("outside-0", "hello", make_env("hello", seed=1).reset(seed=1)[0]))
+    url = info["endpoints"]["http"] + "/v1/act"
+    assert httpx.post(url, json=body, timeout=60).status_code == 401
+    ok = httpx.post(url, json=body, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    assert ok.status_code == 200, ok.text
+    assert np.asarray(ok.json()["chunk"]).shape == (16, 3) and ok.json()["head_version"] == 1
+
+
+def test_an_unmodified_openpi_client_drives_a_robot(fleet):
+    """openpi-client 0.1.2 itself (WebsocketClientPolicy + ActionChunkBroker), from its own venv (it pins numpy < 2):
+    FLEET_OPENPI_PYTHON names that venv's python (with gymnasium for the sim; see fleet/serving/openpi_drive.py)."""
+    python = os.environ.get("FLEET_OPENPI_PYTHON")
+    if not python or not Path(python).exists():
+        pytest.skip("set FLEET_OPENPI_PYTHON to a python with openpi-client and gymnasium (not installable here)")
+    _, info = fleet
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [python, "-m", "fleet.serving.openpi_drive", info["endpoints"]["openpi"] + "/hello", "--token", TOKEN]
+    run = subprocess.run(
+        cmd + ["--episodes", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+        env=dict(os.environ, PYTHONPATH=str(repo)),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["client"] == "openpi-client" and out["server"] == {"server": "vla-fleet", "protocol": "openpi-websocket"}
+    assert out["head_version"] == 1 and out["server_calls"] >= 1 and out["episodes"][0]["steps"] > 0

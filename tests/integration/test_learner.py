@@ -179,6 +179,9 @@ def test_live_fleet_with_adapt_publishes_heads_the_robots_then_run(ray_session, 
         adapt_every=10,
         learner={"adapt": FAST, "rehearsal_episodes": 2, "poll_interval_s": 0.2, "watch_timeout_s": 5.0},
         learner_cpus=0,
+        http_port=None,  # endpoints on free ports or off: 8000-8002 may be taken on a shared machine
+        openpi_port=0,
+        metrics_port=0,
     )
     up(config)
     try:

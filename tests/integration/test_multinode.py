@@ -59,7 +59,7 @@ def placed():
 config = FleetConfig(robots={"franka": 2, "hello": 2}, checkpoint=os.path.join(work, "policy"), replica_cpus=0.5,
                      realtime=False, namespace="fleet-mn", app_name="fleet-mn-policy",
                      log_dir=os.path.join(work, "log"), robot_resources={"robot": 1}, spread=True,
-                     server={"threads": 1, "max_batch_size": 8})
+                     server={"threads": 1, "max_batch_size": 8}, http_port=None, openpi_port=0, metrics_port=0)
 up(config)
 before = wait(placed, "robots on the robot nodes")
 victim = next(n for n in nodes if n.node_id in {r["node_id"] for r in before.values()})

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fleet.data.correction import random_correction, validate_correction
-from fleet.data.export import FRAME_SCHEMA, encode_png, export_corrections
+from fleet.data.export import encode_png, export_corrections, frame_schema
 from fleet.data.log import CorrectionLog
 from fleet.data.store import ReplayStore
 from fleet.embodiments import EMBODIMENTS
@@ -33,7 +33,7 @@ COLUMNS = [
     "head_version",
     "reason",
     "shift",
-    "correction_timestamp",
+    "correction_time_us",
     "is_observation_frame",
 ]
 
@@ -51,37 +51,41 @@ def read_frames(root):
 def test_export_layout_columns_and_values(tmp_path):
     cs = corrections()
     summary = export_corrections(cs, tmp_path / "ds")
-    root = tmp_path / "ds"
     assert summary["total_episodes"] == 8 and summary["total_frames"] == 8 * 16
-    assert summary["files"] == ["data/chunk-000/file-000.parquet"]
     assert summary["embodiments"] == {"aloha": 2, "franka": 2, "hello": 2, "leap": 2}
-    for rel in ("meta/info.json", "meta/tasks.parquet", "meta/episodes/chunk-000/file-000.parquet"):
-        assert (root / rel).is_file(), rel
-    (table,) = read_frames(root)
-    assert table.schema.names == COLUMNS and table.schema.equals(FRAME_SCHEMA)
-    assert table.column("index").to_pylist() == list(range(128))
-    rows = table.to_pylist()
-    for ep, c in enumerate(cs):
-        frames = rows[ep * 16 : (ep + 1) * 16]
-        assert {r["episode_index"] for r in frames} == {ep}
-        assert [r["frame_index"] for r in frames] == list(range(16))
-        hz = EMBODIMENTS[c.embodiment].control_hz
-        np.testing.assert_allclose([r["timestamp"] for r in frames], np.arange(16) / hz, rtol=1e-6)
-        np.testing.assert_array_equal(np.asarray([r["action"] for r in frames], np.float32), c.corrected_chunk)
-        np.testing.assert_array_equal(np.asarray([r["policy_action"] for r in frames], np.float32), c.policy_chunk)
-        np.testing.assert_array_equal(np.asarray(frames[5]["observation.state"], np.float32), c.proprio)
-        assert [r["is_observation_frame"] for r in frames] == [True] + [False] * 15
-        assert frames[0]["correction_id"] == c.id and frames[0]["embodiment"] == c.embodiment
-        assert frames[0]["source_tick"] == c.tick and frames[0]["correction_timestamp"] == c.timestamp
-    tasks = pq.read_table(root / "meta" / "tasks.parquet").to_pylist()
-    task_of = {t["task_index"]: t["task"] for t in tasks}
-    assert [task_of[rows[ep * 16]["task_index"]] for ep in range(8)] == [c.instruction for c in cs]
+    assert summary["files"] == [f"{n}/data/chunk-000/file-000.parquet" for n in ("aloha", "franka", "hello", "leap")]
+    index = json.loads((tmp_path / "ds" / "export.json").read_text())
+    assert index["layout"] == "one LeRobot dataset per embodiment" and index["datasets"]["leap"]["episodes"] == 2
+    for name in ("aloha", "franka", "hello", "leap"):
+        root = tmp_path / "ds" / name
+        for rel in ("meta/info.json", "meta/tasks.parquet", "meta/episodes/chunk-000/file-000.parquet"):
+            assert (root / rel).is_file(), rel
+        (table,) = read_frames(root)
+        assert table.schema.names == COLUMNS and table.schema.equals(frame_schema(EMBODIMENTS[name]))
+        assert table.column("index").to_pylist() == list(range(32))
+        rows = table.to_pylist()
+        mine = [c for c in cs if c.embodiment == name]
+        for ep, c in enumerate(mine):
+            frames = rows[ep * 16 : (ep + 1) * 16]
+            assert {r["episode_index"] for r in frames} == {ep}
+            assert [r["frame_index"] for r in frames] == list(range(16))
+            hz = EMBODIMENTS[c.embodiment].control_hz
+            np.testing.assert_allclose([r["timestamp"] for r in frames], np.arange(16) / hz, rtol=1e-6)
+            np.testing.assert_array_equal(np.asarray([r["action"] for r in frames], np.float32), c.corrected_chunk)
+            np.testing.assert_array_equal(np.asarray([r["policy_action"] for r in frames], np.float32), c.policy_chunk)
+            np.testing.assert_array_equal(np.asarray(frames[5]["observation.state"], np.float32), c.proprio)
+            assert [r["is_observation_frame"] for r in frames] == [True] + [False] * 15
+            assert frames[0]["correction_id"] == c.id and frames[0]["embodiment"] == c.embodiment
+            assert frames[0]["source_tick"] == c.tick and frames[0]["correction_time_us"] == round(c.timestamp * 1e6)
+        tasks = pq.read_table(root / "meta" / "tasks.parquet").to_pylist()
+        task_of = {t["task_index"]: t["task"] for t in tasks}
+        assert [task_of[rows[ep * 16]["task_index"]] for ep in range(2)] == [c.instruction for c in mine]
 
 
 def test_images_are_png_that_decodes_to_the_observation(tmp_path):
     image_mod = pytest.importorskip("PIL.Image")
     cs = corrections(("hello",), per=1)
-    export_corrections(cs, tmp_path / "ds")
+    assert export_corrections(cs, tmp_path / "ds")["datasets"] == {"hello": "."}  # one body: the dataset is out_dir
     cell = read_frames(tmp_path / "ds")[0].column("observation.images.cam")[0].as_py()
     assert cell["path"] is None and cell["bytes"].startswith(b"\x89PNG\r\n\x1a\n")
     np.testing.assert_array_equal(np.asarray(image_mod.open(io.BytesIO(cell["bytes"]))), cs[0].image)
@@ -90,20 +94,24 @@ def test_images_are_png_that_decodes_to_the_observation(tmp_path):
 
 def test_info_json_describes_the_dataset(tmp_path):
     export_corrections(corrections(), tmp_path / "ds")
-    info = json.loads((tmp_path / "ds" / "meta" / "info.json").read_text())
+    info = json.loads((tmp_path / "ds" / "leap" / "meta" / "info.json").read_text())
     assert info["codebase_version"] == "v3.0"
-    assert info["total_episodes"] == 8 and info["total_frames"] == 128 and info["total_tasks"] >= 1
+    assert info["total_episodes"] == 2 and info["total_frames"] == 32 and info["total_tasks"] >= 1
     assert info["data_path"] == "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
-    assert info["fps"] is None and info["robot_type"] == "mixed"  # bodies differ in control rate
+    assert info["fps"] == 10.0 and info["robot_type"] == "leap"
+    assert info["data_files_size_in_mb"] > 0 and info["video_files_size_in_mb"] > 0 and info["video_path"] is None
     assert set(info["features"]) == set(COLUMNS)
     for feature in info["features"].values():
         assert set(feature) == {"dtype", "shape", "names"}
     assert info["features"]["observation.images.cam"]["dtype"] == "image"
-    assert info["features"]["action"]["shape"] == [None]
-    assert info["embodiments"]["leap"]["action_dim"] == 24 and info["embodiments"]["aloha"]["fps"] == 20.0
-    episodes = pq.read_table(tmp_path / "ds" / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
-    assert [e["length"] for e in episodes] == [16] * 8
-    assert episodes[3]["dataset_from_index"] == 48 and episodes[3]["dataset_to_index"] == 64
+    assert info["features"]["action"]["shape"] == [24] and info["embodiment"]["action_dim"] == 24
+    aloha = json.loads((tmp_path / "ds" / "aloha" / "meta" / "info.json").read_text())
+    assert aloha["fps"] == 20.0 and aloha["features"]["observation.state"]["shape"] == [
+        EMBODIMENTS["aloha"].proprio_dim
+    ]
+    episodes = pq.read_table(tmp_path / "ds" / "leap" / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    assert [e["length"] for e in episodes] == [16] * 2
+    assert episodes[1]["dataset_from_index"] == 16 and episodes[1]["dataset_to_index"] == 32
 
 
 def test_single_embodiment_export_has_fixed_shapes_and_stats(tmp_path):
@@ -151,12 +159,14 @@ def test_export_refuses_to_clobber_unless_asked(tmp_path):
     with pytest.raises(FileExistsError):
         export_corrections(cs[:1], tmp_path / "ds")
     assert export_corrections(cs[:1], tmp_path / "ds", overwrite=True)["total_episodes"] == 1
-    assert json.loads((tmp_path / "ds" / "meta" / "info.json").read_text())["total_episodes"] == 1
+    assert json.loads((tmp_path / "ds" / "meta" / "info.json").read_text())["total_episodes"] == 1  # franka alone
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no staging or trash directories left
 
 
 def test_empty_export_is_still_readable(tmp_path):
-    summary = export_corrections([], tmp_path / "ds")
+    summary = export_corrections([], tmp_path / "ds", embodiment="franka")
     assert summary["total_frames"] == 0
     (table,) = read_frames(tmp_path / "ds")
     assert table.num_rows == 0 and table.schema.names == COLUMNS
+    nothing = export_corrections([], tmp_path / "none")
+    assert nothing["datasets"] == {} and json.loads((tmp_path / "none" / "export.json").read_text())["datasets"] == {}
