@@ -76,6 +76,8 @@ def run_cell(
             buf = ActionBuffer(spec.chunk_size, replan, mode)
             robots.append(_Robot(env, obs, buf, SafetyLayer(spec)))
             next_ep += 1
+        for r in robots:  # replies due now arrive first (the loop's order: receive, then request)
+            _deliver(r, span, jumps)
         asking = [r for r in robots if r.pending is None and r.buf.needs_refill(r.tick)]
         if asking:
             prefixes = []
@@ -91,13 +93,7 @@ def run_cell(
                 r.pending = (r.tick + delay, row["chunk"], r.tick)
         still = []
         for r in robots:
-            if r.pending is not None and r.pending[0] <= r.tick:
-                before = r.buf.peek(r.tick)
-                r.buf.push(r.pending[1], r.pending[2])
-                r.pending = None
-                after = r.buf.peek(r.tick)
-                if before is not None and after is not None:
-                    jumps.append(float(np.mean(np.abs(after - before) / span)))
+            _deliver(r, span, jumps)  # with no delay, the reply to this tick's request
             action = r.buf.pop(r.tick)
             age = None if r.buf.last_obs_tick is None or action is None else (r.tick - r.buf.last_obs_tick) * spec.dt
             sent, report = r.safety(action, age_s=age)
@@ -125,6 +121,18 @@ def run_cell(
         "episodes": len(successes),
         "policy_calls": calls,
     }
+
+
+def _deliver(r: _Robot, span: np.ndarray, jumps: list[float]) -> None:
+    """Push robot r's reply if it is due, recording the seam jump it causes at the current tick."""
+    if r.pending is None or r.pending[0] > r.tick:
+        return
+    before = r.buf.peek(r.tick)
+    r.buf.push(r.pending[1], r.pending[2])
+    r.pending = None
+    after = r.buf.peek(r.tick)
+    if before is not None and after is not None:
+        jumps.append(float(np.mean(np.abs(after - before) / span)))
 
 
 def rtc_cost(model, name: str = "aloha", batches: Sequence[int] = (1, 64), repeats: int = 7) -> dict:
