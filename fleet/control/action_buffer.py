@@ -40,6 +40,10 @@ class BufferConfig:
     # the largest latency, in ticks, of the last `latency_window` replies (an overestimate only freezes more)
     latency_window: int = 8
     # rtc: replies whose latency the measured delay is taken over
+    rtc_soft: int | None = None
+    # rtc: planned actions past the committed ones that a request also sends (the policy follows them with a
+    # weight decaying to 0 at their end, so the seam stays smooth); None = the whole remaining plan (the
+    # paper's soft mask); 0 = the committed ones only (nothing at all when none are committed: `latest`)
 
     def __post_init__(self) -> None:
         check_int("BufferConfig.chunk_size", self.chunk_size, lo=1, expected="a positive int")
@@ -52,6 +56,8 @@ class BufferConfig:
         if self.rtc_delay is not None:
             check_int("BufferConfig.rtc_delay", self.rtc_delay, 0, self.chunk_size)
         check_int("BufferConfig.latency_window", self.latency_window, lo=1, expected="a positive int")
+        if self.rtc_soft is not None:
+            check_int("BufferConfig.rtc_soft", self.rtc_soft, 0, self.chunk_size)
 
 
 class _Slot:
@@ -234,17 +240,22 @@ class ActionBuffer:
 
     def request_prefix(self, tick: int) -> dict | None:
         """rtc mode: the request fields that let the policy continue the plan, {"prefix": (n, D) float32, the
-        planned actions for ticks tick, tick + 1, ... (n <= chunk_size, up to the first unplanned tick),
-        "prefix_delay": d <= n, how many of them will execute before the reply arrives}; pass them to
-        fleet.protocol.make_request. None in the other modes and when nothing is planned for `tick`."""
+        planned actions for ticks tick, tick + 1, ... (n <= chunk_size, up to the first unplanned tick and at
+        most d + rtc_soft), "prefix_delay": d <= n, how many of them will execute before the reply arrives};
+        pass them to fleet.protocol.make_request. None in the other modes, when nothing is planned for `tick`,
+        and when rtc_soft is 0 and nothing is committed."""
         tick = _tick("tick", tick)
         if self.config.aggregate != "rtc" or tick not in self._slots:
             return None
+        delay, soft = self.measured_delay, self.config.rtc_soft
+        longest = self.config.chunk_size if soft is None else min(self.config.chunk_size, delay + soft)
         plan = []
-        while tick + len(plan) in self._slots and len(plan) < self.config.chunk_size:
+        while tick + len(plan) in self._slots and len(plan) < longest:
             plan.append(self._slots[tick + len(plan)].action)
+        if not plan:
+            return None
         prefix = np.asarray(plan, np.float32)
-        return {"prefix": prefix, "prefix_delay": min(self.measured_delay, len(prefix))}
+        return {"prefix": prefix, "prefix_delay": min(delay, len(prefix))}
 
     def stats(self) -> dict[str, int]:
         """Counters: chunks_pushed, actions_popped, dropped_stale, starved_ticks, merges (overlapping ticks

@@ -56,6 +56,7 @@ def run_cell(
     seed: int,
     n_envs: int = 50,
     generator_seed: int = 0,
+    buffer_options: dict | None = None,
 ) -> dict:
     """One cell: `episodes` unseen episodes of embodiment `name` -> {"success", "seam_jump", "jerk", ...}."""
     import torch  # the policy's: only this function and rtc_cost run it
@@ -73,7 +74,7 @@ def run_cell(
         while len(robots) < n_envs and next_ep < episodes:
             env = make_env(name)
             obs, _ = env.reset(seed=EVAL_SEED_BASE + seed * 100_003 + next_ep)
-            buf = ActionBuffer(spec.chunk_size, replan, mode)
+            buf = ActionBuffer(spec.chunk_size, replan, mode, **(buffer_options or {}))
             robots.append(_Robot(env, obs, buf, SafetyLayer(spec)))
             next_ep += 1
         for r in robots:  # replies due now arrive first (the loop's order: receive, then request)

@@ -68,3 +68,13 @@ def test_request_prefix_feeds_a_valid_request():
 def test_rtc_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):
         BufferConfig(aggregate="rtc", **{field: value})
+
+
+def test_rtc_soft_limits_what_the_request_sends():
+    buf = ActionBuffer(16, 4, "rtc", rtc_delay=2, rtc_soft=3)
+    buf.push(ramp(0), 0)
+    rtc = buf.request_prefix(0)
+    assert rtc["prefix"].shape == (5, 2) and rtc["prefix_delay"] == 2
+    none = ActionBuffer(16, 4, "rtc", rtc_soft=0)  # nothing committed, nothing soft: a plain request
+    none.push(ramp(0), 0)
+    assert none.request_prefix(0) is None
