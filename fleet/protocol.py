@@ -35,9 +35,15 @@ def make_request(
     obs_tick: int = 0,
     n_samples: int = 1,
     request_id: str | None = None,
+    prefix: np.ndarray | None = None,
+    prefix_delay: int | None = None,
 ) -> dict:
-    """Build an act request from a simulator observation."""
-    return {
+    """Build an act request from a simulator observation.
+
+    prefix (n, D) float32 physical units, optional (real-time chunking): the robot's current plan for ticks
+    obs_tick, obs_tick + 1, ...; prefix_delay (default n) of them will execute before the reply can arrive.
+    The server then returns a chunk that continues them (`ActionBuffer.request_prefix` provides both)."""
+    req = {
         "robot_id": robot_id,
         "embodiment": embodiment,
         "image": obs["image"],
@@ -47,6 +53,31 @@ def make_request(
         "n_samples": int(n_samples),
         "request_id": request_id or f"{robot_id}:{obs_tick}",
     }
+    if prefix is not None:
+        req["prefix"] = np.asarray(prefix, np.float32)
+        req["prefix_delay"] = len(req["prefix"]) if prefix_delay is None else int(prefix_delay)
+    return req
+
+
+def check_prefix(spec: EmbodimentSpec, prefix: Any, delay: Any = None) -> tuple[np.ndarray, int]:
+    """A request's committed prefix for `spec`: -> (actions (n, D) float32 finite, 1 <= n <= chunk_size;
+    delay an int in [0, n], None meaning n). Raises RequestError naming `prefix` or `prefix_delay`."""
+    arr = _decode_array(prefix, "prefix", np.float32)
+    if arr.dtype.kind not in "uif":
+        raise RequestError(f"prefix: expected float32 values, got dtype {arr.dtype}")
+    arr = arr.astype(np.float32, copy=False)
+    if arr.ndim != 2 or arr.shape[1] != spec.action_dim or not 1 <= arr.shape[0] <= spec.chunk_size:
+        raise RequestError(
+            f"prefix: expected shape (n, {spec.action_dim}) with 1 <= n <= {spec.chunk_size} for {spec.name}, "
+            f"got {tuple(arr.shape)}"
+        )
+    if not np.isfinite(arr).all():
+        raise RequestError("prefix: expected finite values (no NaN/inf)")
+    n = arr.shape[0]
+    delay = n if delay is None else delay
+    if not _whole(delay) or not 0 <= delay <= n:
+        raise RequestError(f"prefix_delay: expected an int in [0, {n}] (the prefix has {n} actions), got {delay!r}")
+    return np.ascontiguousarray(arr), int(delay)
 
 
 def _decode_array(value: Any, field: str, dtype) -> np.ndarray:
@@ -156,6 +187,11 @@ def validate_request(req: Any, specs: dict[str, EmbodimentSpec] | None = None) -
         value = req.get(key, "")
         if not isinstance(value, (str, int)) or isinstance(value, bool) or len(str(value)) > MAX_ID:
             raise RequestError(f"{key}: expected a string of at most {MAX_ID} characters, got {type(value).__name__}")
+    prefix = delay = None
+    if req.get("prefix") is not None:
+        prefix, delay = check_prefix(spec, req["prefix"], req.get("prefix_delay"))
+    elif req.get("prefix_delay") is not None:
+        raise RequestError("prefix_delay: given without a prefix (send both, or neither)")
     return {
         "robot_id": str(req.get("robot_id", "")),
         "embodiment": name,
@@ -165,6 +201,8 @@ def validate_request(req: Any, specs: dict[str, EmbodimentSpec] | None = None) -
         "obs_tick": int(obs_tick),
         "n_samples": int(n_samples),
         "request_id": str(req.get("request_id", "")),
+        "prefix": prefix,  # None, or (n, D) float32: the committed plan (real-time chunking)
+        "prefix_delay": delay,  # None, or an int in [0, n]
     }
 
 

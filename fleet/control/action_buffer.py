@@ -1,19 +1,22 @@
 """Action-chunk recycling: hand out one action per control tick from the policy's chunks, merging seams.
 
 A chunk pushed with `obs_tick` holds the actions meant for ticks obs_tick, obs_tick + 1, ...; where it overlaps
-what is already planned, the `aggregate` rule merges the two, so a new chunk does not jerk the robot.
+what is already planned, the `aggregate` rule merges the two, so a new chunk does not jerk the robot. The `rtc`
+rule (real-time chunking) merges nothing: the buffer hands the plan to the next request (`request_prefix`),
+the server makes the new chunk continue it, and the buffer switches to the new chunk at the seam.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from fleet.validate import check_choice, check_int, check_number
 
-AGGREGATES = ("latest", "weighted", "temporal_ensemble", "conservative")
+AGGREGATES = ("latest", "weighted", "temporal_ensemble", "conservative", "rtc")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,15 @@ class BufferConfig:
     # also refill when fewer than this many actions are buffered from the current tick on
     request_timeout: int | None = None
     # a request pending this many ticks is presumed lost and needs_refill turns true again; None = chunk_size
+    rtc_delay: int | None = None
+    # rtc: how many planned actions a request commits (they execute before its reply arrives); None = measured:
+    # the largest latency, in ticks, of the last `latency_window` replies (an overestimate only freezes more)
+    latency_window: int = 8
+    # rtc: replies whose latency the measured delay is taken over
+    rtc_soft: int | None = None
+    # rtc: planned actions past the committed ones that a request also sends (the policy follows them with a
+    # weight decaying to 0 at their end, so the seam stays smooth); None = the whole remaining plan (the
+    # paper's soft mask); 0 = the committed ones only (nothing at all when none are committed: `latest`)
 
     def __post_init__(self) -> None:
         check_int("BufferConfig.chunk_size", self.chunk_size, lo=1, expected="a positive int")
@@ -41,6 +53,11 @@ class BufferConfig:
             check_int("BufferConfig.request_timeout", self.request_timeout, lo=1, expected="a positive int")
         check_choice("BufferConfig.aggregate", self.aggregate, AGGREGATES)
         check_number("BufferConfig.ensemble_m", self.ensemble_m, lo=0)
+        if self.rtc_delay is not None:
+            check_int("BufferConfig.rtc_delay", self.rtc_delay, 0, self.chunk_size)
+        check_int("BufferConfig.latency_window", self.latency_window, lo=1, expected="a positive int")
+        if self.rtc_soft is not None:
+            check_int("BufferConfig.rtc_soft", self.rtc_soft, 0, self.chunk_size)
 
 
 class _Slot:
@@ -73,6 +90,10 @@ class ActionBuffer:
                         kept as running sums per tick.
       conservative      per dimension, the candidate closer to the last handed-out action (the smaller change;
                         before the first pop, the smaller magnitude); ties keep the plan.
+      rtc               real-time chunking: the new chunk replaces the plan at the seam, no blending; what
+                        makes the seam smooth is the request, which carries the plan (`request_prefix`) so
+                        the policy continues it (fleet/policy/rtc.py). Against a server that ignores the
+                        prefix it is `latest`.
 
     Refill protocol: when `needs_refill(tick)` is true, ask the policy with obs_tick = tick and call
     `mark_requested(tick)`; `push` clears the request, `cancel_request` drops it. Callers that push
@@ -87,6 +108,8 @@ class ActionBuffer:
         self.last_obs_tick: int | None = None  # obs_tick of the newest chunk behind the last popped action
         self._stats = dict.fromkeys(("chunks_pushed", "actions_popped", "dropped_stale", "starved_ticks"), 0)
         self._stats |= dict.fromkeys(("merges", "seams", "dropped_out_of_order"), 0)
+        # ticks between a chunk's observation and its arrival, per reply (rtc's committed delay); kept across episodes
+        self._latencies: deque[int] = deque(maxlen=self.config.latency_window)
         self.reset()
 
     @classmethod
@@ -148,6 +171,7 @@ class ActionBuffer:
             self._stats["dropped_out_of_order"] += 1
             return 0
         self._stats["chunks_pushed"] += 1
+        self._latencies.append(max(0, self._next_tick - obs_tick))
         self._newest_obs = obs_tick
         first = max(0, self._next_tick - obs_tick)
         self._stats["dropped_stale"] += min(first, arr.shape[0])
@@ -159,7 +183,7 @@ class ActionBuffer:
         for t in ticks:
             new = np.array(arr[t - obs_tick], np.float64)
             slot = self._slots.get(t)
-            if slot is None or self.config.aggregate == "latest":
+            if slot is None or self.config.aggregate in ("latest", "rtc"):
                 self._slots[t] = _Slot(new, obs_tick)
                 continue
             self._merge(slot, new, ramp[t])
@@ -200,6 +224,38 @@ class ActionBuffer:
         self._stats["actions_popped"] += 1
         self._last_action, self.last_obs_tick = action, slot.obs_tick
         return action.copy()
+
+    def peek(self, tick: int) -> np.ndarray | None:
+        """The action (D,) pop(tick) would hand out now, or None; changes nothing."""
+        slot = self._slots.get(_tick("tick", tick))
+        return None if slot is None else slot.action
+
+    @property
+    def measured_delay(self) -> int:
+        """rtc: the delay a request commits now: `rtc_delay` if set, else the largest latency (ticks from a
+        chunk's observation to its arrival) of the last latency_window replies, 0 before the first."""
+        if self.config.rtc_delay is not None:
+            return self.config.rtc_delay
+        return max(self._latencies, default=0)
+
+    def request_prefix(self, tick: int) -> dict | None:
+        """rtc mode: the request fields that let the policy continue the plan, {"prefix": (n, D) float32, the
+        planned actions for ticks tick, tick + 1, ... (n <= chunk_size, up to the first unplanned tick and at
+        most d + rtc_soft), "prefix_delay": d <= n, how many of them will execute before the reply arrives};
+        pass them to fleet.protocol.make_request. None in the other modes, when nothing is planned for `tick`,
+        and when rtc_soft is 0 and nothing is committed."""
+        tick = _tick("tick", tick)
+        if self.config.aggregate != "rtc" or tick not in self._slots:
+            return None
+        delay, soft = self.measured_delay, self.config.rtc_soft
+        longest = self.config.chunk_size if soft is None else min(self.config.chunk_size, delay + soft)
+        plan = []
+        while tick + len(plan) in self._slots and len(plan) < longest:
+            plan.append(self._slots[tick + len(plan)].action)
+        if not plan:
+            return None
+        prefix = np.asarray(plan, np.float32)
+        return {"prefix": prefix, "prefix_delay": min(delay, len(prefix))}
 
     def stats(self) -> dict[str, int]:
         """Counters: chunks_pushed, actions_popped, dropped_stale, starved_ticks, merges (overlapping ticks

@@ -2,7 +2,8 @@
 
 `collate` checks every observation (a malformed one raises ValueError naming the row, the field and
 the expected shape, so a server can reject that request alone) and stacks each field with numpy
-before a single `torch.from_numpy`.
+before a single `torch.from_numpy`. `set_row_options` adds what each row asked for beyond its
+observation: its own number of flow samples and its committed prefix (real-time chunking, rtc.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 
 from fleet.embodiments import EmbodimentSpec
+from fleet.policy.rtc import GroupPrefix
 from fleet.policy.tokenizer import Vocabulary
+from fleet.protocol import RequestError, check_prefix
 
 IMAGE_SHAPE = (64, 64, 3)
 
@@ -42,6 +45,9 @@ class PolicyBatch:
     embodiments: list[str]  # (B,) embodiment name per row
     actions: torch.Tensor | None = None  # (B, T, Dmax) float32 normalized, zeros past the row's action_dim
     focus: torch.Tensor | None = None  # (B, 2) float32 privileged image position of the named object (training)
+    n_samples: list[int] | None = None  # (B,) flow samples per row; None = predict's n_samples for every row
+    prefix: list[tuple[np.ndarray, int] | None] | None = None
+    # (B,) per row None or (actions (n, D) float32 physical units for ticks obs_tick.., delay d <= n committed)
     _groups: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -55,6 +61,27 @@ class PolicyBatch:
                 rows.setdefault(name, []).append(i)
             self._groups = {n: torch.tensor(r, dtype=torch.long) for n, r in rows.items()}
         return self._groups
+
+    def head_options(self, spec: EmbodimentSpec, idx: torch.Tensor, n_samples: int) -> dict:
+        """Keyword options for head `spec.name`'s `predict` on rows `idx`: {} when no row asked for anything
+        of its own (the head then runs exactly as before per-row options existed); else `row_samples`
+        (list of K per row) and, when a row carries a prefix, `prefix` (GroupPrefix, normalized)."""
+        opts: dict = {}
+        rows = idx.tolist()
+        if self.n_samples is not None:
+            ks = [int(self.n_samples[i]) for i in rows]
+            if any(k != n_samples for k in ks):
+                opts["row_samples"] = ks
+        if self.prefix is not None and any(self.prefix[i] is not None for i in rows):
+            t, d = spec.chunk_size, spec.action_dim
+            target = np.zeros((len(rows), t, d), np.float32)
+            length, delay = np.zeros(len(rows), np.int64), np.zeros(len(rows), np.int64)
+            for j, i in enumerate(rows):
+                if self.prefix[i] is not None:
+                    actions, length[j], delay[j] = self.prefix[i][0], len(self.prefix[i][0]), self.prefix[i][1]
+                    target[j, : len(actions)] = normalize_actions(spec, actions)
+            opts["prefix"] = GroupPrefix(torch.from_numpy(target), torch.from_numpy(length), torch.from_numpy(delay))
+        return opts
 
 
 def _bad(i: int, name: str, field_name: str, expected: str, got: str) -> ValueError:
@@ -147,3 +174,40 @@ def collate(
         embodiments=list(embodiments),
         actions=None if norm is None else torch.from_numpy(norm),
     )
+
+
+def set_row_options(
+    batch: PolicyBatch,
+    specs: Mapping[str, EmbodimentSpec],
+    n_samples: Sequence[int] | None = None,
+    prefixes: Sequence[tuple[np.ndarray, int | None] | None] | None = None,
+) -> PolicyBatch:
+    """Attach per-row options to `batch` (in place; returned for chaining), validated: n_samples (B,) ints
+    >= 1 (flow heads draw that many samples for the row alone; token heads ignore it), prefixes (B,) None or
+    (actions (n, D) physical, delay or None = n). Raises ValueError naming the row and the field."""
+    b = len(batch)
+    if n_samples is not None:
+        ks = list(n_samples)
+        if len(ks) != b:
+            raise ValueError(f"n_samples: expected {b} values (one per row), got {len(ks)}")
+        for i, k in enumerate(ks):
+            if isinstance(k, np.integer):
+                k = int(k)
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ValueError(f"row {i}: n_samples must be an int >= 1, got {k!r}")
+        batch.n_samples = [int(k) for k in ks]
+    if prefixes is not None:
+        rows = list(prefixes)
+        if len(rows) != b:
+            raise ValueError(f"prefix: expected {b} entries (one per row, None for none), got {len(rows)}")
+        out: list[tuple[np.ndarray, int] | None] = []
+        for i, (item, name) in enumerate(zip(rows, batch.embodiments, strict=True)):
+            if item is None:
+                out.append(None)
+                continue
+            try:
+                out.append(check_prefix(specs[name], item[0], item[1]))
+            except RequestError as exc:
+                raise ValueError(f"row {i} ({name}): {exc}") from None
+        batch.prefix = out if any(p is not None for p in out) else None
+    return batch

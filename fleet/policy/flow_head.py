@@ -3,6 +3,7 @@
 x_t = (1 - t) x0 + t x1 with x0 ~ N(0, I) and x1 the chunk; the velocity net regresses x1 - x0.
 Sampling integrates `n_euler` Euler steps from t=0 (noise) to t=1. K samples are K noises in one
 batched call; the cross-attention K/V of the memory are computed once and reused by every step.
+Rows may ask for their own K, and rows with a committed prefix are inpainted with ΠGDM guidance (rtc.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from fleet.embodiments import EmbodimentSpec
 from fleet.policy.backbone import PolicyConfig
 from fleet.policy.heads import HeadBase
+from fleet.policy.rtc import RTC_BETA, GroupPrefix, guidance_weight, prefix_weights
 
 
 def sinusoidal(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -70,6 +72,40 @@ class FlowHead(HeadBase):
         loss = (err * self.step_weights(err)[None, :, None]).mean()
         return loss, {}
 
+    def _integrate(self, x: torch.Tensor, kvs, mask, direct, steps: int) -> torch.Tensor:
+        """Euler steps from noise x (N, T, D) at t=0 to t=1."""
+        dt = 1.0 / steps
+        for i in range(steps):
+            t = torch.full((x.shape[0],), i * dt, dtype=x.dtype, device=x.device)
+            x = x + dt * self.velocity(x, t, kvs, mask, direct)
+        return x
+
+    def _integrate_guided(
+        self, x: torch.Tensor, kvs, mask, direct, steps: int, target: torch.Tensor, weights: torch.Tensor, beta: float
+    ) -> torch.Tensor:
+        """Euler steps with ΠGDM guidance toward target (N, T, D) under per-step weights (N, T) (rtc.py).
+
+        Each step: the denoised estimate x1 = x + (1 - t) v(x, t); the weighted error e = W (target - x1);
+        g = e^T dx1/dx, one vector-Jacobian product through the velocity network (only the input's gradient
+        is computed, none for the weights); the step uses v + min(beta, (1-t)/(t r_t^2)) g.
+        """
+        # the caller may run under inference_mode, whose tensors cannot be saved for backward: copy the few
+        # per-chunk constants out of it (the memory K/V, the mask and the direct vector)
+        with torch.inference_mode(False), torch.enable_grad():
+            kvs = [(k.clone(), v.clone()) for k, v in kvs]
+            mask = None if mask is None else mask.clone()
+            direct = direct.clone() if isinstance(direct, torch.Tensor) else direct
+            x, target, w = x.clone(), target.clone(), weights[..., None].clone()
+            dt = 1.0 / steps
+            for i in range(steps):
+                t = i * dt
+                xg = x.detach().requires_grad_(True)
+                v = self.velocity(xg, torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device), kvs, mask, direct)
+                x1 = xg + (1.0 - t) * v
+                (g,) = torch.autograd.grad(x1, xg, grad_outputs=(target - x1.detach()) * w)
+                x = x.detach() + dt * (v.detach() + guidance_weight(t, beta) * g)
+            return x.detach()
+
     def sample(
         self,
         memory: torch.Tensor,
@@ -84,11 +120,47 @@ class FlowHead(HeadBase):
         kvs, mask, direct = self.memory_context(memory, pad_mask, repeat=k)
         shape = (b * k, self.chunk_size, self.action_dim)
         x = torch.randn(shape, generator=generator, dtype=memory.dtype, device=memory.device)
-        dt = 1.0 / steps
-        for i in range(steps):
-            t = torch.full((b * k,), i * dt, dtype=memory.dtype, device=memory.device)
-            x = x + dt * self.velocity(x, t, kvs, mask, direct)
+        x = self._integrate(x, kvs, mask, direct, steps)
         return x.view(b, k, self.chunk_size, self.action_dim)
+
+    def sample_rows(
+        self,
+        memory: torch.Tensor,
+        pad_mask: torch.Tensor,
+        row_samples: torch.Tensor,
+        generator: torch.Generator | None = None,
+        prefix: GroupPrefix | None = None,
+        n_steps: int | None = None,
+        beta: float = RTC_BETA,
+    ) -> torch.Tensor:
+        """memory (B, S, d), row_samples (B,) int64 K_i -> samples (sum K_i, T, D) normalized, row 0's first.
+
+        One noise draw for all rows (as `sample`: with equal K_i the same noise, in the same order). Rows with
+        a prefix are integrated with guidance toward it, the others exactly as `sample` integrates them (on
+        their own rows, so a request without a prefix never pays for the guidance of its batch mates)."""
+        steps = n_steps or self.config.n_euler
+        ks = row_samples.long()
+        uniform = bool((ks == ks[0]).all())
+        kvs, mask, direct = self.memory_context(memory, pad_mask, repeat=int(ks[0]) if uniform else ks)
+        shape = (int(ks.sum()), self.chunk_size, self.action_dim)
+        x = torch.randn(shape, generator=generator, dtype=memory.dtype, device=memory.device)
+        if prefix is None or not prefix.any():
+            return self._integrate(x, kvs, mask, direct, steps)
+        guided = prefix.rows.repeat_interleave(ks)
+        out = torch.empty_like(x)
+        plain_idx, guided_idx = (~guided).nonzero()[:, 0], guided.nonzero()[:, 0]
+        if plain_idx.numel():
+            out[plain_idx] = self._integrate(x[plain_idx], *_take(kvs, mask, direct, plain_idx), steps)
+        target = prefix.target.repeat_interleave(ks, 0)[guided_idx]
+        weights = prefix_weights(prefix.length, prefix.delay, self.chunk_size).repeat_interleave(ks, 0)[guided_idx]
+        out[guided_idx] = self._integrate_guided(
+            x[guided_idx], *_take(kvs, mask, direct, guided_idx), steps, target, weights, beta
+        )
+        return out
+
+    def _execute(self, samples: torch.Tensor) -> torch.Tensor:
+        """(B, K, T, D) -> (B, T, D): the chunk a robot executes (see predict)."""
+        return samples[:, 0] if self.name in self.config.flow_execute_sample else samples.mean(dim=1)
 
     def predict(
         self,
@@ -97,6 +169,8 @@ class FlowHead(HeadBase):
         n_samples: int,
         temperature: float,
         generator: torch.Generator | None,
+        row_samples: list[int] | None = None,
+        prefix: GroupPrefix | None = None,
     ) -> dict[str, torch.Tensor]:
         """-> chunk (B, T, D) normalized and samples (B, K, T, D).
 
@@ -105,7 +179,34 @@ class FlowHead(HeadBase):
         signal. For embodiments in `PolicyConfig.flow_execute_sample` it is the first sample instead:
         when the samples disagree on timing (close the hand now or a step later) their mean is a slower
         motion than any of them. With K=1 it is the single sample. `temperature` is unused.
+
+        row_samples (K_i per row) and/or prefix (real-time chunking): samples is (B, max K_i, T, D), row i's
+        K_i samples first and NaN after, and `row_samples` (B,) int64 says how many are real; each row's
+        chunk comes from its own samples only.
         """
-        samples = self.sample(memory, pad_mask, n_samples, generator)
-        chunk = samples[:, 0] if self.name in self.config.flow_execute_sample else samples.mean(dim=1)
-        return {"chunk": chunk.clamp(-1.0, 1.0), "samples": samples}
+        if row_samples is None and prefix is None:
+            samples = self.sample(memory, pad_mask, n_samples, generator)
+            return {"chunk": self._execute(samples).clamp(-1.0, 1.0), "samples": samples}
+        b = memory.shape[0]
+        ks = torch.tensor(row_samples if row_samples is not None else [n_samples] * b, dtype=torch.long)
+        if ks.numel() != b or bool((ks < 1).any()):
+            raise ValueError(f"row_samples: expected {b} ints >= 1, got {ks.tolist()}")
+        flat = self.sample_rows(memory, pad_mask, ks, generator, prefix)
+        if bool((ks == ks[0]).all()):
+            samples = flat.view(b, int(ks[0]), self.chunk_size, self.action_dim)
+            chunk = self._execute(samples)
+        else:
+            samples = flat.new_full((b, int(ks.max()), self.chunk_size, self.action_dim), float("nan"))
+            parts = torch.split(flat, ks.tolist())
+            for i, part in enumerate(parts):
+                samples[i, : part.shape[0]] = part
+            chunk = torch.stack([self._execute(p[None])[0] for p in parts])
+        return {"chunk": chunk.clamp(-1.0, 1.0), "samples": samples, "row_samples": ks}
+
+
+def _take(kvs, mask, direct, idx: torch.Tensor) -> tuple:
+    """The per-sample-row memory context (K/V, mask, direct vector) of rows `idx`."""
+    kvs = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in kvs]
+    mask = None if mask is None else mask.index_select(0, idx)
+    direct = direct.index_select(0, idx) if isinstance(direct, torch.Tensor) else direct
+    return kvs, mask, direct

@@ -14,6 +14,7 @@ from torch import nn
 
 from fleet.embodiments import EmbodimentSpec
 from fleet.policy.backbone import MLP, CrossAttention, KVCache, PolicyConfig, SelfAttention, attend_mask
+from fleet.policy.rtc import GroupPrefix
 
 
 class ProprioStem(nn.Module):
@@ -109,18 +110,19 @@ class HeadBase(nn.Module):
         return self.direct(tokens.flatten(1))[:, None]
 
     def memory_context(
-        self, memory: torch.Tensor, pad_mask: torch.Tensor, repeat: int = 1
+        self, memory: torch.Tensor, pad_mask: torch.Tensor, repeat: int | torch.Tensor = 1
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None, torch.Tensor | float]:
         """Per-block cross-attention K/V (B*repeat, H, S, hd), the SDPA mask and the direct-path vector
         (B*repeat, 1, d), computed once per chunk.
 
         `repeat` > 1 repeats each row's K/V (row-major: row 0 K times, then row 1...) instead of the
-        memory itself, so drawing K samples costs no extra memory projections.
+        memory itself, so drawing K samples costs no extra memory projections. A (B,) int64 tensor repeats
+        row i repeat[i] times (rows that asked for different numbers of samples).
         """
         kvs = [blk.memory_kv(memory) for blk in self.blocks]
         mask = attend_mask(pad_mask)
         direct = self.direct_context(memory)
-        if repeat > 1:
+        if isinstance(repeat, torch.Tensor) or repeat > 1:
             kvs = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in kvs]
             mask = None if mask is None else mask.repeat_interleave(repeat, 0)
             if isinstance(direct, torch.Tensor):
@@ -140,6 +142,11 @@ class HeadBase(nn.Module):
         n_samples: int,
         temperature: float,
         generator: torch.Generator | None,
+        row_samples: list[int] | None = None,
+        prefix: GroupPrefix | None = None,
     ) -> dict[str, torch.Tensor]:
-        """-> {"chunk": (B, T, D) normalized in [-1, 1], plus head-specific outputs}."""
+        """-> {"chunk": (B, T, D) normalized in [-1, 1], plus head-specific outputs}.
+
+        row_samples: each row's own number of flow samples (instead of n_samples for all); prefix: the
+        rows' committed prefixes (real-time chunking, rtc.py). Both None: the head's plain path."""
         raise NotImplementedError

@@ -162,13 +162,15 @@ class FleetPolicy(nn.Module):
         features = pooled.numpy()
         rows: list[dict] = [{} for _ in range(len(batch))]
         for name, idx in batch.groups().items():
+            opts = batch.head_options(self.specs[name], idx, n_samples)  # per-row K and prefixes (rtc.py)
             out = self.head(name).predict(
-                memory.index_select(0, idx), pad_mask.index_select(0, idx), n_samples, temperature, generator
+                memory.index_select(0, idx), pad_mask.index_select(0, idx), n_samples, temperature, generator, **opts
             )
+            ks = out["row_samples"].tolist() if "row_samples" in out else [n_samples] * len(idx)
             chunks = self.denormalize_actions(name, out["chunk"].numpy())
             entropy = out["entropy"].numpy() if "entropy" in out else None
             probs = out["probs"].numpy() if "probs" in out else None
-            samples = out["samples"].numpy() if "samples" in out and n_samples > 1 else None
+            samples = out["samples"].numpy() if "samples" in out and max(ks) > 1 else None
             for j, i in enumerate(idx.tolist()):
                 row = {
                     "chunk": chunks[j],
@@ -178,8 +180,8 @@ class FleetPolicy(nn.Module):
                 }
                 if entropy is not None:
                     row["entropy"], row["probs"] = entropy[j], probs[j]
-                if samples is not None:
-                    row["samples"] = samples[j]
+                if samples is not None and ks[j] > 1:
+                    row["samples"] = samples[j, : ks[j]]
                 rows[i] = row
         return rows
 

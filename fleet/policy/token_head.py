@@ -2,7 +2,8 @@
 
 Step t's input is the sum of per-dimension embeddings of step t-1's chosen bins (a learned BOS at
 t=0) plus a step position embedding; within a step the dimensions are predicted independently
-given the prefix. Training is one teacher-forced causal pass; decoding keeps a KV cache.
+given the prefix. Training is one teacher-forced causal pass; decoding keeps a KV cache, and a request's
+committed prefix (real-time chunking, rtc.py) is teacher-forced through it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from fleet.embodiments import EmbodimentSpec
 from fleet.policy.backbone import KVCache, PolicyConfig
 from fleet.policy.heads import HeadBase
+from fleet.policy.rtc import GroupPrefix
 
 
 @dataclass
@@ -91,13 +93,23 @@ class TokenHead(HeadBase):
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        prefix: GroupPrefix | None = None,
     ) -> TokenDecoding:
         """Decode a chunk for each row of memory (B, S, d).
 
         use_cache=False recomputes the whole prefix every step: O(T^2) work, kept as the reference
         the cached path is tested against and as the benchmark's baseline.
+
+        prefix (real-time chunking): a row's first `delay` steps are teacher-forced to its prefix's bins,
+        which then feed the KV cache as the next steps' inputs, so what follows is decoded conditioned on
+        exactly what will execute. The logits, entropy and probs of a forced step are the model's own
+        (the probability it gave the forced bin). Rows without a prefix decode exactly as without one.
         """
         b, steps = memory.shape[0], self.chunk_size
+        forced_bins = forced = None
+        if prefix is not None and prefix.any():
+            forced_bins = self.to_bins(prefix.target.to(memory.device))
+            forced = torch.arange(steps, device=memory.device)[None] < prefix.delay.to(memory.device)[:, None]
         kvs, mask, direct = self.memory_context(memory, pad_mask)
         caches = [KVCache(b, blk.n_heads, steps, self.config.d_model // blk.n_heads, memory) for blk in self.blocks]
         inputs: list[torch.Tensor] = []
@@ -116,6 +128,8 @@ class TokenHead(HeadBase):
                 h = h[:, -1:]
             step_logits = self._logits(h)[:, 0]  # (B, D, n_bins)
             chosen = self._choose(step_logits, temperature, generator)
+            if forced is not None:
+                chosen = torch.where(forced[:, t, None], forced_bins[:, t], chosen)
             logits.append(step_logits)
             bins.append(chosen)
             x = self._embed_bins(chosen[:, None])
@@ -132,8 +146,11 @@ class TokenHead(HeadBase):
         n_samples: int,
         temperature: float,
         generator: torch.Generator | None,
+        row_samples: list[int] | None = None,
+        prefix: GroupPrefix | None = None,
     ) -> dict[str, torch.Tensor]:
-        """-> chunk (B, T, D) normalized, entropy (B, T, D) nats, probs (B, T, D). n_samples is ignored:
-        a token head's confidence is its entropy, which one decoding pass yields."""
-        out = self.decode(memory, pad_mask, temperature, generator)
+        """-> chunk (B, T, D) normalized, entropy (B, T, D) nats, probs (B, T, D). n_samples and row_samples
+        are ignored: a token head's confidence is its entropy, which one decoding pass yields. prefix: the
+        committed steps are teacher-forced (decode)."""
+        out = self.decode(memory, pad_mask, temperature, generator, prefix=prefix)
         return {"chunk": out.actions, "entropy": out.entropy, "probs": out.probs}

@@ -125,6 +125,8 @@ class PolicyRuntime:
             instr_ids=torch.from_numpy(np.stack([self._encode_instruction(r["instruction"]) for r in rows])),
             emb_idx=torch.from_numpy(np.array([self._emb_ids[r["embodiment"]] for r in rows], np.int64)),
             embodiments=[r["embodiment"] for r in rows],
+            n_samples=[r["n_samples"] for r in rows],  # each row draws its own K (PolicyBatch.head_options)
+            prefix=[None if r.get("prefix") is None else (r["prefix"], r["prefix_delay"]) for r in rows],
         )
 
     def _forward(self, rows: list[dict]) -> list[dict]:
@@ -175,7 +177,7 @@ class PolicyRuntime:
                 reply["entropy"], reply["n_bins"] = out["entropy"], n_bins
             k = r["n_samples"]
             if "samples" in out and k > 1:
-                reply["samples"] = out["samples"][:k]  # the chunk is the mean of all n_samples drawn
+                reply["samples"] = out["samples"][:k]  # the row's own k samples (its chunk is their mean)
             replies.append(reply)
         return replies
 

@@ -84,10 +84,12 @@ class TorchBackend(PolicyBackend):
             )
             return _np(memory), _np(pad_mask), _np(pooled)
 
-    def head_outputs(self, name, memory, pad_mask, n_samples, temperature, generator):
+    def head_outputs(self, name, memory, pad_mask, n_samples, temperature, generator, row_samples=None):
         head = self.head(name)
+        opts = {} if row_samples is None else {"row_samples": row_samples}
         with torch.inference_mode(), self._context():
-            out = head.predict(torch.from_numpy(memory), torch.from_numpy(pad_mask), n_samples, temperature, generator)
+            memory, pad_mask = torch.from_numpy(memory), torch.from_numpy(pad_mask)
+            out = head.predict(memory, pad_mask, n_samples, temperature, generator, **opts)
             return {k: _np(v) for k, v in out.items()}
 
     def predict(self, batch, n_samples=1, temperature=0.0, generator=None, image_tokens=None):

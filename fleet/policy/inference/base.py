@@ -79,10 +79,56 @@ class PolicyBackend:
         raise NotImplementedError
 
     def head_outputs(
-        self, name: str, memory: np.ndarray, pad_mask: np.ndarray, n_samples: int, temperature: float, generator
+        self,
+        name: str,
+        memory: np.ndarray,
+        pad_mask: np.ndarray,
+        n_samples: int,
+        temperature: float,
+        generator,
+        row_samples: list[int] | None = None,
     ) -> dict[str, np.ndarray]:
-        """-> {"chunk": (B, T, D) normalized in [-1, 1]; token heads: entropy, probs; flow heads: samples}."""
+        """-> {"chunk": (B, T, D) normalized in [-1, 1]; token heads: entropy, probs; flow heads: samples}.
+        row_samples: each row's own K (flow heads; then samples is (B, max K, T, D), NaN past a row's K, and
+        `row_samples` (B,) is returned)."""
         raise NotImplementedError
+
+    def prefixed_outputs(
+        self, name: str, memory: np.ndarray, pad_mask: np.ndarray, n_samples: int, temperature: float, generator, opts
+    ) -> dict[str, np.ndarray]:
+        """head_outputs for a group in which some rows carry a committed prefix (real-time chunking).
+
+        The rule for every backend: rows with a prefix run the fp32 master head, eager torch (guidance needs
+        a vector-Jacobian product, forcing needs the decode loop; an exported graph or a quantized copy has
+        neither); rows without one run this backend's own head_outputs, as they would without batch mates.
+        A backend that runs the master itself (`shares_model`) runs the whole group there in one call."""
+        prefix, row_samples = opts["prefix"], opts.get("row_samples")
+        b = memory.shape[0]
+        ks = np.asarray(row_samples if row_samples is not None else [n_samples] * b, np.int64)
+        if self.shares_model:
+            return self._master_outputs(name, memory, pad_mask, n_samples, temperature, generator, opts)
+        with_prefix = prefix.rows.numpy()
+        parts: list[tuple[np.ndarray, dict]] = []
+        plain = np.flatnonzero(~with_prefix)
+        if plain.size:
+            ks_plain = ks[plain].tolist()
+            same = all(k == n_samples for k in ks_plain)
+            out = self.head_outputs(
+                name, memory[plain], pad_mask[plain], n_samples, temperature, generator, None if same else ks_plain
+            )
+            parts.append((plain, out))
+        guided = np.flatnonzero(with_prefix)
+        sub = {"prefix": prefix.select(torch.from_numpy(guided)), "row_samples": ks[guided].tolist()}
+        out = self._master_outputs(name, memory[guided], pad_mask[guided], n_samples, temperature, generator, sub)
+        parts.append((guided, out | {"master": np.ones(guided.size, bool)}))
+        return _merge_rows(parts, b, ks)
+
+    def _master_outputs(self, name, memory, pad_mask, n_samples, temperature, generator, opts) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            out = self.model.head(name).predict(
+                torch.from_numpy(memory), torch.from_numpy(pad_mask), n_samples, temperature, generator, **opts
+            )
+        return {k: v.numpy() for k, v in out.items()}
 
     # ----- head swaps ----------------------------------------------------------------------------------
     def head_versions(self) -> dict[str, int]:
@@ -122,17 +168,44 @@ class PolicyBackend:
         rows: list[dict] = [{} for _ in range(len(batch))]
         for name, idx in batch.groups().items():
             sel = idx.numpy()
-            out = self.head_outputs(name, memory[sel], pad_mask[sel], n_samples, temperature, generator)
+            opts = batch.head_options(self.model.specs[name], idx, n_samples)  # per-row K, prefixes
+            if "prefix" in opts:
+                out = self.prefixed_outputs(name, memory[sel], pad_mask[sel], n_samples, temperature, generator, opts)
+            else:
+                out = self.head_outputs(name, memory[sel], pad_mask[sel], n_samples, temperature, generator, **opts)
+            ks = out["row_samples"].tolist() if "row_samples" in out else [n_samples] * len(sel)
+            master = out.get("master", np.zeros(len(sel), bool))
             chunks = self.model.denormalize_actions(name, out["chunk"])
             version = self.model.head_versions[name] if self.shares_model else self._versions[name]
             for j, i in enumerate(sel.tolist()):
-                row = {"chunk": chunks[j], "features": pooled[i], "head_version": version, "embodiment": name}
+                # a row run on the master head reports the master's version (they differ only mid head swap)
+                v = self.model.head_versions[name] if master[j] else version
+                row = {"chunk": chunks[j], "features": pooled[i], "head_version": v, "embodiment": name}
                 if "entropy" in out:
                     row["entropy"], row["probs"] = out["entropy"][j], out["probs"][j]
-                if "samples" in out and n_samples > 1:
-                    row["samples"] = out["samples"][j]
+                if "samples" in out and ks[j] > 1:
+                    row["samples"] = out["samples"][j, : ks[j]]
                 rows[i] = row
         return rows
 
     def close(self) -> None:
         """Release what the backend holds (sessions, files)."""
+
+
+def _merge_rows(parts: list[tuple[np.ndarray, dict]], b: int, ks: np.ndarray) -> dict[str, np.ndarray]:
+    """Outputs of disjoint row subsets (rows, {key: (n, ...)}) -> one dict over all b rows. samples are padded
+    to the largest K with NaN; row_samples (B,) and master (B,) bool are always present."""
+    merged: dict[str, np.ndarray] = {"row_samples": ks.astype(np.int64), "master": np.zeros(b, bool)}
+    for rows, out in parts:
+        for key, value in out.items():
+            if key == "row_samples":
+                continue
+            if key not in merged:
+                shape = (b, int(ks.max()), *value.shape[2:]) if key == "samples" else (b, *value.shape[1:])
+                fill = np.nan if value.dtype.kind == "f" else 0
+                merged[key] = np.full(shape, fill, value.dtype)
+            if key == "samples":
+                merged[key][rows, : value.shape[1]] = value
+            else:
+                merged[key][rows] = value
+    return merged

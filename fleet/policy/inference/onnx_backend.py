@@ -388,7 +388,7 @@ class OnnxBackend(PolicyBackend):
         memory, pad_mask, pooled = self._sessions["transformer"].run(feeds)
         return memory, pad_mask, pooled
 
-    def head_outputs(self, name, memory, pad_mask, n_samples, temperature, generator):
+    def head_outputs(self, name, memory, pad_mask, n_samples, temperature, generator, row_samples=None):
         head = self.model.head(name)
         session = self._sessions.get(f"{head.kind}_{name}")
         if session is None:
@@ -400,10 +400,27 @@ class OnnxBackend(PolicyBackend):
             actions, entropy, probs = session.run(feeds)
             return {"chunk": actions, "entropy": entropy, "probs": probs}
         b = memory.shape[0]
+        if row_samples is not None:
+            return self._ragged_flow(name, session, feeds, row_samples, generator)
         noise = torch.randn((b * n_samples, head.chunk_size, head.action_dim), generator=generator)
         samples = session.run(feeds | {"noise": noise.numpy()})[0]
         chunk = samples[:, 0] if name in self.model.config.flow_execute_sample else samples.mean(axis=1)
         return {"chunk": np.clip(chunk, -1.0, 1.0), "samples": samples}
+
+    def _ragged_flow(self, name, session, feeds, row_samples, generator) -> dict[str, np.ndarray]:
+        """Rows with their own K in one session call: each row's memory repeated K_i times, one sample each."""
+        head = self.model.head(name)
+        ks = np.asarray(row_samples, np.int64)
+        rep = {k: np.repeat(v, ks, axis=0) for k, v in feeds.items()}
+        noise = torch.randn((int(ks.sum()), head.chunk_size, head.action_dim), generator=generator)
+        flat = session.run(rep | {"noise": noise.numpy()})[0][:, 0]  # (sum K, T, D)
+        parts = np.split(flat, np.cumsum(ks)[:-1])
+        samples = np.full((len(ks), int(ks.max()), *flat.shape[1:]), np.nan, np.float32)
+        for i, part in enumerate(parts):
+            samples[i, : len(part)] = part
+        first = name in self.model.config.flow_execute_sample
+        chunk = np.stack([p[0] if first else p.mean(axis=0) for p in parts])
+        return {"chunk": np.clip(chunk, -1.0, 1.0), "samples": samples, "row_samples": ks}
 
     def close(self) -> None:
         self._sessions.clear()
