@@ -63,7 +63,9 @@ def resolve_device(device: str) -> torch.device:
     count = torch.cuda.device_count()
     index = int(device.split(":")[1]) if ":" in device else 0
     if index >= count:
-        raise ValueError(f"device: {device!r} asked for, but this process sees {count} CUDA device(s): cuda:0..{count - 1}")
+        raise ValueError(
+            f"device: {device!r} asked for, but this process sees {count} CUDA device(s): cuda:0..{count - 1}"
+        )
     return torch.device("cuda", index)
 
 
@@ -396,7 +398,12 @@ class DeviceBackend(PolicyBackend):
         for name, idx in groups.items():
             chunks = self.model.denormalize_actions(name, views[(name, "chunk")])
             for j, i in enumerate(idx.tolist()):
-                row = {"chunk": chunks[j], "features": features[i], "head_version": self._versions[name], "embodiment": name}
+                row = {
+                    "chunk": chunks[j],
+                    "features": features[i],
+                    "head_version": self._versions[name],
+                    "embodiment": name,
+                }
                 if (name, "entropy") in views:
                     row["entropy"], row["probs"] = views[(name, "entropy")][j], views[(name, "probs")][j]
                 if (name, "samples") in views and n_samples > 1:

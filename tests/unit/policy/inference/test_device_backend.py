@@ -11,7 +11,9 @@ from tests.unit.policy.test_model import MIXED, mixed_batch, tiny_model
 
 
 def _rows(model_or_backend, batch, k=1, seed=5, temperature=0.0):
-    return model_or_backend.predict(batch, n_samples=k, temperature=temperature, generator=torch.Generator().manual_seed(seed))
+    return model_or_backend.predict(
+        batch, n_samples=k, temperature=temperature, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def _max_diff(a, b, key="chunk"):
