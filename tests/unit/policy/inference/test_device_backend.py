@@ -112,3 +112,45 @@ def test_clear_errors_for_devices_and_precisions():
             resolve_device("cuda:0")
     assert resolve_device("cpu") == torch.device("cpu")
     assert (gpu_count("cuda:1"), gpu_count("cpu")) == (1, 0)
+
+
+def test_serve_config_device_validation_and_gpu_placement():
+    from deployments.policy import policy_deployment
+    from fleet.serving.config import ServeConfig
+
+    assert ServeConfig().device == "cpu" and ServeConfig().replica_gpus == 0
+    cuda = ServeConfig(device="cuda:1", precision="fp16")
+    assert cuda.replica_gpus == 1
+    assert policy_deployment(cuda).ray_actor_options["num_gpus"] == 1
+    assert policy_deployment({}).ray_actor_options["num_gpus"] == 0
+    with pytest.raises(ValueError, match="ServeConfig.device: expected 'cpu', 'cuda' or 'cuda:N'"):
+        ServeConfig(device="tpu")
+    with pytest.raises(ValueError, match="ServeConfig.backend: expected 'torch' with device 'cuda'"):
+        ServeConfig(device="cuda", backend="onnx")
+    with pytest.raises(ValueError, match="ServeConfig.precision"):
+        ServeConfig(device="cuda", precision="int8")
+    with pytest.raises(ValueError, match="ServeConfig.precision"):
+        ServeConfig(precision="fp16")  # fp16 only on a CUDA device
+
+
+def test_runtime_serves_through_the_device_backend():
+    from fleet.protocol import make_request
+    from fleet.serving.runtime import PolicyRuntime
+    from fleet.sim import make_env
+
+    from fleet.policy.checkpoint import head_to_bytes
+
+    model = tiny_model(seed=6)
+    runtime = PolicyRuntime(model=model, threads=1, device="cpu")
+    assert runtime.stats()["device"] == "cpu"
+    # what a CUDA replica builds, on the CPU: the runtime's batching, validation and head swaps over it
+    runtime.backend = DeviceBackend(model, device="cpu", pad=True)
+    env = make_env("aloha")
+    obs, _ = env.reset(seed=1)
+    requests = [make_request("r0", "aloha", obs, n_samples=2), {"robot_id": "bad"}]
+    replies = runtime.act_batch(requests)
+    assert replies[0]["chunk"].shape == (model.config.chunk_size, 14) and "error" in replies[1]
+    donor = tiny_model(seed=7)
+    runtime.set_head("aloha", 5, head_to_bytes(donor, "aloha"))
+    swapped = runtime.act_batch(requests[:1])[0]
+    assert swapped["head_version"] == 5 and not np.array_equal(swapped["chunk"], replies[0]["chunk"])
