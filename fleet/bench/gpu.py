@@ -140,9 +140,9 @@ def run(out: Path, budget_s: float = 420.0, episodes: int = 100, log=print) -> d
         configs[label] = row
         log(f"  {label:18s} b1 p50 {row['b1']['p50_ms']:6.2f} ms  b64 {row['b64']['calls_per_s']:8.0f} calls/s")
     result["configs"] = configs
-    ok = [
-        lab for lab, r in configs.items() if r["graphs"] and r.get("diff", {}).get("p99_share", 1) <= 0.01
-    ] or [lab for lab in configs if lab == "cuda-graphs-fp32"]
+    ok = [lab for lab, r in configs.items() if r["graphs"] and r.get("diff", {}).get("p99_share", 1) <= 0.01] or [
+        lab for lab in configs if lab == "cuda-graphs-fp32"
+    ]
     if ok:
         best = min(ok, key=lambda lab: configs[lab]["b1"]["p50_ms"])
         _, device, precision, graphs = next(c for c in CONFIGS if c[0] == best)

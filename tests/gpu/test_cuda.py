@@ -98,3 +98,19 @@ def test_hot_swap_recaptures_while_the_old_graphs_serve(model, pools):
     assert {r["head_version"] for r in rows if r["embodiment"] == "aloha"} == {9}
     d = action_diffs(master, rows, _predict(master, batch))
     assert np.percentile(d, 99) <= 0.01
+
+
+def test_an_adaptation_round_trains_on_the_device():
+    from fleet.learning.head_adapter import HeadAdapter
+    from fleet.learning.round_config import AdaptConfig
+    from fleet.policy.demos import collect
+    from fleet.policy.train import build_model
+    from tests.mocks.tiny_policy import TINY
+    from tests.unit.learning.test_adapt import FAST, corrections
+
+    demo = collect("aloha", 2, seed=12, keep=0.3)
+    model = build_model(("aloha",), seed=0, config=TINY).eval()
+    adapter = HeadAdapter(model, "aloha", demo.subset(np.arange(0, len(demo), 2)), AdaptConfig(**FAST, device="cuda"))
+    result = adapter.round(corrections(demo, range(1, len(demo), 2)))
+    assert result.metrics["after"]["holdout"] < result.metrics["before"]["holdout"]
+    assert all(v.device.type == "cpu" for v in result.state.values())  # the candidate comes back to the host

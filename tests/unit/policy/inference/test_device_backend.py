@@ -154,3 +154,16 @@ def test_runtime_serves_through_the_device_backend():
     runtime.set_head("aloha", 5, head_to_bytes(donor, "aloha"))
     swapped = runtime.act_batch(requests[:1])[0]
     assert swapped["head_version"] == 5 and not np.array_equal(swapped["chunk"], replies[0]["chunk"])
+
+
+def test_adaptation_rounds_take_a_device():
+    from fleet.learning.head_training import _device
+    from fleet.learning.round_config import AdaptConfig
+
+    assert AdaptConfig(device="cuda:0").device == "cuda:0"
+    with pytest.raises(ValueError, match="AdaptConfig.device: expected 'cpu', 'cuda' or 'cuda:N'"):
+        AdaptConfig(device="gpu")
+    assert _device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device"):
+            _device("cuda")
