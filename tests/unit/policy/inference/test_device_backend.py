@@ -134,11 +134,10 @@ def test_serve_config_device_validation_and_gpu_placement():
 
 
 def test_runtime_serves_through_the_device_backend():
+    from fleet.policy.checkpoint import head_to_bytes
     from fleet.protocol import make_request
     from fleet.serving.runtime import PolicyRuntime
     from fleet.sim import make_env
-
-    from fleet.policy.checkpoint import head_to_bytes
 
     model = tiny_model(seed=6)
     runtime = PolicyRuntime(model=model, threads=1, device="cpu")
