@@ -66,6 +66,8 @@ class PolicyServer:
             backend=cfg.backend,
             precision=cfg.precision,
             encoder_cache=cfg.encoder_cache_robots if cfg.encoder_cache else False,
+            device=cfg.device,
+            cuda_graphs=cfg.cuda_graphs,
         )
         try:
             self.runtime.replica_id = f"{serve.get_replica_context().replica_id.unique_id}:{os.getpid()}"
@@ -250,7 +252,7 @@ def policy_deployment(config: dict | ServeConfig | None = None):
     """PolicyServer with replicas, autoscaling, CPUs and in-flight limit taken from the config."""
     cfg = ServeConfig.from_dict(config)
     options: dict = {
-        "ray_actor_options": {"num_cpus": cfg.replica_cpus},
+        "ray_actor_options": {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
         "max_ongoing_requests": cfg.ongoing_limit,
     }
     if cfg.replica_resources:

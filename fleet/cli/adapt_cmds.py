@@ -36,6 +36,9 @@ def experiment_adapt(
         ),
     ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed for corrections, rehearsal and evaluation episodes.")] = 0,
+    device: Annotated[
+        str, typer.Option(help="Where each round's training steps run: cpu, cuda or cuda:N (AdaptConfig.device).")
+    ] = "cpu",
     threads: Annotated[int, typer.Option(min=1, help="torch threads (2 only on an otherwise idle machine).")] = 1,
     json_out: JsonOpt = False,
     out: Annotated[Path | None, typer.Option("--out", help="Directory for adapt.png and adapt.json.")] = None,
@@ -74,7 +77,8 @@ def experiment_adapt(
             points=counts,
             other_episodes=other_episodes,
             rehearsal_episodes=rehearsal_episodes,
-            adapt=({} if steps is None else {"steps": steps}) | {"max_round_seconds": round_budget or None},
+            adapt=({} if steps is None else {"steps": steps})
+            | {"max_round_seconds": round_budget or None, "device": device},
             seed=seed,
             threads=threads,
             out=out,

@@ -77,10 +77,18 @@ def train_candidate(
     runs; later ones only before `deadline` (perf_counter). words_only: train the word adapters alone, on
     corrections only (rehearsal cannot move them)."""
     cfg = config
+    device = _device(cfg.device)
     head = copy.deepcopy(current)
     head.train()
     opt, params, word_rows, ids = _optimizer(head, words, cfg, words_only)
     table = head.word_delta.detach().clone()
+    # on a device: the decoder trains there (Module.to keeps the Parameter objects the optimizer holds);
+    # the word adapters' rows stay on the host with the backbone that re-encodes them, their gradient
+    # crossing back through the copy of the memory
+    head.to(device)
+    step_gen = generator
+    if device.type != "cpu":
+        step_gen = torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
     sources = mix.sources(cfg, words_only)
     weights = np.array([w for _, w in sources], np.float64)
     rows = max(1, cfg.batch_size // 2) if words_only else cfg.batch_size  # half a batch when each runs the backbone
@@ -100,7 +108,8 @@ def train_candidate(
             step_table = table.index_copy(0, ids, word_rows)
             parts = [words.reencode(part, step_table, grad=True) for part in parts]
         batch = Cached.cat(parts)
-        loss, _ = head.loss(batch.memory, batch.pad_mask, batch.actions, generator)
+        memory, pad_mask, actions = (x.to(device) for x in (batch.memory, batch.pad_mask, batch.actions))
+        loss, _ = head.loss(memory, pad_mask, actions, step_gen)
         if not loss.requires_grad:  # words only, and this batch drew no row naming an adapted word
             continue
         opt.zero_grad(set_to_none=True)
@@ -110,7 +119,17 @@ def train_candidate(
         opt.step()
         last = float(loss.detach())
         done += 1
+    head.cpu()
     if word_rows is not None:
         head.word_delta.copy_(table.index_copy(0, ids, word_rows.detach()))
     head.eval()
     return head, last, done
+
+
+def _device(name: str) -> torch.device:
+    """torch.device for AdaptConfig.device, with the serving path's clear error where it does not exist."""
+    if name == "cpu":
+        return torch.device("cpu")
+    from fleet.policy.inference.device_backend import resolve_device
+
+    return resolve_device(name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from fleet.serving.device import check_device
 from fleet.validate import check_bool, check_int, check_number, fail
 
 HARDWARE_SHIFTS: tuple[str, ...] = ("actuator_bias",)
@@ -65,11 +66,16 @@ class AdaptConfig:
     # every such round on the franka head (executed-action error +3.6 %, loss +4.4 %)
     eval_batch: int = 256
     # rows per forward pass when encoding and validating
+    device: str = "cpu"
+    # where a round's training steps run: "cpu", "cuda" or "cuda:N". The samples' backbone memory is
+    # cached on the host as before; each step's batch and the candidate head go to the device, and the
+    # trained head comes back to the host for validation and publishing
     seed: int = 0
 
     def __post_init__(self) -> None:
         f = "AdaptConfig."
         check_bool(f + "words_only", self.words_only)
+        check_device(f + "device", self.device)
         for name in ("steps", "batch_size", "rehearsal_val", "max_corrections", "eval_batch"):
             lo = 0 if name == "rehearsal_val" else 1
             check_int(f + name, getattr(self, name), lo=lo, expected="a positive int" if lo else "an int >= 0")

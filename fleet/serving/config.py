@@ -10,10 +10,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import NoReturn
 
 from fleet.names import HEADS
+from fleet.serving.device import check_device, gpu_count
 from fleet.validate import check_bool, check_choice, check_int, check_number, fail, is_number
 
 BACKENDS = ("torch", "onnx")  # fleet.policy.inference.backend.BACKENDS (kept here so the config imports no model code)
 PRECISIONS = ("fp32", "bf16", "int8")  # fleet.policy.inference.precision.PRECISIONS
+DEVICE_PRECISIONS = ("fp32", "bf16", "fp16")  # fleet.policy.inference.device_backend.DEVICE_PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,12 @@ class ServeConfig:
     precision: str = "fp32"
     # "fp32", "bf16" (torch only) or "int8" (dynamic quantization of the Linear layers); `fleet bench infer`
     # measures what each buys and costs on this machine
+    device: str = "cpu"
+    # where replicas compute: "cpu", "cuda" or "cuda:N". A CUDA device makes each replica ask Ray for one GPU
+    # (so placement and device agree) and run fleet/policy/inference/device_backend.py: the model on the GPU,
+    # one transfer each way per batch, CUDA graphs per batch-size bucket; precision "fp32", "bf16" or "fp16"
+    cuda_graphs: bool = True
+    # on a CUDA device, replay captured CUDA graphs for the steady state (False: eager kernels on the GPU)
     encoder_cache: bool = False
     # per robot, reuse the vision encoder's image tokens while its camera frame and instruction are unchanged
     # (exact byte compare; the output is identical). Pays on static scenes, costs ~1 us per row otherwise
@@ -126,7 +134,14 @@ class ServeConfig:
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", str(self.checkpoint))
         check_choice("ServeConfig.backend", self.backend, BACKENDS)
-        check_choice("ServeConfig.precision", self.precision, PRECISIONS)
+        check_device("ServeConfig.device", self.device)
+        check_bool("ServeConfig.cuda_graphs", self.cuda_graphs)
+        if self.device != "cpu":
+            if self.backend != "torch":
+                self._fail("backend", f"'torch' with device {self.device!r} (ONNX Runtime here is the CPU provider)")
+            check_choice("ServeConfig.precision", self.precision, DEVICE_PRECISIONS)
+        else:
+            check_choice("ServeConfig.precision", self.precision, PRECISIONS)
         if self.backend == "onnx" and self.precision == "bf16":
             self._fail("precision", "'fp32' or 'int8' with backend 'onnx' (bf16 runs with backend 'torch')")
         for name in ("encoder_cache", "direct"):
@@ -158,6 +173,11 @@ class ServeConfig:
         check_number(
             f"ServeConfig.{name}", getattr(self, name), low, high, expected=f"a number of seconds in [{low}, {high}]"
         )
+
+    @property
+    def replica_gpus(self) -> int:
+        """GPUs each replica reserves from Ray: 1 on a CUDA device, else 0."""
+        return gpu_count(self.device)
 
     @property
     def ongoing_limit(self) -> int:

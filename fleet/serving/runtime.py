@@ -49,6 +49,8 @@ class PolicyRuntime:
         backend: str = "torch",
         precision: str = "fp32",
         encoder_cache: bool | int = False,
+        device: str = "cpu",
+        cuda_graphs: bool = True,
     ) -> None:
         """backend/precision: how the model runs (fleet.policy.inference.backend.make_backend); `model` stays the fp32
         master the heads are validated and swapped into. encoder_cache: False, True (4096 robots) or a
@@ -58,7 +60,10 @@ class PolicyRuntime:
         if threads >= 1:
             torch.set_num_threads(int(threads))
         self.model = model.eval()
-        self.backend = make_backend(self.model, backend, precision, threads=max(1, int(threads)))
+        self.backend = make_backend(
+            self.model, backend, precision, threads=max(1, int(threads)), device=device, graphs=cuda_graphs
+        )
+        self.device = device
         robots = 4096 if encoder_cache is True else int(encoder_cache)
         self.encoder_cache = EncoderCache(robots) if robots else None
         self.max_batch = int(max_batch)
@@ -249,6 +254,7 @@ class PolicyRuntime:
             "replica": self.replica_id,
             "threads": torch.get_num_threads(),
             "backend": self.backend.name,
+            "device": self.device,
             "encoder_cache": None if self.encoder_cache is None else self.encoder_cache.stats(),
         }
 

@@ -107,8 +107,21 @@ class TorchBackend(PolicyBackend):
         super().install_head(name, prepared, version)
 
 
-def make_backend(model, backend: str = "torch", precision: str = "fp32", threads: int | None = None) -> PolicyBackend:
-    """The backend named by ServeConfig's `backend` and `precision` fields."""
+def make_backend(
+    model,
+    backend: str = "torch",
+    precision: str = "fp32",
+    threads: int | None = None,
+    device: str = "cpu",
+    graphs: bool = True,
+) -> PolicyBackend:
+    """The backend named by ServeConfig's `backend`, `precision`, `device` and `cuda_graphs` fields."""
+    if device != "cpu":
+        from fleet.policy.inference.device_backend import DeviceBackend
+
+        if backend != "torch":
+            raise ValueError(f"backend: expected 'torch' on device {device!r}, got {backend!r}")
+        return DeviceBackend(model, device=device, precision=precision, graphs=graphs)
     precision = check_precision(precision)
     if backend == "torch":
         return TorchBackend(model, precision)
