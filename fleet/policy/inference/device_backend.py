@@ -17,7 +17,10 @@ have fixed shapes, so batches are padded to a bucket (1, 2, 4, ..., 64; padding 
 and are dropped): one graph per bucket for the backbone (vision encoder + transformer) and one per
 (head, bucket, samples) for the token heads' cached greedy decode and the flow heads' Euler loop.
 What cannot be captured runs eagerly on the device: rows with word adapters or cached image tokens
-(the backbone), token heads at temperature > 0 (sampling). A head hot swap captures the new head's graphs
+(the backbone), token heads at temperature > 0 (sampling). Rows asking for their own number of flow samples
+draw the batch's largest K in the graph and keep their first K_i. A head group with a committed prefix
+(real-time chunking: guidance needs a vector-Jacobian product, forcing the decode loop) runs on the fp32
+master head on the host, the rule of every backend that is not the master (base.py). A head hot swap captures the new head's graphs
 in `prepare_head`, outside the runtime's forward lock, while the old graphs keep serving; `install_head`
 swaps them in.
 
@@ -314,11 +317,13 @@ class DeviceBackend(PolicyBackend):
         n = len(batch)
         rows = bucket(n, self.buckets) if self.pad else n
         host_groups = batch.groups()
-        # the flow heads' noise, drawn on the host in FleetPolicy.predict's order (one draw per flow group)
+        opts = {name: batch.head_options(self.model.specs[name], idx, n_samples) for name, idx in host_groups.items()}
+        # the flow heads' noise, drawn on the host in FleetPolicy.predict's order (one draw per flow group); a
+        # group with a committed prefix runs on the master head, which draws its own
         noises = {}
         for name, idx in host_groups.items():
             head = self.heads[name]
-            if head.kind == "flow":
+            if head.kind == "flow" and "prefix" not in opts[name]:
                 shape = (len(idx) * n_samples, head.chunk_size, head.action_dim)
                 noises[name] = torch.randn(shape, generator=generator)
         # one copy each way: the batch's fields in
@@ -343,8 +348,19 @@ class DeviceBackend(PolicyBackend):
         outputs: list[tuple[str, str, tuple[int, ...]]] = []
         parts: list[torch.Tensor] = [pooled[:n].reshape(-1)]
         outputs.append(("", "features", (n, pooled.shape[-1])))
+        on_host: dict[str, dict[str, np.ndarray]] = {}
         for name, idx in groups.items():
+            if "prefix" in opts[name]:  # real-time chunking: the rule of every non-master backend (base.py)
+                mem, mask = memory.index_select(0, idx).cpu().numpy(), pad_mask.index_select(0, idx).cpu().numpy()
+                out = self._master_outputs(name, mem, mask, n_samples, temperature, generator, opts[name])
+                on_host[name] = out | {"master": np.ones(len(idx), bool)}
+                continue
             out = self._head(name, memory, pad_mask, idx, n_samples, temperature, generator, noises.get(name))
+            ks = opts[name].get("row_samples")
+            if (
+                ks is not None and "samples" in out
+            ):  # flow: each row's chunk from its own first K_i samples (all drew max K in one call)
+                out = self._own_samples(name, out, ks)
             for key, value in out.items():
                 parts.append(value.reshape(-1).float())
                 outputs.append((name, key, tuple(value.shape)))
@@ -352,8 +368,17 @@ class DeviceBackend(PolicyBackend):
         host = flat.to("cpu", non_blocking=self.device.type == "cuda")
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        host = host.numpy()
-        return self._rows(batch, host, outputs, host_groups, n_samples)
+        return self._rows(batch, host.numpy(), outputs, host_groups, n_samples, on_host)
+
+    def _own_samples(self, name: str, out: dict[str, torch.Tensor], ks: list[int]) -> dict[str, torch.Tensor]:
+        samples = out["samples"].clone()
+        head = self.heads[name]
+        chunks = []
+        for i, k in enumerate(ks):
+            chunks.append(head._execute(samples[i : i + 1, :k])[0])
+            samples[i, k:] = float("nan")
+        ks_t = torch.tensor(ks, dtype=torch.float32, device=samples.device)
+        return {"chunk": torch.stack(chunks).clamp(-1.0, 1.0), "samples": samples, "row_samples": ks_t}
 
     def _head(self, name, memory, pad_mask, idx, n_samples, temperature, generator, noise) -> dict[str, torch.Tensor]:
         head = self.heads[name]
@@ -383,31 +408,30 @@ class DeviceBackend(PolicyBackend):
             with self._context():
                 samples = self._head_fn(head, n_samples)(mem, mask, noise)
         samples = samples[:m]
-        chunk = samples[:, 0] if name in self.model.config.flow_execute_sample else samples.mean(dim=1)
-        return {"chunk": chunk.clamp(-1.0, 1.0), "samples": samples}
+        return {"chunk": head._execute(samples).clamp(-1.0, 1.0), "samples": samples}
 
-    def _rows(self, batch, host: np.ndarray, outputs, groups, n_samples: int) -> list[dict]:
-        views: dict[tuple[str, str], np.ndarray] = {}
+    def _rows(self, batch, host: np.ndarray, outputs, groups, n_samples: int, on_host: dict) -> list[dict]:
+        views: dict[str, dict[str, np.ndarray]] = {name: dict(out) for name, out in on_host.items()}
         at = 0
         for name, key, shape in outputs:
             size = int(np.prod(shape))
-            views[(name, key)] = host[at : at + size].reshape(shape)
+            views.setdefault(name, {})[key] = host[at : at + size].reshape(shape)
             at += size
-        features = views[("", "features")]
+        features = views[""]["features"]
         rows: list[dict] = [{} for _ in range(len(batch))]
         for name, idx in groups.items():
-            chunks = self.model.denormalize_actions(name, views[(name, "chunk")])
+            out = views[name]
+            chunks = self.model.denormalize_actions(name, out["chunk"])
+            ks = out["row_samples"].astype(int).tolist() if "row_samples" in out else [n_samples] * len(idx)
+            master = out.get("master", np.zeros(len(idx), bool))
             for j, i in enumerate(idx.tolist()):
-                row = {
-                    "chunk": chunks[j],
-                    "features": features[i],
-                    "head_version": self._versions[name],
-                    "embodiment": name,
-                }
-                if (name, "entropy") in views:
-                    row["entropy"], row["probs"] = views[(name, "entropy")][j], views[(name, "probs")][j]
-                if (name, "samples") in views and n_samples > 1:
-                    row["samples"] = views[(name, "samples")][j]
+                # a row run on the master head reports the master's version (they differ only mid head swap)
+                version = self.model.head_versions[name] if master[j] else self._versions[name]
+                row = {"chunk": chunks[j], "features": features[i], "head_version": version, "embodiment": name}
+                if "entropy" in out:
+                    row["entropy"], row["probs"] = out["entropy"][j], out["probs"][j]
+                if "samples" in out and ks[j] > 1:
+                    row["samples"] = out["samples"][j, : ks[j]]
                 rows[i] = row
         return rows
 

@@ -166,3 +166,35 @@ def test_adaptation_rounds_take_a_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA device"):
             _device("cuda")
+
+
+def test_per_row_samples_and_committed_prefixes():
+    from fleet.policy.batch import set_row_options
+
+    model = tiny_model(seed=8)
+    backend = DeviceBackend(model, device="cpu", pad=True)
+    batch = mixed_batch(model, MIXED)
+    ks = [1, 4, 1, 2, 4, 1, 3, 1]
+    set_row_options(batch, model.specs, n_samples=ks)
+    rows = _rows(backend, batch, k=4)
+    for r, k in zip(rows, ks, strict=True):
+        if model.specs[r["embodiment"]].head == "flow" and k > 1:
+            assert r["samples"].shape[0] == k and np.isfinite(r["samples"]).all()
+        else:
+            assert "samples" not in r
+    # a committed prefix: its group runs on the master head, the others stay on the device path
+    batch = mixed_batch(model, MIXED)
+    spec = model.specs["aloha"]
+    prefix = np.full((3, spec.action_dim), 0.1, np.float32)
+    set_row_options(batch, model.specs, prefixes=[None, (prefix, 2), None, None, None, None, None, None])
+    got, want = _rows(backend, batch, k=2), _rows(model, batch, k=2)
+    assert len(got) == len(MIXED)
+    for g, w in zip(got, want, strict=True):
+        if g["embodiment"] in ("franka", "hello"):
+            assert np.array_equal(g["chunk"], w["chunk"])  # token heads: no noise, same path
+    assert got[1]["head_version"] == model.head_versions["aloha"]
+    plain = _rows(backend, mixed_batch(model, MIXED), k=2)
+    span = np.asarray(spec.action_high) - np.asarray(spec.action_low)
+    guided_err = (np.abs(got[1]["chunk"][:2] - prefix[:2]) / span).max()
+    plain_err = (np.abs(plain[1]["chunk"][:2] - prefix[:2]) / span).max()
+    assert guided_err < 0.25 * plain_err, (guided_err, plain_err)  # the committed steps follow the prefix
