@@ -20,9 +20,9 @@ What cannot be captured runs eagerly on the device: rows with word adapters or c
 (the backbone), token heads at temperature > 0 (sampling). Rows asking for their own number of flow samples
 draw the batch's largest K in the graph and keep their first K_i. A head group with a committed prefix
 (real-time chunking: guidance needs a vector-Jacobian product, forcing the decode loop) runs on the fp32
-master head on the host, the rule of every backend that is not the master (base.py). A head hot swap captures the new head's graphs
-in `prepare_head`, outside the runtime's forward lock, while the old graphs keep serving; `install_head`
-swaps them in.
+master head on the host, the rule of every backend that is not the master (base.py). A head hot swap
+captures the new head's graphs in `prepare_head`, outside the runtime's forward lock, while the old graphs
+keep serving; `install_head` swaps them in.
 
 The same code runs on the CPU (`device="cpu"`): static buffers, buckets and padding included
 (`pad=True`), with the graphs replaced by eager calls on the static buffers. The default test suite
@@ -357,9 +357,7 @@ class DeviceBackend(PolicyBackend):
                 continue
             out = self._head(name, memory, pad_mask, idx, n_samples, temperature, generator, noises.get(name))
             ks = opts[name].get("row_samples")
-            if (
-                ks is not None and "samples" in out
-            ):  # flow: each row's chunk from its own first K_i samples (all drew max K in one call)
+            if ks is not None and "samples" in out:  # flow: each row's chunk from its own first K_i samples
                 out = self._own_samples(name, out, ks)
             for key, value in out.items():
                 parts.append(value.reshape(-1).float())

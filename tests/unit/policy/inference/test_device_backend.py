@@ -185,7 +185,9 @@ def test_per_row_samples_and_committed_prefixes():
     # a committed prefix: its group runs on the master head, the others stay on the device path
     batch = mixed_batch(model, MIXED)
     spec = model.specs["aloha"]
-    prefix = np.full((3, spec.action_dim), 0.1, np.float32)
+    prefix = (
+        np.random.default_rng(0).uniform(spec.action_low, spec.action_high, (3, spec.action_dim)).astype(np.float32)
+    )
     set_row_options(batch, model.specs, prefixes=[None, (prefix, 2), None, None, None, None, None, None])
     got, want = _rows(backend, batch, k=2), _rows(model, batch, k=2)
     assert len(got) == len(MIXED)
