@@ -82,7 +82,8 @@ class FakePolicy:
             chunk = np.tile(np.asarray(stop, np.float32), (spec.chunk_size, 1))
         else:
             chunk = self.env.unwrapped.expert_chunk().astype(np.float32)
-        reply = {"chunk": chunk, "head_version": self.head_version, "request_id": request["request_id"]}
+        reply = {"chunk": chunk, "head_version": self.head_version}
+        reply |= {k: request[k] for k in ("request_id", "robot_id", "embodiment", "obs_tick")}  # what a server echoes
         k = int(request.get("n_samples", 1))
         if spec.head == "flow" and k > 1:
             spread = 1.0 if self.mode == "noisy" else 0.0
