@@ -36,8 +36,8 @@ from fleet.embodiments import get_embodiment
 from fleet.protocol import EpisodeOutcome, make_request
 from fleet.robot.client import PolicyClient, PolicyLink
 from fleet.robot.config import RobotConfig
-from fleet.robot.report import RobotStats, episode_outcome, robot_report
 from fleet.robot.interface import Robot, Task
+from fleet.robot.report import RobotStats, episode_outcome, robot_report
 from fleet.robot.review import CorrectionSink, OperatorReview
 from fleet.robot.sim_robot import sim_robot
 from fleet.sim import make_env

@@ -46,7 +46,8 @@ class OperatorReview:
         asked_for_help: bool,
     ) -> Correction | None:
         """The human judges what is left of the proposal from `tick` on (the robot is at `obs`) against what the
-        task's demonstrator would do; a correction when they override it (also kept in `pending`), None when they let it run."""
+        task's demonstrator would do; a correction when they override it (also kept in `pending`), None when they
+        let it run."""
         proposal = remaining_proposal(chunk, tick - obs_tick, self.spec.chunk_size)
         expert = task.demonstrate(self.spec.chunk_size)
         if expert is None:  # nobody at this robot can demonstrate: the proposal runs
