@@ -58,7 +58,7 @@ class CommandLimits:
         self.low = list(spec.action_low)
         self.high = list(spec.action_high)
         self.vel = [v * dt for v in spec.max_velocity]
-        acc = spec.max_acceleration or tuple(v * spec.control_hz for v in spec.max_velocity)
+        acc = spec.max_acceleration or tuple(4.0 * v * spec.control_hz for v in spec.max_velocity)
         self.acc = [a * dt * dt for a in acc]
         jerk = command.max_jerk if command is not None else None
         if jerk is not None and len(jerk) != spec.action_dim:
@@ -71,9 +71,11 @@ class CommandLimits:
 class CommandController:
     """One robot's setpoint generator. `set_target` at the policy rate, `tick` at the command rate."""
 
-    def __init__(self, limits: CommandLimits, start: Sequence[float], policy_period: float) -> None:
+    def __init__(self, limits: CommandLimits, start: Sequence[float], period: float) -> None:
+        """`period`: seconds over which the setpoint moves from one policy action to the next (at most a policy
+        period; the runtime uses a share of it, see RuntimeConfig.interpolation)."""
         self.limits = limits
-        self.period = float(policy_period)
+        self.period = float(period)
         self.ticks = 0
         self.limited = 0  # ticks where a rate limit changed the interpolated setpoint
         self.jerk_overrides = 0  # dimension-ticks where the jerk bound gave way to a hard bound (velocity, ...)
