@@ -62,7 +62,8 @@ class CommandLimits:
         self.acc = [a * dt * dt for a in acc]
         jerk = command.max_jerk if command is not None else None
         if jerk is not None and len(jerk) != spec.action_dim:
-            raise ValueError(f"CommandSpec.max_jerk: expected {spec.action_dim} values for {spec.name}, got {len(jerk)}")
+            n = spec.action_dim
+            raise ValueError(f"CommandSpec.max_jerk: expected {n} values for {spec.name}, got {len(jerk)}")
         self.jerk = None if jerk is None else [j * dt**3 for j in jerk]
         # an over-estimate of the distance needed to stop from full speed: farther from a target, no braking bound
         self.far = [v * (v / a + 1.0) * 0.5 + 0.125 * a for v, a in zip(self.vel, self.acc, strict=True)]
@@ -104,7 +105,8 @@ class CommandController:
         """A new policy action at time t: interpolate from where the interpolation is now to it over one period."""
         self._from = list(self.desired(t))
         # inside the workspace: the tracker brakes for the target, so it never has to be stopped by the wall
-        self._to = [min(max(float(v), lo), hi) for v, lo, hi in zip(action, self.limits.low, self.limits.high, strict=True)]
+        lim = self.limits
+        self._to = [min(max(float(v), lo), hi) for v, lo, hi in zip(action, lim.low, lim.high, strict=True)]
         self._t0 = t
 
     def hold(self, target: Sequence[float]) -> list[float]:

@@ -60,7 +60,7 @@ class RuntimeConfig:
         check_number(f + "proprio_hz", self.proprio_hz, lo=0.1, hi=10_000, expected="a rate in [0.1, 10000] Hz")
         if self.command_hz is not None:
             check_number(f + "command_hz", self.command_hz, lo=0.1, hi=10_000, expected="None or a rate in Hz")
-        check_number(f + "interpolation", self.interpolation, lo=0.01, hi=1, expected="a share of a period in [0.01, 1]")
+        check_number(f + "interpolation", self.interpolation, lo=0.01, hi=1, expected="a share in [0.01, 1]")
         check_int(f + "stale_frames", self.stale_frames, lo=1, expected="a positive int")
         check_number(f + "phase", self.phase, lo=0, hi=0.999999, expected="a number in [0, 1)")
 
