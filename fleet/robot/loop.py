@@ -192,6 +192,8 @@ class RobotLoop:
             self.tick_errors += 1
             self.stats.last_error = f"control tick error: {type(exc).__name__}: {exc}"
             action, age = None, None
+            if self.policy.request is None:  # a reply taken but never buffered: ask again next tick
+                self.buffer.cancel_request()
         if hold:
             action, age = None, None
             self.frame_holds += 1
@@ -219,6 +221,13 @@ class RobotLoop:
             fired = ("startup",) + report.fired
             self.first_tick = {"held": bool(report.held), "sent": sent.tolist(), "fired": list(fired)}
         return Plan(sent, report, startup, state)
+
+    def command_hold(self) -> np.ndarray:
+        """Command the safety layer's hold now (after a fault outside plan()); returns what was sent."""
+        sent, _ = self.safety(None, force=self._last_force)
+        sent = np.clip(np.asarray(sent, np.float32), self.spec.action_low, self.spec.action_high)
+        self.robot.send_action(sent)
+        return sent
 
     def _choose(self, startup: bool) -> tuple[np.ndarray | None, float | None, State]:
         self._receive()
