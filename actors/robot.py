@@ -283,8 +283,10 @@ class _RobotActor:
 
     def _full_report(self) -> dict:
         out = self.loop.report()
-        if self.runtime is not None:
-            out["runtime"] = self.runtime.report()
+        if self.runtime is not None:  # realtime: per loop rates and the camera frame's age (fleet status --json)
+            rt = out["runtime"] = self.runtime.report()
+            out["loop_hz"] = {lp["loop"]: lp["achieved_hz"] for lp in rt["loops"]}
+            out["frame_age_ms"] = rt["frame_age_ms"]
         return out
 
     def _refresh(self) -> None:

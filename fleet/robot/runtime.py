@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from time import perf_counter
 
 import numpy as np
 
@@ -92,8 +93,10 @@ class RobotRuntime:
         self._stale = False
         self._frame_at: dict[int, float | None] = {}
         self._chunk_key: tuple[int, int] | None = None
+        self._last_request = None
         self._pending_frame_t: float | None = None
         self.latency_s: deque[float] = deque(maxlen=LATENCY_SAMPLES)  # camera frame -> first command from it
+        self.control_cost_s: deque[float] = deque(maxlen=LATENCY_SAMPLES)  # force check + limits, no send
         self._prev: list[float] | None = None
         self._prev_v: list[float] | None = None
         p = config.phase
@@ -107,7 +110,7 @@ class RobotRuntime:
         self.loops.append(policy)
         if not self.passthrough:
             self.loops.append(
-                scheduler.every(f"{loop.config.robot_id}/controller", self.command_hz, self.controller_tick, p)
+                scheduler.every(f"{loop.config.robot_id}/controller", self.command_hz, self.controller_tick, p, first)
             )
 
     def _where(self) -> list[float]:
@@ -138,11 +141,8 @@ class RobotRuntime:
         fresh = self.frame_t is not None and now - self.frame_t <= self.stale_after
         if self.frame is not None and self.proprio is not None:
             loop.obs = {"image": self.frame, "proprio": self.proprio, "instruction": loop.task.instruction}
-        # which frame the requests of this tick carry (a request at the end of the tick is for the next tick)
-        t = loop.tick_in_episode
-        self._frame_at[t] = self._frame_at[t + 1] = self.frame_t
-        self._frame_at.pop(t - 4 * self.spec.chunk_size, None)
         plan = loop.plan(hold=not fresh)
+        self._note_request()
         if self.passthrough:
             if not fresh:
                 self.stale_frame_ticks += 1
@@ -156,12 +156,21 @@ class RobotRuntime:
                 self._chunk_key = key
                 self._pending_frame_t = self._frame_at.get(key[1])
         done, _ = loop.finish()
+        self._note_request()
         if done:  # a new episode: the body is somewhere else now
             self.controller.reset(self._where(), now)
             self._frame_at.clear()
             self._prev = None
             if self.passthrough:
                 self._pending_frame_t = None
+
+    def _note_request(self) -> None:
+        """Remember which camera frame a request just sent carries (its chunk's frame -> command latency)."""
+        req = self.loop.policy.request
+        if req is not None and req is not self._last_request:
+            self._last_request = req
+            self._frame_at[req.tick] = self.frame_t
+            self._frame_at.pop(req.tick - 4 * self.spec.chunk_size, None)
 
     # ---- controller --------------------------------------------------------------------------------
     def _read_force(self) -> None:
@@ -172,6 +181,7 @@ class RobotRuntime:
     def controller_tick(self, now: float) -> None:
         """Force -> e-stop, stale frame -> hold, else the interpolated setpoint; one command every period."""
         ctl = self.controller
+        c0 = perf_counter()
         try:
             self._read_force()
             if self.loop.safety.estopped:
@@ -189,6 +199,7 @@ class RobotRuntime:
         except Exception:  # noqa: BLE001 - a fault here still commands: where the controller is
             self.loop.tick_errors += 1
             setpoint = ctl.x
+        self.control_cost_s.append(perf_counter() - c0)
         self._send(setpoint, now)
 
     def _send(self, setpoint: list[float], now: float) -> None:
@@ -226,6 +237,7 @@ class RobotRuntime:
     def report(self) -> dict:
         """Per loop rates and jitter, frame age, holds, latency, controller cost (the `runtime` of a robot report)."""
         lat = np.asarray(self.latency_s) * 1e3 if self.latency_s else None
+        cost = np.asarray(self.control_cost_s) * 1e6 if self.control_cost_s else None
         age = self.frame_age()
         return {
             "controller": "pass-through" if self.passthrough else f"interpolating at {self.command_hz:g} Hz",
@@ -238,6 +250,10 @@ class RobotRuntime:
             "send_errors": self.send_errors,
             "jerk_overrides": self.controller.jerk_overrides,
             "violations": self.violations,
+            "controller_tick_us": {
+                "p50": float(np.percentile(cost, 50)) if cost is not None else None,
+                "p99": float(np.percentile(cost, 99)) if cost is not None else None,
+            },
             "frame_to_command_ms": {
                 "p50": float(np.percentile(lat, 50)) if lat is not None else None,
                 "p99": float(np.percentile(lat, 99)) if lat is not None else None,

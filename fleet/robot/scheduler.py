@@ -13,6 +13,7 @@ periods and the tick cost.
 from __future__ import annotations
 
 import heapq
+import os
 import threading
 import time
 from collections import deque
@@ -61,6 +62,17 @@ def reduce_timer_slack() -> bool:
 
         return ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0) == 0  # PR_SET_TIMERSLACK
     except (OSError, AttributeError):
+        return False
+
+
+def set_realtime_priority(priority: int) -> bool:
+    """Run the calling thread under SCHED_FIFO at `priority` (1-99), as robot controllers do (libfranka asks for
+    it), so a busy machine's other work cannot delay a deadline; True if granted (needs CAP_SYS_NICE). The
+    kernel's RT throttling (95% of each second by default) still leaves the rest of the machine running."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(int(priority)))
+        return True
+    except (OSError, AttributeError, PermissionError):
         return False
 
 

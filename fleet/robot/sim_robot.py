@@ -25,7 +25,11 @@ from fleet.validate import check_int
 class SimRobot(Robot):
     """A `fleet.sim` env as a robot body. `clock` stamps the readings (the runtime's clock)."""
 
-    def __init__(self, env, clock: Callable[[], float] = time.monotonic, substeps: int = 1) -> None:
+    def __init__(
+        self, env, clock: Callable[[], float] = time.monotonic, substeps: int = 1, phase: float = 0.0
+    ) -> None:
+        """phase in [0, 1): the world's steps fall that share of a control period later, so robots sharing a
+        scheduler do not all step their worlds (the costly part: dynamics and rendering) in the same period."""
         self.env = env
         self.sim = env.unwrapped
         self.spec = get_embodiment(self.sim.embodiment)
@@ -37,7 +41,9 @@ class SimRobot(Robot):
         self._info: dict = {}
         self._done = False
         self._sum = [0.0] * self.spec.action_dim
-        self._count = 0
+        self._offset = int(phase * substeps) % substeps
+        self._count = self._offset
+        self._n = 0
         self._low = np.asarray(self.spec.action_low, np.float32)
         self._high = np.asarray(self.spec.action_high, np.float32)
         self._lo, self._hi = list(self.spec.action_low), list(self.spec.action_high)
@@ -97,10 +103,11 @@ class SimRobot(Robot):
             for i, v in enumerate(sent):
                 acc[i] += v
             self._count += 1
+            self._n += 1
             if self._count >= self.substeps:
-                mean = np.asarray(acc, np.float32) / np.float32(self._count)
+                mean = np.asarray(acc, np.float32) / np.float32(self._n)
                 self._sum = [0.0] * len(acc)
-                self._count = 0
+                self._count = self._n = 0
                 mean = np.clip(mean, self._low, self._high)
                 self._obs, _, term, trunc, self._info = self.env.step(mean)
                 self.world_steps += 1
@@ -116,7 +123,7 @@ class SimRobot(Robot):
     def _on_reset(self, obs: dict, info: dict) -> None:
         self._obs, self._info, self._done = obs, dict(info), False
         self._sum = [0.0] * self.spec.action_dim
-        self._count = 0
+        self._count, self._n = self._offset, 0
 
 
 class SimTask(Task):
@@ -142,8 +149,10 @@ class SimTask(Task):
         return self.sim.expert_chunk(n)
 
 
-def sim_robot(env, clock: Callable[[], float] = time.monotonic, substeps: int = 1) -> tuple[SimRobot, SimTask]:
+def sim_robot(
+    env, clock: Callable[[], float] = time.monotonic, substeps: int = 1, phase: float = 0.0
+) -> tuple[SimRobot, SimTask]:
     """(robot, task) over one `fleet.sim` env, connected."""
-    robot = SimRobot(env, clock, substeps)
+    robot = SimRobot(env, clock, substeps, phase)
     robot.connect()
     return robot, SimTask(robot)
