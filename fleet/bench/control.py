@@ -95,16 +95,18 @@ def run_worker(spec: dict) -> dict:
     reduce_timer_slack()
     rt_granted = set_realtime_priority(spec["rt_priority"]) if spec.get("rt_priority") else False
     scheduler = Scheduler(WallClock())
-    server = PipeServer() if spec.get("server") else None
+    io_priority = max(1, spec["rt_priority"] - 1) if spec.get("rt_priority") else None
+    sys.setswitchinterval(0.0005)  # a thread holding the GIL hands it to the control thread sooner
+    server = PipeServer(rt_priority=io_priority) if spec.get("server") else None
+    if server is not None:
+        server.wait_ready()  # the model loads before any deadline is set
     runtimes = []
     for k, (robot_id, embodiment, phase) in enumerate(spec["robots"]):
         if server is not None:
-            client = BackgroundClient(server.client(), name=f"policy-{robot_id}")
+            client = BackgroundClient(server.client(), name=f"policy-{robot_id}", rt_priority=io_priority)
         else:
             client = SyntheticPolicy(embodiment, spec["latency_ms"] / 1e3)
         runtimes.append(_robot(robot_id, embodiment, client, phase, spec.get("seed", 0) + k, scheduler))
-    if server is not None:
-        server.wait_ready()
     scheduler.run(until=time.perf_counter() + spec["seconds"])
     out: dict = {
         "loops": {name: {"late_us": [], "hz": [], "target_hz": [], "missed": 0, "periods": 0} for name in LOOPS}
@@ -285,10 +287,10 @@ def write_outputs(result: dict, out: Path) -> list[Path]:
 
 
 # the pipe server (--server) lives in its own module; imported late so the default run never loads it
-def PipeServer():  # noqa: N802 - reads as a class at the call site
+def PipeServer(**kw):  # noqa: N802 - reads as a class at the call site
     from fleet.bench.control_server import PipeServer as _PipeServer
 
-    return _PipeServer()
+    return _PipeServer(**kw)
 
 
 if __name__ == "__main__":  # a worker process: python -m fleet.bench.control --worker '<spec json>'

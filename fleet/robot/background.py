@@ -20,8 +20,11 @@ class BackgroundClient:
     One request at a time, like the PolicyLink above it: a new submit or a cancel supersedes the one in flight
     (its reply, if it comes, is dropped). A transport exception reaches the control thread from the next poll."""
 
-    def __init__(self, inner, poll_s: float = 0.002, name: str = "policy-io") -> None:
+    def __init__(self, inner, poll_s: float = 0.002, name: str = "policy-io", rt_priority: int | None = None) -> None:
+        """rt_priority: run the worker under SCHED_FIFO too (below the control thread's): a worker holding the
+        GIL while the machine's other work starves it would otherwise stall a realtime control thread."""
         self.inner = inner
+        self.rt_priority = rt_priority
         self.poll_s = poll_s
         self._cv = threading.Condition()
         self._gen = 0  # generation of the newest request (a cancel also moves it on)
@@ -72,6 +75,10 @@ class BackgroundClient:
 
     # ---- the worker ------------------------------------------------------------------------------
     def _work(self) -> None:
+        if self.rt_priority:
+            from fleet.robot.scheduler import set_realtime_priority
+
+            set_realtime_priority(self.rt_priority)
         active: int | None = None  # generation of the request the inner client has in flight
         while True:
             with self._cv:
