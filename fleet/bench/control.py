@@ -147,6 +147,32 @@ def run_worker(spec: dict) -> dict:
     }
 
 
+def controller_cost_us(embodiment: str, ticks: int = 20_000) -> dict:
+    """The controller tick alone (force check + interpolation + per-period limits), no simulator, no scheduler:
+    `ticks` command periods following the synthetic policy's smooth actions. Microseconds per tick."""
+    from fleet.control.command import CommandController, CommandLimits
+    from fleet.control.safety import SafetyLayer
+
+    spec = get_embodiment(embodiment)
+    hz = command_spec(embodiment).command_hz or spec.control_hz
+    limits = CommandLimits(spec, hz, command_spec(embodiment))
+    lo, hi = np.asarray(spec.action_low), np.asarray(spec.action_high)
+    per = max(1, round(hz / spec.control_hz))
+    k = np.arange(ticks // per + 1)[:, None]
+    actions = ((lo + hi) / 2 + 0.25 * (hi - lo) * np.sin(2 * np.pi * 0.05 * k + np.linspace(0, np.pi, spec.action_dim)))
+    actions = actions.tolist()
+    ctl = CommandController(limits, actions[0], 0.25 * spec.dt)
+    safety = SafetyLayer(spec)
+    dt = 1.0 / hz
+    t0 = time.perf_counter()
+    for i in range(ticks):
+        if i % per == 0:
+            ctl.set_target(actions[i // per], i * dt)
+        safety.trip_estop(0.0)
+        ctl.tick((i + 1) * dt)
+    return {"embodiment": embodiment, "dims": spec.action_dim, "us": (time.perf_counter() - t0) / ticks * 1e6}
+
+
 def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -200,6 +226,7 @@ def run_control_bench(
                 raise RuntimeError(f"bench worker failed with status {w.returncode}")
             parts.append(json.loads(stdout.decode().strip().splitlines()[-1]))
     result = summarize(parts, robots, embodiment, seconds, procs, latency_ms, server)
+    result["controller_tick_us_isolated"] = controller_cost_us(embodiment)
     result["rt_priority"] = rt_priority if all(p["rt_priority"] for p in parts) else None
     return result
 
