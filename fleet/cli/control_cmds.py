@@ -22,7 +22,8 @@ def register(bench_app: typer.Typer) -> None:
             str, typer.Option("--embodiment", help="Body of every robot (franka: 1 kHz).")
         ] = "franka",
         procs: Annotated[
-            int | None, typer.Option("--procs", help="Processes to spread the robots over (default: one per core).")
+            int | None,
+            typer.Option("--procs", help="Processes for the robots (default: one per core; 1 with --server)."),
         ] = None,
         latency_ms: Annotated[
             float, typer.Option("--policy-latency-ms", help="The synthetic policy's reply latency.")
@@ -51,7 +52,8 @@ def register(bench_app: typer.Typer) -> None:
                 robots=robots,
                 seconds=seconds,
                 embodiment=embodiment,
-                procs=procs or min(robots, os.cpu_count() or 1),
+                # one process with --server: its one policy server answers every robot, like one replica
+                procs=procs or (1 if server else min(robots, os.cpu_count() or 1)),
                 latency_ms=latency_ms,
                 server=server,
                 rt_priority=rt_priority or None,
