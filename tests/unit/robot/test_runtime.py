@@ -67,7 +67,7 @@ def build(name: str, seed: int = 0, **runtime):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_body_runs_its_loops_at_their_rates_within_limits(name):
     rt, scheduler, robot = build(name)
-    scheduler.run(until=6.0)
+    scheduler.run(until=4.0)
     r = rt.report()
     rates = {lp["loop"]: lp for lp in r["loops"]}
     spec = EMBODIMENTS[name]
