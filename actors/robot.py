@@ -50,9 +50,15 @@ from ray.util import metrics as ray_metrics
 from actors.lean import ROBOT_RUNTIME_ENV
 from actors.robot_io import GATEWAY_PREFIX, MemorySink, ReplaySink, make_client
 from fleet.durable import write_text_atomic
+from fleet.embodiments import command_spec, get_embodiment
 from fleet.names import NAMESPACE
 from fleet.protocol import EpisodeOutcome
 from fleet.robot import RobotConfig, RobotLoop
+from fleet.robot.background import BackgroundClient, DeferredSink, IOThread
+from fleet.robot.runtime import RobotRuntime, RuntimeConfig
+from fleet.robot.scheduler import Scheduler, WallClock, reduce_timer_slack
+from fleet.robot.sim_robot import sim_robot
+from fleet.sim import make_env
 
 __all__ = ["GATEWAY_PREFIX", "ROBOT_NUM_CPUS", "OutcomeSink", "RobotActor", "RobotMetrics"]
 
@@ -202,10 +208,22 @@ class _RobotActor:
         self.config = RobotConfig(**config)
         self.sink = ReplaySink(replay["name"], replay.get("namespace", NAMESPACE)) if replay else MemorySink()
         self.outcome_sink = OutcomeSink(outcomes["name"], outcomes.get("namespace", NAMESPACE)) if outcomes else None
-        self.client = make_client(policy, self.config.robot_id)
-        self.loop = RobotLoop(self.config, self.client, self.sink, feature_stats)
+        # the control thread never touches the network: the transport, the sinks and the e-stop file run on
+        # worker threads (fleet/robot/background.py); the loop only queues and reads back
+        self.client = BackgroundClient(make_client(policy, self.config.robot_id), name=f"policy-{self.config.robot_id}")
+        self.deferred = DeferredSink(self.sink)
+        robot = task = None
+        if self.config.realtime:  # the multi-rate runtime: the sim integrates the controller's setpoints
+            spec, cmd = get_embodiment(self.config.embodiment), command_spec(self.config.embodiment)
+            substeps = max(1, round((cmd.command_hz or spec.control_hz) / spec.control_hz))
+            robot, task = sim_robot(
+                make_env(self.config.embodiment, shift=self.config.shift), time.perf_counter, substeps
+            )
+        self.loop = RobotLoop(self.config, self.client, self.deferred, feature_stats, robot=robot, task=task)
+        self.runtime: RobotRuntime | None = None
         # a latched force e-stop outlives the actor: written on every latch change, restored on start
         self._estop_file = Path(state_dir) / f"{self.config.robot_id}.estop.json" if state_dir else None
+        self._estop_lock = threading.Lock()
         self._estop_saved = self._restore_estop()
         self.metrics = RobotMetrics(self.config.robot_id, self.config.embodiment) if metrics else None
         ctx = ray.get_runtime_context()
@@ -225,7 +243,10 @@ class _RobotActor:
         self._snapshot: dict = self.loop.report()
         self._snapshot_at = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"control-{self.config.robot_id}", daemon=True)
+        self._io = IOThread(self._io_work, 0.02, name=f"io-{self.config.robot_id}")
+        self._episodes_at_stop: int | None = None
         if autostart:
+            self._io.start()
             self._thread.start()
 
     # ---- control thread --------------------------------------------------------------------------
@@ -235,51 +256,79 @@ class _RobotActor:
             return None
         return (len(ticks) - 1) / (ticks[-1] - ticks[0])
 
-    def _refresh(self) -> None:
-        self._snapshot = self.loop.report()
-        self._snapshot_at = time.monotonic()
+    def _io_work(self) -> None:
+        """Everything that may block, off the control thread: corrections to the sink, acknowledgements,
+        outcomes to the learner, the e-stop file, metrics."""
+        self.deferred.drain()
+        self.sink.pump()
+        if self.outcome_sink is not None:
+            with self._lock:
+                outcomes = self.loop.take_outcomes()
+            self.outcome_sink.add(outcomes)
+            self.outcome_sink.pump()
+        if self.loop.safety.estopped != self._estop_saved:
+            self._save_estop()
         if self.metrics is not None:
             self.metrics.update(self.loop, self._control_hz())
 
+    def _housekeeping(self, now: float) -> None:
+        """Realtime: on the control thread between ticks, memory only."""
+        self._ticks.append(now)
+        if time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_S:
+            self._snapshot = self._full_report()
+            self._snapshot_at = time.monotonic()
+        if self._finish_episode and self._episodes_at_stop is not None:
+            if self.loop.stats.episodes_done > self._episodes_at_stop:
+                self._stop.set()
+
+    def _full_report(self) -> dict:
+        out = self.loop.report()
+        if self.runtime is not None:  # realtime: per loop rates and the camera frame's age (fleet status --json)
+            rt = out["runtime"] = self.runtime.report()
+            out["loop_hz"] = {lp["loop"]: lp["achieved_hz"] for lp in rt["loops"]}
+            out["frame_age_ms"] = rt["frame_age_ms"]
+        return out
+
+    def _refresh(self) -> None:
+        self._snapshot = self._full_report()
+        self._snapshot_at = time.monotonic()
+
     def _run(self) -> None:
-        period = self.loop.spec.dt
-        realtime = self.config.realtime
         self.state = "running"
-        next_t = time.perf_counter()
+        if self.config.realtime:
+            self._run_realtime()
+        else:
+            self._run_sim()
+        self.state = "stopping"
+
+    def _run_realtime(self) -> None:
+        """The multi-rate runtime on a wall clock: camera, proprio, policy and controller loops on this thread."""
+        reduce_timer_slack()
+        scheduler = Scheduler(WallClock(), lock=self._lock)
+        self.runtime = RobotRuntime(self.loop, scheduler, RuntimeConfig())
+        # the snapshot and the policy rate, at the policy rate (report() never waits for the control thread)
+        scheduler.every("housekeeping", self.loop.spec.control_hz, self._housekeeping, 0.5)
+        scheduler.run(stop=self._stop)
+
+    def _run_sim(self) -> None:
+        """Sim mode: policy-rate ticks back to back (the body takes one command per policy action)."""
         while not self._stop.is_set():
             done = False
             try:
                 with self._lock:
                     done = self.loop.tick().episode_done
-                    if self.loop.safety.estopped != self._estop_saved:
-                        self._save_estop()
-                    self.sink.pump()
-                    if self.outcome_sink is not None:
-                        if done:
-                            self.outcome_sink.add(self.loop.take_outcomes())
-                        self.outcome_sink.pump()
                     if time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_S or done:
                         self._refresh()
-            except Exception as exc:  # noqa: BLE001 - a bug must not leave the robot moving: hold a period
+            except Exception as exc:  # noqa: BLE001 - a bug must not leave the robot moving: command the hold
                 self.loop_errors += 1
                 self.loop.stats.last_error = f"control loop error: {type(exc).__name__}: {exc}"
                 log.exception("robot %s: control tick failed", self.config.robot_id)
-                time.sleep(period)
+                with self._lock:
+                    self.loop.command_hold()
             self._ticks.append(time.perf_counter())
             if self._finish_episode and done:
                 break
-            if realtime:
-                next_t += period
-                delay = next_t - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-                else:
-                    self.overruns += 1
-                    if delay < -period:  # far behind: start afresh rather than burst to catch up
-                        next_t = time.perf_counter()
-            else:
-                time.sleep(0)  # let the actor's method threads take the GIL between ticks
-        self.state = "stopping"
+            time.sleep(0)  # let the actor's method threads take the GIL between ticks
 
     # ---- methods ---------------------------------------------------------------------------------
     def ping(self) -> str:
@@ -291,6 +340,7 @@ class _RobotActor:
             with self._lock:
                 self._refresh()
         out = dict(self._snapshot)
+        out["corrections_queued"] = len(self.deferred)
         if self.state in ("starting", "stopping", "stopped"):
             out["state"] = self.state
         hz = self._control_hz()
@@ -324,6 +374,7 @@ class _RobotActor:
         if timeout_s is None:
             wait_ticks = self.loop.spec.max_episode_steps + 10
             timeout_s = wait_ticks * (self.loop.spec.dt if self.config.realtime else 0.05) + 30.0
+        self._episodes_at_stop = self.loop.stats.episodes_done
         self._finish_episode = finish_episode
         if not finish_episode:
             self._stop.set()
@@ -331,8 +382,11 @@ class _RobotActor:
             self._thread.join(timeout_s)
         self._stop.set()
         self._thread.join(5.0)
+        self._io.stop()
         with self._lock:
             self.loop.flush_corrections()  # a partial episode's corrections, when not finished
+        self._io_work()  # the last of them, now that the control thread is gone
+        self.client.close()
         delivered = self.sink.flush(timeout_s=30.0)
         self.state = "stopped"
         out = self.report()
@@ -354,12 +408,13 @@ class _RobotActor:
         return latched
 
     def _save_estop(self) -> None:
-        latched = self.loop.safety.estopped
-        if self._estop_file is not None:
-            self._estop_file.parent.mkdir(parents=True, exist_ok=True)
-            record = {"robot_id": self.config.robot_id, "latched": latched, "t": time.time()}
-            write_text_atomic(self._estop_file, json.dumps(record))
-        self._estop_saved = latched
+        with self._estop_lock:  # the IO thread and an operator's reset both write it
+            latched = self.loop.safety.estopped
+            if self._estop_file is not None:
+                self._estop_file.parent.mkdir(parents=True, exist_ok=True)
+                record = {"robot_id": self.config.robot_id, "latched": latched, "t": time.time()}
+                write_text_atomic(self._estop_file, json.dumps(record))
+            self._estop_saved = latched
 
     def reset_estop(self) -> dict:
         """An operator's reset of a latched force e-stop (`fleet estop reset ROBOT`): the robot may move again

@@ -273,3 +273,40 @@ def get_embodiment(name: str) -> EmbodimentSpec:
         return EMBODIMENTS[name]
     except KeyError:
         raise ValueError(f"unknown embodiment {name!r}; known: {sorted(EMBODIMENTS)}") from None
+
+
+# ---- the bodies' command loops -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CommandSpec:
+    """How a body takes setpoints (the controller loop of fleet/robot/runtime.py). Kept apart from
+    `EmbodimentSpec`, which is the policy's contract and stored in checkpoints: a faster motor controller
+    changes no head."""
+
+    command_hz: float | None = None
+    # setpoints per second; None = one per policy action (the controller passes the policy's actions through)
+    max_jerk: tuple[float, ...] | None = None
+    # optional per-dimension bound on the change of the acceleration, units per second^3
+
+    def __post_init__(self) -> None:
+        if self.command_hz is not None and not (_is_real(self.command_hz) and 0 < self.command_hz <= 10_000):
+            validate.fail("CommandSpec.command_hz", "None or a number in (0, 10000]", self.command_hz)
+        if self.max_jerk is not None:
+            jerk = tuple(self.max_jerk)
+            if not jerk or not all(_is_real(v) and math.isfinite(v) and v > 0 for v in jerk):
+                validate.fail("CommandSpec.max_jerk", "None or positive finite floats, one per action dim", jerk)
+            object.__setattr__(self, "max_jerk", tuple(float(v) for v in jerk))
+
+
+COMMAND_SPECS: dict[str, CommandSpec] = {
+    "franka": CommandSpec(command_hz=1000.0),  # libfranka's 1 kHz command loop
+    "aloha": CommandSpec(command_hz=500.0),
+    "hello": CommandSpec(command_hz=100.0),
+    "leap": CommandSpec(command_hz=500.0),
+}
+# a body registered without one passes its policy's actions through at control_hz
+
+
+def command_spec(name: str) -> CommandSpec:
+    """The command loop body `name` declares (pass-through when it declares none)."""
+    get_embodiment(name)
+    return COMMAND_SPECS.get(name, CommandSpec())

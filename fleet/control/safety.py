@@ -157,6 +157,15 @@ class SafetyLayer:
         """Clear the e-stop latch (an operator's explicit decision; nothing else clears it)."""
         self._estopped = False
 
+    def trip_estop(self, force_norm: float) -> bool:
+        """A force reading taken outside `__call__` (the controller loop reads force every command period): latch
+        the e-stop if `force_norm` is above max_force or not a number. True when this call tripped it."""
+        if force_norm <= self.spec.max_force or self._estopped:
+            return False
+        self._estopped = True
+        self.counts["estop_trips"] += 1
+        return True
+
     def latch_estop(self) -> None:
         """Latch the e-stop without a force reading: a latch restored from before a restart (not a new trip)."""
         self._estopped = True

@@ -34,10 +34,36 @@ class PolicyReplyError(RuntimeError):
     """The server answered, but not with a usable chunk (an error reply or a malformed one)."""
 
 
-def check_reply(reply: object, spec: EmbodimentSpec) -> np.ndarray:
-    """The reply's chunk (T, D) float32 with 1 <= T <= chunk_size, or PolicyReplyError naming what is wrong."""
+class MismatchedReplyError(PolicyReplyError):
+    """The reply answers some other request (another robot's, an earlier one, another embodiment)."""
+
+
+ANSWER_KEYS = ("request_id", "robot_id", "embodiment", "obs_tick")
+# what a reply must echo from its request to be accepted as the answer to it
+
+
+def check_answers(reply: dict, request: dict) -> None:
+    """Raise MismatchedReplyError unless `reply` echoes `request`'s ANSWER_KEYS. An error reply need only carry
+    the request_id (the server may not have parsed the rest), and one without any id is taken as a refusal."""
+    keys = ANSWER_KEYS if reply.get("error") is None else ("request_id",)
+    for key in keys:
+        if reply.get("error") is not None and reply.get(key) is None:
+            continue
+        if key not in reply:
+            raise MismatchedReplyError(f"policy reply: no {key!r}, expected {request.get(key)!r}")
+        if reply[key] != request.get(key):
+            raise MismatchedReplyError(
+                f"policy reply answers another request: {key} {reply[key]!r}, expected {request.get(key)!r}"
+            )
+
+
+def check_reply(reply: object, spec: EmbodimentSpec, request: dict | None = None) -> np.ndarray:
+    """The reply's chunk (T, D) float32 with 1 <= T <= chunk_size, or PolicyReplyError naming what is wrong.
+    With `request`, the reply must also answer it (`check_answers`)."""
     if not isinstance(reply, dict):
         raise PolicyReplyError(f"policy reply: expected a dict, got {type(reply).__name__}")
+    if request is not None:
+        check_answers(reply, request)
     if reply.get("error") is not None:
         raise PolicyReplyError(f"policy server refused the request: {reply['error']}")
     if "chunk" not in reply:
@@ -61,6 +87,8 @@ class PendingRequest:
     tick: int
     # the episode tick of the observation it carries
     episode: int
+    answers: dict
+    # the request's ANSWER_KEYS: a reply must echo them
     waited: bool = False
     # sim mode: a tick already waited for it (once per request)
     overdue: bool = False
@@ -92,7 +120,8 @@ class PolicyLink:
         except Exception as exc:  # noqa: BLE001 - a dead server must never stop the control loop
             self.stats.fail(f"policy submit failed: {type(exc).__name__}: {exc}")
             return
-        self.request = PendingRequest(time.perf_counter(), tick, episode)
+        answers = {k: request.get(k) for k in ANSWER_KEYS}
+        self.request = PendingRequest(time.perf_counter(), tick, episode, answers)
         self.buffer.mark_requested(tick)
 
     def drop(self) -> None:
@@ -151,9 +180,10 @@ class PolicyLink:
             self.buffer.cancel_request()
             return None
         try:
-            chunk = check_reply(reply, self.spec)
+            chunk = check_reply(reply, self.spec, req.answers)
         except PolicyReplyError as exc:
             self.stats.malformed_replies += 1
+            self.stats.mismatched_replies += int(isinstance(exc, MismatchedReplyError))
             self.stats.fail(str(exc))
             self.buffer.cancel_request()
             return None

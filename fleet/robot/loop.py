@@ -36,8 +36,10 @@ from fleet.embodiments import get_embodiment
 from fleet.protocol import EpisodeOutcome, make_request
 from fleet.robot.client import PolicyClient, PolicyLink
 from fleet.robot.config import RobotConfig
+from fleet.robot.interface import Robot, Task
 from fleet.robot.report import RobotStats, episode_outcome, robot_report
 from fleet.robot.review import CorrectionSink, OperatorReview
+from fleet.robot.sim_robot import sim_robot
 from fleet.sim import make_env
 
 MAX_PENDING_OUTCOMES = 1000
@@ -60,9 +62,28 @@ class TickResult:
     # safety constraints that acted ("missing", "stale", "velocity", ...), "startup" on the first tick
 
 
+@dataclass
+class Plan:
+    """The policy-rate half of a tick: what the safety layer lets the robot do next."""
+
+    sent: np.ndarray
+    # (D,) float: the target after the safety layer
+    report: object
+    # its SafetyReport
+    startup: bool
+    # the (re)started robot's first command (always the hold)
+    state: State
+    # degradation state the action was chosen in
+
+
 class RobotLoop:
-    """A simulated robot with its robot-side stack. `corrections` receives lists of `Correction` records;
-    `stats` holds the counters, `report()` the status."""
+    """One robot (a `Robot` body and its `Task`) with its robot-side stack. Without `robot`, the embodiment's
+    simulator (`env`, else a new one) is the robot, through `SimRobot`/`SimTask`. `corrections` receives lists of
+    `Correction` records; `stats` holds the counters, `report()` the status.
+
+    `tick()` is one control period at the policy rate: `plan()` (policy -> safety), `send_action`, `finish()`
+    (task outcome, next request). The multi-rate runtime (fleet/robot/runtime.py) calls `plan` and `finish` from
+    its policy loop and sends the commands from its controller loop instead."""
 
     def __init__(
         self,
@@ -71,12 +92,23 @@ class RobotLoop:
         corrections: CorrectionSink | None = None,
         feature_stats: dict | None = None,
         env=None,
+        robot: Robot | None = None,
+        task: Task | None = None,
     ):
         self.config = config
         self.spec = spec = get_embodiment(config.embodiment)
         self.client = client
         self.sink = corrections
-        self.env = env if env is not None else make_env(config.embodiment, shift=config.shift)
+        if robot is None:
+            self.env = env if env is not None else make_env(config.embodiment, shift=config.shift)
+            robot, task = sim_robot(self.env)
+        elif task is None:
+            raise ValueError("RobotLoop: a robot needs its task (success and episode resets come from the task)")
+        else:
+            self.env = getattr(robot, "env", None)  # the simulator, when the robot is one (tests look inside)
+        if not robot.is_connected:
+            robot.connect()
+        self.robot, self.task = robot, task
         self.buffer = ActionBuffer(spec.chunk_size, spec.recompute_every, config.aggregate)
         self.stale_ticks = stale = config.stale_ticks if config.stale_ticks is not None else spec.recompute_every + 1
         timeout = config.request_timeout_ticks
@@ -104,14 +136,18 @@ class RobotLoop:
         self._episode_versions: set[int] = set()  # head versions whose chunks this episode ran
         self._episode_interventions = 0
         self._episode_outcomes: deque[EpisodeOutcome] = deque(maxlen=MAX_PENDING_OUTCOMES)
+        self.tick_errors = 0  # ticks whose planning raised: they still commanded (the hold)
+        self.frame_holds = 0  # policy ticks held because the camera frame was too old (multi-rate runtime)
         self._reset_episode()
 
     # ---- episode ---------------------------------------------------------------------------------
     def _reset_episode(self) -> None:
         seed = self.config.seed * 100_003 + self.episode
-        self.obs, _ = self.env.reset(seed=seed)
+        self.task.reset(seed)
+        self.obs = self.observe()
         self.buffer.reset()
-        self.safety.reset()
+        # the first command of an episode (and of a restarted robot) is rate-limited from where the body is
+        self.safety.reset(last_action=self.robot.hold_action())
         self.tick_in_episode = 0
         self._last_force = 0.0
         self._newest = None
@@ -121,9 +157,79 @@ class RobotLoop:
             self.policy.drop()
 
     # ---- one control tick ------------------------------------------------------------------------
+    def observe(self) -> dict:
+        """The policy's observation now: the robot's sensors and the task's instruction."""
+        o = self.robot.get_observation()
+        return {"image": o["image"], "proprio": o["proprio"], "instruction": self.task.instruction}
+
     def tick(self) -> TickResult:
-        """One control period: receive, request, pick this tick's action, safety, step the simulator."""
+        """One control period: plan (receive, request, pick this tick's action, safety), command the robot, finish
+        (task outcome, the next request)."""
+        plan = self.plan()
+        self.robot.send_action(plan.sent)
+        self._last_force = float(self.robot.read_force())
+        self.obs = self.observe()
+        done, success = self.finish()
+        return TickResult(
+            self.total_ticks,
+            self.degradation.state.value,
+            not plan.report.held,
+            done,
+            success,
+            plan.sent,
+            ("startup",) + plan.report.fired if plan.startup else plan.report.fired,
+        )
+
+    def plan(self, hold: bool = False) -> Plan:
+        """The policy-rate half of a tick: the action for this period through the safety layer. Never raises for a
+        fault inside: an exception while choosing the action is counted and the period commands the hold.
+        `hold` forces the hold (the runtime's stale camera frame)."""
         startup = self._startup_hold
+        state = self.degradation.state
+        try:
+            action, age, state = self._choose(startup)
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave the robot without a command: hold
+            self.tick_errors += 1
+            self.stats.last_error = f"control tick error: {type(exc).__name__}: {exc}"
+            action, age = None, None
+            if self.policy.request is None:  # a reply taken but never buffered: ask again next tick
+                self.buffer.cancel_request()
+        if hold:
+            action, age = None, None
+            self.frame_holds += 1
+        try:
+            self.safety.velocity_scale = self.degradation.velocity_scale
+            sent, report = self.safety(action, force=self._last_force, age_s=age)
+        except Exception as exc:  # noqa: BLE001 - a malformed action from the buffer: hold instead
+            self.tick_errors += 1
+            self.stats.last_error = f"control tick error: {type(exc).__name__}: {exc}"
+            sent, report = self.safety(None, force=self._last_force)
+        moved = not report.held
+        self.stats.moved_ticks += int(moved)
+        self.stats.held_ticks += int(not moved)
+        fault = (report.missing or report.stale) and not startup and state not in (State.PAUSED, State.ESCALATED)
+        fault = fault and not hold
+        self._holding = fault or hold
+        if fault:
+            self.stats.fault_holds += 1
+            if self.stats.link == "ok" or self.stats.last_error is None:
+                what = "no action buffered" if report.missing else "the newest action is stale"
+                self.stats.last_error = f"holding: {what} (policy reply late or missing)"
+        sent = np.clip(np.asarray(sent, np.float32), self.spec.action_low, self.spec.action_high)
+        if startup:
+            self._startup_hold = False
+            fired = ("startup",) + report.fired
+            self.first_tick = {"held": bool(report.held), "sent": sent.tolist(), "fired": list(fired)}
+        return Plan(sent, report, startup, state)
+
+    def command_hold(self) -> np.ndarray:
+        """Command the safety layer's hold now (after a fault outside plan()); returns what was sent."""
+        sent, _ = self.safety(None, force=self._last_force)
+        sent = np.clip(np.asarray(sent, np.float32), self.spec.action_low, self.spec.action_high)
+        self.robot.send_action(sent)
+        return sent
+
+    def _choose(self, startup: bool) -> tuple[np.ndarray | None, float | None, State]:
         self._receive()
         self.policy.expire(self.tick_in_episode)
         self._maybe_request()
@@ -138,37 +244,26 @@ class RobotLoop:
             age = (self.tick_in_episode - self.buffer.last_obs_tick) * self.spec.dt
         if state in (State.PAUSED, State.ESCALATED) or startup:
             action, age = None, None  # not allowed to move: the safety layer holds
-        self.safety.velocity_scale = self.degradation.velocity_scale
-        sent, report = self.safety(action, force=self._last_force, age_s=age)
-        moved = not report.held
-        self.stats.moved_ticks += int(moved)
-        self.stats.held_ticks += int(not moved)
-        fault = (report.missing or report.stale) and not startup and state not in (State.PAUSED, State.ESCALATED)
-        self._holding = fault
-        if fault:
-            self.stats.fault_holds += 1
-            if self.stats.link == "ok" or self.stats.last_error is None:
-                what = "no action buffered" if report.missing else "the newest action is stale"
-                self.stats.last_error = f"holding: {what} (policy reply late or missing)"
-        fired = ("startup",) + report.fired if startup else report.fired
-        sent = np.clip(np.asarray(sent, np.float32), self.spec.action_low, self.spec.action_high)
-        if startup:
-            self._startup_hold = False
-            self.first_tick = {"held": bool(report.held), "sent": sent.tolist(), "fired": list(fired)}
-        self.obs, _, term, trunc, info = self.env.step(sent)
-        self._last_force = float(info.get("force", 0.0))
+        return action, age, state
+
+    def finish(self) -> tuple[bool, bool]:
+        """After the period's commands: the task's verdict (a finished episode ends and the next starts), then the
+        next request. Returns (episode done, success)."""
+        status = self.task.status()
         self.tick_in_episode += 1
         self.total_ticks += 1
-        done = bool(term or trunc)
-        success = bool(info["is_success"])
-        if done:
-            self._end_episode(success)
+        if status.done:
+            self._end_episode(status.success)
         # ask now, with the observation the next tick acts on: the reply gets the whole control period to
         # arrive, and its chunk starts at the tick it was planned for. Asking at the start of the next tick
         # instead plans from an observation one action older; with the privileged expert as the policy that
         # lag alone cost franka 89% -> 100% and aloha 85% -> 100% success ("latest" seams, 800 ticks)
-        self._maybe_request()
-        return TickResult(self.total_ticks, self.degradation.state.value, moved, done, success, sent, fired)
+        try:
+            self._maybe_request()
+        except Exception as exc:  # noqa: BLE001 - the next tick asks again
+            self.tick_errors += 1
+            self.stats.last_error = f"control tick error: {type(exc).__name__}: {exc}"
+        return status.done, status.success
 
     def _would_hold(self) -> bool:
         """True when the buffer has no fresh action for this tick (a reply in flight could still bring one)."""
@@ -249,7 +344,7 @@ class RobotLoop:
         """The human judges the chunk; an override replaces it from now on, with the degradation state HUMAN."""
         now = self.tick_in_episode
         correction = self.operator.review(
-            self.env,
+            self.task,
             self.obs,
             chunk,
             obs_tick,

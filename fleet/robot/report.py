@@ -41,6 +41,8 @@ class RobotStats:
     # every reply received (used, late or malformed): latencies_ms holds the newest
     abandoned_calls: int = 0
     malformed_replies: int = 0
+    mismatched_replies: int = 0
+    # replies that answered another request (robot, embodiment, request id or observation tick); also malformed
     estop_resets: int = 0
     # operator resets of a latched force e-stop
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
@@ -124,6 +126,9 @@ def robot_report(loop: RobotLoop) -> dict:
         "late_replies": s.late_replies,
         "abandoned_calls": s.abandoned_calls,
         "malformed_replies": s.malformed_replies,
+        "mismatched_replies": s.mismatched_replies,
+        "tick_errors": loop.tick_errors,
+        "frame_holds": loop.frame_holds,
         "latency_p50_ms": float(np.percentile(lat, 50)) if lat is not None else None,
         "latency_p99_ms": float(np.percentile(lat, 99)) if lat is not None else None,
         "first_tick": loop.first_tick,

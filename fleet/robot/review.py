@@ -11,6 +11,7 @@ import numpy as np
 from fleet.data.correction import Correction
 from fleet.embodiments import EmbodimentSpec
 from fleet.robot.config import RobotConfig
+from fleet.robot.interface import Task
 from fleet.sim.teleop import TeleopConfig, Teleoperator
 
 CorrectionSink = Callable[[list[Correction]], None]
@@ -30,10 +31,11 @@ class OperatorReview:
         self.config, self.spec = config, spec
         self.teleop = Teleoperator(TeleopConfig(tolerance=config.teleop_tolerance)) if config.teleop else None
         self.pending: list[Correction] = []
+        self._span = np.asarray(spec.action_high, np.float32) - np.asarray(spec.action_low, np.float32)
 
     def review(
         self,
-        env,
+        task: Task,
         obs: dict,
         chunk: np.ndarray,
         obs_tick: int,
@@ -43,10 +45,14 @@ class OperatorReview:
         head_version: int,
         asked_for_help: bool,
     ) -> Correction | None:
-        """The human judges what is left of the proposal from `tick` on (the robot is at `obs`); a correction
-        when they override it (also kept in `pending`), None when they let it run."""
+        """The human judges what is left of the proposal from `tick` on (the robot is at `obs`) against what the
+        task's demonstrator would do; a correction when they override it (also kept in `pending`), None when they
+        let it run."""
         proposal = remaining_proposal(chunk, tick - obs_tick, self.spec.chunk_size)
-        decision = self.teleop.review(env, proposal, asked_for_help=asked_for_help)
+        expert = task.demonstrate(self.spec.chunk_size)
+        if expert is None:  # nobody at this robot can demonstrate: the proposal runs
+            return None
+        decision = self.teleop.judge(expert, proposal, self._span, asked_for_help=asked_for_help)
         if not decision.override:
             return None
         correction = Correction.new(

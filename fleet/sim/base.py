@@ -147,6 +147,20 @@ class FleetEnv(gym.Env):
             self._advance(state, np.clip(out[i] + self.bias, self._low, self._high))
         return out
 
+    def hold_action(self) -> np.ndarray:
+        """(D,) float32: the command that keeps the body where it is now: the body's stop command for velocity and
+        delta commands, else (position targets) its measured pose as a command (`_hold_pose`)."""
+        if self._state is None:
+            raise RuntimeError("hold_action() called before reset()")
+        stop = self.embodiment_spec.stop_action
+        if stop is not None:
+            return np.asarray(stop, np.float32)
+        return self._command_for(self._hold_pose(self._state))
+
+    def _hold_pose(self, state: dict) -> np.ndarray:
+        """Position-target bodies: the executed action that holds the current pose."""
+        raise NotImplementedError(f"{self.embodiment}: no stop_action and no _hold_pose")
+
     def _command_for(self, desired_executed: np.ndarray) -> np.ndarray:
         return np.clip(np.asarray(desired_executed, dtype=np.float32) - self.bias, self._low, self._high)
 

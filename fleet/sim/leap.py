@@ -89,6 +89,9 @@ class LeapEnv(FleetEnv):
         success = float(np.abs(s["q"] - s["goal"]).max()) < TOLERANCE
         return force, bool(success)
 
+    def _hold_pose(self, s: dict) -> np.ndarray:
+        return s["q"].astype(np.float32)  # a target at the current joints: the lag leaves the hand where it is
+
     def _expert(self, s: dict) -> np.ndarray:
         return s["goal"].astype(np.float32)
 

@@ -42,7 +42,8 @@ class TeleopDecision:
 
 
 class Teleoperator:
-    """Scripted human corrector over any FleetEnv (uses its privileged `expert_chunk`)."""
+    """Scripted human corrector: `judge` compares a proposal with a demonstration (the robot stack passes the
+    task's `demonstrate`, so it never reaches into a simulator); `review` does both for a FleetEnv."""
 
     def __init__(self, config: TeleopConfig | None = None):
         self.config = config or TeleopConfig()
@@ -65,14 +66,27 @@ class Teleoperator:
         return float(np.nan_to_num(diff, nan=1.0).max(axis=1).mean())
 
     def review(self, env, policy_chunk: np.ndarray, asked_for_help: bool = False) -> TeleopDecision:
-        """Judge one proposed chunk; return the chunk to execute and whether the human overrode it."""
+        """Judge one proposed chunk against a fleet simulator's expert (see `judge`)."""
+        u = _unwrap(env)
+        return self.judge(u.expert_chunk(len(policy_chunk)), policy_chunk, u._high - u._low, asked_for_help)
+
+    def judge(
+        self, expert: np.ndarray, policy_chunk: np.ndarray, span: np.ndarray, asked_for_help: bool = False
+    ) -> TeleopDecision:
+        """Judge one proposed chunk (T, D) against what the demonstrator would do (`expert` (T, D), from the
+        task's `demonstrate`; `span` (D,) = action_high - action_low); return the chunk to execute."""
         self.reviews += 1
-        expert = _unwrap(env).expert_chunk(len(policy_chunk))
-        dev = self.deviation(env, policy_chunk, expert)
+        expert = np.asarray(expert, dtype=np.float32)
+        policy_chunk = np.asarray(policy_chunk, dtype=np.float32)
+        if policy_chunk.shape != expert.shape:
+            raise ValueError(f"policy_chunk: expected shape {expert.shape}, got {policy_chunk.shape}")
+        k = min(self.config.compare_steps, len(expert))
+        diff = np.abs(policy_chunk[:k] - expert[:k]) / np.asarray(span, np.float32)
+        dev = float(np.nan_to_num(diff, nan=1.0).max(axis=1).mean())
         if asked_for_help or dev > self.config.tolerance:
             self.overrides += 1
             return TeleopDecision(True, expert, "help" if asked_for_help else "stray", dev)
-        return TeleopDecision(False, np.asarray(policy_chunk, dtype=np.float32), "ok", dev)
+        return TeleopDecision(False, policy_chunk, "ok", dev)
 
 
 def _unwrap(env) -> FleetEnv:

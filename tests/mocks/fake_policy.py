@@ -82,7 +82,8 @@ class FakePolicy:
             chunk = np.tile(np.asarray(stop, np.float32), (spec.chunk_size, 1))
         else:
             chunk = self.env.unwrapped.expert_chunk().astype(np.float32)
-        reply = {"chunk": chunk, "head_version": self.head_version, "request_id": request["request_id"]}
+        reply = {"chunk": chunk, "head_version": self.head_version}
+        reply |= {k: request[k] for k in ("request_id", "robot_id", "embodiment", "obs_tick")}  # what a server echoes
         k = int(request.get("n_samples", 1))
         if spec.head == "flow" and k > 1:
             spread = 1.0 if self.mode == "noisy" else 0.0
@@ -111,3 +112,35 @@ def DeadPolicy(env, **kw) -> FakePolicy:  # noqa: N802
 
 def HungPolicy(env, **kw) -> FakePolicy:  # noqa: N802
     return FakePolicy(env, "hung", **kw)
+
+
+class SpacePolicy:
+    """A PolicyClient for any registered body (no simulator behind it): each reply is a chunk drawn uniformly from
+    the body's action bounds, with a confident uncertainty signal, echoing the request like a server. For plumbing
+    tests on environments the shipped policy has no head for (GymRobot)."""
+
+    def __init__(self, embodiment: str, seed: int = 0) -> None:
+        self.spec = get_embodiment(embodiment)
+        self.rng = np.random.default_rng(seed)
+        self.requests: list[dict] = []
+        self._reply: dict | None = None
+
+    def submit(self, request: dict) -> None:
+        self.requests.append(request)
+        spec = self.spec
+        lo, hi = np.asarray(spec.action_low), np.asarray(spec.action_high)
+        chunk = self.rng.uniform(lo, hi, (spec.chunk_size, spec.action_dim)).astype(np.float32)
+        reply = {"chunk": chunk, "head_version": 1, "features": np.zeros(FEATURE_DIM, np.float32)}
+        reply |= {k: request[k] for k in ("request_id", "robot_id", "embodiment", "obs_tick")}
+        if spec.head == "flow":
+            reply["samples"] = np.repeat(chunk[None], max(2, int(request.get("n_samples", 2))), axis=0)
+        else:
+            reply["entropy"], reply["n_bins"] = np.zeros(chunk.shape, np.float32), 16
+        self._reply = reply
+
+    def poll(self, timeout_s: float = 0.0) -> dict | None:
+        reply, self._reply = self._reply, None
+        return reply
+
+    def cancel(self) -> None:
+        self._reply = None

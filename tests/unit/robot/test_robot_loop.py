@@ -59,11 +59,13 @@ def test_expert_policy_needs_no_correction(name):
 def test_first_tick_is_the_hold_even_with_a_reply_ready(name):
     loop = make(name)
     loop.client.delay_polls = 0
+    target = loop.robot.hold_action()
     result = loop.tick()
     spec = EMBODIMENTS[name]
     assert not result.moved and "startup" in result.fired and loop.first_tick["held"]
-    # nothing was sent before: the hold target is the stop action, or the neutral command without one
-    target = spec.stop_action or np.clip(np.zeros(spec.action_dim), spec.action_low, spec.action_high)
+    # the hold target is the stop action, or (leap's position targets) where the body is: never a default pose
+    if spec.stop_action is not None:
+        np.testing.assert_allclose(target, spec.stop_action)
     np.testing.assert_allclose(result.sent, target, atol=1e-6)
     assert loop.tick().moved  # the reply requested on the first tick drives the second
 
@@ -233,8 +235,11 @@ def test_malformed_replies_are_counted_and_never_crash_the_loop():
     loop.tick()
     bad = [{"chunk": np.zeros((16, 3))}, {"no_chunk": 1}, "not a dict", {"chunk": "abc"}]
 
-    def answer(_request):
-        return bad.pop(0) if bad else {"chunk": loop.env.unwrapped.expert_chunk(), "head_version": 2}
+    def answer(request):
+        echo = {k: request[k] for k in ("request_id", "robot_id", "embodiment", "obs_tick")}
+        return (bad.pop(0) | echo) if bad and isinstance(bad[0], dict) else bad.pop(0) if bad else (
+            {"chunk": loop.env.unwrapped.expert_chunk(), "head_version": 2} | echo
+        )
 
     loop.client._answer = answer
     for _ in range(30):
