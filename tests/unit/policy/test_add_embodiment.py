@@ -49,6 +49,7 @@ def obs_of(name: str, seed: int = 0) -> dict:
 def test_add_touches_no_existing_tensor_and_serves_the_new_body():
     model = tiny_model()
     before = snapshot(model)
+
     def alone(name):  # flow heads draw noise: the same seed gives the same chunk
         return model.predict_obs([obs_of(name)], [name], generator=torch.Generator().manual_seed(1))[0]["chunk"]
 
@@ -147,7 +148,8 @@ def test_a_copy_of_the_model_reads_its_own_token_row():
     obs = obs_of("so100")
     with torch.no_grad():
         twin.head("so100").emb_token.add_(1.0)
-    assert not np.allclose(twin.predict_obs([obs], ["so100"])[0]["features"], model.predict_obs([obs], ["so100"])[0]["features"])
+    mine, theirs = (m.predict_obs([obs], ["so100"])[0]["features"] for m in (twin, model))
+    assert not np.allclose(mine, theirs)
 
 
 @pytest.mark.parametrize("backend,precision", [("torch", "bf16"), ("torch", "int8"), ("onnx", "fp32")])
@@ -164,7 +166,8 @@ def test_every_backend_serves_a_body_added_after_it_was_built(backend, precision
     tol = 1e-4 if precision == "fp32" else 0.25
     for w, g in zip(want, got, strict=True):
         assert g["chunk"].shape == w["chunk"].shape
-        span = np.asarray(model.specs[w["embodiment"]].action_high) - np.asarray(model.specs[w["embodiment"]].action_low)
+        spec = model.specs[w["embodiment"]]
+        span = np.asarray(spec.action_high) - np.asarray(spec.action_low)
         assert np.abs((g["chunk"] - w["chunk"]) / span).mean() < tol
 
 
