@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from fleet.cli.options import CkptOpt, JsonOpt, emit_json, fail, show
+from fleet.names import NAMESPACE
 
 embodiment_app = typer.Typer(
     help="Robot bodies: add a new one to a running fleet (`fleet embodiment add --spec FILE`).",
@@ -92,30 +93,141 @@ def embodiment_add(
     Example:
         fleet embodiment add --spec so100.json
     """
-    from fleet.learning.onboard_spec import OnboardSpec, load_spec_file
+    from fleet.learning.onboard_spec import load_spec_file
 
     try:
         onboard = load_spec_file(spec_file)
     except (OSError, ValueError) as exc:
         fail(f"--spec: {exc}")
-    assert isinstance(onboard, OnboardSpec)
-    from fleet.cluster.onboard_live import add_embodiment_to_fleet
-
     try:
-        result = add_embodiment_to_fleet(onboard, namespace=namespace)
+        result = add_embodiment_to_fleet(onboard.to_dict(), namespace=namespace or NAMESPACE)
     except (ValueError, RuntimeError) as exc:
         fail(str(exc))
     if json_out:
         emit_json(result)
     else:
         typer.echo(
-            f"added {result['name']}: {result['robots']} robot(s) in demonstration mode; "
-            f"the learner trains every {result['demos_per_round']} demonstrations (`fleet status` shows the phase)"
+            f"added {result['embodiment']}: {result['robots']} robot(s) in demonstration mode; the learner trains "
+            f"every {result['demos_per_round']} demonstrations (`fleet embodiment status` shows the phase)"
         )
+
+
+def embodiment_status(
+    namespace: Annotated[str | None, typer.Option(help="The fleet's namespace (default: the running fleet).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Phase (demonstrations / policy), head version, robots and training rounds of every added body.
+
+    Example:
+        fleet embodiment status
+    """
+    try:
+        result = onboarding_status(namespace or NAMESPACE)
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc))
+    show(result, json_out, format_status)
+
+
+def embodiment_scale(
+    counts: Annotated[str, typer.Argument(help="NAME=COUNT of an added body, e.g. so100=2.")],
+    namespace: Annotated[str | None, typer.Option(help="The fleet's namespace (default: the running fleet).")] = None,
+) -> None:
+    """Set how many robots of an added body run (its robots are driven by its onboarding actor).
+
+    Example:
+        fleet embodiment scale so100=4
+    """
+    import ray
+
+    name, _, count = counts.partition("=")
+    if not name or not count.isdigit():
+        fail(f"counts: expected NAME=COUNT such as so100=2, got {counts!r}")
+    try:
+        actor = _onboarder(name, namespace or NAMESPACE)
+        typer.echo(f"{name}: {ray.get(actor.scale.remote(int(count)))} robot(s)")
+    except (ValueError, RuntimeError) as exc:
+        fail(str(exc))
+
+
+def _connect(namespace: str):
+    from fleet.cluster.launcher import FleetError, _require
+
+    try:
+        return _require(None, namespace)
+    except FleetError as exc:
+        raise RuntimeError(str(exc)) from None
+
+
+def _onboarder(name: str, namespace: str):
+    import ray
+
+    from actors.onboarder import onboarder_name
+
+    _connect(namespace)
+    try:
+        return ray.get_actor(onboarder_name(name), namespace=namespace)
+    except ValueError:
+        raise ValueError(f"no body {name!r} was added to the fleet in namespace {namespace!r}") from None
+
+
+def add_embodiment_to_fleet(plan: dict, namespace: str = NAMESPACE) -> dict:
+    """Start the onboarding actor of `plan` (OnboardSpec.to_dict()) in the running fleet; returns a summary."""
+    import ray
+
+    from actors.onboarder import start_onboarder
+
+    controller = _connect(namespace)
+    cfg = ray.get(controller.config.remote())
+    if plan["name"] in (ray.get(controller.status.remote(3.0)).get("heads") or {}):
+        raise ValueError(f"--spec: the fleet already serves a body named {plan['name']!r}")
+    actor = start_onboarder(plan, cfg.get("checkpoint"), namespace, cfg["app_name"])
+    status = ray.get(actor.status.remote())
+    return {
+        "embodiment": plan["name"],
+        "robots": len(status["robots"]),
+        "demos_per_round": plan["demos_per_round"],
+        "phase": status["phase"],
+    }
+
+
+def onboarding_status(namespace: str = NAMESPACE) -> dict:
+    import ray
+
+    from actors.onboarder import ONBOARD_PREFIX
+
+    _connect(namespace)
+    bodies = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == namespace and entry["name"].startswith(ONBOARD_PREFIX):
+            actor = ray.get_actor(entry["name"], namespace=namespace)
+            bodies[entry["name"][len(ONBOARD_PREFIX) :]] = ray.get(actor.status.remote())
+    return {"namespace": namespace, "bodies": bodies}
+
+
+def format_status(result: dict) -> str:
+    if not result["bodies"]:
+        return "no bodies added (fleet embodiment add --spec FILE)"
+    lines = [f"{'body':<10} {'phase':<15} {'head':>5} {'demos':>6} {'robots':>7} {'policy eps':>11} {'succ':>6}"]
+    for name, s in sorted(result["bodies"].items()):
+        eps = sum(r["policy_episodes"] for r in s["robots"])
+        ok = sum(r["policy_successes"] for r in s["robots"])
+        succ = f"{ok / eps:.0%}" if eps else "-"
+        lines.append(
+            f"{name:<10} {s['phase']:<15} {'v' + str(s['head_version']):>5} {s['demos']:>6} {len(s['robots']):>7} "
+            f"{eps:>11} {succ:>6}"
+        )
+        for r in s["rounds"]:
+            lines.append(
+                f"  round {r['round']}: {r['demos']} demos, {r['steps']} steps, {r['train_s']:.0f} s, "
+                f"held-out {r['check_success']:.0%}" + (f", published v{r['published']}" if r["published"] else "")
+            )
+    return "\n".join(lines)
 
 
 def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
     """Add `experiment onboard` and the `embodiment` group."""
     experiment_app.command("onboard")(experiment_onboard)
     embodiment_app.command("add")(embodiment_add)
+    embodiment_app.command("status")(embodiment_status)
+    embodiment_app.command("scale")(embodiment_scale)
     app.add_typer(embodiment_app, name="embodiment")

@@ -65,9 +65,15 @@ class OnboardSpec:
         unknown = sorted(set(raw) - plan_fields - spec_fields)
         if unknown:
             validate.fail("onboard spec", f"only fields {sorted(plan_fields | spec_fields)}", f"unknown {unknown}")
-        missing = [k for k in ("name", "action_dim", "head", "proprio_dim", "action_low", "action_high") if k not in raw]
+        missing = [
+            k for k in ("name", "action_dim", "head", "proprio_dim", "action_low", "action_high") if k not in raw
+        ]
         if missing:
-            validate.fail("onboard spec", "the EmbodimentSpec fields name, action_dim, head, proprio_dim, ...", f"missing {missing}")
+            validate.fail(
+                "onboard spec",
+                "the EmbodimentSpec fields name, action_dim, head, proprio_dim, ...",
+                f"missing {missing}",
+            )
         try:
             spec = EmbodimentSpec.from_dict({k: v for k, v in raw.items() if k in spec_fields})
         except TypeError as exc:
