@@ -144,7 +144,7 @@ class OnboardActor:
 
 
 def start_onboarder(plan: dict, checkpoint: str | None, namespace: str, app: str) -> ray.actor.ActorHandle:
-    """The onboarding actor of plan["name"] (created, or the running one)."""
-    return OnboardActor.options(name=onboarder_name(plan["name"]), namespace=namespace, get_if_exists=True).remote(
-        plan, checkpoint, namespace, app
-    )
+    """The onboarding actor of plan["name"] (created, or the running one). Detached: it outlives the
+    `fleet embodiment add` that started it; `fleet down` stops it with the fleet's other named actors."""
+    options = {"name": onboarder_name(plan["name"]), "namespace": namespace, "get_if_exists": True}
+    return OnboardActor.options(**options, lifetime="detached").remote(plan, checkpoint, namespace, app)

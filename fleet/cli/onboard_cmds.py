@@ -31,6 +31,9 @@ def experiment_onboard(
         str | None, typer.Option(help="Pretrained body to warm-start the new head from (default: franka for so100).")
     ] = None,
     scratch: Annotated[bool, typer.Option(help="Also train the from-scratch baseline for the same wall time.")] = True,
+    noise: Annotated[
+        float, typer.Option(min=0, max=1, help="Operator jitter on executed demonstration actions (share of range).")
+    ] = 0.1,
     checkpoint: CkptOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of demonstrations, initialization and evaluation scenes.")] = 0,
     threads: Annotated[int, typer.Option(min=1, help="torch threads (1 is fastest on a shared 2-core machine).")] = 1,
@@ -66,6 +69,7 @@ def experiment_onboard(
             checkpoint=checkpoint,
             seed=seed,
             threads=threads,
+            noise=noise,
             scratch=scratch,
             out=out,
             log=log,

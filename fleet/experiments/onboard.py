@@ -4,7 +4,10 @@ For each demonstration count n (increasing; the first n episodes of one demonstr
 contain the smaller): (a) shared: the shipped checkpoint, frozen, plus the new body's token row, stem and
 head (warm-started from a `like` body), trained for `steps` optimizer steps; (b) scratch: the same
 architecture, every weight from random init, trained on the same demonstrations for the same wall time
-(a's measured time, in the same process, so machine load hits both alike). Both are measured closed loop
+(a's measured time, in the same process, so machine load hits both alike). The operator's executed actions jitter
+by `noise` (share of each dimension's range; the labels are its intended chunks), so demonstrations cover the
+states a slightly wrong policy visits: with noise 0 the 100-demonstration policy failed every episode (it never
+saw itself off the operator's path). Both are measured closed loop
 on unseen scenes (evaluation seeds disjoint from the demonstrations'). The shared model's other heads and
 backbone are checked bit-identical to the checkpoint after every round.
 
@@ -38,7 +41,8 @@ def run_onboard_experiment(
     like: str | None = None,
     checkpoint: str | Path | None = None,
     seed: int = 0,
-    threads: int = 2,
+    threads: int = 1,
+    noise: float = 0.1,
     scratch: bool = True,
     out: Path | None = None,
     log: Callable[[str], None] = print,
@@ -72,7 +76,7 @@ def run_onboard_experiment(
     for n in counts:
         # episode i of a collection has scene seed (DEMO_SEED + seed) * 100_003 + i whatever the total, so the
         # first n demonstrations are the same scenes in every round: larger sets contain the smaller ones
-        subset = collect(embodiment, n, seed=DEMO_SEED + seed)
+        subset = collect(embodiment, n, seed=DEMO_SEED + seed, noise=noise)
         model, _ = load_policy(ckpt)
         model.add_embodiment(spec, like=like, seed=seed)
         data = OnboardData.from_demos(model, subset)
@@ -121,6 +125,7 @@ def run_onboard_experiment(
         "batch_size": batch_size,
         "lr": lr,
         "threads": threads,
+        "demo_noise": noise,
         "seed": seed,
         "total_s": time.perf_counter() - t0,
         "in_registry": embodiment in EMBODIMENTS,

@@ -32,6 +32,7 @@ from fleet.sim import make_env
 from fleet.sim.teleop import Teleoperator
 
 PHASES = ("demonstrations", "policy")
+DEMO_NOISE = 0.1  # the operator's jitter on executed demonstration actions (fleet.experiments.onboard measured why)
 CHECK_SEED = 7_000_003  # held-out check scenes: disjoint from demonstrations (robots' seeds) and evaluation
 
 
@@ -162,18 +163,24 @@ class OnboardRobot:
         obs, _ = self.env.reset(seed=self.seed * 1_000_003 + self.episodes)
         return obs
 
-    def demonstration_episode(self) -> tuple[DemoSet, bool]:
-        """The operator drives every tick (DemonstrationLink); every tick's (obs, chunk) is a demonstration."""
+    def demonstration_episode(self, noise: float = DEMO_NOISE) -> tuple[DemoSet, bool]:
+        """The operator drives every tick (DemonstrationLink); every tick's (obs, chunk) is a demonstration. The
+        executed actions jitter by `noise` (share of each dimension's range), as a person's hand does; the stored
+        chunks are the operator's intent."""
         link = DemonstrationLink(self.env, self.teleop)
-        return self._episode(link_source(link, self.robot_id), record_every_tick=True)
+        return self._episode(link_source(link, self.robot_id), record_every_tick=True, noise=noise)
 
     def policy_episode(self, source: Callable[[dict], dict]) -> tuple[DemoSet, bool]:
         """The policy drives (`source(request) -> reply`, the policy server); the operator reviews each chunk
         and overrides a stray one, and those corrections are returned as samples for later rounds."""
         return self._episode(source, record_every_tick=False, review=True)
 
-    def _episode(self, source, record_every_tick: bool, review: bool = False) -> tuple[DemoSet, bool]:
+    def _episode(
+        self, source, record_every_tick: bool, review: bool = False, noise: float = 0.0
+    ) -> tuple[DemoSet, bool]:
         spec = self.spec
+        rng = np.random.default_rng([self.seed, self.episodes])
+        span = np.asarray(spec.action_high, np.float32) - np.asarray(spec.action_low, np.float32)
         every = 1 if record_every_tick else spec.recompute_every
         buf = ActionBuffer(chunk_size=spec.chunk_size, recompute_every=every)
         safety = SafetyLayer(spec)
@@ -199,7 +206,9 @@ class OnboardRobot:
             a = buf.pop(tick)
             if a is None:
                 a = np.asarray(spec.stop_action or np.zeros(spec.action_dim), np.float32)
-            a, _ = safety(a)
+            elif noise > 0:
+                a = a + noise * span * rng.standard_normal(spec.action_dim).astype(np.float32)
+            a, _ = safety(np.clip(a, spec.action_low, spec.action_high))
             a = np.clip(np.asarray(a, np.float32), spec.action_low, spec.action_high)
             obs, _, term, trunc, info = self.env.step(a)
             tick += 1
