@@ -30,9 +30,9 @@ def test_check_env():
     assert obs["instruction"].startswith("pick up the ")  # franka's instructions: the words carry over
 
 
-@pytest.mark.parametrize("shift", [None, *SHIFTS])
+@pytest.mark.parametrize("shift", [None, "novel_object+lighting+camera_offset+distractors", "actuator_bias"])
 def test_expert_succeeds(shift):
-    ok, n, failed = expert_success(make_env("so100", shift=shift), range(3000, 3040))
+    ok, n, failed = expert_success(make_env("so100", shift=shift), range(3000, 3030))
     assert ok / n >= 0.98, f"shift={shift}: {ok}/{n}, failing seeds {failed}"
 
 
@@ -83,3 +83,10 @@ def test_teleoperator_demonstrates_and_leaves_env_unchanged():
     assert chunk.shape == (16, 6) and chunk.dtype == np.float32
     assert_unchanged(env, before)
     np.testing.assert_array_equal(chunk[0], env.unwrapped.expert_action())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shift", [None, *SHIFTS])
+def test_expert_success_statistical(shift):
+    ok, n, failed = expert_success(make_env("so100", shift=shift), range(100_000, 100_300))
+    assert ok / n >= 0.98, f"shift={shift}: {ok}/{n}, failing seeds {failed[:20]}"
