@@ -20,9 +20,7 @@ import uuid
 
 import ray
 
-from fleet.names import HEADS
-
-ONBOARD_PREFIX = "fleet-onboard-"
+from fleet.names import HEADS, ONBOARD_PREFIX
 
 
 def onboarder_name(embodiment: str) -> str:
@@ -103,6 +101,8 @@ class OnboardActor:
                         self.session.train_round()
                 elif not self._serving():
                     time.sleep(0.2)  # published; waiting for the replicas to install it
+                elif self.session.due():
+                    self.session.train_round()  # the operator's corrections since: a later version if it passes
                 else:
                     for robot in robots:
                         corrected, _ = robot.policy_episode(
