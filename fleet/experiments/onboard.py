@@ -99,9 +99,7 @@ def run_onboard_experiment(
         del model, data
         if scratch:
             torch.manual_seed(seed)
-            vocab = Vocabulary.build([], [embodiment])
-            words = Vocabulary.build(_instruction_words(), [embodiment])
-            vocab = words if len(words) > len(vocab) else vocab
+            vocab = Vocabulary.build(_instruction_words(), [embodiment])  # the same words, the body's token in-table
             fresh = FleetPolicy(_config(ckpt), {embodiment: spec}, vocab)
             base = train_scratch(fresh, subset, seconds=report.seconds, batch_size=batch_size, lr=lr, seed=seed)
             row["success_scratch"] = evaluate(chunk_policy(fresh), embodiment, episodes, seed=seed).success_rate
