@@ -222,11 +222,15 @@ class PolicyServer:
         serving = self.runtime.head_versions()
         changed = False
         for name, version in latest.items():
-            if name not in serving or version <= serving[name] or (name, version) in self._refused:
+            if (name in serving and version <= serving[name]) or (name, version) in self._refused:
                 continue
             try:
                 version, payload = await registry.get.remote(name, version)
-                if not self.runtime.backend.shares_model:
+                if name not in serving:  # a body added to the running fleet (`fleet embodiment add`): learn it
+                    from fleet.policy.extend import add_to_runtime
+
+                    add_to_runtime(self.runtime, payload)
+                elif not self.runtime.backend.shares_model:
                     # the backend rebuilds its own form of the head (an ONNX export takes seconds): off the loop,
                     # so batches keep being served by the old head until the brief install under the forward lock
                     await loop.run_in_executor(self._swap_thread, self.runtime.set_head, name, version, payload)

@@ -254,6 +254,30 @@ _LEAP = EmbodimentSpec(
 EMBODIMENTS: dict[str, EmbodimentSpec] = {s.name: s for s in (_FRANKA, _ALOHA, _HELLO, _LEAP)}
 BUILTIN_EMBODIMENTS: tuple[str, ...] = tuple(EMBODIMENTS)
 
+# A low-cost 6-dim arm (SO-100-like: 5 revolute joints + a gripper) that pretraining never saw. Its actions are
+# joint-angle deltas per tick (radians) plus the gripper command, not end-effector deltas: the policy must
+# learn its kinematics from demonstrations (fleet/sim/so100.py; `fleet experiment onboard`).
+_SO100 = EmbodimentSpec(
+    name="so100",
+    action_dim=6,
+    head="token",
+    proprio_dim=7,
+    action_low=(-0.1,) * 5 + (-1.0,),
+    action_high=(0.1,) * 5 + (1.0,),
+    max_velocity=(1.6,) * 5 + (10.0,),
+    max_force=25.0,
+    control_hz=10.0,
+    max_episode_steps=100,
+    stop_action=(0.0,) * 5 + (1.0,),
+    dim_names=("d_pan", "d_lift", "d_elbow", "d_wrist_pitch", "d_wrist_roll", "gripper"),
+    description="low-cost 6-dim arm (SO-100-like): pick up the named object (joint deltas + gripper)",
+)
+
+# Bodies this package can simulate but which are not part of the fleet until someone adds them
+# (`fleet embodiment add`, `register_embodiment`): pretraining, `fleet up` and every loop over
+# EMBODIMENTS leave them out; `get_embodiment` still finds them, so their simulator can be built.
+CATALOG: dict[str, EmbodimentSpec] = {_SO100.name: _SO100}
+
 
 def register_embodiment(spec: EmbodimentSpec, *, replace: bool = False) -> EmbodimentSpec:
     """Add a robot body to the registry. Refuses a malformed spec or a silent overwrite."""
@@ -268,11 +292,13 @@ def register_embodiment(spec: EmbodimentSpec, *, replace: bool = False) -> Embod
 
 
 def get_embodiment(name: str) -> EmbodimentSpec:
-    """Look up a spec by name with an error that lists what exists."""
-    try:
-        return EMBODIMENTS[name]
-    except KeyError:
-        raise ValueError(f"unknown embodiment {name!r}; known: {sorted(EMBODIMENTS)}") from None
+    """Look up a spec by name (the registry first, then the catalog of bodies not yet added) with an error that
+    lists what exists."""
+    spec = EMBODIMENTS.get(name) or CATALOG.get(name)
+    if spec is None:
+        known = f"known: {sorted(EMBODIMENTS)} (not yet added: {sorted(CATALOG)})"
+        raise ValueError(f"unknown embodiment {name!r}; {known}")
+    return spec
 
 
 # ---- the bodies' command loops -------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ APP = "fleet-policy"
 # the Ray Serve application of the policy server
 GATEWAY_PREFIX = "policy-gateway-"
 # a node's PolicyGateway actor is named GATEWAY_PREFIX + app + "-" + node id
+ONBOARD_PREFIX = "fleet-onboard-"
+# the onboarding actor of a body added to a running fleet is named ONBOARD_PREFIX + embodiment
 ROBOT_PREFIX = "robot-"
 # robot actors are named robot_name(embodiment, i)
 

@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from fleet.cli import adapt_cmds, control_cmds, fleet_cmds, infer_cmds, latency_cmds
+from fleet.cli import adapt_cmds, control_cmds, fleet_cmds, infer_cmds, latency_cmds, onboard_cmds
 from fleet.cli.options import CkptOpt, JsonOpt, OutOpt, emit_json, fail, show
 from fleet.embodiments import EMBODIMENTS
 from fleet.policy.openmp import set_omp_wait_policy
@@ -356,6 +356,7 @@ infer_cmds.register(bench_app, experiment_app)
 adapt_cmds.register(experiment_app)
 latency_cmds.register(experiment_app)
 control_cmds.register(bench_app)
+onboard_cmds.register(app, experiment_app)
 
 
 def main() -> None:

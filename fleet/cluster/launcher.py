@@ -318,6 +318,8 @@ def down(address: str | None = None, namespace: str = NAMESPACE, stop_cluster: b
     from ray import serve  # the same
 
     connect(_resolve(address), namespace)
+    from fleet.names import ONBOARD_PREFIX
+
     out: dict = {"robots": [], "actors": [], "app": None, "cluster_stopped": False}
     controller = _controller(namespace)
     app = None
@@ -346,6 +348,7 @@ def down(address: str | None = None, namespace: str = NAMESPACE, stop_cluster: b
         if entry["namespace"] != namespace:
             continue
         fleet_actor = name in (REPLAY, HEADS, LEARNER) or name.startswith((ROBOT_PREFIX, GATEWAY_PREFIX))
+        fleet_actor |= name.startswith(ONBOARD_PREFIX)  # a body added by `fleet embodiment add`
         if fleet_actor:
             try:
                 ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)

@@ -230,6 +230,18 @@ class Backbone(nn.Module):
             EncoderBlock(d, config.n_heads, config.mlp_ratio, config.dropout) for _ in range(config.n_layers)
         )
         self.norm = nn.LayerNorm(d)
+        # {vocabulary id: (d,) row} of embodiments added after pretraining; the rows live in their heads, never in
+        # word_embed (FleetPolicy.add_embodiment sets it; a plain attribute: no state_dict entry here)
+        self.token_rows: dict[int, torch.Tensor] = {}
+
+    def embodiment_vectors(self, emb_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) embodiment-token ids -> (B, d): pretrained rows from the table, added bodies' rows from their heads."""
+        if not self.token_rows:
+            return self.word_embed(emb_ids)
+        out = self.word_embed(emb_ids.clamp(max=self.word_embed.num_embeddings - 1))
+        for token_id, row in self.token_rows.items():
+            out = torch.where((emb_ids == token_id).unsqueeze(-1), row.to(out.dtype), out)
+        return out
 
     def forward(
         self,
@@ -282,7 +294,7 @@ class Backbone(nn.Module):
         if length > self.config.max_instr_len:
             raise ValueError(f"instr_ids: length {length} exceeds max_instr_len {self.config.max_instr_len}")
         words = (self.word_embed(instr_ids) if words is None else words) + self.instr_pos[:length]
-        head = torch.stack([self.word_embed(emb_ids), proprio_tok.to(words.dtype)], dim=1)
+        head = torch.stack([self.embodiment_vectors(emb_ids).to(words.dtype), proprio_tok.to(words.dtype)], dim=1)
         x = torch.cat([head, words, tokens.to(words.dtype)], dim=1)
         pad_mask = torch.zeros(b, x.shape[1], dtype=torch.bool, device=x.device)
         pad_mask[:, 2 : 2 + length] = instr_ids == 0

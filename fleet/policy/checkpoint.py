@@ -69,6 +69,8 @@ def save_checkpoint(model: FleetPolicy, path: str | os.PathLike, extra_meta: dic
         "checkpoint_id": checkpoint_id,
         "config": model.config.to_dict(),
         "vocabulary": model.vocab.to_dict(),
+        # rows of the backbone's embedding table; tokens past it are bodies added after pretraining (rows in heads)
+        "base_vocab_size": model.base_vocab_size,
         "embodiments": {name: spec.to_dict() for name, spec in model.specs.items()},
         "action_normalization": {
             name: {"low": list(spec.action_low), "high": list(spec.action_high)} for name, spec in model.specs.items()
@@ -145,7 +147,11 @@ def load_checkpoint(
         vocab = Vocabulary.from_dict(meta.get("vocabulary", {}))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint {path}: bad config or vocabulary: {exc}") from None
-    model = FleetPolicy(config, specs, vocab)
+    base = meta.get("base_vocab_size", len(vocab))
+    try:
+        model = FleetPolicy(config, specs, vocab, base_vocab_size=base)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path}: {exc}") from None
     if not st_path.exists():
         raise ValueError(f"checkpoint {path}: weights file {st_path} not found")
     with safe_open(str(st_path), framework="pt") as f:

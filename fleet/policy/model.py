@@ -6,6 +6,7 @@ works in normalized actions [-1, 1] and `predict` returns physical units.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -20,6 +21,22 @@ from fleet.policy.heads import HeadBase
 from fleet.policy.token_head import TokenHead
 from fleet.policy.tokenizer import Vocabulary
 
+# tensors an added head never copies from the body it is warm-started from: its own stem (another proprio), its
+# word adapters (learnt online per head) and its token row (initialized separately)
+_NOT_WARM_STARTED = ("stem.", "word_delta", "emb_token")
+
+
+class TokenRows(dict):
+    """{vocabulary id: (d,) Parameter}: the embodiment-token rows of bodies added after pretraining.
+
+    The rows live in their heads (`head.emb_token`), never in the backbone's frozen table; the backbone reads
+    them through this map (Backbone.embodiment_vectors). A copy of the backbone alone (a bf16 or int8 serving
+    copy) shares the master's map, so a body added or a head swapped later is seen at once; a copy of the whole
+    model gets its own map, linked to its own heads (FleetPolicy.__deepcopy__)."""
+
+    def __deepcopy__(self, memo: dict) -> TokenRows:
+        return self  # shared: a serving copy of the backbone sees bodies added to the master later, too
+
 
 def make_head(spec: EmbodimentSpec, config: PolicyConfig) -> HeadBase:
     """The head an embodiment's spec asks for."""
@@ -29,8 +46,24 @@ def make_head(spec: EmbodimentSpec, config: PolicyConfig) -> HeadBase:
 class FleetPolicy(nn.Module):
     """state_dict names: `backbone.*` (frozen after pretraining) and `heads.<embodiment>.*` (adapted)."""
 
-    def __init__(self, config: PolicyConfig, specs: Mapping[str, EmbodimentSpec], vocab: Vocabulary) -> None:
+    def __init__(
+        self,
+        config: PolicyConfig,
+        specs: Mapping[str, EmbodimentSpec],
+        vocab: Vocabulary,
+        base_vocab_size: int | None = None,
+    ) -> None:
+        """base_vocab_size: rows of the backbone's embedding table (default: the whole vocabulary). Embodiment tokens
+        at ids past it belong to bodies added after pretraining (`add_embodiment`): their rows live in their heads."""
         super().__init__()
+        base = len(vocab) if base_vocab_size is None else base_vocab_size
+        if not isinstance(base, int) or isinstance(base, bool) or not 2 <= base <= len(vocab):
+            raise ValueError(f"FleetPolicy: base_vocab_size must be an int in [2, {len(vocab)}], got {base!r}")
+        extra_words = [w for w in vocab.words[base:] if not (w.startswith("[EMB_") and w.endswith("]"))]
+        if extra_words:
+            raise ValueError(
+                f"FleetPolicy: vocabulary entries past base_vocab_size must be embodiment tokens, got {extra_words}"
+            )
         if not specs:
             raise ValueError("FleetPolicy: needs at least one embodiment spec")
         for name, spec in specs.items():
@@ -41,16 +74,105 @@ class FleetPolicy(nn.Module):
         self.config = config
         self.specs: dict[str, EmbodimentSpec] = dict(specs)
         self.vocab = vocab
-        self.backbone = Backbone(config, len(vocab))
+        self.base_vocab_size = base
+        self.backbone = Backbone(config, base)
         self.heads = nn.ModuleDict({name: make_head(spec, config) for name, spec in self.specs.items()})
-        for head in self.heads.values():
+        for name, head in self.heads.items():
             # the head's word adapters: a vector added to the embedding of each word, for this embodiment's rows
             # only. Pretraining leaves them zero (a buffer: no optimizer sees it); online adaptation learns the
             # rows of words pretraining never saw (novel object names), so instructions made of known words
             # stay bit-identical and the shared table is never touched (textual inversion, Gal et al. 2022)
-            head.register_buffer("word_delta", torch.zeros(len(vocab), config.d_model))
+            head.register_buffer("word_delta", torch.zeros(base, config.d_model))
+            if self.is_added(name):
+                head.emb_token = nn.Parameter(torch.zeros(config.d_model))
+        self._link_token_rows()
         # the pretrained heads are version 1; each adapted head published by the learner increments it
         self.head_versions: dict[str, int] = dict.fromkeys(self.specs, 1)
+
+    # ----- bodies added after pretraining --------------------------------------------------------------
+    def is_added(self, name: str) -> bool:
+        """Whether embodiment `name` joined after pretraining (its token row lives in its head)."""
+        return self.vocab.token_id(self.specs[name].token) >= self.base_vocab_size
+
+    @property
+    def added_embodiments(self) -> list[str]:
+        return [n for n in self.specs if self.is_added(n)]
+
+    def _link_token_rows(self) -> None:
+        rows = self.backbone.token_rows
+        if not isinstance(rows, TokenRows):
+            rows = self.backbone.token_rows = TokenRows()
+        ids = {n: self.vocab.token_id(self.specs[n].token) for n in self.added_embodiments}
+        rows.clear()  # in place: serving copies of the backbone share this map
+        rows.update({i: self.heads[n].emb_token for n, i in ids.items()})
+
+    def __deepcopy__(self, memo: dict) -> FleetPolicy:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        new.backbone.token_rows = TokenRows()  # not the shared map of the original
+        new._link_token_rows()  # the copy's backbone reads the copy's heads
+        return new
+
+    def add_embodiment(self, spec: EmbodimentSpec, like: str | None = None, seed: int = 0) -> HeadBase:
+        """Give the model a new body: a new embodiment-token row, proprio stem and head (token or flow, from the
+        spec), at head version 0 (untrained). No existing tensor is touched: the backbone's table keeps its rows
+        (the new row lives in the head, like the word adapters), every other head stays bit-identical.
+
+        like: a body of this model to warm-start from: its token row, and every head tensor of the same shape
+        (decoder, step positions, direct path; not its stem or word adapters). None: the mean of the pretrained
+        token rows and a fresh head. Returns the new head; its parameters are what training may change.
+        """
+        if not isinstance(spec, EmbodimentSpec):
+            raise TypeError(f"add_embodiment: expected an EmbodimentSpec, got {type(spec).__name__}")
+        if spec.name in self.specs:
+            raise ValueError(f"add_embodiment: this model already has embodiment {spec.name!r}")
+        if like is not None and like not in self.specs:
+            raise ValueError(f"add_embodiment: like={like!r} is not a body of this model; it has {sorted(self.specs)}")
+        if spec.token in self.vocab and self.vocab.token_id(spec.token) < self.base_vocab_size:
+            raise ValueError(f"add_embodiment: {spec.token} has a pretrained row; load its head instead")
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            head = make_head(spec, self.config)  # refuses a chunk_size the config does not have
+        d = self.config.d_model
+        head.register_buffer("word_delta", torch.zeros(self.base_vocab_size, d))
+        with torch.no_grad():
+            table = self.backbone.word_embed.weight
+            if like is None:
+                pretrained = [self.vocab.token_id(s.token) for n, s in self.specs.items() if not self.is_added(n)]
+                row = table[pretrained].mean(0) if pretrained else torch.zeros(d)
+            else:
+                row = self.embodiment_row(like)
+                own = head.state_dict()
+                for key, value in self.head(like).state_dict().items():
+                    if key in own and not key.startswith(_NOT_WARM_STARTED) and value.shape == own[key].shape:
+                        own[key].copy_(value)
+            head.emb_token = nn.Parameter(row.detach().clone().float())
+        if spec.token not in self.vocab:
+            self.vocab = Vocabulary([*self.vocab.words, spec.token])
+        self.specs[spec.name] = spec
+        self.heads[spec.name] = head.to(self.backbone.word_embed.weight.device)
+        self.head_versions[spec.name] = 0
+        self._link_token_rows()
+        return head
+
+    def remove_embodiment(self, name: str) -> None:
+        """Undo `add_embodiment` (a failed install); pretrained bodies cannot be removed. The vocabulary keeps the
+        token (an unused id), so adding the body again reuses it."""
+        if name not in self.specs or not self.is_added(name):
+            raise ValueError(f"remove_embodiment: {name!r} is not a body added to this model")
+        del self.heads[name]
+        del self.specs[name]
+        del self.head_versions[name]
+        self._link_token_rows()
+
+    def embodiment_row(self, name: str) -> torch.Tensor:
+        """(d,) the token row of embodiment `name` (the backbone's table, or the head's own for an added body)."""
+        if self.is_added(name):
+            return self.head(name).emb_token.detach()
+        return self.backbone.word_embed.weight[self.vocab.token_id(self.specs[name].token)].detach()
 
     @property
     def embodiment_names(self) -> list[str]:

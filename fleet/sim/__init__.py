@@ -31,8 +31,9 @@ def _builtin() -> None:
     from fleet.sim.franka import FrankaEnv
     from fleet.sim.hello import HelloEnv
     from fleet.sim.leap import LeapEnv
+    from fleet.sim.so100 import So100Env
 
-    for cls in (FrankaEnv, AlohaEnv, HelloEnv, LeapEnv):
+    for cls in (FrankaEnv, AlohaEnv, HelloEnv, LeapEnv, So100Env):
         _REGISTRY.setdefault(cls.embodiment, cls)
 
 

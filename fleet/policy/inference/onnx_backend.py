@@ -373,7 +373,8 @@ class OnnxBackend(PolicyBackend):
         return self._sessions["vision"].run(feeds)[0]
 
     def transform(self, tokens, emb_idx, proprio_tok, instr_ids, words=None):
-        if words is not None:
+        # rows of a body added after pretraining: its token row lives in its head, not in the exported table
+        if words is not None or bool((np.asarray(emb_idx) >= self.model.base_vocab_size).any()):
             with torch.inference_mode():
                 out = self.model.backbone.transformer(
                     torch.as_tensor(tokens), emb_idx, proprio_tok, torch.as_tensor(instr_ids), words=words

@@ -12,10 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from fleet.cli import app
+from fleet.sim import env_names
 from fleet.sim.gallery import expert_frames, render_gallery
 from tests.mocks.sim_helpers import NAMES, PNG_SIGNATURE, png_info
 
-EXPECTED_FILES = {f"{n}.png" for n in NAMES} | {"all.png"}
+# every simulator, the bodies not yet added to the fleet (so100) included
+EXPECTED_FILES = {f"{n}.png" for n in env_names()} | {"all.png"}
+assert set(NAMES) <= set(env_names())
 REPO = Path(__file__).resolve().parents[3]
 
 

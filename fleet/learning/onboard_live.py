@@ -1,0 +1,255 @@
+"""A new body's onboarding in a running fleet, without Ray: demonstrations in, a published head out.
+
+    session = OnboardSession(plan, model, publish=lambda payload, meta: registry.publish(...))
+    session.add_episode(samples)          # one demonstration episode: every tick's (obs, operator chunk)
+    if session.due(): session.train_round()   # every N demonstrations: train the new parts, check, publish
+
+Phases: "demonstrations" (the operator drives every action; nothing is served for the body yet) until a
+candidate clears the held-out check, then "policy" (its robots run the published head, the operator corrects,
+and corrections keep feeding later rounds). The backbone and the other heads are never touched: training
+changes only the new body's token row, stem and head (fleet.learning.onboard).
+
+`OnboardRobot` is one simulated robot of the new body as the session drives it: demonstration episodes
+through `DemonstrationLink`, policy episodes through any chunk source (the Serve handle in the fleet), both
+with the action buffer and the safety layer a fleet robot uses.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+
+from fleet.control import ActionBuffer, SafetyLayer
+from fleet.learning.onboard import OnboardData, train_new_body
+from fleet.learning.onboard_spec import OnboardSpec
+from fleet.policy.demos import DemoSet
+from fleet.robot.demonstration import DemonstrationLink
+from fleet.sim import make_env
+from fleet.sim.teleop import Teleoperator
+
+PHASES = ("demonstrations", "policy")
+DEMO_NOISE = 0.1  # the operator's jitter on executed demonstration actions (fleet.experiments.onboard measured why)
+CHECK_SEED = 7_000_003  # held-out check scenes: disjoint from demonstrations (robots' seeds) and evaluation
+
+
+class OnboardSession:
+    """Demonstrations of one new body, its training rounds and its phase. Thread-safe."""
+
+    def __init__(
+        self,
+        plan: OnboardSpec,
+        model,
+        publish: Callable[[bytes, dict], int],
+        log: Callable[[str], None] = lambda m: None,
+    ) -> None:
+        """model: a FleetPolicy that has the body added (FleetPolicy.add_embodiment) at version 0; the session
+        trains it. publish(payload, meta) -> version: where a head that passed the check goes (the registry)."""
+        self.plan = plan
+        self.name = plan.spec.name
+        if self.name not in model.specs or not model.is_added(self.name):
+            raise ValueError(f"OnboardSession: the model must have {self.name!r} added (add_embodiment)")
+        self.model = model
+        self.publish = publish
+        self.log = log
+        self.phase = "demonstrations"
+        self.version = 0
+        self.episodes: deque[DemoSet] = deque(maxlen=plan.max_demos)
+        self.new_since_round = 0
+        self.rounds: list[dict] = []
+        self.total_demos = 0
+        self._lock = threading.Lock()
+        self._train_lock = threading.Lock()
+
+    def add_episode(self, episode: DemoSet) -> None:
+        """One demonstration (or corrected) episode of this body; the oldest beyond max_demos are dropped."""
+        if episode.embodiment != self.name:
+            raise ValueError(f"add_episode: an episode of {episode.embodiment!r}, not {self.name!r}")
+        if len(episode) == 0:
+            return
+        with self._lock:
+            self.episodes.append(episode)
+            self.new_since_round += 1
+            self.total_demos += 1
+
+    def due(self) -> bool:
+        """Whether N new demonstrations arrived since the last round."""
+        with self._lock:
+            return self.new_since_round >= self.plan.demos_per_round
+
+    def train_round(self, seed: int | None = None) -> dict:
+        """Train the new parts on every kept demonstration, run the held-out check, publish if it passes."""
+        with self._train_lock:
+            with self._lock:
+                episodes = list(self.episodes)
+                self.new_since_round = 0
+            demos = episodes[0]
+            for e in episodes[1:]:
+                demos = demos.extend(e)
+            seed = len(self.rounds) if seed is None else seed
+            data = OnboardData.from_demos(self.model, demos)
+            report = train_new_body(
+                self.model, self.name, data, steps=self.plan.steps_per_round, batch_size=32, lr=3e-3, seed=seed
+            )
+            success = self.check()
+            passed = success >= self.plan.check_success
+            entry = {
+                "round": len(self.rounds) + 1,
+                "demos": len(episodes),
+                "samples": len(data),
+                "steps": report.steps,
+                "train_s": report.seconds,
+                "loss": report.losses[-1] if report.losses else None,
+                "check_success": success,
+                "published": None,
+            }
+            if passed:
+                from fleet.policy.checkpoint import head_to_bytes  # torch: only where a model is trained
+
+                version = self.version + 1
+                payload = head_to_bytes(self.model, self.name, version)
+                meta = {"onboard_round": entry["round"], "check_success": success, "demos": len(episodes)}
+                self.version = int(self.publish(payload, meta))
+                self.model.head_versions[self.name] = self.version
+                entry["published"] = self.version
+                self.phase = "policy"
+            self.rounds.append(entry)
+            self.log(
+                f"onboard {self.name} round {entry['round']}: {entry['demos']} demos, {report.steps} steps in "
+                f"{report.seconds:.0f} s, held-out check {success:.0%} -> "
+                + (f"published v{entry['published']}" if passed else "not published")
+            )
+            return entry
+
+    def check(self) -> float:
+        """Held-out closed-loop success of the current parameters (scenes no demonstration used)."""
+        from fleet.policy.evaluate import evaluate
+        from fleet.policy.train import chunk_policy
+
+        result = evaluate(chunk_policy(self.model), self.name, self.plan.check_episodes, seed=CHECK_SEED)
+        return result.success_rate
+
+    def status(self) -> dict:
+        with self._lock:
+            return {
+                "embodiment": self.name,
+                "phase": self.phase,
+                "head_version": self.version,
+                "demos": self.total_demos,
+                "demos_kept": len(self.episodes),
+                "rounds": [dict(r) for r in self.rounds],
+            }
+
+
+class OnboardRobot:
+    """One simulated robot of the new body: demonstration episodes, or policy episodes with operator review."""
+
+    def __init__(self, robot_id: str, spec, sim: str, seed: int = 0) -> None:
+        self.robot_id = robot_id
+        self.spec = spec
+        self.env = make_env(sim)
+        self.seed = seed
+        self.episodes = 0
+        self.successes = 0
+        self.policy_episodes = 0
+        self.policy_successes = 0
+        self.corrections = 0
+        self.teleop = Teleoperator()
+
+    def _reset(self) -> dict:
+        obs, _ = self.env.reset(seed=self.seed * 1_000_003 + self.episodes)
+        return obs
+
+    def demonstration_episode(self, noise: float = DEMO_NOISE) -> tuple[DemoSet, bool]:
+        """The operator drives every tick (DemonstrationLink); every tick's (obs, chunk) is a demonstration. The
+        executed actions jitter by `noise` (share of each dimension's range), as a person's hand does; the stored
+        chunks are the operator's intent."""
+        link = DemonstrationLink(self.env, self.teleop)
+        return self._episode(link_source(link, self.robot_id), record_every_tick=True, noise=noise)
+
+    def policy_episode(self, source: Callable[[dict], dict]) -> tuple[DemoSet, bool]:
+        """The policy drives (`source(request) -> reply`, the policy server); the operator reviews each chunk
+        and overrides a stray one, and those corrections are returned as samples for later rounds."""
+        return self._episode(source, record_every_tick=False, review=True)
+
+    def _episode(
+        self, source, record_every_tick: bool, review: bool = False, noise: float = 0.0
+    ) -> tuple[DemoSet, bool]:
+        spec = self.spec
+        rng = np.random.default_rng([self.seed, self.episodes])
+        span = np.asarray(spec.action_high, np.float32) - np.asarray(spec.action_low, np.float32)
+        every = 1 if record_every_tick else spec.recompute_every
+        buf = ActionBuffer(chunk_size=spec.chunk_size, recompute_every=every)
+        safety = SafetyLayer(spec)
+        obs = self._reset()
+        images, proprio, instr, chunks = [], [], [], []
+        tick, info = 0, {"is_success": False}
+        while True:
+            if buf.needs_refill(tick):
+                reply = source({"embodiment": spec.name, "obs": obs, "obs_tick": tick})
+                chunk = np.asarray(reply["chunk"], np.float32)
+                stored = reply.get("demonstration", False)
+                if review and not stored:
+                    decision = self.teleop.review(self.env, chunk)
+                    if decision.override:
+                        chunk, stored = decision.chunk, True
+                        self.corrections += 1
+                if stored:
+                    images.append(obs["image"])
+                    proprio.append(obs["proprio"])
+                    instr.append(obs["instruction"])
+                    chunks.append(chunk)
+                buf.push(chunk, tick)
+            a = buf.pop(tick)
+            if a is None:
+                a = np.asarray(spec.stop_action or np.zeros(spec.action_dim), np.float32)
+            elif noise > 0:
+                a = a + noise * span * rng.standard_normal(spec.action_dim).astype(np.float32)
+            a, _ = safety(np.clip(a, spec.action_low, spec.action_high))
+            a = np.clip(np.asarray(a, np.float32), spec.action_low, spec.action_high)
+            obs, _, term, trunc, info = self.env.step(a)
+            tick += 1
+            if term or trunc:
+                break
+        ok = bool(info["is_success"])
+        self.episodes += 1
+        self.successes += ok
+        if review:
+            self.policy_episodes += 1
+            self.policy_successes += ok
+        demos = DemoSet(
+            spec.name,
+            np.stack(images) if images else np.zeros((0, 64, 64, 3), np.uint8),
+            np.stack(proprio).astype(np.float32) if proprio else np.zeros((0, spec.proprio_dim), np.float32),
+            instr,
+            np.stack(chunks) if chunks else np.zeros((0, spec.chunk_size, spec.action_dim), np.float32),
+            int(ok),
+            1,
+        )
+        return demos, ok
+
+    def report(self) -> dict:
+        return {
+            "robot": self.robot_id,
+            "episodes": self.episodes,
+            "successes": self.successes,
+            "policy_episodes": self.policy_episodes,
+            "policy_successes": self.policy_successes,
+            "corrections": self.corrections,
+        }
+
+
+def link_source(link, robot_id: str) -> Callable[[dict], dict]:
+    """A PolicyClient (submit/poll) as a request -> reply function, for links that answer at once."""
+
+    def ask(request: dict) -> dict:
+        link.submit({"robot_id": robot_id, "request_id": f"{robot_id}-{time.monotonic_ns()}", **request})
+        reply = link.poll()
+        if reply is None:
+            raise RuntimeError("the demonstration link did not answer")
+        return reply
+
+    return ask

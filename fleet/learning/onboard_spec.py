@@ -1,0 +1,100 @@
+"""What `fleet embodiment add --spec FILE` reads: the new body's EmbodimentSpec plus how to onboard it.
+
+    {"name": "so100", "action_dim": 6, "head": "token", "proprio_dim": 7, "action_low": [...], ...,
+     "sim": "so100", "like": "franka", "robots": 2, "demos_per_round": 10}
+
+Every field is checked on arrival; an error names the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from fleet import validate
+from fleet.embodiments import EmbodimentSpec
+
+MAX_SPEC_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class OnboardSpec:
+    """A body to add to a running fleet and the onboarding plan."""
+
+    spec: EmbodimentSpec
+    # the body itself (registry entry, safety limits, head kind)
+    sim: str
+    # the simulator its robots drive (fleet.sim.make_env name); a real robot would name its driver here
+    like: str | None = None
+    # a pretrained body to warm-start the new token row and head from (None: the mean token row, a fresh head)
+    robots: int = 2
+    # robots of the new body to start
+    demos_per_round: int = 10
+    # the learner trains after every this many new demonstrations (episodes)
+    steps_per_round: int = 300
+    # optimizer steps per training round (backbone frozen; only the new parts)
+    check_episodes: int = 10
+    # held-out closed-loop episodes (scenes no demonstration used) a candidate must pass before it is published
+    check_success: float = 0.8
+    # share of those episodes that must succeed for v1 to be published
+    max_demos: int = 400
+    # demonstrations kept (the oldest go first): bounds the learner's memory
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, EmbodimentSpec):
+            validate.fail("onboard spec", "an EmbodimentSpec", type(self.spec).__name__)
+        if not isinstance(self.sim, str) or not self.sim:
+            validate.fail("onboard spec: field 'sim'", "a simulator name such as 'so100'", self.sim)
+        if self.like is not None and not isinstance(self.like, str):
+            validate.fail("onboard spec: field 'like'", "null or a pretrained body's name", self.like)
+        validate.check_int("onboard spec: field 'robots'", self.robots, lo=0, hi=64)
+        validate.check_int("onboard spec: field 'demos_per_round'", self.demos_per_round, lo=1, hi=10_000)
+        validate.check_int("onboard spec: field 'steps_per_round'", self.steps_per_round, lo=1, hi=100_000)
+        validate.check_int("onboard spec: field 'check_episodes'", self.check_episodes, lo=1, hi=1000)
+        validate.check_number("onboard spec: field 'check_success'", self.check_success, lo=0.0, hi=1.0)
+        validate.check_int("onboard spec: field 'max_demos'", self.max_demos, lo=self.demos_per_round, hi=100_000)
+
+    @classmethod
+    def from_dict(cls, raw: object) -> OnboardSpec:
+        if not isinstance(raw, dict):
+            validate.fail("onboard spec", "a JSON object", type(raw).__name__)
+        plan_fields = {f.name for f in fields(cls)} - {"spec"}
+        spec_fields = {f.name for f in fields(EmbodimentSpec)}
+        unknown = sorted(set(raw) - plan_fields - spec_fields)
+        if unknown:
+            validate.fail("onboard spec", f"only fields {sorted(plan_fields | spec_fields)}", f"unknown {unknown}")
+        missing = [
+            k for k in ("name", "action_dim", "head", "proprio_dim", "action_low", "action_high") if k not in raw
+        ]
+        if missing:
+            validate.fail(
+                "onboard spec",
+                "the EmbodimentSpec fields name, action_dim, head, proprio_dim, ...",
+                f"missing {missing}",
+            )
+        try:
+            spec = EmbodimentSpec.from_dict({k: v for k, v in raw.items() if k in spec_fields})
+        except TypeError as exc:
+            raise ValueError(f"onboard spec: {exc}") from None
+        plan = {k: raw[k] for k in plan_fields if k in raw}
+        plan.setdefault("sim", spec.name)
+        return cls(spec=spec, **plan)
+
+    def to_dict(self) -> dict:
+        out = self.spec.to_dict()
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "spec"})
+        return out
+
+
+def load_spec_file(path: str | os.PathLike) -> OnboardSpec:
+    """Read and validate a spec file (JSON, at most 64 KiB)."""
+    p = Path(path)
+    if p.stat().st_size > MAX_SPEC_BYTES:
+        raise ValueError(f"{p}: larger than {MAX_SPEC_BYTES} bytes; a spec is a small JSON object")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: not valid JSON ({exc})") from None
+    return OnboardSpec.from_dict(raw)

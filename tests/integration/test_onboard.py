@@ -1,0 +1,106 @@
+"""The live onboarding path on a real local Ray: a running fleet gets a new body (`fleet embodiment add`), its
+robots demonstrate, the onboarding learner publishes v1 after the held-out check, every replica learns the body
+from the registry without a restart, the robots run policy episodes; the other robot never pauses and the other
+heads stay bit-identical."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fleet.cluster.config import FleetConfig  # noqa: E402
+from fleet.cluster.launcher import down, status, up  # noqa: E402
+from fleet.embodiments import CATALOG  # noqa: E402
+from fleet.policy.checkpoint import save_checkpoint  # noqa: E402
+from fleet.policy.train import build_model  # noqa: E402
+from fleet.protocol import make_request  # noqa: E402
+from fleet.sim import make_env  # noqa: E402
+from tests.mocks.tiny_policy import TINY  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def franka_chunk(handle) -> np.ndarray:
+    obs, _ = make_env("franka", seed=5).reset()
+    reply = handle.act.remote(make_request("probe", "franka", obs, request_id=uuid.uuid4().hex)).result(timeout_s=60)
+    return np.asarray(reply["chunk"])
+
+
+def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
+    from ray import serve
+
+    from actors.onboarder import onboarder_name
+    from fleet.cli.onboard_cmds import add_embodiment_to_fleet, onboarding_status
+
+    os.environ["FLEET_STATE_DIR"] = str(tmp_path / "state")
+    ckpt = tmp_path / "ckpt" / "policy"
+    save_checkpoint(build_model(("franka",), config=TINY), ckpt)
+    tag = uuid.uuid4().hex[:6]
+    config = FleetConfig(
+        robots={"franka": 1},
+        checkpoint=str(ckpt),
+        replica_cpus=0.5,
+        realtime=False,
+        namespace=f"fleet-onboard-{tag}",
+        app_name=f"fleet-policy-{tag}",
+        log_dir=str(tmp_path / "log"),
+        server={"threads": 1, "max_batch_size": 16, "poll_interval_s": 0.2},
+    )
+    up(config)
+    try:
+        handle = serve.get_app_handle(config.app_name)
+        before = franka_chunk(handle)
+        franka_eps = status(namespace=config.namespace)["robots"][0]["episodes"] or 0
+        # the held-out check is real (closed loop on unseen scenes); a tiny model cannot pass 80 %, so the test
+        # asks for 0 % to reach the policy phase quickly: what it checks is the path, not the learning
+        plan = CATALOG["so100"].to_dict() | {
+            "sim": "so100",
+            "like": "franka",
+            "robots": 2,
+            "demos_per_round": 4,
+            "steps_per_round": 20,
+            "check_episodes": 2,
+            "check_success": 0.0,
+        }
+        added = add_embodiment_to_fleet(plan, namespace=config.namespace)
+        assert added == {"embodiment": "so100", "robots": 2, "demos_per_round": 4, "phase": "demonstrations"}
+        with pytest.raises(ValueError, match="already serves"):
+            add_embodiment_to_fleet(_franka_plan(plan), namespace=config.namespace)
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            body = onboarding_status(config.namespace)["bodies"]["so100"]
+            if sum(r["policy_episodes"] for r in body["robots"]) >= 1:
+                break
+            assert body["errors"] == 0, body["last_error"]
+            time.sleep(1.0)
+        else:
+            raise AssertionError(f"no policy-driven episode of the new body: {body}")
+        assert body["phase"] == "policy" and body["head_version"] == 1
+        (first,) = [r for r in body["rounds"] if r["published"]][:1]
+        assert first["demos"] >= 4 and first["steps"] == 20
+        assert body["policy_calls"] >= 1
+        s = status(namespace=config.namespace)
+        assert s["heads"]["so100"] == 1 and s["heads"]["franka"] == 1  # replicas serve it, franka untouched
+        assert (s["robots"][0]["episodes"] or 0) > franka_eps  # the other robot kept working meanwhile
+        np.testing.assert_array_equal(franka_chunk(handle), before)  # franka's head bit-identical
+        obs, _ = make_env("so100", seed=3).reset()
+        reply = handle.act.remote(make_request("probe", "so100", obs, request_id="x")).result(timeout_s=60)
+        assert reply["head_version"] == 1 and np.asarray(reply["chunk"]).shape == (16, 6)
+    finally:
+        try:
+            ray_session.kill(ray_session.get_actor(onboarder_name("so100"), namespace=config.namespace))
+        except ValueError:
+            pass
+        down(namespace=config.namespace, stop_cluster=False)
+
+
+def _franka_plan(plan: dict) -> dict:
+    from fleet.embodiments import EMBODIMENTS
+
+    return plan | EMBODIMENTS["franka"].to_dict()
