@@ -98,6 +98,7 @@ def test_a_replica_refuses_a_poisoned_head_reports_it_and_stays_healthy(model) -
     server.config = ServeConfig(direct=False, registry=None)
     server.runtime = PolicyRuntime(model=build_model(NAMES, 0, TINY), threads=1)
     server._refused, server._poller, server._direct_ready, server._direct = {}, None, None, None
+    server._openpi = server._openpi_ready = None
     server._poll_error = server._endpoint = None
     server._model_thread = server._swap_thread = ThreadPoolExecutor(1)
     good = head_to_bytes(build_model(NAMES, 1, TINY), "franka", 3)
