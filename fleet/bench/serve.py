@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fleet.protocol import make_request, reply_from_wire, request_to_wire
-from fleet.serving.direct import HEADER, pack, unpack
+from fleet.serving.direct import HEADER, fleet_token, hello, pack, unpack
 from fleet.sim import make_env
 
 FLOW_SAMPLES = 4
@@ -92,6 +92,7 @@ class _DirectCaller:
     async def __call__(self, request: dict) -> dict:
         if self._writer is None:
             self._reader, self._writer = await asyncio.open_connection(self.endpoint["host"], self.endpoint["port"])
+            self._writer.write(pack(hello(self.endpoint.get("token") or fleet_token())))  # the socket's first frame
         self._writer.write(pack(request_to_wire(request, binary=True)))
         (size,) = HEADER.unpack(await self._reader.readexactly(HEADER.size))
         return reply_from_wire(unpack(await self._reader.readexactly(size)))
