@@ -10,7 +10,8 @@ and writes everything to one file, DIR/gpu.json:
    runs it), robot calls per second at batch 64, and the action difference against the CPU fp32 master
    (share of each dimension's range, same noise);
 3. closed-loop success on `--episodes` unseen episodes per body with the fastest configuration that is
-   within 1% of fp32 (or fp32 graphs), beside the CPU master's success on the same episodes when time allows.
+   within 1% of fp32 (or fp32 graphs), beside the CPU master's success on the same episodes when time allows;
+4. `fleet bench serve --device cuda` (Ray Serve, the direct route, 1 / 16 / 64 robots) when time is left.
 
 The issue's goals on one H100: batch-1 p50 <= 3 ms with graphs and <= 1/3 of eager's; >= 5,000 calls/s
 at batch 64; action difference within 1% of the range; success unchanged on 100 episodes per body.
@@ -158,8 +159,23 @@ def run(out: Path, budget_s: float = 420.0, episodes: int = 100, log=print) -> d
                 break
             reference[name] = evaluate(backend_policy(PolicyRuntime(model=model).backend), name, episodes).success_rate
         result["success"] = {"config": best, "episodes": episodes, "gpu": success, "cpu_fp32": reference}
+    if left() > 100:
+        log("fleet bench serve --device cuda ...")
+        result["bench_serve"] = _bench_serve(min(left() - 10, 150.0))
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def _bench_serve(budget_s: float) -> dict:
+    cmd = ["fleet", "bench", "serve", "--device", "cuda", "--robots", "1,16,64", "--seconds", "3", "--json"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {budget_s:.0f} s"}
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        return {"error": f"rc {proc.returncode}", "tail": (proc.stdout + proc.stderr)[-2000:]}
 
 
 def main(argv: list[str] | None = None) -> int:

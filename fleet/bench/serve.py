@@ -188,7 +188,8 @@ def run_serve_bench(
     routes = list(routes)
     if not routes or any(r not in ROUTES for r in routes):
         raise ValueError(f"routes: expected some of {ROUTES}, got {routes!r}")
-    runtime = PolicyRuntime(checkpoint, threads=threads, max_batch=max(max(counts), max_batch_size))
+    device = dict(server or {}).get("device", "cpu")  # the raw forward runs where the replica does
+    runtime = PolicyRuntime(checkpoint, threads=threads, max_batch=max(max(counts), max_batch_size), device=device)
     specs = runtime.model.specs
     names = list(embodiments or specs)
     unknown = [n for n in names if n not in specs]

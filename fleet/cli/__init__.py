@@ -288,6 +288,10 @@ def bench_serve(
         ),
     ] = "direct",
     repeats: Annotated[int, typer.Option(min=1, help="openpi,peer: alternating windows per route and count.")] = 3,
+    device: Annotated[
+        str,
+        typer.Option(help="Where the replica and the raw forward compute: cpu, cuda or cuda:N (ServeConfig.device)."),
+    ] = "cpu",
     client_python: Annotated[
         str | None,
         typer.Option(
@@ -304,6 +308,10 @@ def bench_serve(
     # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
     from fleet.bench.serve import ROUTES, format_table, run_serve_bench, write_plot
 
+    from fleet.serving.device import DEVICE_HELP, PATTERN
+
+    if not PATTERN.match(device):
+        fail(f"--device: expected {DEVICE_HELP}, got {device!r}")
     routes = tuple(r.strip() for r in route.split(",") if r.strip())
     if set(routes) <= {"openpi", "peer"} and routes:
         return _bench_openpi(robots, seconds, checkpoint, repeats, client_python, json_out)
@@ -324,7 +332,7 @@ def bench_serve(
             seconds_per_point=seconds,
             checkpoint=checkpoint,
             batch_wait_timeout_s=batch_wait_ms / 1e3,
-            server={"gather_s": gather_ms / 1e3},
+            server={"gather_s": gather_ms / 1e3, "device": device},
             routes=routes,
         )
     if out is not None:

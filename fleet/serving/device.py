@@ -11,12 +11,12 @@ import re
 from fleet.validate import fail
 
 DEVICE_HELP = "'cpu', 'cuda' or 'cuda:N' (N a GPU index)"
-_PATTERN = re.compile(r"^(cpu|cuda(:\d{1,2})?)$")
+PATTERN = re.compile(r"^(cpu|cuda(:\d{1,2})?)$")
 
 
 def check_device(field: str, value: object) -> str:
     """`value` when it names a device (see DEVICE_HELP), else ValueError naming `field`."""
-    if not isinstance(value, str) or not _PATTERN.match(value):
+    if not isinstance(value, str) or not PATTERN.match(value):
         fail(field, DEVICE_HELP, value)
     return value
 
