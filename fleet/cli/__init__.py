@@ -307,7 +307,6 @@ def bench_serve(
     the same batch sizes (ratio = served / raw), measured side by side in one run."""
     # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
     from fleet.bench.serve import ROUTES, format_table, run_serve_bench, write_plot
-
     from fleet.serving.device import DEVICE_HELP, PATTERN
 
     if not PATTERN.match(device):
