@@ -159,6 +159,7 @@ class DeviceBackend(PolicyBackend):
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.shares_model = False
         self.backbone = copy.deepcopy(model.backbone).to(self.device).eval()
+        self._sync_token_rows()
         self.heads = {name: self._device_head(name) for name in model.specs}
         self._deltas = {name: self._device_delta(name) for name in model.specs}
         self._graphs: dict[tuple, StaticGraph] = {}
@@ -170,6 +171,11 @@ class DeviceBackend(PolicyBackend):
             self.warm(warm_samples)
 
     # ----- parts on the device -------------------------------------------------------------------------
+    def _sync_token_rows(self) -> None:
+        """The device backbone's own copy of the embodiment-token rows of bodies added after pretraining
+        (the master's TokenRows map holds host tensors; FleetPolicy.add_embodiment)."""
+        rows = getattr(self.model.backbone, "token_rows", {})
+        self.backbone.token_rows = {i: r.detach().to(self.device) for i, r in rows.items()}
     def _device_head(self, name: str):
         return copy.deepcopy(self.model.head(name)).to(self.device).eval()
 
@@ -459,6 +465,12 @@ class DeviceBackend(PolicyBackend):
             for key in [k for k in self._graphs if k[0] == "head" and k[1] == name]:
                 del self._graphs[key]
             self._graphs.update(graphs)
+            if getattr(self.model, "is_added", lambda n: False)(name):
+                # a body added to the running fleet (or a new version of one): its token row lives in its head,
+                # and the backbone's graphs read the rows they were captured with; capture them again lazily
+                self._sync_token_rows()
+                for key in [k for k in self._graphs if k[0] == "backbone"]:
+                    del self._graphs[key]
         super().install_head(name, prepared, version)
 
     def close(self) -> None:

@@ -154,13 +154,23 @@ def test_a_copy_of_the_model_reads_its_own_token_row():
 
 @pytest.mark.parametrize(
     "backend,precision",
-    [("torch", "bf16"), ("torch", "int8"), pytest.param("onnx", "fp32", marks=pytest.mark.slow)],  # export: ~15 s
+    [
+        ("torch", "bf16"),
+        ("torch", "int8"),
+        ("device", "fp32"),  # DeviceBackend on the CPU: the CUDA replica's code path, bucket padding included
+        pytest.param("onnx", "fp32", marks=pytest.mark.slow),  # export: ~15 s
+    ],
 )
 def test_every_backend_serves_a_body_added_after_it_was_built(backend, precision):
     model = tiny_model()
     if backend == "onnx":
         pytest.importorskip("onnxruntime")
         served = OnnxBackend(model, precision, threads=1, heads=["franka"])  # one head exported: seconds, not tens
+    elif backend == "device":
+        from fleet.policy.inference.device_backend import DeviceBackend
+
+        served = DeviceBackend(model, device="cpu", pad=True)
+        served.predict(model.collate([obs_of("franka")], ["franka"]))  # a backbone runner exists before the add
     else:
         served = make_backend(model, backend, precision, threads=1)
     model.add_embodiment(SO100, like="franka")
