@@ -213,9 +213,10 @@ class _RobotActor:
         self.client = BackgroundClient(make_client(policy, self.config.robot_id), name=f"policy-{self.config.robot_id}")
         self.deferred = DeferredSink(self.sink)
         robot = task = None
-        if self.config.realtime:  # the multi-rate runtime: the sim integrates the controller's setpoints
+        if self.config.realtime:  # the multi-rate runtime; the sim integrates setpoints if the config says so
             spec, cmd = get_embodiment(self.config.embodiment), command_spec(self.config.embodiment)
-            substeps = max(1, round((cmd.command_hz or spec.control_hz) / spec.control_hz))
+            hz = (cmd.command_hz or spec.control_hz) if self.config.integrate_setpoints else spec.control_hz
+            substeps = max(1, round(hz / spec.control_hz))
             robot, task = sim_robot(
                 make_env(self.config.embodiment, shift=self.config.shift), time.perf_counter, substeps
             )
@@ -305,7 +306,7 @@ class _RobotActor:
         """The multi-rate runtime on a wall clock: camera, proprio, policy and controller loops on this thread."""
         reduce_timer_slack()
         scheduler = Scheduler(WallClock(), lock=self._lock)
-        self.runtime = RobotRuntime(self.loop, scheduler, RuntimeConfig())
+        self.runtime = RobotRuntime(self.loop, scheduler, RuntimeConfig(command_hz=self.loop.robot.command_hz))
         # the snapshot and the policy rate, at the policy rate (report() never waits for the control thread)
         scheduler.every("housekeeping", self.loop.spec.control_hz, self._housekeeping, 0.5)
         scheduler.run(stop=self._stop)

@@ -246,9 +246,10 @@ class RobotLoop:
             action, age = None, None  # not allowed to move: the safety layer holds
         return action, age, state
 
-    def finish(self) -> tuple[bool, bool]:
+    def finish(self, request: bool = True) -> tuple[bool, bool]:
         """After the period's commands: the task's verdict (a finished episode ends and the next starts), then the
-        next request. Returns (episode done, success)."""
+        next request (`request=False`: the next tick asks, with the sensors' newest frame; the multi-rate runtime,
+        whose frames come from the camera loop, does so). Returns (episode done, success)."""
         status = self.task.status()
         self.tick_in_episode += 1
         self.total_ticks += 1
@@ -259,7 +260,8 @@ class RobotLoop:
         # instead plans from an observation one action older; with the privileged expert as the policy that
         # lag alone cost franka 89% -> 100% and aloha 85% -> 100% success ("latest" seams, 800 ticks)
         try:
-            self._maybe_request()
+            if request:
+                self._maybe_request()
         except Exception as exc:  # noqa: BLE001 - the next tick asks again
             self.tick_errors += 1
             self.stats.last_error = f"control tick error: {type(exc).__name__}: {exc}"

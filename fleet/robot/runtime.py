@@ -155,6 +155,8 @@ class RobotRuntime:
             if key != self._chunk_key:  # the first action of a new chunk: its frame -> command latency
                 self._chunk_key = key
                 self._pending_frame_t = self._frame_at.get(key[1])
+        if self.passthrough:  # the body took the command at once: its sensors now, as the single-rate loop reads them
+            loop.obs = loop.observe()
         done, _ = loop.finish()
         self._note_request()
         if done:  # a new episode: the body is somewhere else now

@@ -25,9 +25,7 @@ from fleet.validate import check_int
 class SimRobot(Robot):
     """A `fleet.sim` env as a robot body. `clock` stamps the readings (the runtime's clock)."""
 
-    def __init__(
-        self, env, clock: Callable[[], float] = time.monotonic, substeps: int = 1, phase: float = 0.0
-    ) -> None:
+    def __init__(self, env, clock: Callable[[], float] = time.monotonic, substeps: int = 1, phase: float = 0.0) -> None:
         """phase in [0, 1): the world's steps fall that share of a control period later, so robots sharing a
         scheduler do not all step their worlds (the costly part: dynamics and rendering) in the same period."""
         self.env = env
