@@ -14,7 +14,7 @@ def ramp(start: float, n: int = 16, d: int = 2) -> np.ndarray:
 
 
 def test_request_prefix_is_the_remaining_plan_and_the_seam_does_not_blend():
-    buf = ActionBuffer(16, 4, "rtc")
+    buf = ActionBuffer(16, 4, "rtc", rtc_soft=16)  # the whole remaining plan
     assert buf.request_prefix(0) is None  # nothing planned yet
     buf.push(ramp(100), 0)
     for t in range(4):
@@ -29,7 +29,7 @@ def test_request_prefix_is_the_remaining_plan_and_the_seam_does_not_blend():
 
 
 def test_measured_delay_is_the_largest_recent_latency():
-    buf = ActionBuffer(16, 4, "rtc", latency_window=2)
+    buf = ActionBuffer(16, 4, "rtc", latency_window=2, rtc_soft=16)
     buf.push(ramp(0), 0)  # latency 0
     for t in range(6):
         buf.pop(t)
@@ -46,7 +46,7 @@ def test_measured_delay_is_the_largest_recent_latency():
 
 
 def test_prefix_is_capped_by_what_is_planned_and_other_modes_send_none():
-    buf = ActionBuffer(16, 4, "rtc", rtc_delay=5)
+    buf = ActionBuffer(16, 4, "rtc", rtc_delay=5, rtc_soft=16)
     buf.push(ramp(0, n=3), 0)
     rtc = buf.request_prefix(0)
     assert rtc["prefix"].shape == (3, 2) and rtc["prefix_delay"] == 3  # d <= n
@@ -61,7 +61,7 @@ def test_request_prefix_feeds_a_valid_request():
     buf.push(np.full((16, 7), 0.01), 0)
     obs = {"image": np.zeros((64, 64, 3), np.uint8), "proprio": np.zeros(8, np.float32), "instruction": "pick"}
     req = validate_request(make_request("r", "franka", obs, obs_tick=0, **buf.request_prefix(0)))
-    assert req["prefix"].shape == (16, 7) and req["prefix_delay"] == 2
+    assert req["prefix"].shape == (6, 7) and req["prefix_delay"] == 2  # committed 2 + the execution horizon 4
 
 
 @pytest.mark.parametrize("field, value", [("rtc_delay", -1), ("rtc_delay", 17), ("latency_window", 0)])
