@@ -318,6 +318,7 @@ class RobotLoop:
             obs_tick=self.tick_in_episode,
             n_samples=self.config.n_samples if self.spec.head == "flow" else 1,
             request_id=f"{self.config.robot_id}:{self.episode}:{self.tick_in_episode}:{uuid.uuid4().hex[:6]}",
+            **(self.buffer.request_prefix(self.tick_in_episode) or {}),  # rtc mode: the plan the policy continues
         )
         self.policy.submit(req, self.tick_in_episode, self.episode)
 

@@ -305,3 +305,23 @@ def test_a_force_estop_stays_latched_until_an_operator_resets_it():
     assert any(loop.tick().moved for _ in range(20))
     report = loop.report()
     assert report["estop_latched"] is False and report["estop_resets"] == 1 and report["state"] != "estop"
+
+
+@pytest.mark.parametrize("name", ["aloha", "franka"])
+def test_rtc_mode_sends_the_committed_plan_with_each_request(name):
+    """aggregate="rtc": once a chunk is buffered, each request carries the plan the robot executes next (prefix,
+    prefix_delay), valid as the server checks it; the default mode sends none."""
+    from fleet.protocol import validate_request
+
+    spec = EMBODIMENTS[name]
+    loop = make(name, teleop=False, aggregate="rtc")
+    run_episodes(loop, 2)
+    requests = loop.policy.client.requests
+    sent = [r for r in requests if "prefix" in r]
+    assert len(sent) >= len(requests) // 2, (len(sent), len(requests))
+    for r in sent:
+        assert r["prefix"].shape[1] == spec.action_dim and 0 <= r["prefix_delay"] <= len(r["prefix"])
+        validate_request(r)
+    plain = make(name, teleop=False)
+    run_episodes(plain, 1)
+    assert not any("prefix" in r for r in plain.policy.client.requests)
