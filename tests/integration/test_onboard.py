@@ -68,6 +68,7 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
             "check_episodes": 2,
             "check_success": 0.0,
         }
+        t_add = time.monotonic()
         added = add_embodiment_to_fleet(plan, namespace=config.namespace)
         assert added == {"embodiment": "so100", "robots": 2, "demos_per_round": 4, "phase": "demonstrations"}
         with pytest.raises(ValueError, match="already serves"):
@@ -76,6 +77,7 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
         while time.monotonic() < deadline:
             body = onboarding_status(config.namespace)["bodies"]["so100"]
             if sum(r["policy_episodes"] for r in body["robots"]) >= 1:
+                print(f"fleet embodiment add -> first policy-driven episode: {time.monotonic() - t_add:.0f} s")
                 break
             assert body["errors"] == 0, body["last_error"]
             time.sleep(1.0)
