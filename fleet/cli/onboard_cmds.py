@@ -116,6 +116,27 @@ def embodiment_add(
         )
 
 
+def embodiment_spec(
+    name: Annotated[str, typer.Argument(help="A simulated body not yet in the fleet, e.g. so100.")] = "so100",
+    like: Annotated[str | None, typer.Option(help="Pretrained body to warm-start from.")] = "franka",
+) -> None:
+    """Print a spec file for a simulated body the package knows (fleet.embodiments.CATALOG), to edit and pass to
+    `fleet embodiment add --spec`.
+
+    Example:
+        fleet embodiment spec so100 > so100.json && fleet embodiment add --spec so100.json
+    """
+    import json
+
+    from fleet.embodiments import CATALOG
+    from fleet.learning.onboard_spec import OnboardSpec
+
+    if name not in CATALOG:
+        fail(f"name: {name!r} is not a simulated body waiting to be added; those are {sorted(CATALOG)}")
+    plan = OnboardSpec(spec=CATALOG[name], sim=name, like=like)
+    typer.echo(json.dumps(plan.to_dict(), indent=1))
+
+
 def embodiment_status(
     namespace: Annotated[str | None, typer.Option(help="The fleet's namespace (default: the running fleet).")] = None,
     json_out: JsonOpt = False,
@@ -231,6 +252,7 @@ def format_status(result: dict) -> str:
 def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
     """Add `experiment onboard` and the `embodiment` group."""
     experiment_app.command("onboard")(experiment_onboard)
+    embodiment_app.command("spec")(embodiment_spec)
     embodiment_app.command("add")(embodiment_add)
     embodiment_app.command("status")(embodiment_status)
     embodiment_app.command("scale")(embodiment_scale)

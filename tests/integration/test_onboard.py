@@ -68,6 +68,7 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
             "check_episodes": 2,
             "check_success": 0.0,
         }
+        t_add = time.monotonic()
         added = add_embodiment_to_fleet(plan, namespace=config.namespace)
         assert added == {"embodiment": "so100", "robots": 2, "demos_per_round": 4, "phase": "demonstrations"}
         with pytest.raises(ValueError, match="already serves"):
@@ -76,22 +77,24 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
         while time.monotonic() < deadline:
             body = onboarding_status(config.namespace)["bodies"]["so100"]
             if sum(r["policy_episodes"] for r in body["robots"]) >= 1:
+                print(f"fleet embodiment add -> first policy-driven episode: {time.monotonic() - t_add:.0f} s")
                 break
             assert body["errors"] == 0, body["last_error"]
             time.sleep(1.0)
         else:
             raise AssertionError(f"no policy-driven episode of the new body: {body}")
-        assert body["phase"] == "policy" and body["head_version"] == 1
+        # v1 came from demonstrations; the operator's corrections may already have made a v2 (also checked)
+        assert body["phase"] == "policy" and body["head_version"] >= 1
         (first,) = [r for r in body["rounds"] if r["published"]][:1]
         assert first["demos"] >= 4 and first["steps"] == 20
         assert body["policy_calls"] >= 1
         s = status(namespace=config.namespace)
-        assert s["heads"]["so100"] == 1 and s["heads"]["franka"] == 1  # replicas serve it, franka untouched
+        assert s["heads"]["so100"] >= 1 and s["heads"]["franka"] == 1  # replicas serve it, franka untouched
         assert (s["robots"][0]["episodes"] or 0) > franka_eps  # the other robot kept working meanwhile
         np.testing.assert_array_equal(franka_chunk(handle), before)  # franka's head bit-identical
         obs, _ = make_env("so100", seed=3).reset()
         reply = handle.act.remote(make_request("probe", "so100", obs, request_id="x")).result(timeout_s=60)
-        assert reply["head_version"] == 1 and np.asarray(reply["chunk"]).shape == (16, 6)
+        assert reply["head_version"] >= 1 and np.asarray(reply["chunk"]).shape == (16, 6)
     finally:
         try:
             ray_session.kill(ray_session.get_actor(onboarder_name("so100"), namespace=config.namespace))

@@ -17,6 +17,17 @@ def test_bad_demo_counts_are_refused(demos):
     assert result.exit_code == 2 and "--demos" in result.output
 
 
+def test_embodiment_spec_prints_a_spec_file_add_accepts(tmp_path):
+    from fleet.learning.onboard_spec import load_spec_file
+
+    result = CliRunner().invoke(app, ["embodiment", "spec", "so100"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "so100.json").write_text(result.output)
+    plan = load_spec_file(tmp_path / "so100.json")
+    assert plan.spec.name == "so100" and plan.like == "franka"
+    assert CliRunner().invoke(app, ["embodiment", "spec", "franka"]).exit_code == 2
+
+
 def test_a_body_the_checkpoint_has_is_refused():
     with pytest.raises(ValueError, match="already a body"):
         run_onboard_experiment("franka", demos=(1,))
