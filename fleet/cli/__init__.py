@@ -92,6 +92,14 @@ def pretrain(
             "thread, up to 2, when every embodiment's rows split evenly; else 1).",
         ),
     ] = None,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment/--no-augment",
+            help="Random lighting, camera offsets and clutter on every training batch (fleet.policy.augment; "
+            "ranges stop short of the `lighting`, `camera_offset` and `distractors` evaluation shifts).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train the multi-embodiment policy from scratch on teleoperator demonstrations of all four sims
@@ -102,6 +110,7 @@ def pretrain(
     each reaches).
     """
     # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
+    from fleet.policy.augment import AugmentConfig
     from fleet.policy.evaluate import evaluate
     from fleet.policy.train import PretrainConfig, chunk_policy, default_workers
     from fleet.policy.train import pretrain as run_pretrain
@@ -117,6 +126,7 @@ def pretrain(
             dagger_samples=dagger_samples or None,
             seed=seed,
             threads=threads,
+            augment=AugmentConfig() if augment else None,
         )
         cfg = replace(cfg, workers=default_workers(cfg) if workers is None else workers)
     except ValueError as exc:
