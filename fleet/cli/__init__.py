@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from fleet.cli import adapt_cmds, fleet_cmds, infer_cmds
+from fleet.cli import adapt_cmds, fleet_cmds, infer_cmds, robust_cmds
 from fleet.cli.options import CkptOpt, JsonOpt, OutOpt, emit_json, fail, show
 from fleet.embodiments import EMBODIMENTS
 from fleet.policy.openmp import set_omp_wait_policy
@@ -332,6 +332,7 @@ def bench_serve(
 fleet_cmds.register(app)
 infer_cmds.register(bench_app, experiment_app)
 adapt_cmds.register(experiment_app)
+robust_cmds.register(experiment_app)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ Held out: the randomisation ranges stop short of the named evaluation shifts, so
 measures the policy at and beyond the edge of what training saw (see `held_out_report`):
 - lighting: overall gain in [0.65, 1.3] times a per-channel gain in [0.92, 1.08] (so no channel below
   0.598), tint per channel in [-28, 28]. The `lighting` shift is gain 0.55, tint (+40, +25, -10): its
-  gain and its red and green casts lie beyond the training range, its blue cast inside it.
+  gain and its red cast lie beyond the training range, its green and blue casts inside it.
 - camera offset: whole pixels, dx and dy each in [-3, 3]. The `camera_offset` shift is (4, -3): dx
   beyond the range, dy at its edge.
 - clutter: 1-3 crosses, disks or squares of radius 1.5-3.5 px, in colours at least 60 (RGB distance)
