@@ -1,5 +1,6 @@
 """`fleet experiment robustness`: success of one checkpoint on every body x everyday shift, and how well
-the out-of-distribution signals flag each shift from an episode's first observation (AUROC).
+the out-of-distribution signals flag each shift from an episode's first observation (AUROC), and
+the share of them above the confidence's novelty threshold (what the fleet would actually flag).
 
 Success comes from `fleet.policy.evaluate.evaluate` (unseen scenes, the safety layer, chunk recycling),
 so a cell here equals `fleet eval -e BODY --shift SHIFT --seed SEED --episodes N`. Detection scores the
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from fleet.control import FeatureStats
+from fleet.control.confidence import ConfidenceConfig
 from fleet.policy.evaluate import EVAL_SEED_BASE, evaluate
 from fleet.sim import make_env
 
@@ -89,7 +91,9 @@ def run_robustness(
     feats = {b: FeatureStats.from_dict(d) for b, d in (extra.get("feature_stats") or {}).items()}
     if image_stats is None:
         image_stats = {b: ImageStats.from_dict(d) for b, d in (extra.get("image_stats") or {}).items()}
+    threshold = ConfidenceConfig().novelty_threshold
     detection: dict[str, dict[str, dict]] = {}
+    flagged: dict[str, dict[str, dict]] = {}  # share of first observations above the novelty threshold
     if ood_episodes:
         for body in bodies:
             detection[body] = {}
@@ -103,6 +107,9 @@ def run_robustness(
                     s["image"] = np.array([image_stats[body].distance(o["image"]) for o in obs])
                 scores[shift] = s
                 log(f"{body} {shift}: median distance " + ", ".join(f"{k} {np.median(v):.2f}" for k, v in s.items()))
+            flagged[body] = {
+                shift: {k: float((v > threshold).mean()) for k, v in s.items()} for shift, s in scores.items()
+            }
             for shift in shifts:
                 if shift == "none":
                     continue
@@ -117,6 +124,8 @@ def run_robustness(
         "ood_episodes": ood_episodes,
         "success": success,
         "detection": detection,
+        "novelty_threshold": threshold,
+        "flagged": flagged,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -143,5 +152,16 @@ def format_table(result: dict) -> str:
             for s in shifts:
                 f, i = row[s].get("feature"), row[s].get("image")
                 cells.append("/".join("-" if v is None else f"{v:.2f}" for v in (f, i)))
+            lines.append(f"{body:<8}" + "".join(f"{c:>15}" for c in cells))
+    flags = result.get("flagged") or {}
+    if flags:
+        shifts = list(next(iter(flags.values())))
+        lines.append(f"share flagged novel (distance > {result['novelty_threshold']:g}), feature/image")
+        lines.append(f"{'body':<8}" + "".join(f"{s:>15}" for s in shifts))
+        for body, row in flags.items():
+            cells = [
+                "/".join("-" if row[s].get(k) is None else f"{row[s][k]:.2f}" for k in ("feature", "image"))
+                for s in shifts
+            ]
             lines.append(f"{body:<8}" + "".join(f"{c:>15}" for c in cells))
     return "\n".join(lines)
