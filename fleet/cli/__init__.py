@@ -332,7 +332,7 @@ def bench_serve(
 fleet_cmds.register(app)
 infer_cmds.register(bench_app, experiment_app)
 adapt_cmds.register(experiment_app)
-robust_cmds.register(experiment_app)
+robust_cmds.register(experiment_app, app)
 
 
 def main() -> None:

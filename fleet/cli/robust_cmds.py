@@ -1,8 +1,10 @@
-"""`fleet experiment robustness`: every body x everyday shift, success and OOD detection (registered by `register`)."""
+"""`fleet experiment robustness` (every body x everyday shift: success and OOD detection) and
+`fleet robust-finetune` (a checkpoint continued on augmented batches); registered by `register`."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -75,6 +77,56 @@ def experiment_robustness(
     show(result, json_out, format_table, wrote)
 
 
-def register(experiment_app: typer.Typer) -> None:
-    """Add `robustness` to `fleet experiment`."""
+def robust_finetune_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the fine-tuned policy.safetensors/policy.json.")],
+    checkpoint: CkptOpt = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps on augmented batches.")] = 1000,
+    demo_episodes: Annotated[int, typer.Option(min=1, help="Fresh expert episodes per body (half noisy).")] = 400,
+    dagger_episodes: Annotated[
+        int, typer.Option(min=0, help="Episodes per body driven by the checkpoint, relabelled by the expert.")
+    ] = 150,
+    lr: Annotated[float, typer.Option(min=1e-6, max=0.1, help="Peak learning rate (warm-up, cosine decay).")] = 3e-4,
+    seed: Annotated[int, typer.Option(help="Collection and batch seed (7: scenes pretraining never saw).")] = 7,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
+    json_out: JsonOpt = False,
+) -> None:
+    """Make a trained checkpoint robust to everyday shifts without retraining it: continue it on fresh
+    demonstrations with every batch under random lighting, camera offsets and clutter (fleet.policy.augment;
+    ranges stop short of the `lighting`, `camera_offset` and `distractors` evaluation shifts). The full
+    recipe with the same augmentation from scratch is `fleet pretrain --augment`.
+
+        fleet robust-finetune --out runs/robust
+        fleet experiment robustness --checkpoint runs/robust --seed 3
+    """
+    from fleet.policy.default import load_policy
+    from fleet.policy.robust import RobustConfig, robust_finetune
+
+    try:
+        cfg = RobustConfig(
+            steps=steps,
+            demo_episodes=demo_episodes,
+            dagger_episodes=dagger_episodes,
+            lr=lr,
+            warmup=min(50, steps // 10),
+            seed=seed,
+            threads=threads,
+        )
+        model, meta = load_policy(checkpoint)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
+    _, report = robust_finetune(model, meta, cfg, out=out, log=log)
+    summary = {"out": str(out), "seconds": report["seconds"], "samples": report["samples"]}
+    if json_out:
+        from fleet.cli.options import emit_json
+
+        emit_json(summary)
+    else:
+        typer.echo(f"wrote {out}/policy.safetensors in {report['seconds'] / 60:.1f} min")
+
+
+def register(experiment_app: typer.Typer, app: typer.Typer | None = None) -> None:
+    """Add `robustness` to `fleet experiment` and `robust-finetune` to `fleet`."""
     experiment_app.command("robustness")(experiment_robustness)
+    if app is not None:
+        app.command("robust-finetune")(robust_finetune_cmd)
