@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from fleet.cli import adapt_cmds, control_cmds, fleet_cmds, infer_cmds, latency_cmds, onboard_cmds
+from fleet.cli import adapt_cmds, control_cmds, fleet_cmds, infer_cmds, latency_cmds, onboard_cmds, robust_cmds
 from fleet.cli.options import CkptOpt, JsonOpt, OutOpt, emit_json, fail, show
 from fleet.embodiments import EMBODIMENTS
 from fleet.policy.openmp import set_omp_wait_policy
@@ -92,6 +92,14 @@ def pretrain(
             "thread, up to 2, when every embodiment's rows split evenly; else 1).",
         ),
     ] = None,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            "--augment/--no-augment",
+            help="Random lighting, camera offsets and clutter on every training batch (fleet.policy.augment; "
+            "ranges stop short of the `lighting`, `camera_offset` and `distractors` evaluation shifts).",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train the multi-embodiment policy from scratch on teleoperator demonstrations of all four sims
@@ -102,6 +110,7 @@ def pretrain(
     each reaches).
     """
     # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
+    from fleet.policy.augment import AugmentConfig
     from fleet.policy.evaluate import evaluate
     from fleet.policy.train import PretrainConfig, chunk_policy, default_workers
     from fleet.policy.train import pretrain as run_pretrain
@@ -117,6 +126,7 @@ def pretrain(
             dagger_samples=dagger_samples or None,
             seed=seed,
             threads=threads,
+            augment=AugmentConfig() if augment else None,
         )
         cfg = replace(cfg, workers=default_workers(cfg) if workers is None else workers)
     except ValueError as exc:
@@ -364,6 +374,7 @@ adapt_cmds.register(experiment_app)
 latency_cmds.register(experiment_app)
 control_cmds.register(bench_app)
 onboard_cmds.register(app, experiment_app)
+robust_cmds.register(experiment_app, app)
 
 
 def main() -> None:

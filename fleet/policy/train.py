@@ -22,6 +22,7 @@ import torch
 from fleet.control import FeatureStats
 from fleet.embodiments import EMBODIMENTS
 from fleet.policy import parallel
+from fleet.policy.augment import AugmentConfig, augment_batch
 from fleet.policy.backbone import PolicyConfig
 from fleet.policy.batch import PolicyBatch, normalize_actions
 from fleet.policy.checkpoint import save_checkpoint
@@ -86,6 +87,8 @@ class PretrainConfig:
     # of all-reduce in two; whole runs gained 3-15 %, as noisy as the machine)
     policy: PolicyConfig = field(default_factory=default_policy_config)
     # model sizes
+    augment: AugmentConfig | None = None
+    # training-time lighting / camera-offset / clutter shifts on every batch (fleet.policy.augment); None: off
 
     def __post_init__(self) -> None:
         unknown = [e for e in self.embodiments if e not in EMBODIMENTS]
@@ -389,7 +392,10 @@ class _Pretraining:
                     tensors = DemoTensors(model, self.demos)
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(cfg, step)
-                value = _step(model, opt, params, tensors.batch(rows, gen), gen, world)
+                batch = tensors.batch(rows, gen)
+                if cfg.augment is not None:
+                    batch, _ = augment_batch(batch, gen, cfg.augment)
+                value = _step(model, opt, params, batch, gen, world)
                 running = value if running is None else 0.98 * running + 0.02 * value
                 if step % 50 == 0 or step == cfg.steps - 1:
                     self.report.losses.append((step, running))
