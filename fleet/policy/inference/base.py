@@ -173,20 +173,25 @@ class PolicyBackend:
                 out = self.prefixed_outputs(name, memory[sel], pad_mask[sel], n_samples, temperature, generator, opts)
             else:
                 out = self.head_outputs(name, memory[sel], pad_mask[sel], n_samples, temperature, generator, **opts)
-            ks = out["row_samples"].tolist() if "row_samples" in out else [n_samples] * len(sel)
-            master = out.get("master", np.zeros(len(sel), bool))
-            chunks = self.model.denormalize_actions(name, out["chunk"])
-            version = self.model.head_versions[name] if self.shares_model else self._versions[name]
-            for j, i in enumerate(sel.tolist()):
-                # a row run on the master head reports the master's version (they differ only mid head swap)
-                v = self.model.head_versions[name] if master[j] else version
-                row = {"chunk": chunks[j], "features": pooled[i], "head_version": v, "embodiment": name}
-                if "entropy" in out:
-                    row["entropy"], row["probs"] = out["entropy"][j], out["probs"][j]
-                if "samples" in out and ks[j] > 1:
-                    row["samples"] = out["samples"][j, : ks[j]]
-                rows[i] = row
+            self.group_rows(rows, name, sel, out, pooled, n_samples)
         return rows
+
+    def group_rows(self, rows: list[dict], name: str, sel, out: dict, features, n_samples: int) -> None:
+        """Fill rows[i] for the rows `sel` of head `name` from its outputs `out` (numpy, normalized chunks):
+        chunk (physical), features[i], head_version, embodiment; entropy/probs; each row's own samples."""
+        ks = out["row_samples"].astype(int).tolist() if "row_samples" in out else [n_samples] * len(sel)
+        master = out.get("master", np.zeros(len(sel), bool))
+        chunks = self.model.denormalize_actions(name, out["chunk"])
+        version = self.model.head_versions[name] if self.shares_model else self._versions[name]
+        for j, i in enumerate(list(sel)):
+            # a row run on the master head reports the master's version (they differ only mid head swap)
+            v = self.model.head_versions[name] if master[j] else version
+            row = {"chunk": chunks[j], "features": features[i], "head_version": v, "embodiment": name}
+            if "entropy" in out:
+                row["entropy"], row["probs"] = out["entropy"][j], out["probs"][j]
+            if "samples" in out and ks[j] > 1:
+                row["samples"] = out["samples"][j, : ks[j]]
+            rows[i] = row
 
     def close(self) -> None:
         """Release what the backend holds (sessions, files)."""

@@ -424,19 +424,7 @@ class DeviceBackend(PolicyBackend):
         features = views[""]["features"]
         rows: list[dict] = [{} for _ in range(len(batch))]
         for name, idx in groups.items():
-            out = views[name]
-            chunks = self.model.denormalize_actions(name, out["chunk"])
-            ks = out["row_samples"].astype(int).tolist() if "row_samples" in out else [n_samples] * len(idx)
-            master = out.get("master", np.zeros(len(idx), bool))
-            for j, i in enumerate(idx.tolist()):
-                # a row run on the master head reports the master's version (they differ only mid head swap)
-                version = self.model.head_versions[name] if master[j] else self._versions[name]
-                row = {"chunk": chunks[j], "features": features[i], "head_version": version, "embodiment": name}
-                if "entropy" in out:
-                    row["entropy"], row["probs"] = out["entropy"][j], out["probs"][j]
-                if "samples" in out and ks[j] > 1:
-                    row["samples"] = out["samples"][j, : ks[j]]
-                rows[i] = row
+            self.group_rows(rows, name, idx.tolist(), views[name], features, n_samples)
         return rows
 
     # ----- stages, for callers that run them one by one (the encoder cache) -------------------------------
