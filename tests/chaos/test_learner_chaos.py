@@ -4,6 +4,7 @@ watches it (the watch is in its saved state), and rolls the head back when the f
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -24,14 +25,16 @@ def test_a_learner_killed_mid_watch_still_rolls_back_a_worse_head(ray_session, f
     wait_for(ray, learner, lambda s: s["published"] == 1 and "franka" in s["watch"])
     v1 = ray.get(registry.get.remote("franka", 1))[1]
 
+    old_pid = ray.get(learner.__ray_call__.remote(lambda self: os.getpid()))
     ray.kill(learner, no_restart=False)  # mid-watch: Ray restarts it, its memory is gone
     deadline = time.monotonic() + 120
-    while True:  # the restarting actor answers with errors until it is back
+    while True:  # until the new incarnation answers (the old one may answer once more while the kill lands)
         try:
+            pid = ray.get(learner.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
             status = ray.get(learner.status.remote(), timeout=30)
-            if status["state"] == "idle":
+            if pid != old_pid and status["state"] == "idle":
                 break
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
             pass
         assert time.monotonic() < deadline, "the learner did not come back"
         time.sleep(0.5)

@@ -78,7 +78,8 @@ def test_a_flood_of_pipelined_frames_nobody_reads_keeps_the_replica_bounded(app)
     assert figures["frames_sent"] > 1000
     # before: four such connections grew a replica by 4.3 GB in 25 s
     assert figures["rss_peak_mb"] - figures["rss_before_mb"] < 300
-    assert sum(figures["refused"].values()) > 0
+    # refusals (figures["refused"]) depend on timing: on a quiet machine backpressure alone can hold every
+    # connection under its in-flight cap; the caps themselves are tests/unit/serving/test_direct_limits.py's
     assert figures["robot_replies"] >= 20 and figures["robot_errors"] == 0
     assert figures["replica_pid_after"] == figures["replica_pid"]  # never restarted
 
