@@ -8,7 +8,8 @@ import stat
 
 import pytest
 
-from fleet.cli.fleet_cmds import endpoint_changes, endpoints_caption
+from fleet.cli.fleet_cmds import endpoint_changes
+from fleet.cli.fleet_table import endpoints_caption
 from fleet.cluster.config import FleetConfig
 from fleet.cluster.endpoints import EndpointError, plan_endpoints, port_free
 

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from fleet.cli.fleet_cmds import COLUMNS, learner_line, parse_counts, parse_shifts, register, render_table
+from fleet.cli.fleet_cmds import parse_counts, parse_shifts, register
+from fleet.cli.fleet_table import COLUMNS, learner_line, render_table
 from fleet.cluster.config import FleetConfig
 from fleet.cluster.launcher import FleetError, checkpoint_meta
 
