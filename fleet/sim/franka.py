@@ -73,6 +73,24 @@ def arm_expert(ee, rpy, grip, holding: bool, goal_xy, lift: bool, gain: float = 
     return out
 
 
+def grasp_and_carry(s: dict, tip: np.ndarray, closing: bool) -> bool:
+    """The table's grasp rules for a gripper at `tip` (3,): closing low enough within GRASP_RADIUS of an object
+    grasps it, opening drops it, a held object follows the tip. Returns success: the named object held above
+    LIFT_HEIGHT. (franka and so100 share the table.)"""
+    if s["holding"] < 0 and closing and tip[2] < GRASP_HEIGHT:
+        d = np.hypot(*(s["objects"][:, :2] - tip[:2]).T)
+        i = int(np.argmin(d))
+        if d[i] < GRASP_RADIUS:
+            s["holding"] = i
+    if s["holding"] >= 0:
+        if s["grip"] < 0.3:
+            s["objects"][s["holding"], 2] = 0.0
+            s["holding"] = -1
+        else:
+            s["objects"][s["holding"]] = tip
+    return bool(s["holding"] == s["target"] and tip[2] > LIFT_HEIGHT)
+
+
 class FrankaEnv(FleetEnv):
     embodiment = "franka"
     actuator_bias = (0.02, -0.016, 0.0, 0.0, 0.0, 0.0, 0.0)
@@ -109,19 +127,7 @@ class FrankaEnv(FleetEnv):
 
     def _advance(self, s: dict, a: np.ndarray) -> tuple[float, bool]:
         s["ee"], s["rpy"], s["grip"], force, closed_now = arm_step(s["ee"], s["rpy"], s["grip"], a)
-        if s["holding"] < 0 and closed_now and s["ee"][2] < GRASP_HEIGHT:
-            d = np.hypot(*(s["objects"][:, :2] - s["ee"][:2]).T)
-            i = int(np.argmin(d))
-            if d[i] < GRASP_RADIUS:
-                s["holding"] = i
-        if s["holding"] >= 0:
-            if s["grip"] < 0.3:
-                s["objects"][s["holding"], 2] = 0.0
-                s["holding"] = -1
-            else:
-                s["objects"][s["holding"]] = s["ee"]
-        success = s["holding"] == s["target"] and s["ee"][2] > LIFT_HEIGHT
-        return force, bool(success)
+        return force, grasp_and_carry(s, s["ee"], closed_now)
 
     def _expert(self, s: dict) -> np.ndarray:
         holding_target = s["holding"] == s["target"]

@@ -20,14 +20,13 @@ from fleet.sim.base import FleetEnv
 from fleet.sim.franka import (
     CLOSE_RADIUS,
     DESCEND_RADIUS,
-    GRASP_HEIGHT,
-    GRASP_RADIUS,
     HOVER,
     LIFT_HEIGHT,
     OBJ_RADIUS,
     SCALE,
     TABLE,
     FrankaEnv,
+    grasp_and_carry,
     to_px,
 )
 
@@ -99,19 +98,7 @@ class So100Env(FleetEnv):
         s["grip"] = grip + float(np.clip(target - grip, -0.34, 0.34))
         closed_now = grip <= 0.8 < s["grip"]
         aligned = abs(q[4] - q[0]) < ROLL_TOLERANCE
-        if s["holding"] < 0 and closed_now and tip[2] < GRASP_HEIGHT and aligned:
-            d = np.hypot(*(s["objects"][:, :2] - tip[:2]).T)
-            i = int(np.argmin(d))
-            if d[i] < GRASP_RADIUS:
-                s["holding"] = i
-        if s["holding"] >= 0:
-            if s["grip"] < 0.3:
-                s["objects"][s["holding"], 2] = 0.0
-                s["holding"] = -1
-            else:
-                s["objects"][s["holding"]] = tip
-        success = s["holding"] == s["target"] and tip[2] > LIFT_HEIGHT
-        return force, bool(success)
+        return force, grasp_and_carry(s, tip, closed_now and aligned)
 
     def _expert(self, s: dict) -> np.ndarray:
         """Scripted arm in task space (hover, descend, close, lift), turned into joint deltas by inverse kinematics."""
