@@ -18,7 +18,8 @@ A malformed request is answered `{"error": "<field>: <problem>", "request_id"}`;
 Each replica also listens on a direct socket (fleet/serving/direct.py, config `direct`): robots on its node send
 frames there, skipping the Serve handle's hops, and those requests join the same `@serve.batch` queue.
 The replica reports the socket's address to the head registry with its head versions every 2 s.
-Closed-loop robots are gathered into one batch (config `gather_s`, `_plan_next_batch`).
+Closed-loop robots are gathered into one batch (config `gather_s`, `_plan_next_batch`). A robot alone on
+the socket routes skips the queue's hand-offs (`act_one`): its batch of one runs at once, as the queue would run it.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class PolicyServer:
         self._poller = asyncio.get_running_loop().create_task(self._poll_heads()) if cfg.registry else None
         self._openpi = self._openpi_ready = None  # openpi's websocket protocol, same batches (fleet/serving/openpi.py)
         if cfg.openpi_port is not None:
-            self._openpi = OpenpiServer(self.act, self.runtime.model.specs, self.runtime.head_versions, cfg.auth_token)
+            specs, versions = self.runtime.model.specs, self.runtime.head_versions
+            self._openpi = OpenpiServer(self.act_one, specs, versions, cfg.auth_token)
             start = self._openpi.start(cfg.openpi_host, cfg.openpi_port, reuse_port=True)
             self._openpi_ready = asyncio.get_running_loop().create_task(start)
 
@@ -103,6 +105,24 @@ class PolicyServer:
         self._plan_next_batch(requests)
         return replies
 
+    async def act_one(self, request: dict) -> dict:
+        """The socket routes' way in (direct, openpi): `act`, or the same batch of one without its queue.
+
+        When this replica's batch would take the request alone and at once (one robot active, no wait
+        configured, nothing queued, the forward on this loop), it runs here: the reply is the batch of one
+        `act` would compute, minus the queue's hand-offs (about 0.8 ms of a 22 ms call at one robot on
+        2 cores). Any other time it joins the queue like every route."""
+        cfg = self.config
+        if cfg.forward_thread or cfg.batch_wait_timeout_s > 0 or batch_queue_depth(self.act) != 0:
+            return await self.act(request)
+        robot = request.get("robot_id") if isinstance(request, dict) else None
+        now = time.monotonic()
+        if any(k != robot and now - t <= cfg.active_window_s for k, t in self._seen.items()):
+            return await self.act(request)
+        reply = self.runtime.act_batch([request])[0]
+        self._plan_next_batch([request])
+        return reply
+
     def _plan_next_batch(self, requests: list[dict]) -> None:
         """Gather: the next batch leaves once every recently active robot is in it, or after gather_s.
 
@@ -110,13 +130,13 @@ class PolicyServer:
         the answered group asks again a round trip after its batch ended, when the other group's batch has
         already left. One robot alone (target 1) never waits."""
         cfg = self.config
-        if cfg.gather_s <= 0:
-            return
         now = time.monotonic()
         for r in requests:
             if isinstance(r, dict) and isinstance(r.get("robot_id"), str):
                 self._seen[r["robot_id"]] = now
         self._seen = {k: t for k, t in self._seen.items() if now - t <= cfg.active_window_s}
+        if cfg.gather_s <= 0:
+            return
         target = max(1, min(cfg.max_batch_size, len(self._seen)))
         self.act.set_max_batch_size(target)
         self.act.set_batch_wait_timeout_s(max(cfg.batch_wait_timeout_s, cfg.gather_s if target > 1 else 0.0))
@@ -132,7 +152,7 @@ class PolicyServer:
             max_in_flight=cfg.ongoing_limit,
             request_timeout_s=cfg.direct_request_timeout_s,
         )
-        return DirectServer(self.act, token or self._direct_secret, limits)
+        return DirectServer(self.act_one, token or self._direct_secret, limits)
 
     async def _start_direct(self) -> None:
         host, port = await self._direct.start(self.config.direct_host, 0)

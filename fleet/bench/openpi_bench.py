@@ -186,6 +186,8 @@ def _summarize(n: int, outs: list[dict], seconds: float) -> list[dict]:
         windows = [w for w in zip(*(o["windows"] for o in outs), strict=True) if w[0]["route"] == route]
         per_window = [sum(c["calls"] for c in w) / seconds for w in windows]
         lat = np.asarray([x for w in windows for c in w for x in c["latencies_ms"]])
+        infer = np.asarray([x for w in windows for c in w for x in c.get("infer_ms", [])], float)
+        infer = infer[np.isfinite(infer)]
         rows.append(
             {
                 "robots": n,
@@ -194,6 +196,9 @@ def _summarize(n: int, outs: list[dict], seconds: float) -> list[dict]:
                 "windows_calls_per_s": per_window,
                 "p50_ms": float(np.percentile(lat, 50)) if lat.size else None,
                 "p99_ms": float(np.percentile(lat, 99)) if lat.size else None,
+                # the server's own forward time per call (openpi's server_timing.infer_ms): what is left of the
+                # latency is transport, decoding and serving
+                "infer_p50_ms": float(np.median(infer)) if infer.size else None,
             }
         )
     rows[0]["vs_peer"] = rows[0]["calls_per_s"] / rows[1]["calls_per_s"] if rows[1]["calls_per_s"] else None
@@ -213,6 +218,15 @@ def format_openpi_table(result: dict) -> str:
             f"{r['robots']:>6}  {r['route']:<7} {r['calls_per_s']:>8.1f}  {windows:<19} {p50:>6}  {p99:>6}  "
             f"{batch:>5}  {vs:>7}"
         )
+    for n in sorted({r["robots"] for r in result["results"]}):
+        parts = [
+            f"{r['route']} {r['infer_p50_ms']:.1f}"
+            for r in result["results"]
+            if r["robots"] == n
+            if r.get("infer_p50_ms") is not None
+        ]
+        if parts:
+            lines.append(f"{n:>6} robots, server forward p50 ms: {', '.join(parts)}")
     cfg = result["config"]
     lines.append(f"client: {cfg['client']}; torch threads {cfg['threads']} each; niceness {cfg.get('niceness')}")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ Run by the bench, with openpi-client's python where one is given (then the clien
 every URL it is given, prints "ready", reads one JSON line from stdin: the schedule [{"route", "start", "end",
 "measure_from"}, ...] in time.time() seconds, and for each window calls that route back to back from `start` to
 `end`, counting the calls that begin after `measure_from`. Prints one JSON line: the client it used and
-{"calls", "latencies_ms"} per window.
+{"calls", "latencies_ms", "infer_ms"} per window (infer_ms: the server_timing each reply carries).
 
     python -m fleet.bench.openpi_load --obs robot-3.npz --url openpi=ws://127.0.0.1:8001/franka ...
 """
@@ -72,19 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     windows = []
     k = 0
     for w in schedule:
-        client, calls, lat = clients[w["route"]], 0, []
+        client, calls, lat, infer = clients[w["route"]], 0, [], []
         while time.time() < w["start"]:
             time.sleep(0.001)
         while True:
             t0 = time.time()
             if t0 >= w["end"]:
                 break
-            client.infer(obs[k % len(obs)])
+            timing = client.infer(obs[k % len(obs)]).get("server_timing") or {}
             k += 1
             if t0 >= w["measure_from"]:
                 calls += 1
                 lat.append((time.time() - t0) * 1e3)
-        windows.append({"route": w["route"], "calls": calls, "latencies_ms": lat})
+                infer.append(float(timing.get("infer_ms", "nan")))  # the server's forward for this call
+        windows.append({"route": w["route"], "calls": calls, "latencies_ms": lat, "infer_ms": infer})
     print(json.dumps({"client": kind, "windows": windows}), flush=True)
     return 0
 

@@ -244,6 +244,60 @@ def test_gather_waits_only_for_robots_that_are_active() -> None:
     assert knobs.max_batch_size is None  # gather off: Serve's own settings stand
 
 
+class _QueuedAct(_BatchKnobs):
+    """Stands in for the @serve.batch method: counts the requests sent through its queue, which holds `queued`."""
+
+    def __init__(self, queued: int = 0) -> None:
+        super().__init__()
+        self.calls, self.after = [], None
+        self._queue = type("Q", (), {"queue": type("q", (), {"qsize": lambda _self: queued})()})()
+
+    def _get_curr_iteration_start_times(self) -> None:  # what batch_queue_depth follows to the queue
+        return None
+
+    async def __call__(self, request: dict) -> dict:
+        self.calls.append(request)
+        self.after([request])  # as `act` ends each batch: _plan_next_batch
+        return {"via": "queue"}
+
+
+class _InlineRuntime:
+    def __init__(self) -> None:
+        self.batches = []
+
+    def act_batch(self, requests: list[dict]) -> list[dict]:
+        self.batches.append(len(requests))
+        return [{"via": "inline"} for _ in requests]
+
+
+def test_a_lone_robot_skips_the_queue_and_any_other_request_joins_it() -> None:
+    import asyncio
+
+    from deployments.policy import PolicyServer  # Ray, as above
+
+    def server(queued: int = 0, **cfg):
+        s = object.__new__(PolicyServer.func_or_class)
+        s.config = ServeConfig.from_dict({"active_window_s": 0.2} | cfg)
+        s._seen, s.act, s.runtime = {}, _QueuedAct(queued), _InlineRuntime()
+        s.act.after = s._plan_next_batch
+        return s
+
+    def via(s, robot: int) -> str:
+        return asyncio.run(s.act_one(request("franka", robot)))["via"]
+
+    s = server()
+    assert [via(s, 0) for _ in range(3)] == ["inline"] * 3  # one robot, nothing queued: the batch of one, here
+    assert s.runtime.batches == [1, 1, 1] and s.act.calls == [] and set(s._seen) == {"robot-0"}
+    assert via(s, 1) == "queue"  # a second robot asked within active_window_s: batches can form, so the queue
+    assert via(s, 0) == "queue"
+    time.sleep(0.25)
+    assert via(s, 0) == "inline"  # robot 1 went quiet
+    assert via(server(queued=1), 0) == "queue"  # something already waits: join it
+    assert via(server(forward_thread=True), 0) == "queue"
+    assert via(server(batch_wait_timeout_s=0.002), 0) == "queue"  # a configured wait: the queue's rules
+    assert via(server(gather_s=0.0), 0) == "inline"  # robots are tracked even with gather off
+
+
 def test_the_config_imports_no_torch() -> None:
     code = "import sys, fleet.serving.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
