@@ -209,7 +209,9 @@ def format_openpi_table(result: dict) -> str:
     lines = ["robots  route    calls/s  windows (calls/s)    p50 ms  p99 ms  batch  vs peer"]
     lines.append("-" * len(lines[0]))
     for r in result["results"]:
-        windows = " ".join(f"{w:.0f}" for w in r["windows_calls_per_s"])
+        ws = r["windows_calls_per_s"]
+        # three windows fit the column; more show as their range
+        windows = " ".join(f"{w:.0f}" for w in ws) if len(ws) <= 4 else f"{len(ws)}: {min(ws):.0f}-{max(ws):.0f}"
         vs = f"{r['vs_peer']:.2f}x" if r.get("vs_peer") is not None else ""
         p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.1f}"
         p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}"
@@ -228,5 +230,7 @@ def format_openpi_table(result: dict) -> str:
         if parts:
             lines.append(f"{n:>6} robots, server forward p50 ms: {', '.join(parts)}")
     cfg = result["config"]
-    lines.append(f"client: {cfg['client']}; torch threads {cfg['threads']} each; niceness {cfg.get('niceness')}")
+    nice = cfg.get("niceness") or {}
+    nice = ", ".join(f"{k} {v}" for k, v in nice.items()) or "?"
+    lines.append(f"client: {cfg['client']}; torch threads {cfg['threads']} each; nice: {nice}")
     return "\n".join(lines)
