@@ -39,20 +39,25 @@ async def _get(ref, timeout_s: float):
     return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout_s)
 
 
-def _checkpoint_feature_stats(checkpoint: str) -> dict:
-    """The per-embodiment feature statistics in a checkpoint's JSON metadata (robots' novelty detection)."""
+def _checkpoint_stats(checkpoint: str) -> tuple[dict, dict]:
+    """The per-embodiment feature and camera-image statistics in a checkpoint's JSON metadata (robots' novelty
+    detection; `fleet robust image-stats` adds the image ones)."""
     meta = json.loads(Path(checkpoint).with_name(Path(checkpoint).name + ".json").read_text())
-    return (meta.get("extra") or {}).get("feature_stats") or {}
+    extra = meta.get("extra") or {}
+    return extra.get("feature_stats") or {}, extra.get("image_stats") or {}
 
 
 class _FleetController:
     """Async actor: scale, status and shutdown run concurrently with the robots' own work."""
 
-    def __init__(self, config: dict, feature_stats: dict | None = None) -> None:
+    def __init__(self, config: dict, feature_stats: dict | None = None, image_stats: dict | None = None) -> None:
         self.cfg = config
-        if feature_stats is None and config.get("checkpoint"):
-            feature_stats = _checkpoint_feature_stats(config["checkpoint"])
+        if config.get("checkpoint"):
+            own_features, own_images = _checkpoint_stats(config["checkpoint"])
+            feature_stats = own_features if feature_stats is None else feature_stats
+            image_stats = own_images if image_stats is None else image_stats
         self.feature_stats = feature_stats or {}
+        self.image_stats = image_stats or {}
         self.robots: dict[str, ray.actor.ActorHandle] = {}
         self._desired_path = Path(config["log_dir"]) / "desired.json"
         self.desired = self._load_desired() or dict(config["robots"])
@@ -107,7 +112,13 @@ class _FleetController:
         outcomes = {"name": LEARNER, "namespace": cfg["namespace"]} if cfg.get("adapt") else None
         state_dir = str(Path(cfg["log_dir"]) / "robots")  # e-stop latches, kept across robot restarts
         self.robots[name] = RobotActor.options(**self._robot_options(name)).remote(
-            robot_config, policy, replay, self.feature_stats.get(embodiment), outcomes=outcomes, state_dir=state_dir
+            robot_config,
+            policy,
+            replay,
+            self.feature_stats.get(embodiment),
+            outcomes=outcomes,
+            state_dir=state_dir,
+            image_stats=self.image_stats.get(embodiment),
         )
         return name
 

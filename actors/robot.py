@@ -204,6 +204,7 @@ class _RobotActor:
         autostart: bool = True,
         outcomes: dict | None = None,
         state_dir: str | None = None,
+        image_stats: dict | None = None,
     ) -> None:
         self.config = RobotConfig(**config)
         self.sink = ReplaySink(replay["name"], replay.get("namespace", NAMESPACE)) if replay else MemorySink()
@@ -220,7 +221,9 @@ class _RobotActor:
             robot, task = sim_robot(
                 make_env(self.config.embodiment, shift=self.config.shift), time.perf_counter, substeps
             )
-        self.loop = RobotLoop(self.config, self.client, self.deferred, feature_stats, robot=robot, task=task)
+        self.loop = RobotLoop(
+            self.config, self.client, self.deferred, feature_stats, robot=robot, task=task, image_stats=image_stats
+        )
         self.runtime: RobotRuntime | None = None
         # a latched force e-stop outlives the actor: written on every latch change, restored on start
         self._estop_file = Path(state_dir) / f"{self.config.robot_id}.estop.json" if state_dir else None

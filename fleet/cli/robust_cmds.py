@@ -125,8 +125,43 @@ def robust_finetune_cmd(
         typer.echo(f"wrote {out}/policy.safetensors in {report['seconds'] / 60:.1f} min")
 
 
+def image_stats_cmd(
+    checkpoint: CkptOpt = None,
+    bodies: Annotated[str, typer.Option(help="Comma-separated embodiments (default: every one it has).")] = "",
+    episodes: Annotated[
+        int, typer.Option(min=2, help="Clean expert episodes per body the statistics are fit on.")
+    ] = 200,
+    seed: Annotated[int, typer.Option(help="Collection seed (777: training-side scenes, not an eval block).")] = 777,
+) -> None:
+    """Fit the camera-image novelty statistics (fleet/control/image_ood.py) on clean expert frames and store
+    them in the checkpoint's metadata. `fleet up`'s robots then flag a dimmed light, a knocked camera or
+    clutter from the first frame and slow down (degradation: conservative), as they do for novel features.
+
+        fleet robust-image-stats                      # the shipped checkpoint
+        fleet robust-image-stats --checkpoint runs/robust --episodes 100
+    """
+    from fleet.cluster.launcher import FleetError, checkpoint_meta
+    from fleet.control.image_ood import fit_image_stats, write_image_stats
+
+    try:
+        _, meta = checkpoint_meta(None if checkpoint is None else str(checkpoint))
+    except FleetError as exc:
+        fail(str(exc))
+    served = list(meta.get("embodiments") or {})
+    body_list = [b.strip() for b in bodies.split(",") if b.strip()] or [b for b in served if b in EMBODIMENTS]
+    unknown = [b for b in body_list if b not in served or b not in EMBODIMENTS]
+    if unknown:
+        fail(f"--bodies: {unknown} not simulated bodies of the checkpoint; it has {sorted(served)}")
+    stats = {}
+    for body in body_list:
+        typer.echo(f"{body}: fitting on {episodes} clean expert episodes (seed {seed})")
+        stats[body] = fit_image_stats(body, episodes, seed=seed)
+    typer.echo(f"wrote extra.image_stats for {', '.join(body_list)} to {write_image_stats(checkpoint, stats)}")
+
+
 def register(experiment_app: typer.Typer, app: typer.Typer | None = None) -> None:
-    """Add `robustness` to `fleet experiment` and `robust-finetune` to `fleet`."""
+    """Add `robustness` to `fleet experiment`, `robust-finetune` and `robust-image-stats` to `fleet`."""
     experiment_app.command("robustness")(experiment_robustness)
     if app is not None:
         app.command("robust-finetune")(robust_finetune_cmd)
+        app.command("robust-image-stats")(image_stats_cmd)

@@ -91,7 +91,7 @@ class ConfidenceConfig:
     ood_threshold: float = 2.0
     # feature distance (Mahalanobis / sqrt(F), ~1 in distribution) at which the ood component is 0.5
     novelty_threshold: float = 3.0
-    # feature distance above which the scene counts as novel (Confidence.is_novel)
+    # feature distance (or camera image distance) above which the scene counts as novel (Confidence.is_novel)
     sharpness: float = 4.0
     # steepness of the mapping around each threshold
     n_bins: int | None = None
@@ -114,7 +114,7 @@ class Confidence:
     reasons: list[str]  # why it is low (or "no uncertainty signal")
     components: dict[str, float] = field(default_factory=dict)  # raw signals and per-component confidences
     known: bool = True  # False when the reply carried no uncertainty signal at all
-    is_novel: bool = False  # feature distance above the novelty threshold
+    is_novel: bool = False  # feature (or camera image) distance above the novelty threshold
 
     def to_dict(self) -> dict:
         return {
@@ -133,15 +133,23 @@ class ConfidenceEstimator:
     n_bins (int) bins per dimension, features (F,) backbone feature (scored only when `feature_stats` is given).
     """
 
-    def __init__(self, config: ConfidenceConfig | None = None, feature_stats: FeatureStats | None = None) -> None:
+    def __init__(
+        self, config: ConfidenceConfig | None = None, feature_stats: FeatureStats | None = None, image_stats=None
+    ) -> None:
         self.config = ConfidenceConfig() if config is None else config
         self.feature_stats = feature_stats
+        self.image_stats = image_stats  # fleet.control.image_ood.ImageStats: novelty from the raw camera image
 
     def _level(self, x: float, threshold: float) -> float:
         return 1.0 / (1.0 + (x / threshold) ** self.config.sharpness)
 
-    def estimate(self, reply: dict) -> Confidence:
-        """Confidence of one reply. Malformed arrays raise ValueError; non-finite ones give confidence 0."""
+    def estimate(self, reply: dict, image: np.ndarray | None = None) -> Confidence:
+        """Confidence of one reply. Malformed arrays raise ValueError; non-finite ones give confidence 0.
+
+        image: the camera frame the reply answers; with `image_stats` its distance from the training frames
+        (component `image_distance`) marks the scene novel above novelty_threshold, as the feature distance
+        does. It is a novelty signal only: a new light or camera pose slows the robot (degradation), it does not
+        by itself say the chunk is wrong."""
         if not isinstance(reply, dict):
             raise ValueError(f"reply: expected a dict, got {type(reply).__name__}")
         cfg, comps, reasons, levels = self.config, {}, [], []
@@ -180,9 +188,16 @@ class ConfidenceEstimator:
         features = reply.get("features")
         if features is not None and self.feature_stats is not None:
             score("ood_distance", self.feature_stats.distance(features), cfg.ood_threshold, "ood distance")
+        if image is not None and self.image_stats is not None:
+            try:
+                comps["image_distance"] = self.image_stats.distance(image)
+            except ValueError as exc:  # a camera unlike the one the statistics know: no image signal, say why
+                reasons.append(f"camera image not scored: {exc}")
         if not levels:  # fail closed: no grounds for confidence is not confidence
             return Confidence(0.0, reasons + ["no uncertainty signal"], comps, known=False)
-        novel = not comps.get("ood_distance", 0.0) <= cfg.novelty_threshold
-        if novel:
-            reasons.append(f"novel scene: ood distance {comps['ood_distance']:.2f} > {cfg.novelty_threshold:g}")
+        novel = False
+        for key, label in (("ood_distance", "ood distance"), ("image_distance", "camera image distance")):
+            if not comps.get(key, 0.0) <= cfg.novelty_threshold:
+                novel = True
+                reasons.append(f"novel scene: {label} {comps[key]:.2f} > {cfg.novelty_threshold:g}")
         return Confidence(float(min(levels)), reasons, comps, known=True, is_novel=novel)

@@ -13,7 +13,9 @@ about 1 in distribution, like the feature distance, so the same thresholds read 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -73,3 +75,17 @@ def fit_image_stats(body: str, episodes: int = 200, seed: int = 0) -> ImageStats
 
     demos = collect(body, episodes, seed=seed, keep=0.25)
     return ImageStats.fit(demos.images)
+
+
+def write_image_stats(checkpoint, stats: dict[str, ImageStats]) -> Path:
+    """Store per-body statistics in a checkpoint's JSON metadata (`extra.image_stats`), where `fleet up`'s
+    robots and `fleet experiment robustness` find them; the weights file is untouched. Returns the JSON path."""
+    from fleet.cluster.launcher import checkpoint_meta
+    from fleet.durable import write_text_atomic
+
+    prefix, meta = checkpoint_meta(None if checkpoint is None else str(checkpoint))
+    path = Path(prefix).with_name(Path(prefix).name + ".json")
+    extra = meta.setdefault("extra", {})
+    extra["image_stats"] = (extra.get("image_stats") or {}) | {body: s.to_dict() for body, s in stats.items()}
+    write_text_atomic(path, json.dumps(meta, indent=1))  # as save_checkpoint writes it; never half a file
+    return path

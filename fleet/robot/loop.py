@@ -32,6 +32,7 @@ from fleet.control import (
     SafetyLayer,
     State,
 )
+from fleet.control.image_ood import ImageStats
 from fleet.embodiments import get_embodiment
 from fleet.protocol import EpisodeOutcome, make_request
 from fleet.robot.client import PolicyClient, PolicyLink
@@ -94,6 +95,7 @@ class RobotLoop:
         env=None,
         robot: Robot | None = None,
         task: Task | None = None,
+        image_stats: dict | None = None,
     ):
         self.config = config
         self.spec = spec = get_embodiment(config.embodiment)
@@ -117,7 +119,11 @@ class RobotLoop:
         age_limit = (stale + 0.5) * spec.dt
         self.safety = SafetyLayer(spec, SafetyConfig(max_action_age_s=age_limit, stop_action=spec.stop_action))
         stats = FeatureStats.from_dict(feature_stats) if feature_stats else None
-        self.confidence = ConfidenceEstimator(feature_stats=stats)
+        # the camera's own novelty signal (fleet.control.image_ood): a dimmed light or a knocked camera slows the
+        # robot even where the backbone's features stay quiet
+        images = ImageStats.from_dict(image_stats) if image_stats else None
+        self.confidence = ConfidenceEstimator(feature_stats=stats, image_stats=images)
+        self._request_image: np.ndarray | None = None  # the frame the request in flight carries
         self.degradation = DegradationPolicy(
             DegradationConfig(max_consecutive_failures=config.max_consecutive_failures)
         )
@@ -321,6 +327,7 @@ class RobotLoop:
             **(self.buffer.request_prefix(self.tick_in_episode) or {}),  # rtc mode: the plan the policy continues
         )
         self.policy.submit(req, self.tick_in_episode, self.episode)
+        self._request_image = self.obs.get("image") if isinstance(self.obs, dict) else None
 
     def _receive(self, wait_s: float = 0.0) -> None:
         """A usable reply: confidence -> degradation -> operator review -> the action buffer."""
@@ -330,7 +337,7 @@ class RobotLoop:
         reply, chunk, obs_tick = got
         self.head_version = int(reply.get("head_version", 0))
         try:
-            conf = self.confidence.estimate(reply)
+            conf = self.confidence.estimate(reply, image=self._request_image)
         except ValueError as exc:  # malformed uncertainty fields: the chunk is still usable, but unscored
             self.stats.malformed_replies += 1
             self.stats.last_error = f"policy reply: {exc}"

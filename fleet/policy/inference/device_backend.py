@@ -176,6 +176,7 @@ class DeviceBackend(PolicyBackend):
         (the master's TokenRows map holds host tensors; FleetPolicy.add_embodiment)."""
         rows = getattr(self.model.backbone, "token_rows", {})
         self.backbone.token_rows = {i: r.detach().to(self.device) for i, r in rows.items()}
+
     def _device_head(self, name: str):
         return copy.deepcopy(self.model.head(name)).to(self.device).eval()
 
