@@ -234,6 +234,20 @@ def fit_feature_stats(model, tensors: DemoTensors, n: int = 2048, seed: int = 0)
     return out
 
 
+def fit_image_stats_on(tensors: DemoTensors, n: int = 2048, seed: int = 0) -> dict[str, dict]:
+    """Per-embodiment camera-image statistics (fleet.control.image_ood) of the clean training frames: robots
+    read them from the checkpoint and flag a changed light, camera or table (`extra.image_stats`)."""
+    from fleet.control.image_ood import ImageStats
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in tensors.names:
+        images = tensors.data[name]["image"]
+        idx = torch.randperm(len(images), generator=gen)[:n]
+        out[name] = ImageStats.fit(images.index_select(0, idx).numpy()).to_dict()
+    return out
+
+
 def pretrain(
     cfg: PretrainConfig,
     out: Path | None = None,
@@ -410,6 +424,7 @@ class _Pretraining:
         cfg, model, report = self.cfg, self.model, self.report
         meta = {
             "feature_stats": fit_feature_stats(model, tensors, seed=cfg.seed),
+            "image_stats": fit_image_stats_on(tensors, seed=cfg.seed),
             "pretrain": {"config": asdict(cfg), "samples": report.samples, "dagger_success": report.dagger_success},
         }
         report.seconds = time.perf_counter() - t0

@@ -12,10 +12,13 @@ from typer.testing import CliRunner
 torch = pytest.importorskip("torch")
 
 from fleet.cli import app  # noqa: E402
+from fleet.control.image_ood import ImageStats  # noqa: E402
 from fleet.experiments import transfer  # noqa: E402
 from fleet.policy.checkpoint import load_checkpoint  # noqa: E402
 from fleet.policy.evaluate import evaluate  # noqa: E402
 from fleet.policy.train import PretrainConfig, chunk_policy, pretrain  # noqa: E402
+from fleet.sim import make_env  # noqa: E402
+from fleet.sim.render import apply_lighting  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,11 @@ def test_pretrain_writes_a_loadable_checkpoint(tiny_run):
         assert torch.equal(value, loaded.state_dict()[name]), name
     stats = stored["extra"]["feature_stats"]
     assert set(stats) == {"franka", "leap"} and len(stats["franka"]["mean"]) == model.config.d_model
+    images = {b: ImageStats.from_dict(d) for b, d in stored["extra"]["image_stats"].items()}  # robots' camera check
+    assert set(images) == {"franka", "leap"}
+    frame = make_env("leap", seed=5).reset()[0]["image"]
+    lit = apply_lighting(frame, 0.55, (40, 25, -10))  # the `lighting` shift
+    assert images["leap"].distance(lit) > 3 * images["leap"].distance(frame)
     assert report.samples["franka"] > 0 and len(report.dagger_success) == 1
     assert report.losses and np.isfinite(report.losses[-1][1])
 
