@@ -43,9 +43,10 @@ AddressOpt = Annotated[
 NamespaceOpt = Annotated[str, typer.Option("--namespace", help="Ray namespace of the fleet.")]
 
 
-def parse_counts(items: list[str] | str, option: str = "--robots") -> dict[str, int]:
+def parse_counts(items: list[str] | str, option: str = "--robots", added: bool = False) -> dict[str, int]:
     """'franka=2,aloha=1' (or ['franka=2', 'aloha=1']) -> {'franka': 2, 'aloha': 1}; ValueError naming the
-    bad item otherwise."""
+    bad item otherwise. added: also names outside the pretrained four (a body `fleet embodiment add` gave the
+    running fleet; whether it has one is the fleet's to say)."""
     if isinstance(items, str):
         items = [items]
     parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
@@ -57,7 +58,7 @@ def parse_counts(items: list[str] | str, option: str = "--robots") -> dict[str, 
         name, count = name.strip(), count.strip()
         if not sep:
             raise ValueError(f"{option}: {part!r} is not embodiment=count (e.g. franka=2)")
-        if name not in EMBODIMENTS:
+        if name not in EMBODIMENTS and not (added and name.isidentifier()):
             raise ValueError(f"{option}: unknown embodiment {name!r} in {part!r}; known: {sorted(EMBODIMENTS)}")
         if not count.isdigit():
             raise ValueError(f"{option}: the count for {name} must be an int >= 0, got {count!r}")
@@ -310,13 +311,16 @@ def scale_cmd(
 
     A removed robot finishes its episode, hands its corrections to the replay actor, then stops.
 
+    A body added with `fleet embodiment add` scales the same way (its onboarding actor runs its robots).
+
     Examples:
         fleet scale franka=8
         fleet scale franka=8 leap=0 --json
+        fleet scale so100=2
     """
 
     try:
-        wanted = parse_counts(counts, option="scale")
+        wanted = parse_counts(counts, option="scale", added=True)
         out = scale(wanted, address=address, namespace=namespace)
     except (FleetError, ValueError) as exc:
         fail(str(exc))

@@ -284,9 +284,26 @@ def scale(counts: dict[str, int], address: str | None = None, namespace: str = N
     Returns {"added": [ids], "removed": [final reports], "robots": {embodiment: count}}."""
     import ray  # lazily: fleet/cluster loads Ray only when an operation needs it (DESIGN)
 
-    if not all(n in EMBODIMENTS and is_int(c) and c >= 0 for n, c in counts.items()):
-        raise FleetError(f"scale: expected embodiment=count with names from {sorted(EMBODIMENTS)}, got {counts}")
-    return ray.get(_require(address, namespace).scale.remote(dict(counts)))
+    if not all(isinstance(n, str) and is_int(c) and c >= 0 for n, c in counts.items()):
+        raise FleetError(f"scale: expected embodiment=count with counts >= 0, got {counts}")
+    controller = _require(address, namespace)
+    # a body added to the running fleet (`fleet embodiment add`) has its robots run by its onboarding actor
+    onboarders = {}
+    for name in (n for n in counts if n not in EMBODIMENTS):
+        from actors.onboarder import onboarder_name  # Ray actors, only for a body beyond the pretrained four
+
+        try:
+            onboarders[name] = ray.get_actor(onboarder_name(name), namespace=namespace)
+        except ValueError:
+            known = sorted(EMBODIMENTS)
+            raise FleetError(
+                f"scale: unknown embodiment {name!r}: the fleet runs {known} and the bodies `fleet embodiment add`"
+                " gave it; add it first"
+            ) from None
+    out = ray.get(controller.scale.remote({n: c for n, c in counts.items() if n in EMBODIMENTS}))
+    for name, actor in onboarders.items():
+        out["robots"][name] = ray.get(actor.scale.remote(counts[name]))
+    return out
 
 
 def reset_estop(robot_id: str, address: str | None = None, namespace: str = NAMESPACE) -> dict:

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fleet.cluster.config import FleetConfig  # noqa: E402
-from fleet.cluster.launcher import down, status, up  # noqa: E402
+from fleet.cluster.launcher import FleetError, down, scale, status, up  # noqa: E402
 from fleet.embodiments import CATALOG  # noqa: E402
 from fleet.policy.checkpoint import save_checkpoint  # noqa: E402
 from fleet.policy.train import build_model  # noqa: E402
@@ -95,6 +95,12 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
         obs, _ = make_env("so100", seed=3).reset()
         reply = handle.act.remote(make_request("probe", "so100", obs, request_id="x")).result(timeout_s=60)
         assert reply["head_version"] >= 1 and np.asarray(reply["chunk"]).shape == (16, 6)
+        # `fleet scale` reaches an added body as it does the pretrained four; an unknown one is named
+        out = scale({"so100": 3, "franka": 1}, namespace=config.namespace)
+        assert out["robots"]["so100"] == 3 and out["robots"]["franka"] == 1 and out["added"] == []
+        assert len(onboarding_status(config.namespace)["bodies"]["so100"]["robots"]) == 3
+        with pytest.raises(FleetError, match="unknown embodiment 'so200'"):
+            scale({"so200": 1}, namespace=config.namespace)
     finally:
         try:
             ray_session.kill(ray_session.get_actor(onboarder_name("so100"), namespace=config.namespace))

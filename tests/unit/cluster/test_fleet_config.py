@@ -72,6 +72,11 @@ def test_parse_counts_is_strict():
     ]:
         with pytest.raises(ValueError, match=message):
             parse_counts(bad)
+    # `fleet scale` also takes a body added to the running fleet; the fleet says whether it has one
+    assert parse_counts(["so100=2", "franka=1"], "scale", added=True) == {"so100": 2, "franka": 1}
+    for bad in ("so-100=2", "so100=x"):
+        with pytest.raises(ValueError, match="unknown embodiment|the count"):
+            parse_counts(bad, "scale", added=True)
 
 
 def test_parse_shifts():
