@@ -142,7 +142,8 @@ class DegradationPolicy:
                 return self._go(State.PAUSED, f"novel scene and low confidence: {why}", tick, t)
             self._good_checks = 0
             if self._state is State.NORMAL:
-                return self._go(State.CONSERVATIVE, f"novel scene: {why}", tick, t)
+                novel = [r for r in conf.reasons if r.startswith("novel scene")]  # which signal saw it, once
+                return self._go(State.CONSERVATIVE, "; ".join(novel) or f"novel scene: {why}", tick, t)
             return self._state
         if low:
             return self._go(State.PAUSED, f"confidence {conf.value:.2f} < {cfg.pause_below:g}: {why}", tick, t)
