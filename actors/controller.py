@@ -41,7 +41,7 @@ async def _get(ref, timeout_s: float):
 
 def _checkpoint_stats(checkpoint: str) -> tuple[dict, dict]:
     """The per-embodiment feature and camera-image statistics in a checkpoint's JSON metadata (robots' novelty
-    detection; `fleet robust image-stats` adds the image ones)."""
+    detection; `fleet robust-image-stats` adds the image ones)."""
     meta = json.loads(Path(checkpoint).with_name(Path(checkpoint).name + ".json").read_text())
     extra = meta.get("extra") or {}
     return extra.get("feature_stats") or {}, extra.get("image_stats") or {}
