@@ -210,7 +210,7 @@ def format_openpi_table(result: dict) -> str:
     lines.append("-" * len(lines[0]))
     for r in result["results"]:
         ws = r["windows_calls_per_s"]
-        # three windows fit the column; more show as their range
+        # up to four windows fit the column; more show as their range
         windows = " ".join(f"{w:.0f}" for w in ws) if len(ws) <= 4 else f"{len(ws)}: {min(ws):.0f}-{max(ws):.0f}"
         vs = f"{r['vs_peer']:.2f}x" if r.get("vs_peer") is not None else ""
         p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.1f}"
