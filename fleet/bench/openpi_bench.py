@@ -8,7 +8,10 @@ openpi's WebsocketPolicyServer design, `infer` inline per request, no batching).
 processes (fleet/bench/openpi_load.py; openpi-client's `WebsocketClientPolicy` when --client-python names a python
 that has it) connect to both, then follow one schedule of alternating windows (openpi, peer, peer, openpi, ...:
 drift on a shared machine hits both alike), each a closed loop of `infer` calls on the same recorded simulator
-observations. Reported per N and route: the median over windows of calls/s, and latency percentiles over all calls.
+observations. Reported per N and route: the median over windows of calls/s, and latency percentiles over all calls;
+per N, the openpi/peer ratio of each adjacent pair of windows (median and a bootstrap 95 % interval). With
+--restarts K both servers start afresh K times and the windows are pooled: a process keeps the speed it starts with
+(a few percent either way on a shared VM), so one start can favour either side.
 """
 
 from __future__ import annotations
@@ -108,18 +111,26 @@ def run_openpi_bench(
     threads: int = 1,
     client_python: str | None = None,
     server: dict | None = None,
+    restarts: int = 1,
 ) -> dict:
-    """{"results": [{robots, route, calls_per_s, windows_calls_per_s, p50_ms, p99_ms, vs_peer}], "config"}."""
+    """{"results": [{robots, route, calls_per_s, windows_calls_per_s, p50_ms, p99_ms, vs_peer, paired}], "config"}.
+
+    restarts: how many times both servers are started afresh (the whole schedule runs on each pair). A
+    process's speed on this kind of machine varies by a few percent from one start to the next and stays there
+    (where its memory lands), so one pair of processes can favour either side; the windows of every restart
+    are pooled."""
     import ray
     from ray import serve
 
     from deployments.http import start_serve
-    from deployments.policy import build_app
     from fleet.embodiments import EMBODIMENTS
 
     counts = [int(n) for n in robot_counts]
-    if not counts or min(counts) < 1 or repeats < 1:
-        raise ValueError(f"robot_counts and repeats: expected positive ints, got {robot_counts!r}, {repeats!r}")
+    if not counts or min(counts) < 1 or repeats < 1 or restarts < 1:
+        raise ValueError(
+            f"robot_counts, repeats and restarts: expected positive ints, got {robot_counts!r}, {repeats!r}, "
+            f"{restarts!r}"
+        )
     names = list(embodiments or EMBODIMENTS)
     client_python = client_python or sys.executable
     token = secrets.token_urlsafe(16)
@@ -128,6 +139,45 @@ def run_openpi_bench(
         os.environ.setdefault("RAY_worker_niceness", "0")  # as serve.py: a niced replica would lose to the peer
         ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=max(2, os.cpu_count() or 2))
     start_serve(port=None)
+    outs: dict[int, list[list[dict]]] = {n: [] for n in counts}  # per count: per restart, the clients' outputs
+    batches: dict[int, list[float]] = {n: [] for n in counts}
+    client, niceness = None, None
+    try:
+        with tempfile.TemporaryDirectory(prefix="fleet-openpi-bench-") as tmp:
+            robots = _write_obs(Path(tmp), names, max(counts))
+            for _ in range(restarts):
+                with _servers(checkpoint, threads, counts, token, server) as (handle, urls, niceness):
+                    for n in counts:
+                        before = handle.stats.remote().result()
+                        point, client = _point(n, robots, urls, token, client_python, repeats, seconds_per_point)
+                        after = handle.stats.remote().result()
+                        outs[n].append(point)
+                        if after["batches"] > before["batches"]:
+                            rows = after["rows"] - before["rows"]
+                            batches[n].append(rows / (after["batches"] - before["batches"]))
+    finally:
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+    results = []
+    for n in counts:
+        # client i's windows, restart after restart: pairs stay adjacent (each restart's schedule is whole pairs)
+        pooled = [{"windows": [w for run in outs[n] for w in run[i]["windows"]]} for i in range(n)]
+        results += _summarize(n, pooled, seconds_per_point)
+        results[-2]["server_batch"] = float(np.mean(batches[n])) if batches[n] else None
+    cfg = {"seconds_per_point": seconds_per_point, "repeats": repeats, "restarts": restarts, "threads": threads}
+    cfg |= {"client": client, "niceness": niceness}
+    return {"results": results, "config": cfg | {"embodiments": names, "cpus": os.cpu_count()}}
+
+
+@contextlib.contextmanager
+def _servers(checkpoint, threads: int, counts: list[int], token: str, server: dict | None):
+    """A fresh pair: a fleet PolicyServer replica with its openpi endpoint, and the peer process, both ready.
+    Yields (the replica's handle, {"openpi": url, "peer": url}, their niceness)."""
+    from ray import serve
+
+    from deployments.policy import build_app
+
     app_name = f"fleet-bench-openpi-{uuid.uuid4().hex[:6]}"
     openpi_port = free_port("127.0.0.1")
     peer_port = free_port("127.0.0.1", {openpi_port})
@@ -145,11 +195,9 @@ def run_openpi_bench(
     peer_cmd = [sys.executable, "-m", "fleet.bench.openpi_peer", "--port", str(peer_port), "--threads", str(threads)]
     peer_cmd += ["--token", token] + (["--checkpoint", str(checkpoint)] if checkpoint else [])
     peer = subprocess.Popen(peer_cmd, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
-    results, client, niceness = [], None, None
     try:
-        with tempfile.TemporaryDirectory(prefix="fleet-openpi-bench-") as tmp:
-            robots = _write_obs(Path(tmp), names, max(counts))
-            handle = serve.run(build_app(config), name=app_name, route_prefix=None)
+        handle = serve.run(build_app(config), name=app_name, route_prefix=None)
+        try:
             # the peer runs at the replica's niceness (Ray sets its workers' own): neither gets more of the CPU
             replica_pid = int(str(handle.stats.remote().result()["replica"]).rsplit(":", 1)[1])
             niceness = {"replica": os.getpriority(os.PRIO_PROCESS, replica_pid)}
@@ -158,26 +206,12 @@ def run_openpi_bench(
             niceness["peer"] = os.getpriority(os.PRIO_PROCESS, peer.pid)
             _wait_http(f"http://127.0.0.1:{openpi_port}/healthz")
             _wait_http(f"http://127.0.0.1:{peer_port}/healthz")
-            urls = {"openpi": f"ws://127.0.0.1:{openpi_port}", "peer": f"ws://127.0.0.1:{peer_port}"}
-            for n in counts:
-                before = handle.stats.remote().result()
-                outs, client = _point(n, robots, urls, token, client_python, repeats, seconds_per_point)
-                after = handle.stats.remote().result()
-                results += _summarize(n, outs, seconds_per_point)
-                batches = after["batches"] - before["batches"]
-                results[-2]["server_batch"] = (after["rows"] - before["rows"]) / batches if batches else None
+            yield handle, {"openpi": f"ws://127.0.0.1:{openpi_port}", "peer": f"ws://127.0.0.1:{peer_port}"}, niceness
+        finally:
+            serve.delete(app_name)
     finally:
         peer.terminate()
         peer.wait(timeout=30)
-        try:
-            serve.delete(app_name)
-        finally:
-            if started_ray:
-                serve.shutdown()
-                ray.shutdown()
-    cfg = {"seconds_per_point": seconds_per_point, "repeats": repeats, "threads": threads, "client": client}
-    cfg["niceness"] = niceness
-    return {"results": results, "config": cfg | {"embodiments": names, "cpus": os.cpu_count()}}
 
 
 def _summarize(n: int, outs: list[dict], seconds: float) -> list[dict]:
@@ -202,7 +236,28 @@ def _summarize(n: int, outs: list[dict], seconds: float) -> list[dict]:
             }
         )
     rows[0]["vs_peer"] = rows[0]["calls_per_s"] / rows[1]["calls_per_s"] if rows[1]["calls_per_s"] else None
+    rows[0]["paired"] = paired_ratio(
+        [sum(c["calls"] for c in w) for w in zip(*(o["windows"] for o in outs), strict=True)],
+        [w["route"] for w in outs[0]["windows"]],
+    )
     return rows
+
+
+def paired_ratio(calls: list[int], routes: list[str], seed: int = 0) -> dict | None:
+    """openpi / peer calls for each pair of adjacent windows (the ABBA schedule puts one of each in every
+    pair, so drift of the shared machine cancels within a pair): their median and a bootstrap 95 % interval
+    of that median over the pairs. None with fewer than 2 pairs."""
+    ratios = []
+    for k in range(0, len(calls) - 1, 2):
+        by_route = dict(zip(routes[k : k + 2], calls[k : k + 2], strict=True))
+        if set(by_route) == set(OPENPI_ROUTES) and by_route["peer"] > 0:
+            ratios.append(by_route["openpi"] / by_route["peer"])
+    if len(ratios) < 2:
+        return None
+    r = np.asarray(ratios)
+    boot = np.median(np.random.default_rng(seed).choice(r, (2000, r.size)), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"pairs": int(r.size), "median": float(np.median(r)), "ci95": [float(lo), float(hi)], "ratios": ratios}
 
 
 def format_openpi_table(result: dict) -> str:
@@ -229,8 +284,16 @@ def format_openpi_table(result: dict) -> str:
         ]
         if parts:
             lines.append(f"{n:>6} robots, server forward p50 ms: {', '.join(parts)}")
+        paired = next((r.get("paired") for r in result["results"] if r["robots"] == n and r.get("paired")), None)
+        if paired:
+            lo, hi = paired["ci95"]
+            lines.append(
+                f"{n:>6} robots, openpi/peer per window pair: median {paired['median']:.2f}x "
+                f"(95% CI {lo:.2f}-{hi:.2f}, {paired['pairs']} pairs)"
+            )
     cfg = result["config"]
     nice = cfg.get("niceness") or {}
     nice = ", ".join(f"{k} {v}" for k, v in nice.items()) or "?"
-    lines.append(f"client: {cfg['client']}; torch threads {cfg['threads']} each; nice: {nice}")
+    runs = f"; {cfg['restarts']} server starts" if cfg.get("restarts", 1) > 1 else ""
+    lines.append(f"client: {cfg['client']}; torch threads {cfg['threads']} each; nice: {nice}{runs}")
     return "\n".join(lines)

@@ -298,6 +298,14 @@ def bench_serve(
         ),
     ] = "direct",
     repeats: Annotated[int, typer.Option(min=1, help="openpi,peer: alternating windows per route and count.")] = 3,
+    restarts: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="openpi,peer: start both servers afresh this many times and pool the windows (a process's "
+            "speed varies by a few percent from one start to the next).",
+        ),
+    ] = 1,
     device: Annotated[
         str,
         typer.Option(help="Where the replica and the raw forward compute: cpu, cuda or cuda:N (ServeConfig.device)."),
@@ -323,7 +331,7 @@ def bench_serve(
         fail(f"--device: expected {DEVICE_HELP}, got {device!r}")
     routes = tuple(r.strip() for r in route.split(",") if r.strip())
     if set(routes) <= {"openpi", "peer"} and routes:
-        return _bench_openpi(robots, seconds, checkpoint, repeats, client_python, json_out)
+        return _bench_openpi(robots, seconds, checkpoint, repeats, restarts, client_python, json_out)
     if not routes or any(r not in ROUTES for r in routes):
         fail(f"--route: expected 'direct', 'handle', 'direct,handle' or 'openpi,peer', got {route!r}")
 
@@ -349,7 +357,9 @@ def bench_serve(
     show(result, json_out, format_table)
 
 
-def _bench_openpi(robots: str, seconds: float, checkpoint, repeats: int, client_python, json_out: bool) -> None:
+def _bench_openpi(
+    robots: str, seconds: float, checkpoint, repeats: int, restarts: int, client_python, json_out: bool
+) -> None:
     from fleet.bench.openpi_bench import format_openpi_table, run_openpi_bench
 
     try:
@@ -362,7 +372,9 @@ def _bench_openpi(robots: str, seconds: float, checkpoint, repeats: int, client_
         fail(f"--client-python: {client_python} does not exist")
     quiet = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
     with quiet:
-        result = run_openpi_bench(counts, seconds, repeats, checkpoint=checkpoint, client_python=client_python)
+        result = run_openpi_bench(
+            counts, seconds, repeats, checkpoint=checkpoint, client_python=client_python, restarts=restarts
+        )
     show(result, json_out, format_openpi_table)
 
 
