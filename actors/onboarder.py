@@ -105,10 +105,13 @@ class OnboardActor:
                     self.session.train_round()  # the operator's corrections since: a later version if it passes
                 else:
                     for robot in robots:
-                        corrected, _ = robot.policy_episode(
+                        corrected, ok = robot.policy_episode(
                             lambda r, rid=robot.robot_id: self._policy(r | {"robot_id": rid})
                         )
                         self.session.add_episode(corrected)
+                        ran_on = robot.last_episode["versions"]
+                        if len(ran_on) == 1:  # an episode that straddled a head swap judges neither version
+                            self.session.record_policy_episode(ran_on[0], ok, robot.last_episode["interventions"])
             except Exception as exc:  # noqa: BLE001 - keep onboarding; the status shows the error
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"

@@ -9,6 +9,12 @@ candidate clears the held-out check, then "policy" (its robots run the published
 and corrections keep feeding later rounds). The backbone and the other heads are never touched: training
 changes only the new body's token row, stem and head (fleet.learning.onboard).
 
+The rollback watch applies from v2 on, as for the pretrained bodies' learner (fleet.learning.rollout): after
+v(k) -> v(k+1), the first `watch_episodes` policy episodes of v(k+1) are judged against the newest
+`reference_episodes` of v(k) (success, and the operator's interventions per episode); a significant drop
+re-publishes v(k)'s payload as v(k+2) and training continues from v(k)'s parameters. While a rollout is
+watched, no round runs, so every verdict compares exactly two versions.
+
 `OnboardRobot` is one simulated robot of the new body as the session drives it: demonstration episodes
 through `DemonstrationLink`, policy episodes through any chunk source (the Serve handle in the fleet), both
 with the action buffer and the safety layer a fleet robot uses.
@@ -18,8 +24,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,6 +39,17 @@ from fleet.sim import make_env
 from fleet.sim.teleop import Teleoperator
 
 PHASES = ("demonstrations", "policy")
+
+
+@dataclass(frozen=True)
+class _WatchConfig:
+    """What judge_rollout reads: the plan's success drop; the learner's test level and intervention rise."""
+
+    success_drop: float
+    significance: float = 0.05
+    intervention_rise: float = 0.5
+
+
 DEMO_NOISE = 0.1  # the operator's jitter on executed demonstration actions (fleet.experiments.onboard measured why)
 CHECK_SEED = 7_000_003  # held-out check scenes: disjoint from demonstrations (robots' seeds) and evaluation
 
@@ -61,6 +79,13 @@ class OnboardSession:
         self.new_since_round = 0
         self.rounds: list[dict] = []
         self.total_demos = 0
+        # the rollback watch: per version its newest policy episodes (success, interventions); the payloads of
+        # the live version and the one before it; the rollout under watch; what it decided
+        keep = max(plan.watch_episodes, plan.reference_episodes)
+        self.outcomes: dict[int, deque[tuple[bool, int]]] = defaultdict(lambda: deque(maxlen=keep))
+        self._payloads: dict[int, bytes] = {}
+        self.watch: dict | None = None
+        self.rollouts: deque[dict] = deque(maxlen=100)
         self._lock = threading.Lock()
         self._train_lock = threading.Lock()
 
@@ -78,7 +103,7 @@ class OnboardSession:
     def due(self) -> bool:
         """Whether N new demonstrations arrived since the last round."""
         with self._lock:
-            return self.new_since_round >= self.plan.demos_per_round
+            return self.new_since_round >= self.plan.demos_per_round and self.watch is None
 
     def train_round(self, seed: int | None = None) -> dict:
         """Train the new parts on every kept demonstration, run the held-out check, publish if it passes."""
@@ -112,8 +137,11 @@ class OnboardSession:
                 version = self.version + 1
                 payload = head_to_bytes(self.model, self.name, version)
                 meta = {"onboard_round": entry["round"], "check_success": success, "demos": len(episodes)}
-                self.version = int(self.publish(payload, meta))
+                previous, self.version = self.version, int(self.publish(payload, meta))
                 self.model.head_versions[self.name] = self.version
+                self._payloads = {v: b for v, b in self._payloads.items() if v == previous} | {self.version: payload}
+                if previous >= 1:
+                    self.watch = {"version": self.version, "previous": previous, "published_at": time.time()}
                 entry["published"] = self.version
                 self.phase = "policy"
             self.rounds.append(entry)
@@ -123,6 +151,49 @@ class OnboardSession:
                 + (f"published v{entry['published']}" if passed else "not published")
             )
             return entry
+
+    def record_policy_episode(self, version: int, ok: bool, interventions: int) -> dict | None:
+        """One policy episode that ran on head `version` (success; operator overrides in it). Judges the watched
+        rollout once it has `watch_episodes` episodes: the verdict (rollout_confirmed or rollback), else None."""
+        from fleet.learning.rollout import judge_rollout
+
+        plan = self.plan
+        with self._lock:
+            self.outcomes[int(version)].append((bool(ok), int(interventions)))
+            w = self.watch
+            if w is None or int(version) != w["version"] or len(self.outcomes[version]) < plan.watch_episodes:
+                return None
+            new = list(self.outcomes[version])[: plan.watch_episodes]
+            ref = list(self.outcomes.get(w["previous"], ()))[-plan.reference_episodes :]
+        if not ref:
+            return self._decided(w, "rollout_confirmed", {"episodes": len(new)}, "no reference episodes")
+        cfg = _WatchConfig(plan.success_drop)
+        back, info, reason = judge_rollout(ref, new, cfg, self.name)
+        if not back:
+            return self._decided(w, "rollout_confirmed", info, reason)
+        with self._train_lock:  # never while a round trains the parameters this restores
+            payload = self._payloads[w["previous"]]
+            meta = {"rollback_of": w["version"], "restores": w["previous"], "reason": reason}
+            number = int(self.publish(payload, meta))
+            from fleet.policy.checkpoint import head_from_bytes  # torch: only where a model is trained
+
+            head_from_bytes(self.model, self.name, payload)
+            self.model.head_versions[self.name] = number
+            with self._lock:
+                self.version = number
+                self._payloads = {w["previous"]: payload, number: payload}
+                # the same head: its episodes carry over as the reference of the next rollout
+                self.outcomes[number].extend(self.outcomes[w["previous"]])
+        self.log(f"onboard {self.name}: v{w['version']} rolled back as v{number} (restores v{w['previous']}): {reason}")
+        return self._decided(w, "rollback", info | {"version": number, "restores": w["previous"]}, reason)
+
+    def _decided(self, w: dict, kind: str, info: dict, why: str) -> dict:
+        event = {"event": kind, "rolled_out": w["version"], "previous": w["previous"], "why": why} | info
+        event["at"] = time.time()
+        with self._lock:
+            self.watch = None
+            self.rollouts.append(event)
+        return event
 
     def check(self) -> float:
         """Held-out closed-loop success of the current parameters (scenes no demonstration used)."""
@@ -141,6 +212,10 @@ class OnboardSession:
                 "demos": self.total_demos,
                 "demos_kept": len(self.episodes),
                 "rounds": [dict(r) for r in self.rounds],
+                "watch": None
+                if self.watch is None
+                else self.watch | {"episodes": len(self.outcomes[self.watch["version"]])},
+                "rollouts": [dict(e) for e in self.rollouts],
             }
 
 
@@ -157,6 +232,7 @@ class OnboardRobot:
         self.policy_episodes = 0
         self.policy_successes = 0
         self.corrections = 0
+        self.last_episode: dict = {}
         self.teleop = Teleoperator()
 
     def _reset(self) -> dict:
@@ -186,12 +262,15 @@ class OnboardRobot:
         safety = SafetyLayer(spec)
         obs = self._reset()
         images, proprio, instr, chunks = [], [], [], []
+        versions, corrections = set(), self.corrections
         tick, info = 0, {"is_success": False}
         while True:
             if buf.needs_refill(tick):
                 reply = source({"embodiment": spec.name, "obs": obs, "obs_tick": tick})
                 chunk = np.asarray(reply["chunk"], np.float32)
                 stored = reply.get("demonstration", False)
+                if not stored and reply.get("head_version") is not None:
+                    versions.add(int(reply["head_version"]))
                 if review and not stored:
                     decision = self.teleop.review(self.env, chunk)
                     if decision.override:
@@ -215,6 +294,8 @@ class OnboardRobot:
             if term or trunc:
                 break
         ok = bool(info["is_success"])
+        # what the rollback watch reads: the head versions that drove it, the operator's overrides in it
+        self.last_episode = {"versions": sorted(versions), "interventions": self.corrections - corrections, "ok": ok}
         self.episodes += 1
         self.successes += ok
         if review:

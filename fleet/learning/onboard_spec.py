@@ -41,6 +41,12 @@ class OnboardSpec:
     # share of those episodes that must succeed for v1 to be published
     max_demos: int = 400
     # demonstrations kept (the oldest go first): bounds the learner's memory
+    watch_episodes: int = 10
+    # after v(k) -> v(k+1) (k >= 1), policy episodes of v(k+1) the rollback watch waits for before it judges
+    reference_episodes: int = 20
+    # the newest policy episodes of v(k) it compares them with (fleet.learning.rollout.judge_rollout)
+    success_drop: float = 0.15
+    # a drop in success larger than this, confirmed by a one-sided test at 5 %, re-publishes v(k) as v(k+2)
 
     def __post_init__(self) -> None:
         if not isinstance(self.spec, EmbodimentSpec):
@@ -55,6 +61,9 @@ class OnboardSpec:
         validate.check_int("onboard spec: field 'check_episodes'", self.check_episodes, lo=1, hi=1000)
         validate.check_number("onboard spec: field 'check_success'", self.check_success, lo=0.0, hi=1.0)
         validate.check_int("onboard spec: field 'max_demos'", self.max_demos, lo=self.demos_per_round, hi=100_000)
+        validate.check_int("onboard spec: field 'watch_episodes'", self.watch_episodes, lo=1, hi=10_000)
+        validate.check_int("onboard spec: field 'reference_episodes'", self.reference_episodes, lo=1, hi=10_000)
+        validate.check_number("onboard spec: field 'success_drop'", self.success_drop, lo=0.01, hi=0.99)
 
     @classmethod
     def from_dict(cls, raw: object) -> OnboardSpec:

@@ -64,8 +64,12 @@ class OpenpiServer:
         token: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
         max_frame: int = MAX_FRAME,
+        act_now: Callable[[dict], dict | None] | None = None,
     ) -> None:
+        """act_now: where the host can answer a request at once (a lone robot, PolicyServer.act_inline), the
+        reply now, or None when it must go to `act`; that path then needs no timer."""
         self._act = act
+        self._act_now = act_now
         self.specs = dict(specs)
         self._head_versions = head_versions
         self._token = token.encode() if token else None
@@ -200,8 +204,10 @@ class OpenpiServer:
         obs = openpi_wire.unpack(frame)
         request = openpi_wire.observation_to_request(obs, self.specs, embodiment, robot_id, tick)
         self.counts["requests"] += 1
-        async with asyncio.timeout(REPLY_TIMEOUT_S):  # no extra task per call, unlike wait_for on 3.11
-            reply = await self._act(request)
+        reply = self._act_now(request) if self._act_now is not None else None
+        if reply is None:
+            async with asyncio.timeout(REPLY_TIMEOUT_S):  # no extra task per call, unlike wait_for on 3.11
+                reply = await self._act(request)
         if not isinstance(reply, dict) or reply.get("error") is not None:
             raise ValueError(str(reply.get("error") if isinstance(reply, dict) else "reply: not a dict"))
         return self._to_openpi(reply)

@@ -113,3 +113,59 @@ def test_policy_episode_with_operator_review():
     # a policy that never moves strays from the operator's plan: each reviewed chunk was corrected and kept
     assert robot.corrections >= 1 and len(corrected) == robot.corrections
     assert robot.report()["policy_episodes"] == 1
+    assert robot.last_episode["versions"] == [1]
+    assert robot.last_episode["interventions"] == robot.corrections and robot.last_episode["ok"] == ok
+
+
+def _session_at_v2(**kw):
+    """A session that published v1 and then v2 (held-out check off), and what it published."""
+    model = tiny_with_so100()
+    published: list[tuple[bytes, dict]] = []
+
+    def publish(payload: bytes, meta: dict) -> int:
+        published.append((payload, meta))
+        return len(published)
+
+    session = OnboardSession(plan(check_success=0.0, watch_episodes=5, reference_episodes=10, **kw), model, publish)
+    robot = OnboardRobot("robot-so100-0", SO100, "so100", seed=0)
+    for version in (1, 2):
+        for _ in range(2):
+            session.add_episode(robot.demonstration_episode()[0])
+        assert session.train_round()["published"] == version
+        if version == 1:
+            assert session.watch is None  # v1 has nothing to roll back to
+            for _ in range(10):
+                assert session.record_policy_episode(1, True, 0) is None
+    return session, model, published
+
+
+def test_a_worse_new_version_is_rolled_back_to_the_previous_one():
+    session, model, published = _session_at_v2()
+    v1_payload = published[0][0]
+    assert session.watch == session.status()["watch"] | {"episodes": 0} or session.watch["version"] == 2
+    for _ in range(2):
+        session.add_episode(session.episodes[0])
+    assert not session.due()  # no round while a rollout is watched
+    for _ in range(4):
+        assert session.record_policy_episode(2, False, 3) is None
+    assert session.record_policy_episode(1, True, 0) is None  # an episode of another version does not count
+    event = session.record_policy_episode(2, False, 3)
+    # v2 failed 5 of 5 where v1 succeeded 11 of 11: v1's payload goes out again, as v3 (a number is never reused)
+    assert event["event"] == "rollback" and event["restores"] == 1 and event["version"] == 3
+    assert len(published) == 3 and published[2][0] == v1_payload and published[2][1]["rollback_of"] == 2
+    assert session.version == 3 and model.head_versions["so100"] == 3 and session.watch is None
+    # training continues from v1's parameters
+    ref = FleetPolicy(TINY, {"franka": EMBODIMENTS["franka"]}, default_vocabulary(["franka"]))
+    add_body_from_payload(ref, v1_payload)
+    for key, value in ref.head("so100").state_dict().items():
+        assert torch.equal(model.head("so100").state_dict()[key], value), key
+    assert session.status()["rollouts"][-1]["event"] == "rollback" and session.due()
+
+
+def test_a_new_version_that_holds_is_confirmed_and_nothing_is_published():
+    session, _, published = _session_at_v2()
+    events = [session.record_policy_episode(2, ok, 0) for ok in (True, True, True, False, True)]
+    assert events[:4] == [None] * 4 and events[4]["event"] == "rollout_confirmed"
+    assert len(published) == 2 and session.version == 2 and session.watch is None
+    with pytest.raises(ValueError, match="watch_episodes"):
+        plan(watch_episodes=0)

@@ -67,6 +67,10 @@ class FakePolicy:
 
     async def act(self, request: dict) -> dict:
         self.requests.append(request)
+        return self.answer(request)
+
+    @staticmethod
+    def answer(request: dict) -> dict:
         spec = EMBODIMENTS[request["embodiment"]]
         chunk = np.full((spec.chunk_size, spec.action_dim), request["proprio"][0], np.float32)
         return {
@@ -130,6 +134,32 @@ def test_metadata_then_actions_the_openpi_way(server):
     assert req["image"].shape == (64, 64, 3) and req["image"].dtype == np.uint8 and req["image"][32, 32, 0] == 200
     assert req["proprio"].dtype == np.float32 and req["instruction"] == "pick up the red cube"
     assert [r["obs_tick"] for r in policy.requests] == [0, 1, 2] and len({r["robot_id"] for r in policy.requests}) == 1
+
+
+def test_act_now_answers_without_the_queue_and_none_falls_back_to_it():
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    queued, inline = FakePolicy(), []
+
+    def act_now(request: dict) -> dict | None:
+        # PolicyServer.act_inline answers a lone robot at once; here every other call must queue
+        inline.append(request)
+        if len(inline) % 2 == 0:
+            return None
+        return FakePolicy.answer(request) | {"head_version": 4}
+
+    srv = OpenpiServer(queued.act, EMBODIMENTS, lambda: dict.fromkeys(EMBODIMENTS, 3), act_now=act_now)
+    host, port = asyncio.run_coroutine_threadsafe(srv.start("127.0.0.1", 0), loop).result(10)
+    try:
+        client = Client(f"ws://{host}:{port}/franka")
+        versions = [client.infer(franka_obs())["head_version"] for _ in range(4)]
+        client.close()
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert versions == [4, 3, 4, 3] and len(inline) == 4 and len(queued.requests) == 2
 
 
 def test_embodiment_key_numpy_scalars_and_chw_float_images(server):

@@ -213,10 +213,11 @@ class _BatchKnobs:
     """Stands in for the @serve.batch method's setters."""
 
     def __init__(self) -> None:
-        self.max_batch_size, self.timeout_s = None, None
+        self.max_batch_size, self.timeout_s, self.sets = None, None, 0
 
     def set_max_batch_size(self, n: int) -> None:
         self.max_batch_size = n
+        self.sets += 1
 
     def set_batch_wait_timeout_s(self, s: float) -> None:
         self.timeout_s = s
@@ -227,10 +228,12 @@ def test_gather_waits_only_for_robots_that_are_active() -> None:
 
     server = object.__new__(PolicyServer.func_or_class)
     server.config = ServeConfig.from_dict({"gather_s": 0.004, "active_window_s": 0.2, "max_batch_size": 8})
-    server._seen = {}
+    server._seen, server._batch_plan = {}, None
     server.act = knobs = _BatchKnobs()
     server._plan_next_batch([request("franka", 0)])
     assert (knobs.max_batch_size, knobs.timeout_s) == (1, 0.0)  # one robot: its next batch leaves at once
+    server._plan_next_batch([request("franka", 0)])
+    assert knobs.sets == 1  # the same plan again: Serve's setters are not called again
     server._plan_next_batch([request("franka", i) for i in range(5)] + ["not a request"])
     assert (knobs.max_batch_size, knobs.timeout_s) == (5, 0.004)  # waits up to 4 ms for all five
     server._plan_next_batch([request("franka", i) for i in range(20)])
@@ -278,7 +281,7 @@ def test_a_lone_robot_skips_the_queue_and_any_other_request_joins_it() -> None:
     def server(queued: int = 0, **cfg):
         s = object.__new__(PolicyServer.func_or_class)
         s.config = ServeConfig.from_dict({"active_window_s": 0.2} | cfg)
-        s._seen, s.act, s.runtime = {}, _QueuedAct(queued), _InlineRuntime()
+        s._seen, s._batch_plan, s.act, s.runtime = {}, None, _QueuedAct(queued), _InlineRuntime()
         s.act.after = s._plan_next_batch
         return s
 
@@ -296,6 +299,9 @@ def test_a_lone_robot_skips_the_queue_and_any_other_request_joins_it() -> None:
     assert via(server(forward_thread=True), 0) == "queue"
     assert via(server(batch_wait_timeout_s=0.002), 0) == "queue"  # a configured wait: the queue's rules
     assert via(server(gather_s=0.0), 0) == "inline"  # robots are tracked even with gather off
+    s = server()
+    assert s.act_inline(request("franka", 0)) == {"via": "inline"}  # the openpi endpoint's timer-free path
+    assert s.act_inline(request("franka", 1)) is None and s.act.calls == []  # the caller must use the queue
 
 
 def test_the_config_imports_no_torch() -> None:
