@@ -49,7 +49,8 @@ def experiment_adapt(
 
     Examples:
         fleet experiment adapt --shift actuator_bias --out runs/adapt_bias
-        fleet experiment adapt --shift novel_object --episodes 20 --points 20,50 --json
+        fleet experiment adapt --shift novel_object --episodes 20 \\
+            --points 20,50 --json
     """
     # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
     from fleet.experiments.adapt import format_table, run_adapt_experiment

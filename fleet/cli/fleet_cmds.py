@@ -168,10 +168,12 @@ def up_cmd(
     Examples:
         fleet up
         fleet up --robots franka=16,aloha=16,hello=16,leap=16 --realtime
-        fleet up --robots franka=2 --sim --duration 30 --shift franka:actuator_bias
-        fleet up --shift franka:actuator_bias --adapt     # head versions go up as the learner adapts
+        fleet up --robots franka=2 --sim --duration 30 \\
+            --shift franka:actuator_bias
+        fleet up --shift franka:actuator_bias --adapt    # heads adapt: v2, v3
         fleet up --config fleet.yaml --detach
-        fleet up --openpi-port 9000 --no-http --host 10.0.0.5 --token-file ~/robot.token
+        fleet up --openpi-port 9000 --no-http --host 10.0.0.5 \\
+            --token-file ~/robot.token
 
     Endpoints for robots and monitoring outside Ray (their URLs in `fleet status`; each takes the token):
     the HTTP ingress (POST /v1/act, `Authorization: Bearer TOKEN`), openpi's websocket protocol (openpi-client's

@@ -54,8 +54,10 @@ def experiment_latency(
     rtc (the request carries the plan and its committed delay; the policy continues it; no blending).
 
     Examples:
-        fleet experiment latency --embodiments leap --delays 0,2 --replan 4 --episodes 50
-        fleet experiment latency --delays 0,2,3 --replan 2,4 --episodes 200 --json --out runs/latency
+        fleet experiment latency --embodiments leap --delays 0,2 --replan 4 \\
+            --episodes 50
+        fleet experiment latency --delays 0,2,3 --replan 2,4 --episodes 200 \\
+            --json --out runs/latency
     """
     from fleet.experiments.latency import MODES, format_table, run_latency_experiment
 

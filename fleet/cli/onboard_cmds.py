@@ -124,7 +124,8 @@ def embodiment_spec(
     `fleet embodiment add --spec`.
 
     Example:
-        fleet embodiment spec so100 > so100.json && fleet embodiment add --spec so100.json
+        fleet embodiment spec so100 > so100.json
+        fleet embodiment add --spec so100.json
     """
     import json
 

@@ -40,6 +40,7 @@ def experiment_robustness(
     clutter), and per-shift AUROC of the OOD signals from each episode's first observation: the backbone
     feature distance the fleet's confidence uses, and raw-image statistics (fleet.control.image_ood).
 
+    Examples:
         fleet experiment robustness --episodes 200 --seed 3 --out runs/robustness
         fleet experiment robustness --episodes 0 --ood-episodes 100 --json
     """
@@ -95,6 +96,7 @@ def robust_finetune_cmd(
     ranges stop short of the `lighting`, `camera_offset` and `distractors` evaluation shifts). The full
     recipe with the same augmentation from scratch is `fleet pretrain --augment`.
 
+    Examples:
         fleet robust-finetune --out runs/robust
         fleet experiment robustness --checkpoint runs/robust --seed 3
     """
@@ -137,6 +139,7 @@ def image_stats_cmd(
     them in the checkpoint's metadata. `fleet up`'s robots then flag a dimmed light, a knocked camera or
     clutter from the first frame and slow down (degradation: conservative), as they do for novel features.
 
+    Examples:
         fleet robust-image-stats                      # the shipped checkpoint
         fleet robust-image-stats --checkpoint runs/robust --episodes 100
     """
