@@ -39,6 +39,8 @@ from fleet.sim import make_env
 from fleet.sim.teleop import Teleoperator
 
 PHASES = ("demonstrations", "policy")
+DEMO_NOISE = 0.1  # the operator's jitter on executed demonstration actions (fleet.experiments.onboard measured why)
+CHECK_SEED = 7_000_003  # held-out check scenes: disjoint from demonstrations (robots' seeds) and evaluation
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,6 @@ class _WatchConfig:
     success_drop: float
     significance: float = 0.05
     intervention_rise: float = 0.5
-
-
-DEMO_NOISE = 0.1  # the operator's jitter on executed demonstration actions (fleet.experiments.onboard measured why)
-CHECK_SEED = 7_000_003  # held-out check scenes: disjoint from demonstrations (robots' seeds) and evaluation
 
 
 class OnboardSession:

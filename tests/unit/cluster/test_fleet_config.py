@@ -144,3 +144,10 @@ def test_the_live_table_fits_an_80_column_terminal():
     assert header.split() == [w for h, _ in COLUMNS for w in h.split()]
     assert "franka-10  conservative" in text and "1234.5" in text and "v12" in text
     assert any(line.startswith("franka-10: policy request failed") and line.endswith("...") for line in lines)
+
+
+def test_the_live_table_says_how_to_reset_a_latched_estop():
+    robots = [{"id": "robot-franka-0", "state": "estop", "estop_latched": True}, {"id": "robot-leap-0"}]
+    table = render_table({"robots": robots, "heads": {}})
+    assert "e-stop latched: franka-0; once clear: fleet estop reset robot-franka-0" in table.caption
+    assert "e-stop" not in render_table({"robots": robots[1:], "heads": {}}).caption
