@@ -92,9 +92,7 @@ def embodiment_add(
     The spec file is one JSON object: the EmbodimentSpec fields (name, action_dim, head "token"|"flow",
     proprio_dim, action_low, action_high, max_velocity, max_force, control_hz, ...) plus "sim" (the simulator
     to drive, default the name), "like" (a pretrained body to warm-start from), "robots" (how many to start,
-    default 2), "demos_per_round" (N, default 10), "first_round_demos" and "first_round_steps" (the first round
-    waits for that many demonstrations and trains that long), "check_episodes" and "check_success" (the
-    held-out check).
+    default 2), "demos_per_round" (N, default 10), "check_episodes" and "check_success" (the held-out check).
 
     Example:
         fleet embodiment add --spec so100.json
@@ -136,8 +134,7 @@ def embodiment_spec(
 
     if name not in CATALOG:
         fail(f"name: {name!r} is not a simulated body waiting to be added; those are {sorted(CATALOG)}")
-    # the measured recipe: 100 demonstrations, then one 4000-step schedule (README, "Adding a robot body")
-    plan = OnboardSpec(spec=CATALOG[name], sim=name, like=like, first_round_demos=100, first_round_steps=4000)
+    plan = OnboardSpec(spec=CATALOG[name], sim=name, like=like)
     typer.echo(json.dumps(plan.to_dict(), indent=1))
 
 

@@ -99,12 +99,9 @@ class OnboardSession:
             self.total_demos += 1
 
     def due(self) -> bool:
-        """Whether N new demonstrations arrived since the last round (the first round: first_round_demos)."""
-        plan = self.plan
+        """Whether N new demonstrations arrived since the last round."""
         with self._lock:
-            first = not self.rounds and plan.first_round_demos is not None
-            need = plan.first_round_demos if first else plan.demos_per_round
-            return self.new_since_round >= need and self.watch is None
+            return self.new_since_round >= self.plan.demos_per_round and self.watch is None
 
     def train_round(self, seed: int | None = None) -> dict:
         """Train the new parts on every kept demonstration, run the held-out check, publish if it passes."""
@@ -117,10 +114,9 @@ class OnboardSession:
                 demos = demos.extend(e)
             seed = len(self.rounds) if seed is None else seed
             data = OnboardData.from_demos(self.model, demos)
-            steps = self.plan.steps_per_round
-            if not self.rounds and self.plan.first_round_steps is not None:
-                steps = self.plan.first_round_steps
-            report = train_new_body(self.model, self.name, data, steps=steps, batch_size=32, lr=3e-3, seed=seed)
+            report = train_new_body(
+                self.model, self.name, data, steps=self.plan.steps_per_round, batch_size=32, lr=3e-3, seed=seed
+            )
             success = self.check()
             passed = success >= self.plan.check_success
             entry = {

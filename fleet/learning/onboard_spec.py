@@ -35,12 +35,6 @@ class OnboardSpec:
     # the learner trains after every this many new demonstrations (episodes)
     steps_per_round: int = 300
     # optimizer steps per training round (backbone frozen; only the new parts)
-    first_round_demos: int | None = None
-    # the first round waits for this many demonstrations (None: demos_per_round). `fleet embodiment spec` writes
-    # 100 with first_round_steps 4000: one schedule on all of them learns far faster than short rounds on a
-    # growing set (README, "Adding a robot body")
-    first_round_steps: int | None = None
-    # optimizer steps of the first round (None: steps_per_round)
     check_episodes: int = 10
     # held-out closed-loop episodes (scenes no demonstration used) a candidate must pass before it is published
     check_success: float = 0.8
@@ -67,12 +61,6 @@ class OnboardSpec:
         validate.check_int("onboard spec: field 'check_episodes'", self.check_episodes, lo=1, hi=1000)
         validate.check_number("onboard spec: field 'check_success'", self.check_success, lo=0.0, hi=1.0)
         validate.check_int("onboard spec: field 'max_demos'", self.max_demos, lo=self.demos_per_round, hi=100_000)
-        if self.first_round_demos is not None:
-            validate.check_int(
-                "onboard spec: field 'first_round_demos'", self.first_round_demos, lo=1, hi=self.max_demos
-            )
-        if self.first_round_steps is not None:
-            validate.check_int("onboard spec: field 'first_round_steps'", self.first_round_steps, lo=1, hi=100_000)
         validate.check_int("onboard spec: field 'watch_episodes'", self.watch_episodes, lo=1, hi=10_000)
         validate.check_int("onboard spec: field 'reference_episodes'", self.reference_episodes, lo=1, hi=10_000)
         validate.check_number("onboard spec: field 'success_drop'", self.success_drop, lo=0.01, hi=0.99)

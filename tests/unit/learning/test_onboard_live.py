@@ -169,20 +169,3 @@ def test_a_new_version_that_holds_is_confirmed_and_nothing_is_published():
     assert len(published) == 2 and session.version == 2 and session.watch is None
     with pytest.raises(ValueError, match="watch_episodes"):
         plan(watch_episodes=0)
-
-
-def test_the_first_round_waits_for_its_own_count_and_trains_its_own_length():
-    session = OnboardSession(
-        plan(first_round_demos=3, first_round_steps=7, check_success=1.0), tiny_with_so100(), print
-    )
-    robot = OnboardRobot("robot-so100-0", SO100, "so100", seed=0)
-    for n in range(1, 4):
-        session.add_episode(robot.demonstration_episode()[0])
-        assert session.due() == (n == 3)  # demos_per_round is 2: only the first round waits for 3
-    assert session.train_round()["steps"] == 7
-    for n in range(1, 3):
-        session.add_episode(robot.demonstration_episode()[0])
-        assert session.due() == (n == 2)
-    assert session.train_round()["steps"] == 5  # later rounds: steps_per_round
-    with pytest.raises(ValueError, match="first_round_demos"):
-        plan(first_round_demos=500)  # more than max_demos keeps
