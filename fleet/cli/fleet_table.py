@@ -65,11 +65,11 @@ def render_table(status: dict, title: str = "fleet", width: int = 80):
         lines.append(endpoints_caption(status["endpoints"]))
     if status.get("learner") is not None:
         lines.append(learner_line(status["learner"]))
-    latched = [_short_id(r["id"]) for r in status.get("robots", []) if r.get("estop_latched")]
+    latched = [r["id"] for r in status.get("robots", []) if r.get("estop_latched")]
     if latched:
         # a latch outlives `fleet down` (log_dir/robots): say how an operator clears it
-        first = next(r["id"] for r in status["robots"] if r.get("estop_latched"))
-        lines.append(f"e-stop latched: {', '.join(latched)}; once clear: fleet estop reset {first}")
+        short = ", ".join(_short_id(rid) for rid in latched)
+        lines.append(f"e-stop latched: {short}; once clear: fleet estop reset {latched[0]}")
     lines += errors
     lines.append(LEGEND)
     table.caption = "\n".join(_clip(line, width) for line in lines)

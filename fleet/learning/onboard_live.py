@@ -26,7 +26,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 
@@ -41,15 +41,6 @@ from fleet.sim.teleop import Teleoperator
 PHASES = ("demonstrations", "policy")
 DEMO_NOISE = 0.1  # the operator's jitter on executed demonstration actions (fleet.experiments.onboard measured why)
 CHECK_SEED = 7_000_003  # held-out check scenes: disjoint from demonstrations (robots' seeds) and evaluation
-
-
-@dataclass(frozen=True)
-class _WatchConfig:
-    """What judge_rollout reads: the plan's success drop; the learner's test level and intervention rise."""
-
-    success_drop: float
-    significance: float = 0.05
-    intervention_rise: float = 0.5
 
 
 class OnboardSession:
@@ -165,7 +156,9 @@ class OnboardSession:
             ref = list(self.outcomes.get(w["previous"], ()))[-plan.reference_episodes :]
         if not ref:
             return self._decided(w, "rollout_confirmed", {"episodes": len(new)}, "no reference episodes")
-        cfg = _WatchConfig(plan.success_drop)
+        from fleet.learning.learner import LearnerConfig  # the learner's test level and intervention rise
+
+        cfg = replace(LearnerConfig(), success_drop=plan.success_drop)
         back, info, reason = judge_rollout(ref, new, cfg, self.name)
         if not back:
             return self._decided(w, "rollout_confirmed", info, reason)
