@@ -40,12 +40,21 @@ def experiment_adapt(
         str, typer.Option(help="Where each round's training steps run: cpu, cuda or cuda:N (AdaptConfig.device).")
     ] = "cpu",
     threads: Annotated[int, typer.Option(min=1, help="torch threads (2 only on an otherwise idle machine).")] = 1,
+    vision: Annotated[
+        bool,
+        typer.Option(
+            "--vision/--no-vision",
+            help="Corrections made on frames the encoder never saw (a dimmer light, a knocked camera) fit the "
+            "robot's image adapter instead of training the head (fleet.learning.vision_round).",
+        ),
+    ] = True,
     json_out: JsonOpt = False,
     out: Annotated[Path | None, typer.Option("--out", help="Directory for adapt.png and adapt.json.")] = None,
 ) -> None:
     """Adapt one head to a distribution shift from teleoperator corrections: measure shifted success, adapt
     after 20, 50, ... 200 corrections (rehearsal included, published only if no worse), measure again; also
-    the work already learned and the other embodiments. Plots success against corrections.
+    the work already learned and the other embodiments. Plots success against corrections. Corrections made
+    on novel frames fit the robot's image adapter (colour and offset) instead of the head.
 
     Examples:
         fleet experiment adapt --shift actuator_bias --out runs/adapt_bias
@@ -82,6 +91,7 @@ def experiment_adapt(
             | {"max_round_seconds": round_budget or None, "device": device},
             seed=seed,
             threads=threads,
+            vision=vision,
             out=out,
             log=log,
         )

@@ -27,6 +27,7 @@ and the other embodiments' success).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from fleet.learning.round_config import AdaptConfig
 from fleet.learning.round_data import rehearsal_set
 from fleet.policy.default import load_policy
 from fleet.policy.evaluate import evaluate
+from fleet.policy.image_adapter import ImageAdapter, adapted_policy
 from fleet.policy.train import chunk_policy
 from fleet.sim import make_env, parse_shift
 from fleet.sim.teleop import TeleopConfig, Teleoperator
@@ -62,17 +64,19 @@ def collect_corrections(
     n_envs: int = 8,
     tolerance: float = 0.15,
     min_episodes: int = 0,
+    image_adapter: ImageAdapter | None = None,
 ) -> tuple[list[Correction], dict]:
     """Run the model's current head on `name` under `shift`; a scripted teleoperator reviews every new chunk
     and overrides the ones that stray (TeleopConfig tolerance), which then run instead, as on the fleet's
     robots. Returns the first `n` corrections and {"episodes", "successes", "chunks", "outcomes"}, where
     outcomes lists (success, interventions) per finished episode. With `min_episodes`, episodes go on
-    (the human still correcting, nothing more recorded) until that many finished.
+    (the human still correcting, nothing more recorded) until that many finished. `image_adapter`: the robot's,
+    applied to the frames the policy reads (the corrections keep the frames as the camera sent them).
     """
     if n < 1:
         raise ValueError(f"collect_corrections: n must be >= 1, got {n}")
     spec = get_embodiment(name)
-    policy = chunk_policy(model)
+    policy = adapted_policy(chunk_policy(model), image_adapter)
     teleop = Teleoperator(TeleopConfig(tolerance=tolerance))
     version = int(model.head_versions[name])  # of the head that runs (read here; TrainedHead writes it)
     out: list[Correction] = []
@@ -138,12 +142,14 @@ def run_adapt_experiment(
     adapt: dict | None = None,
     seed: int = 0,
     threads: int = 1,
+    vision: bool = True,
     out: Path | None = None,
     log=print,
 ) -> dict:
     """Run the experiment (see the module docstring); returns the `--json` object. `adapt` overrides
     AdaptConfig keys (e.g. {"steps": 100}); `points` are the corrections counts after which to adapt
-    and measure (increasing); `other_episodes` 0 skips measuring the other embodiments' success."""
+    and measure (increasing); `other_episodes` 0 skips measuring the other embodiments' success. `vision`:
+    corrections made on novel frames go to a vision round (the robot's image adapter) instead of the head."""
     points = _check_args(shift, points, episodes, other_episodes)
     torch.set_num_threads(threads)
     model, _ = load_policy(checkpoint)  # FileNotFoundError names the missing shipped checkpoint
@@ -161,7 +167,8 @@ def run_adapt_experiment(
     rehearsal = rehearsal_set(embodiment, rehearsal_episodes, seed=seed) if rehearsal_episodes else None
     adapter = HeadAdapter(model, embodiment, rehearsal, AdaptConfig.from_dict({"seed": seed} | dict(adapt or {})))
     log(f"rehearsal: {0 if rehearsal is None else len(rehearsal)} samples, encoded in {adapter.prepare_seconds:.1f} s")
-    curve, rounds = _adapt_along(points, model, adapter, shift, seed, success, log)
+    eyes = _VisionState.load(checkpoint, embodiment, log) if vision else None
+    curve, rounds = _adapt_along(points, model, adapter, shift, seed, success, log, eyes)
     curve = [[0, success_before], *curve]
     retained_after = success(None)
     others_after = {n: success(None, n, other_episodes) for n in others} if other_episodes else {}
@@ -178,6 +185,7 @@ def run_adapt_experiment(
         "other_heads_identical": bool(identical),
         "adapt_seconds_mean": float(np.mean([r["seconds"] for r in rounds])),
         "curve": curve,
+        "image_adapter": None if eyes is None or eyes.adapter is None else eyes.adapter.to_dict(),
     }
     if out is not None:
         details = {
@@ -217,11 +225,18 @@ class _PairedSuccess:
     def __init__(self, model, embodiment: str, episodes: int, eval_seed: int) -> None:
         self.model, self.embodiment, self.episodes, self.eval_seed = model, embodiment, episodes, eval_seed
 
-    def __call__(self, shift: str | None, name: str | None = None, n: int | None = None) -> float:
+    def __call__(
+        self,
+        shift: str | None,
+        name: str | None = None,
+        n: int | None = None,
+        image_adapter: ImageAdapter | None = None,
+    ) -> float:
         name = self.embodiment if name is None else name
         n = self.episodes if n is None else n
         torch.manual_seed(self.eval_seed)
-        return evaluate(chunk_policy(self.model), name, n, shift=shift, seed=self.eval_seed).success_rate
+        policy = adapted_policy(chunk_policy(self.model), image_adapter)
+        return evaluate(policy, name, n, shift=shift, seed=self.eval_seed).success_rate
 
 
 class _Untouched:
@@ -249,11 +264,14 @@ def _adapt_along(
     seed: int,
     success: _PairedSuccess,
     log: Callable[[str], None],
+    eyes: _VisionState | None = None,
 ) -> tuple[list[list[float]], list[dict]]:
     """Collect corrections up to each point, adapt on them, measure the shifted success: (curve, rounds).
 
     The learner's rollout watch, emulated: the teleoperated episodes that collect the next corrections are
-    the fleet's work on the newest head; their first `watch_episodes` judge it against the head before."""
+    the fleet's work on the newest head; their first `watch_episodes` judge it against the head before.
+    With `eyes`, what the corrections show picks the round (fleet.learning.vision_round): frames the
+    encoder never saw get the robot's image adapter, the rest a head round on the frames as adapted."""
     embodiment = adapter.name
     watch = LearnerConfig()
     watched: dict | None = None  # {"state", "reference"}: the head before the newest and its episodes
@@ -261,9 +279,30 @@ def _adapt_along(
     rounds: list[dict] = []
     total = 0
     for i, target in enumerate(points):
+        seen = None if eyes is None else eyes.adapter
         corrections, stats = collect_corrections(
-            model, embodiment, shift, target - total, seed=seed * 1000 + i, min_episodes=watch.watch_episodes
+            model,
+            embodiment,
+            shift,
+            target - total,
+            seed=seed * 1000 + i,
+            min_episodes=watch.watch_episodes,
+            image_adapter=seen,
         )
+        if eyes is not None:
+            vr = eyes.round(model, embodiment, corrections)
+            if vr.novel:  # the camera's view, not the behaviour: the head is left alone this round
+                total, watched = target, None
+                rate = success(shift, image_adapter=eyes.adapter)
+                curve.append([total, rate])
+                rounds.append(_vision_record(total, len(corrections), vr, eyes, rate, stats))
+                verdict = "published" if vr.published else "not published"
+                log(
+                    f"{total:>4} corrections: vision round {vr.seconds:.1f} s, adapter {verdict} ({vr.reason}); "
+                    f"shifted success {rate:.0%}"
+                )
+                continue
+            corrections = eyes.as_seen(corrections)
         rollout, outcomes = _judge_last_rollout(adapter, watched, stats["outcomes"], watch, log)
         previous = adapter.head.state()
         result = adapter.round(corrections)
@@ -272,7 +311,7 @@ def _adapt_along(
             adapter.accept(result, adapter.version + 1)
             watched = {"state": previous, "reference": outcomes}
         total = target
-        rate = success(shift)
+        rate = success(shift, image_adapter=None if eyes is None else eyes.adapter)
         curve.append([total, rate])
         rounds.append(_round_record(total, len(corrections), result, adapter.version, rate, stats, rollout))
         verdict = "published" if result.accepted else f"not published ({result.reason})"
@@ -298,12 +337,68 @@ def _judge_last_rollout(
     return rollout, watched["reference"]  # the restored head's own episodes
 
 
+class _VisionState:
+    """The experiment robot's eyes: its body's clean image statistics, its image adapter, its recent corrections."""
+
+    RECENT = 200  # corrections a vision round reads at most (the newest)
+
+    def __init__(self, stats) -> None:
+        self.stats = stats
+        self.adapter: ImageAdapter | None = None
+        self.recent: list[Correction] = []
+
+    @classmethod
+    def load(cls, checkpoint, embodiment: str, log: Callable[[str], None]) -> _VisionState | None:
+        from fleet.cluster.launcher import checkpoint_meta
+        from fleet.control.image_ood import ImageStats
+
+        _, meta = checkpoint_meta(None if checkpoint is None else str(checkpoint))
+        found = ((meta.get("extra") or {}).get("image_stats") or {}).get(embodiment)
+        if found is None:
+            log(f"no image statistics for {embodiment} in the checkpoint (fleet robust-image-stats): head rounds only")
+            return None
+        return cls(ImageStats.from_dict(found))
+
+    def round(self, model, embodiment: str, corrections: list[Correction]):
+        from fleet.learning.vision_round import vision_round
+
+        self.recent = (self.recent + list(corrections))[-self.RECENT :]
+        vr = vision_round(model, embodiment, self.recent, self.stats, current=self.adapter)
+        if vr.published:
+            self.adapter = vr.adapter
+        return vr
+
+    def as_seen(self, corrections: list[Correction]) -> list[Correction]:
+        """The corrections with the frames the policy read (through the adapter), for a head round."""
+        if self.adapter is None:
+            return corrections
+        return [dataclasses.replace(c, image=self.adapter.apply(c.image)) for c in corrections]
+
+
+def _vision_record(total: int, new: int, vr, eyes: _VisionState, rate: float, stats: dict) -> dict:
+    return {
+        "corrections": total,
+        "new": new,
+        "kind": "vision",
+        "accepted": vr.published,
+        "reason": vr.reason,
+        "seconds": vr.seconds,
+        "image_adapter": None if eyes.adapter is None else eyes.adapter.to_dict(),
+        "success": rate,
+        "collect_episodes": stats["episodes"],
+        "collect_success": stats["successes"] / max(1, stats["episodes"]),
+        "previous_rollout": None,
+        "metrics": vr.to_dict(),
+    }
+
+
 def _round_record(
     total: int, new: int, result: RoundResult, version: int, rate: float, stats: dict, rollout: dict | None
 ) -> dict:
     return {
         "corrections": total,
         "new": new,
+        "kind": "head",
         "accepted": result.accepted,
         "reason": result.reason,
         "seconds": result.seconds,

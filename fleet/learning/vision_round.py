@@ -1,0 +1,146 @@
+"""A round that adapts what one robot's camera shows, instead of the head: the learner's choice for novel frames.
+
+    result = vision_round(model, "franka", corrections, stats)   # one robot's corrections, its body's ImageStats
+    if result.published: registry.set_image_adapter(robot_id, result.adapter.to_dict())
+
+What the corrections show decides the round. When the frames they carry look like the clean rig (median image
+distance at most `novelty`, the threshold at which robots call a scene novel), the operator corrected the
+*behaviour*: that is the head's work (fleet.learning.head_adapter). When they do not, the camera sees a view
+the frozen encoder never saw (a dimmer light, a knocked camera), and no head round can undo that: the round
+fits the robot's `ImageAdapter` to its frames (fleet.policy.image_adapter, no labels used) and then checks it
+on the shifted work itself, the corrections: the behaviour-cloning loss of the operator's corrected chunks
+must fall by at least `min_gain` with the new adapter (against the robot's current one), and the adapted
+frames must look in distribution again. A round that fails either is not published, so an adapter that
+would make the shifted work worse never runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fleet.policy.image_adapter import ImageAdapter, fit_image_adapter
+
+NOVELTY = 3.0  # fleet.control.confidence.ConfidenceConfig.novelty_threshold: robots call a scene novel above it
+MIN_FRAMES = 10  # corrections a vision round needs (fewer: the frames' median says too little)
+MIN_GAIN = 0.05  # the corrections' loss must fall by this share with the adapter
+
+
+@dataclass
+class VisionRound:
+    embodiment: str
+    frames: int
+    distance: float  # median image distance of the corrections' frames as the policy saw them
+    novel: bool  # distance > novelty: a view the encoder never saw, the adapter's work, not the head's
+    adapter: ImageAdapter | None = None
+    distance_after: float | None = None  # mean image distance of the adapted frames (fit_image_adapter)
+    loss_without: float | None = None  # behaviour-cloning loss of the corrected chunks as the policy saw them
+    loss_with: float | None = None  # ... on the adapted frames
+    published: bool = False
+    reason: str = ""
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "embodiment": self.embodiment,
+            "frames": self.frames,
+            "distance": self.distance,
+            "novel": self.novel,
+            "adapter": None if self.adapter is None else self.adapter.to_dict(),
+            "distance_after": self.distance_after,
+            "loss_without": self.loss_without,
+            "loss_with": self.loss_with,
+            "published": self.published,
+            "reason": self.reason,
+            "seconds": self.seconds,
+        }
+
+
+def frames_of(corrections) -> np.ndarray:
+    """(N, H, W, 3) uint8: the camera frames the corrections were made on, as the robot sent them."""
+    return np.stack([np.asarray(c.image, np.uint8) for c in corrections])
+
+
+def correction_loss(model, name: str, corrections, adapter: ImageAdapter | None = None, seed: int = 0) -> float:
+    """Mean behaviour-cloning loss of the corrections' corrected chunks (the head's own loss; flow heads draw
+    their noise from `seed`, so two calls differ only by the frames), with `adapter` on the frames."""
+    obs = []
+    for c in corrections:
+        image = np.asarray(c.image, np.uint8)
+        obs.append(
+            {
+                "image": image if adapter is None else adapter.apply(image),
+                "proprio": c.proprio,
+                "instruction": c.instruction,
+            }
+        )
+    was_training = model.training
+    model.eval()
+    total, rows = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(obs), 64):
+                part = corrections[start : start + 64]
+                batch = model.collate(obs[start : start + 64], [name] * len(part), [c.corrected_chunk for c in part])
+                loss, _ = model.action_loss(batch, torch.Generator().manual_seed(seed + start))
+                total += float(loss) * len(part)
+                rows += len(part)
+    finally:
+        model.train(was_training)
+    return total / max(rows, 1)
+
+
+def vision_round(
+    model,
+    name: str,
+    corrections,
+    stats,
+    current: ImageAdapter | None = None,
+    novelty: float = NOVELTY,
+    min_frames: int = MIN_FRAMES,
+    min_gain: float = MIN_GAIN,
+) -> VisionRound:
+    """Decide and, for novel frames, fit and check one robot's image adapter; see the module doc. `corrections`
+    are one robot's (fleet.data.correction.Correction or anything with image, proprio, instruction and
+    corrected_chunk), `stats` its body's clean ImageStats, `current` the robot's adapter now served (None: none).
+    The decision reads the frames as the policy sees them (through `current`); the fit starts from the frames
+    as sent, and the check compares the new adapter with `current`."""
+    t0 = time.perf_counter()
+    corrections = list(corrections)
+    if not corrections:
+        raise ValueError("vision_round: no corrections")
+    frames = frames_of(corrections)
+    seen = frames if current is None else current.apply(frames)
+    distance = float(np.median([stats.distance(f) for f in seen]))
+    result = VisionRound(name, len(frames), distance, distance > novelty)
+    if not result.novel:
+        result.reason = f"frames in distribution (image distance {distance:.2f} <= {novelty:g}): the head's work"
+    elif len(frames) < min_frames:
+        result.reason = f"novel frames, but {len(frames)} corrections < {min_frames}: wait for more"
+    else:
+        fit = fit_image_adapter(frames, stats)
+        result.adapter, result.distance_after = fit.adapter, fit.distance_after
+        result.loss_without = correction_loss(model, name, corrections, current)
+        result.loss_with = correction_loss(model, name, corrections, fit.adapter)
+        if fit.distance_after > novelty:
+            result.reason = f"adapted frames still novel (image distance {fit.distance_after:.2f} > {novelty:g})"
+        elif result.loss_with > result.loss_without * (1.0 - min_gain):
+            result.reason = (
+                f"corrections' loss {result.loss_without:.3f} -> {result.loss_with:.3f} with the adapter: "
+                f"not {min_gain:.0%} better"
+            )
+        else:
+            result.published = True
+            result.reason = (
+                f"image distance {distance:.1f} -> {fit.distance_after:.1f}, corrections' loss "
+                f"{result.loss_without:.3f} -> {result.loss_with:.3f}"
+            )
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+__all__ = ["NOVELTY", "VisionRound", "correction_loss", "frames_of", "vision_round"]

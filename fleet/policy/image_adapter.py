@@ -1,0 +1,160 @@
+"""Per-robot image adapters: a robot's camera frames mapped back onto the rig the policy was trained on.
+
+A dimmer, warmer light or a camera knocked by a few pixels changes every frame a robot sends, and a
+head-only round cannot undo it: the frozen vision encoder sees a view it never saw (issue 19). An
+`ImageAdapter` is eight numbers owned by one robot: a whole-pixel offset (dx, dy) and a colour gain and bias
+per channel. The policy server applies it to that robot's frames before anything else reads them, so every
+backend serves it, while the shared weights and every other robot's frames stay bit-identical.
+
+    adapter = fit_image_adapter(frames, stats)   # frames: the robot's recent camera images (its corrections')
+    adapter.adapter.apply(image)                  # (H, W, 3) uint8 -> (H, W, 3) uint8, what the policy reads
+
+`fit_image_adapter` registers the frames to the statistics of the clean rig (`fleet.control.image_ood`,
+shipped in the checkpoint as `extra.image_stats`): for every offset within `radius` pixels it shifts the
+frames (uncovered pixels repeat the edge), matches each channel's mean and spread to the clean frames',
+and keeps the offset whose result is closest to the clean statistics (the mean image distance). Nothing but
+the robot's own frames is needed, so it works from the first few corrections; whether the adapter may be
+served is a separate question that `fleet.learning.vision_round` answers on the corrections themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_SHIFT = 16  # pixels: a larger offset is not a bumped camera but another camera
+GAIN_RANGE = (0.2, 5.0)
+SEARCH_RADIUS = 6  # offsets tried by fit_image_adapter, each way
+FIT_FRAMES = 32  # frames fit_image_adapter reads at most (evenly spread over those given)
+
+
+@dataclass(frozen=True)
+class ImageAdapter:
+    """out(y, x) = clip(gain * in(y + dy, x + dx) + bias) per channel, in [0, 1] image units; edges repeat."""
+
+    dx: int = 0
+    dy: int = 0
+    gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def __post_init__(self) -> None:
+        for field in ("dx", "dy"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or abs(int(v)) > MAX_SHIFT:
+                raise ValueError(f"ImageAdapter.{field}: expected an int in [-{MAX_SHIFT}, {MAX_SHIFT}], got {v!r}")
+            object.__setattr__(self, field, int(v))
+        lo, hi = GAIN_RANGE
+        for field, ok, want in (
+            ("gain", lambda g: lo <= g <= hi, f"in [{lo}, {hi}]"),
+            ("bias", lambda b: -1.0 <= b <= 1.0, "in [-1, 1]"),
+        ):
+            raw = getattr(self, field)
+            try:
+                vals = tuple(float(x) for x in raw)
+            except (TypeError, ValueError):
+                vals = ()
+            if len(vals) != 3 or not all(math.isfinite(x) and ok(x) for x in vals):
+                raise ValueError(f"ImageAdapter.{field}: expected 3 finite numbers {want}, got {raw!r}")
+            object.__setattr__(self, field, vals)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.dx == 0 and self.dy == 0 and self.gain == (1.0, 1.0, 1.0) and self.bias == (0.0, 0.0, 0.0)
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) or (N, H, W, 3) uint8 -> the same shape, uint8."""
+        img = np.asarray(image)
+        if img.dtype != np.uint8 or img.ndim not in (3, 4) or img.shape[-1] != 3:
+            raise ValueError(f"image: expected (H, W, 3) or (N, H, W, 3) uint8, got {img.shape} {img.dtype}")
+        if self.is_identity:
+            return img
+        x = shift_frames(img, self.dx, self.dy).astype(np.float32)
+        x = x * np.asarray(self.gain, np.float32) + np.asarray(self.bias, np.float32) * 255.0
+        return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+    def to_dict(self) -> dict:
+        return {"dx": self.dx, "dy": self.dy, "gain": list(self.gain), "bias": list(self.bias)}
+
+    @classmethod
+    def from_dict(cls, d: object) -> ImageAdapter:
+        if not isinstance(d, dict):
+            raise ValueError(f"image adapter: expected a dict with dx, dy, gain, bias, got {type(d).__name__}")
+        unknown = set(d) - {"dx", "dy", "gain", "bias"}
+        if unknown:
+            raise ValueError(f"image adapter: unknown keys {sorted(unknown)}; expected dx, dy, gain, bias")
+        return cls(**d)
+
+
+def shift_frames(images: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """out(y, x) = in(y + dy, x + dx) over the last-but-one two axes (H, W); uncovered pixels repeat the edge."""
+    if dx == 0 and dy == 0:
+        return images
+    h, w = images.shape[-3], images.shape[-2]
+    ys = np.clip(np.arange(h) + dy, 0, h - 1)
+    xs = np.clip(np.arange(w) + dx, 0, w - 1)
+    return np.take(np.take(images, ys, axis=-3), xs, axis=-2)
+
+
+def _channel_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over frames of each frame's per-channel mean and spread, x (N, H, W, 3) in [0, 1]."""
+    flat = x.reshape(x.shape[0], -1, 3)
+    return flat.mean(1).mean(0), flat.std(1).mean(0)
+
+
+@dataclass(frozen=True)
+class AdapterFit:
+    adapter: ImageAdapter
+    distance_before: float  # mean image distance of the frames as they came (about 1 on the clean rig)
+    distance_after: float  # ... after the adapter
+    frames: int
+
+
+def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) -> AdapterFit:
+    """The adapter that brings `images` (N, H, W, 3) uint8, N >= 1, closest to `stats` (an ImageStats of
+    the clean rig): offsets within `radius` pixels, each with the colour moments matched; see the module doc."""
+    imgs = np.asarray(images)
+    if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[0] < 1 or imgs.shape[-1] != 3:
+        raise ValueError(f"images: expected (N>=1, H, W, 3) uint8, got {imgs.shape} {imgs.dtype}")
+    if not isinstance(radius, int) or not 0 <= radius <= MAX_SHIFT:
+        raise ValueError(f"radius: expected an int in [0, {MAX_SHIFT}], got {radius!r}")
+    if len(imgs) > FIT_FRAMES:
+        imgs = imgs[np.linspace(0, len(imgs) - 1, FIT_FRAMES).round().astype(int)]
+    clean_mean, clean_std = np.asarray(stats.stats.mean[:3]), np.asarray(stats.stats.mean[3:6])
+    lo, hi = GAIN_RANGE
+
+    def mean_distance(frames: np.ndarray) -> float:
+        return float(np.mean([stats.distance(f) for f in frames]))
+
+    before = mean_distance(imgs)
+    best: tuple[float, ImageAdapter] | None = None
+    x = imgs.astype(np.float32) / 255.0
+    offsets = sorted(
+        ((dx, dy) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)),
+        key=lambda o: (abs(o[0]) + abs(o[1]), o),
+    )
+    for dx, dy in offsets:  # nearest first: a tie goes to the smaller offset, the data did not ask for more
+        mean, std = _channel_moments(shift_frames(x, dx, dy))
+        gain = np.clip(clean_std / np.maximum(std, 1e-3), lo, hi)
+        bias = np.clip(clean_mean - gain * mean, -1.0, 1.0)
+        adapter = ImageAdapter(dx, dy, tuple(gain.tolist()), tuple(bias.tolist()))
+        d = mean_distance(adapter.apply(imgs))
+        if best is None or d < best[0] - 1e-9:
+            best = (d, adapter)
+    assert best is not None
+    return AdapterFit(best[1], before, best[0], int(len(imgs)))
+
+
+def adapted_policy(policy, adapter: ImageAdapter | None):
+    """A ChunkPolicy (observations, names) -> chunks that reads every frame through `adapter` (None: `policy`)."""
+    if adapter is None or adapter.is_identity:
+        return policy
+
+    def act(observations, names):
+        return policy([{**o, "image": adapter.apply(np.asarray(o["image"]))} for o in observations], names)
+
+    return act
+
+
+__all__ = ["AdapterFit", "ImageAdapter", "adapted_policy", "fit_image_adapter", "shift_frames"]
