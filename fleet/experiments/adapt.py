@@ -291,17 +291,18 @@ def _adapt_along(
         )
         if eyes is not None:
             vr = eyes.round(model, embodiment, corrections)
-            if vr.novel:  # the camera's view, not the behaviour: the head is left alone this round
+            if vr.novel and vr.published:  # the camera's view, not the behaviour: the head is left alone
                 total, watched = target, None
                 rate = success(shift, image_adapter=eyes.adapter)
                 curve.append([total, rate])
                 rounds.append(_vision_record(total, len(corrections), vr, eyes, rate, stats))
-                verdict = "published" if vr.published else "not published"
                 log(
-                    f"{total:>4} corrections: vision round {vr.seconds:.1f} s, adapter {verdict} ({vr.reason}); "
+                    f"{total:>4} corrections: vision round {vr.seconds:.1f} s, adapter published ({vr.reason}); "
                     f"shifted success {rate:.0%}"
                 )
                 continue
+            if vr.novel:  # novel frames no adapter explains (clutter, say): the head must learn them
+                log(f"     vision round not published ({vr.reason}): a head round instead")
             corrections = eyes.as_seen(corrections)
         rollout, outcomes = _judge_last_rollout(adapter, watched, stats["outcomes"], watch, log)
         previous = adapter.head.state()
