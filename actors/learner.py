@@ -78,7 +78,9 @@ class _LearnerActor:
 
         self.config = LearnerConfig.from_dict(config)
         torch.set_num_threads(self.config.threads)
-        model, _ = load_policy(checkpoint)
+        from fleet.learning.vision_round import image_stats_of  # torch: after the wait policy, like the model
+
+        model, meta = load_policy(checkpoint)
         registry = registry or {"name": HEADS, "namespace": None}
         replay = replay or {"name": REPLAY, "namespace": None}
         self.learner = Learner(
@@ -88,6 +90,7 @@ class _LearnerActor:
             self.config,
             state_dir=state_dir,
             log_fn=log.warning,  # rounds and rollbacks are rare and worth seeing in the driver's log
+            image_stats=image_stats_of(meta),
         )
         self.started_at = time.time()
         self.loop_errors = 0

@@ -81,6 +81,7 @@ class PolicyServer:
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="policy")
         self._swap_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-swap")
         self._refused: dict[tuple[str, int], str] = {}  # (head, version) -> why this replica will not install it
+        self._adapters_refused = -1  # version of an image-adapter table this replica refused: not asked again
         self._poll_error: str | None = None
         self._seen: dict[str, float] = {}  # robot_id -> when it last asked (the gather target)
         self._endpoint: dict | None = None
@@ -225,6 +226,7 @@ class PolicyServer:
                     registry = ray.get_actor(cfg.registry, namespace=cfg.registry_namespace)
                 latest = await registry.latest.remote()
                 changed = await self._install_newer(registry, latest)
+                changed |= await self._install_image_adapters(registry)
                 if changed or time.monotonic() - reported >= REPORT_EVERY_S:
                     # also how robots find this replica's direct socket (HeadStore.endpoints), and how the
                     # learner learns that a head was installed everywhere or refused somewhere
@@ -243,6 +245,20 @@ class PolicyServer:
                 logger.exception("head poll failed; trying again")
                 wait = max(wait, 1.0)
             await asyncio.sleep(wait)
+
+    async def _install_image_adapters(self, registry) -> bool:
+        """The robots' image adapters, when the registry's table changed (one small reply otherwise)."""
+        known = max(self.runtime.image_adapters_version, self._adapters_refused)
+        got = await registry.image_adapters.remote(known)
+        if got is None:
+            return False
+        try:
+            self.runtime.set_image_adapters(got["adapters"], got["version"])
+            logger.info("image adapters v%d: %d robots", got["version"], len(got["adapters"]))
+        except (ValueError, KeyError, TypeError) as exc:  # a table that does not validate: keep the old one
+            self._adapters_refused = int(got.get("version", 0)) if isinstance(got, dict) else 0
+            logger.error("refused image adapters v%s: %s", self._adapters_refused, exc)
+        return True
 
     async def _install_newer(self, registry, latest: dict[str, int]) -> bool:
         loop = asyncio.get_running_loop()

@@ -19,8 +19,15 @@ For one embodiment and one shift:
 Every success measurement runs the same unseen evaluation episodes (paired), so the curve's steps are
 the head's doing, not the scenes'.
 
+With image statistics in the checkpoint (`extra.image_stats`), what the corrections show picks each round
+(fleet.learning.vision_round): corrections made on frames the encoder never saw (a dimmer light, a knocked
+camera) fit the robot's image adapter, checked on those corrections, and the head is left alone; the
+shifted success is then measured through the adapter, the unshifted work without it (other robots' frames
+are untouched). Novel frames no adapter explains (clutter) go to a head round as before.
+
 `--json` prints {"embodiment", "shift", "success_before", "success_after_20", "success_after_50",
-"retained_before", "retained_after", "other_heads_identical", "adapt_seconds_mean", "curve"}; `--out`
+"retained_before", "retained_after", "other_heads_identical", "adapt_seconds_mean", "curve",
+"image_adapter"} (the robot's adapter at the end, or null); `--out`
 writes adapt.png (success against corrections) and adapt.json (that object plus every round's metrics
 and the other embodiments' success).
 """

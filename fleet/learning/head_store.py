@@ -8,6 +8,10 @@ The HeadRegistry actor (actors/heads.py) is this class on Ray. The learner publi
 replica polls `latest()` and installs what is newer. Versions only ever increase: a rollback re-publishes an
 earlier payload under a new number. With `persist_dir`, each version is written (fleet.durable: temporary
 name, fsync, rename) before `publish` returns, and a restarted store reloads them.
+
+It also keeps each robot's image adapter (fleet.policy.image_adapter: the colour and offset that bring its
+camera back to the rig's), one table with one version number: the learner sets an entry, replicas poll
+`image_adapters(known_version)` and apply each robot's to its own frames only.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from fleet.durable import write_bytes_atomic
+from fleet.durable import write_bytes_atomic, write_text_atomic
 from fleet.learning.head_check import check_head_payload
 from fleet.validate import check_int
 
@@ -26,6 +30,9 @@ MAX_PAYLOAD_BYTES = 64 << 20
 # a head is < 2 MB; anything far larger is a mistake, not a head
 MAX_VERSIONS = 100
 # versions kept per head (in memory and on disk); the oldest go first
+MAX_IMAGE_ADAPTERS = 4096
+# robots with an image adapter; a flood of robot ids beyond it is refused, never grows the table
+ADAPTERS_FILE = "image_adapters.json"
 FORGET_REPLICA_S = 3600.0
 # a replica that has not reported for this long is forgotten (restarted replicas get new ids)
 
@@ -41,9 +48,12 @@ class HeadStore:
         self._checked: dict[str, dict] = {}  # name -> check_head_payload of its newest version: the next must match
         self.refused_publishes = 0
         self.skipped_at_load: list[str] = []  # persisted files that could not be loaded (torn, foreign, corrupt)
+        self._adapters: dict[str, dict] = {}  # robot id -> {"adapter": ImageAdapter dict, "meta", "set_at"}
+        self._adapters_version = 0
         if self.persist_dir is not None:
             self.persist_dir.mkdir(parents=True, exist_ok=True)
             self._reload()
+            self._reload_adapters()
 
     # ----- persistence ---------------------------------------------------------------------------
     def _reload(self) -> None:
@@ -214,3 +224,70 @@ class HeadStore:
 
     def check_health(self) -> bool:
         return True
+
+    # ----- per-robot image adapters --------------------------------------------------------------
+    def _reload_adapters(self) -> None:
+        path = self.persist_dir / ADAPTERS_FILE
+        if not path.exists():
+            return
+        try:
+            saved = json.loads(path.read_text())
+            table = {str(r): self._checked_adapter_entry(r, e) for r, e in dict(saved["robots"]).items()}
+            self._adapters, self._adapters_version = table, int(saved["version"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.skipped_at_load.append(f"{path}: {type(exc).__name__}: {exc}")
+
+    @staticmethod
+    def _checked_adapter_entry(robot_id: object, entry: object) -> dict:
+        from fleet.policy.image_adapter import ImageAdapter  # numpy only
+
+        if not isinstance(entry, dict) or "adapter" not in entry:
+            raise ValueError(f"image adapter of {robot_id!r}: expected {{'adapter': ..., 'meta': ...}}")
+        return {
+            "adapter": ImageAdapter.from_dict(entry["adapter"]).to_dict(),
+            "meta": dict(entry.get("meta") or {}),
+            "set_at": float(entry.get("set_at", time.time())),
+        }
+
+    def set_image_adapter(self, robot_id: str, adapter: dict | None, meta: dict | None = None) -> int:
+        """Set (or with None remove) robot `robot_id`'s image adapter (an ImageAdapter dict, validated); returns
+        the table's new version. Durable before it returns when persisting."""
+        if not isinstance(robot_id, str) or not robot_id or len(robot_id) > 200:
+            raise ValueError(f"set_image_adapter: robot_id must be a non-empty string, got {robot_id!r}")
+        table = dict(self._adapters)
+        if adapter is None:
+            if robot_id not in table:
+                return self._adapters_version
+            del table[robot_id]
+        else:
+            if robot_id not in table and len(table) >= MAX_IMAGE_ADAPTERS:
+                raise ValueError(f"set_image_adapter: already {MAX_IMAGE_ADAPTERS} robots with an adapter")
+            entry = self._checked_adapter_entry(robot_id, {"adapter": adapter, "meta": meta, "set_at": time.time()})
+            try:
+                json.dumps(entry, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"set_image_adapter {robot_id!r}: meta must be plain JSON ({exc})") from None
+            table[robot_id] = entry
+        version = self._adapters_version + 1
+        if self.persist_dir is not None:
+            text = json.dumps({"version": version, "robots": table})
+            write_text_atomic(self.persist_dir / ADAPTERS_FILE, text)
+        self._adapters, self._adapters_version = table, version
+        return version
+
+    def image_adapters(self, known_version: int | None = None) -> dict | None:
+        """{"version", "adapters": {robot id: ImageAdapter dict}}, or None when `known_version` is current
+        (a replica's poll costs one small reply)."""
+        if known_version is not None and known_version == self._adapters_version:
+            return None
+        return {
+            "version": self._adapters_version,
+            "adapters": {r: dict(e["adapter"]) for r, e in self._adapters.items()},
+        }
+
+    def image_adapter_history(self) -> dict[str, dict]:
+        """{robot id: {"adapter", "meta", "set_at"}}: what `fleet status` and the learner show."""
+        return {
+            r: {"adapter": dict(e["adapter"]), "meta": dict(e["meta"]), "set_at": e["set_at"]}
+            for r, e in self._adapters.items()
+        }

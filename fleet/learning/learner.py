@@ -83,6 +83,9 @@ class LearnerConfig:
     # torch intra-op threads of the learner
     adapt: dict = field(default_factory=dict)
     # fleet.learning.round_config.AdaptConfig keys, e.g. {"steps": 100}
+    vision: bool = True
+    # corrections one robot made on frames the encoder never saw fit that robot's image adapter instead of
+    # training the head (fleet.learning.vision_round); needs the checkpoint's image statistics
 
     def __post_init__(self) -> None:
         f = "LearnerConfig."
@@ -101,6 +104,8 @@ class LearnerConfig:
             if isinstance(self.embodiments, str) or not all(isinstance(e, str) for e in self.embodiments):
                 fail(f + "embodiments", "None or a list of embodiment names", self.embodiments)
             object.__setattr__(self, "embodiments", tuple(self.embodiments))
+        if not isinstance(self.vision, bool):
+            fail(f + "vision", "true or false", self.vision)
         if not isinstance(self.adapt, dict):
             fail(f + "adapt", "a mapping of AdaptConfig keys", self.adapt)
         AdaptConfig.from_dict(self.adapt)  # refuse bad adaptation keys now, not at the first round
@@ -142,7 +147,10 @@ class Learner:
         rehearsal: dict | None = None,
         state_dir: str | os.PathLike | None = None,
         log_fn=None,
+        image_stats: dict | None = None,
     ) -> None:
+        """image_stats: {body: ImageStats} of the clean rig (fleet.learning.vision_round.image_stats_of(meta));
+        with them (and config.vision) a robot's corrections on novel frames fit its image adapter."""
         self.model, self.replay, self.registry = model, replay, registry
         self.config = cfg = config or LearnerConfig()
         self.adapt_config = AdaptConfig.from_dict(cfg.adapt)
@@ -156,6 +164,8 @@ class Learner:
         self.log = log_fn or log.info
         self.heads = {n: TrainedHead(model, n) for n in self.names}  # each head and its version: the one writer
         self.adapters: dict = {}
+        self.eyes = None  # fleet.learning.vision_round.RobotAdapters, built at start when there are image stats
+        self.image_stats = dict(image_stats or {}) if cfg.vision else {}
         self.saved = LearnerState(self.names, state_dir)  # cursors, history, counters: survive a restart
         self.outcomes = OutcomeLog(self.names, keep=max(cfg.reference_episodes, cfg.watch_episodes) * 4)
         self.rollouts = RolloutWatch(cfg, self.outcomes, registry, self.heads, self.saved, self.log)
@@ -202,6 +212,11 @@ class Learner:
             self._reload_earlier(adapter)
             self.adapters[name] = adapter
             self._sync_with_registry(name, int(latest.get(name, 0)))
+        if self.image_stats:
+            from fleet.learning.vision_round import RobotAdapters  # torch, like the adapters
+
+            self.eyes = RobotAdapters(self.model, self.image_stats, self.registry, self.log)
+            self.eyes.load()
         self.state = "idle"
         self.saved.save()
 
@@ -263,6 +278,14 @@ class Learner:
         if not corrections:
             self.cursors[name] = cursor
             return self.saved.event("round_skipped", name, why="no corrections held")
+        if self.eyes is not None:
+            corrections, images = self.eyes.split(name, corrections)
+            for published in images:
+                self.saved.event("image_adapter", name, **published)
+            if not corrections:  # all the camera's work this time: nothing for the head
+                self.cursors[name] = cursor
+                self.saved.save()
+                return self.saved.event("round_skipped", name, why="corrections were the camera's (image adapters)")
         adapter = self.adapters[name]
         # "adapting" lasts until the round's outcome is published or refused, so a status that reads
         # "idle" never shows a version the registry does not hold yet
@@ -340,4 +363,5 @@ class Learner:
             if last_round is None
             else {k: last_round.get(k) for k in ("event", "embodiment", "version", "seconds", "reason", "corrections")},
             "last_error": self.last_error or self.rollouts.last_error,
+            "image_adapters": {} if self.eyes is None else self.eyes.status(),
         }

@@ -17,7 +17,7 @@ would make the shifted work worse never runs.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -143,4 +143,72 @@ def vision_round(
     return result
 
 
-__all__ = ["NOVELTY", "VisionRound", "correction_loss", "frames_of", "vision_round"]
+def image_stats_of(meta: dict | None) -> dict:
+    """{body: ImageStats} from a checkpoint's metadata (`extra.image_stats`); {} when it has none."""
+    from fleet.control.image_ood import ImageStats
+
+    found = ((meta or {}).get("extra") or {}).get("image_stats") or {}
+    return {body: ImageStats.from_dict(d) for body, d in found.items()}
+
+
+class RobotAdapters:
+    """The learner's side of the robots' image adapters: each round's corrections split into the camera's work
+    (one robot's novel frames: its adapter, published to the registry) and the behaviour's (the head round,
+    on the frames as each robot's adapter shows them to the policy).
+
+        eyes = RobotAdapters(model, image_stats_of(meta), registry)
+        eyes.load()                                          # the adapters the registry already serves
+        head_corrections, published = eyes.split("franka", corrections)
+    """
+
+    def __init__(self, model, image_stats: dict, registry, log=lambda m: None) -> None:
+        self.model, self.image_stats, self.registry, self.log = model, dict(image_stats), registry, log
+        self.adapters: dict[str, ImageAdapter] = {}
+
+    def load(self) -> None:
+        got = self.registry.image_adapters()
+        if got:
+            self.adapters = {r: ImageAdapter.from_dict(d) for r, d in got["adapters"].items()}
+
+    def split(self, name: str, corrections: list) -> tuple[list, list[dict]]:
+        """(the corrections left for the head round, adapted frames in place of the raw ones; one record per
+        adapter published). Corrections on novel frames with too few of them to fit an adapter are held out:
+        a head trained on a view it cannot see properly is what made a shifted robot worse before."""
+        stats = self.image_stats.get(name)
+        if stats is None:
+            return list(corrections), []
+        by_robot: dict[str, list] = {}
+        for c in corrections:
+            by_robot.setdefault(str(c.robot_id), []).append(c)
+        keep, published = [], []
+        for robot, items in by_robot.items():
+            current = self.adapters.get(robot)
+            vr = vision_round(self.model, name, items, stats, current=current)
+            if vr.novel and vr.published:
+                info = {
+                    k: vr.to_dict()[k] for k in ("frames", "distance", "distance_after", "loss_without", "loss_with")
+                }
+                version = self.registry.set_image_adapter(robot, vr.adapter.to_dict(), {"embodiment": name} | info)
+                self.adapters[robot] = vr.adapter
+                published.append({"robot_id": robot, "table_version": int(version), **info})
+                self.log(f"learner: image adapter for {robot} ({vr.reason})")
+                continue
+            if vr.novel and vr.frames < MIN_FRAMES:
+                self.log(f"learner: {len(items)} corrections of {robot} held out of the {name} round: {vr.reason}")
+                continue
+            keep += items if current is None else [replace(c, image=current.apply(c.image)) for c in items]
+        return keep, published
+
+    def status(self) -> dict[str, dict]:
+        return {r: a.to_dict() for r, a in self.adapters.items()}
+
+
+__all__ = [
+    "NOVELTY",
+    "RobotAdapters",
+    "VisionRound",
+    "correction_loss",
+    "frames_of",
+    "image_stats_of",
+    "vision_round",
+]

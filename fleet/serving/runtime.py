@@ -82,6 +82,9 @@ class PolicyRuntime:
         self._infer_ms: deque[float] = deque(maxlen=2048)
         self._consecutive_failures = 0
         self.last_error: str | None = None
+        # robot id -> ImageAdapter: that robot's frames, and only its, pass through it (set_image_adapters)
+        self._image_adapters: dict = {}
+        self.image_adapters_version = 0
 
     # ----- inference -----------------------------------------------------------------------------
     def act_batch(self, requests: list[dict]) -> list[dict]:
@@ -91,7 +94,11 @@ class PolicyRuntime:
         valid: list[tuple[int, dict]] = []
         for i, raw in enumerate(requests):
             try:
-                valid.append((i, validate_request(raw, self.model.specs)))
+                request = validate_request(raw, self.model.specs)
+                adapter = self._image_adapters.get(request.get("robot_id"))
+                if adapter is not None:  # this robot's camera, mapped back onto the rig's (fleet.policy.image_adapter)
+                    request["image"] = adapter.apply(request["image"])
+                valid.append((i, request))
             except RequestError as exc:
                 replies[i] = self._reject(raw, str(exc))
             except Exception as exc:  # noqa: BLE001 - a request must never crash the replica
@@ -234,6 +241,29 @@ class PolicyRuntime:
         if version <= current:
             raise ValueError(f"set_head {name!r}: version {version} is not newer than the serving {current}")
 
+    def set_image_adapters(self, adapters: dict[str, dict], version: int) -> int:
+        """Serve robot id -> ImageAdapter dict (the whole table; validated, all or nothing) from now on, as table
+        `version`; returns it. Rows of robots without an entry are untouched, bit for bit."""
+        from fleet.policy.image_adapter import ImageAdapter
+
+        check_int("set_image_adapters: version", version, lo=0, expected="an int >= 0")
+        if not isinstance(adapters, dict):
+            raise ValueError(f"set_image_adapters: expected a dict robot id -> adapter, got {type(adapters).__name__}")
+        table = {}
+        for robot_id, d in adapters.items():
+            try:
+                adapter = ImageAdapter.from_dict(d)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"set_image_adapters: robot {robot_id!r}: {exc}") from None
+            if not adapter.is_identity:
+                table[str(robot_id)] = adapter
+        self._image_adapters, self.image_adapters_version = table, int(version)  # one assignment each: atomic
+        return int(version)
+
+    def image_adapters(self) -> dict[str, dict]:
+        """{robot id: ImageAdapter dict} served now."""
+        return {r: a.to_dict() for r, a in self._image_adapters.items()}
+
     def head_versions(self) -> dict[str, int]:
         """{embodiment: serving head version}."""
         with self._lock:
@@ -256,6 +286,7 @@ class PolicyRuntime:
             "backend": self.backend.name,
             "device": self.device,
             "encoder_cache": None if self.encoder_cache is None else self.encoder_cache.stats(),
+            "image_adapters": {"version": self.image_adapters_version, "robots": sorted(self._image_adapters)},
         }
 
     def health(self) -> dict:

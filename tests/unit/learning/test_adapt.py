@@ -339,8 +339,9 @@ def test_experiment_cli_prints_the_documented_json_and_plots(tmp_path):
     assert res.exit_code == 0, res.output
     obj = json.loads(res.stdout.strip().splitlines()[-1])
     keys = {"embodiment", "shift", "success_before", "success_after_20", "success_after_50", "retained_before"}
-    keys |= {"retained_after", "other_heads_identical", "adapt_seconds_mean", "curve"}
+    keys |= {"retained_after", "other_heads_identical", "adapt_seconds_mean", "curve", "image_adapter"}
     assert set(obj) == keys
+    assert obj["image_adapter"] is None  # a tiny checkpoint has no image statistics: head rounds only
     assert obj["embodiment"] == "franka" and obj["shift"] == "actuator_bias" and obj["other_heads_identical"] is True
     assert [c for c, _ in obj["curve"]] == [0, 3, 6] and obj["success_after_20"] is None
     assert obj["adapt_seconds_mean"] > 0 and (tmp_path / "out" / "adapt.png").stat().st_size > 0
