@@ -181,7 +181,7 @@ def test_frames_through_the_current_adapter_are_in_distribution(model, stats, li
     "adapter leaves the median frame at distance ~3.5 > NOVELTY, so with it as `current` the next round calls the "
     "same corrections novel again and refits",
 )
-def test_frames_through_the_fitted_adapter_are_in_distribution(model, stats, lit, lit_round):
+def test_frames_through_the_fitted_adapter_are_in_distribution(model, stats, lit, lit_round, exact_fit):
     """With the round's own adapter as the robot's current one, the same corrections are no longer novel."""
     r = vision_round(model, NAME, lit, stats, current=lit_round.adapter)
     assert not r.novel and "head" in r.reason
@@ -190,7 +190,7 @@ def test_frames_through_the_fitted_adapter_are_in_distribution(model, stats, lit
 def test_current_adapter_is_the_loss_baseline(model, stats, lit, exact_fit):
     """loss_without is the corrections' loss through the robot's current adapter, not through none."""
     current = ImageAdapter(gain=(1.3, 1.3, 1.3))  # partly brightened: the frames still novel
-    r = vision_round(model, NAME, lit, stats, current=current, novelty=NOVELTY)
+    r = vision_round(model, NAME, lit, stats, current=current)
     assert r.novel
     assert r.loss_without == pytest.approx(correction_loss(model, NAME, lit, current))
     assert r.loss_without != pytest.approx(correction_loss(model, NAME, lit, None))

@@ -70,6 +70,8 @@ def test_apply_single_frame_is_gain_bias_then_clip():
     want = np.array([[[0, 49, 251], [255, 77, 255], [20, 0, 51]]], np.uint8)  # 400 and 306 clip to 255, -31 to 0
     assert out.dtype == np.uint8 and out.shape == img.shape
     np.testing.assert_array_equal(out, want)
+    small = ImageAdapter(bias=(0.003, -0.003, 0.002)).apply(np.full((1, 1, 3), 100, np.uint8))  # +-0.765, +0.51
+    np.testing.assert_array_equal(small[0, 0], [101, 99, 101])  # rounded to the nearest level, not truncated
 
 
 def test_apply_batch_equals_apply_per_frame():
