@@ -12,7 +12,8 @@ backend serves it, while the shared weights and every other robot's frames stay 
 `fit_image_adapter` registers the frames to the statistics of the clean rig (`fleet.control.image_ood`,
 shipped in the checkpoint as `extra.image_stats`): for every offset within `radius` pixels it shifts the
 frames (uncovered pixels repeat the edge), matches each channel's mean and spread to the clean frames',
-and keeps the offset whose result is closest to the clean statistics (the mean image distance). Nothing but
+and keeps the offset whose result is closest to the clean statistics (the mean image distance; the identity
+when nothing beats the frames as they are), then refines the gain's overall scale there. Nothing but
 the robot's own frames is needed, so it works from the first few corrections; whether the adapter may be
 served is a separate question that `fleet.learning.vision_round` answers on the corrections themselves.
 """
@@ -28,6 +29,7 @@ MAX_SHIFT = 16  # pixels: a larger offset is not a bumped camera but another cam
 GAIN_RANGE = (0.2, 5.0)
 SEARCH_RADIUS = 6  # offsets tried by fit_image_adapter, each way
 FIT_FRAMES = 32  # frames fit_image_adapter reads at most (evenly spread over those given)
+GAIN_SCALES = tuple(float(s) for s in np.linspace(0.85, 1.2, 15))  # the gain's overall scale, refined last
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,12 @@ class AdapterFit:
     frames: int
 
 
+def _with_gain(dx: int, dy: int, gain: np.ndarray, mean: np.ndarray, clean_mean: np.ndarray) -> ImageAdapter:
+    """The adapter with this offset and gain whose bias puts each channel's mean at the clean rig's."""
+    bias = np.clip(clean_mean - gain * mean, -1.0, 1.0)
+    return ImageAdapter(dx, dy, tuple(float(g) for g in gain), tuple(float(b) for b in bias))
+
+
 def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) -> AdapterFit:
     """The adapter that brings `images` (N, H, W, 3) uint8, N >= 1, closest to `stats` (an ImageStats of
     the clean rig): offsets within `radius` pixels, each with the colour moments matched; see the module doc."""
@@ -128,7 +136,7 @@ def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) ->
         return float(np.mean([stats.distance(f) for f in frames]))
 
     before = mean_distance(imgs)
-    best: tuple[float, ImageAdapter] | None = None
+    best: tuple[float, ImageAdapter] = (before, ImageAdapter())  # clean frames keep the identity
     x = imgs.astype(np.float32) / 255.0
     offsets = sorted(
         ((dx, dy) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)),
@@ -137,12 +145,21 @@ def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) ->
     for dx, dy in offsets:  # nearest first: a tie goes to the smaller offset, the data did not ask for more
         mean, std = _channel_moments(shift_frames(x, dx, dy))
         gain = np.clip(clean_std / np.maximum(std, 1e-3), lo, hi)
-        bias = np.clip(clean_mean - gain * mean, -1.0, 1.0)
-        adapter = ImageAdapter(dx, dy, tuple(gain.tolist()), tuple(bias.tolist()))
+        adapter = _with_gain(dx, dy, gain, mean, clean_mean)
         d = mean_distance(adapter.apply(imgs))
-        if best is None or d < best[0] - 1e-9:
+        if d < best[0] - 1e-9:
             best = (d, adapter)
-    assert best is not None
+    # the spread ratio is biased by what the scene holds (its objects cross colour cells differently): refine
+    # the gain's overall scale at the chosen offset, keeping each channel's mean where the clean rig has it
+    fitted = best[1]
+    if not fitted.is_identity:
+        mean, _ = _channel_moments(shift_frames(x, fitted.dx, fitted.dy))
+        for scale in GAIN_SCALES:
+            gain = np.clip(np.asarray(fitted.gain) * scale, lo, hi)
+            adapter = _with_gain(fitted.dx, fitted.dy, gain, mean, clean_mean)
+            d = mean_distance(adapter.apply(imgs))
+            if d < best[0] - 1e-9:
+                best = (d, adapter)
     return AdapterFit(best[1], before, best[0], int(len(imgs)))
 
 

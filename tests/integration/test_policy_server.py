@@ -169,3 +169,24 @@ def test_published_head_reaches_every_replica_within_a_second(server) -> None:
     assert {rep for _, rep in after} == before, "every replica serves the new head"
     versions = [rep_info["versions"]["franka"] for rep_info in ray.get(registry.serving.remote()).values()]
     assert versions == [2, 2]
+
+
+def test_a_robots_image_adapter_reaches_every_replica_and_changes_only_its_frames(server) -> None:
+    """The learner's per-robot adapter, set in the registry, is served by both replicas within a poll or two;
+    the same frame from that robot and from another then reach the policy differently (its chunk may differ),
+    while the other robot's replies stay what they were."""
+    handle, registry = server
+    ray = pytest.importorskip("ray")
+    adapter = {"dx": 3, "dy": -2, "gain": [1.6, 1.6, 1.6], "bias": [-0.2, -0.1, 0.0]}
+    before = handle.act.remote(request("franka", 7) | {"robot_id": "robot-plain"}).result(timeout_s=30)
+    version = ray.get(registry.set_image_adapter.remote("robot-dim", adapter, {"by": "test"}))
+    replicas: dict[str, dict] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (len(replicas) < 2 or any(v["version"] < version for v in replicas.values())):
+        stats = handle.stats.remote().result(timeout_s=30)
+        replicas[stats["replica"]] = stats["image_adapters"]
+        time.sleep(0.05)
+    assert len(replicas) == 2 and all(v == {"version": version, "robots": ["robot-dim"]} for v in replicas.values())
+    after = handle.act.remote(request("franka", 7) | {"robot_id": "robot-plain"}).result(timeout_s=30)
+    assert np.array_equal(before["chunk"], after["chunk"])  # another robot's frames: untouched
+    ray.get(registry.set_image_adapter.remote("robot-dim", None))
