@@ -7,10 +7,12 @@ What the corrections show decides the round. When the frames they carry look lik
 distance at most `novelty`, the threshold at which robots call a scene novel), the operator corrected the
 *behaviour*: that is the head's work (fleet.learning.head_adapter). When they do not, the camera sees a view
 the frozen encoder never saw (a dimmer light, a knocked camera), and no head round can undo that: the round
-fits the robot's `ImageAdapter` to its frames (fleet.policy.image_adapter, no labels used) and then checks it
+fits the robot's `ImageAdapter` to its frames (fleet.policy.image_adapter: the image statistics place the
+offset within a pixel or two and match the colours; among the offsets nearby, with those colours or none,
+the corrections' own loss chooses the one under which the operator's chunks are most likely) and checks it
 on the shifted work itself, the corrections: the behaviour-cloning loss of the operator's corrected chunks
 must fall by at least `min_gain` with the new adapter (against the robot's current one), and the adapter
-must explain the shift (the frames' image distance at least halved, or back below the novelty threshold).
+must explain the shift (the frames' image distance down to MAX_RESIDUAL of what it was, or below novelty).
 A round that fails either is not published, so an adapter that would make the shifted work worse never
 runs. When a refit lands on the robot's adapter again, the frames are explained and what the operator still
 corrects is the head's work.
@@ -29,11 +31,37 @@ from fleet.policy.image_adapter import ImageAdapter, fit_image_adapter
 NOVELTY = 3.0  # fleet.control.confidence.ConfidenceConfig.novelty_threshold: robots call a scene novel above it
 MIN_FRAMES = 10  # corrections a vision round needs (fewer: the frames' median says too little)
 MIN_GAIN = 0.05  # the corrections' loss must fall by this share with the adapter
-MAX_RESIDUAL = 0.5  # ... and the frames' image distance to at most this share of what it was (or to novelty)
+CHOOSE_ROWS = 32  # the newest corrections whose loss chooses among the candidate adapters (up to 50 of them)
+LOSS_TOLERANCE = 0.03
+# a candidate must beat the statistics' proposal by more than this to replace it: 20 corrections under the dimmer
+# light put a 1-pixel shift 1.1 % below the right (0, 0) by chance; aloha's knocked camera put the right offset
+# 21 % below the statistics' (one pixel off), and its plain and colour-matched versions within 0.1 %
+MAX_RESIDUAL = 0.8
+# ... and the frames' image distance to at most this share of what it was (or to novelty): aloha under a (4, -3)
+# knock keeps 0.66 through the right offset (its edge strips), clutter gets no closer at all
 EXPLAINED = 0.35
 # frames through the robot's adapter at most this share of their raw distance are explained: franka under a
 # (4, -3) knock, through the right offset, 13.7 of 48.7 (0.28); dimmed, through a gain of 1.3 for 1.82, 0.42
 SAME_GAIN, SAME_BIAS = 0.05, 0.02  # a new fit this close to the robot's adapter is that adapter again
+
+
+def _choose(losses: list[tuple[float, float, ImageAdapter]], proposed: ImageAdapter) -> tuple[float, ImageAdapter]:
+    """(distance, adapter) the corrections choose among (loss, distance, adapter): the statistics' own proposal
+    unless another is clearly likelier (more than LOSS_TOLERANCE lower loss); then, among those within the
+    tolerance of the best, one that leaves the colours alone if any (the simplest), at its lowest loss."""
+    best = min(x for x, _, _ in losses)
+    near = [t for t in losses if t[0] <= best * (1.0 + LOSS_TOLERANCE)]
+    for _, d, a in near:
+        if a == proposed:
+            return d, a
+    plain = [t for t in near if _plain(t[2])]
+    _, d, a = min(plain or near, key=lambda t: t[0])
+    return d, a
+
+
+def _plain(a: ImageAdapter) -> bool:
+    """An offset only: colours left as the camera sent them."""
+    return a.gain == (1.0, 1.0, 1.0) and a.bias == (0.0, 0.0, 0.0)
 
 
 def _same(a: ImageAdapter, b: ImageAdapter) -> bool:
@@ -144,7 +172,19 @@ def vision_round(
         result.reason = f"novel frames, but {len(frames)} corrections < {min_frames}: wait for more"
     else:
         fit = fit_image_adapter(frames, stats)
-        result.adapter, result.distance_after = fit.adapter, fit.distance_after
+        if not fit.candidates:  # nothing brings these frames closer to the rig than they are
+            result.reason = f"no adapter brings the frames closer to the rig (image distance {distance:.2f})"
+            result.seconds = time.perf_counter() - t0
+            return result
+        # the image statistics propose (offsets and colours), the operator's corrections choose: the candidate
+        # under which the corrected chunks are most likely
+        pick = corrections[-CHOOSE_ROWS:]
+        losses = [(correction_loss(model, name, pick, a), d, a) for d, a in fit.candidates]
+        distance_after, chosen = _choose(losses, fit.adapter)
+        result.adapter, result.distance_after = chosen, distance_after
+        result.loss_with = correction_loss(model, name, corrections, chosen)
+        result.extra["candidates"] = [{"adapter": a.to_dict(), "distance": d, "loss": x} for x, d, a in losses]
+        fit = replace(fit, adapter=chosen, distance_after=distance_after)
         if current is not None and _same(fit.adapter, current):
             # the robot's adapter already is what its frames ask for: what still goes wrong is the behaviour
             result.novel = False
@@ -154,8 +194,7 @@ def vision_round(
             result.seconds = time.perf_counter() - t0
             return result
         result.loss_without = correction_loss(model, name, corrections, current)
-        result.loss_with = correction_loss(model, name, corrections, fit.adapter)
-        # edges repeated into a knocked camera's uncovered strip keep some distance: ask for half, not clean
+        # edges repeated into a knocked camera's uncovered strip keep some distance: ask for closer, not clean
         enough = max(novelty, MAX_RESIDUAL * distance)
         if fit.distance_after > enough:
             result.reason = (

@@ -29,6 +29,7 @@ MAX_SHIFT = 16  # pixels: a larger offset is not a bumped camera but another cam
 GAIN_RANGE = (0.2, 5.0)
 SEARCH_RADIUS = 6  # offsets tried by fit_image_adapter, each way
 FIT_FRAMES = 32  # frames fit_image_adapter reads at most (evenly spread over those given)
+NEAR = 2  # offsets within this many pixels of the statistics' choice are candidates for the corrections' loss
 GAIN_SCALES = tuple(float(s) for s in np.linspace(0.85, 1.2, 15))  # the gain's overall scale, refined last
 
 
@@ -111,6 +112,9 @@ class AdapterFit:
     distance_before: float  # mean image distance of the frames as they came (about 1 on the clean rig)
     distance_after: float  # ... after the adapter
     frames: int
+    # (distance, adapter): offsets within NEAR pixels of the chosen one, each with its colours and with the
+    # colours left alone; what the corrections' loss chooses among (fleet.learning.vision_round)
+    candidates: tuple = ()
 
 
 def _with_gain(dx: int, dy: int, gain: np.ndarray, mean: np.ndarray, clean_mean: np.ndarray) -> ImageAdapter:
@@ -142,11 +146,13 @@ def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) ->
         ((dx, dy) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)),
         key=lambda o: (abs(o[0]) + abs(o[1]), o),
     )
+    scored: list[tuple[float, ImageAdapter]] = []
     for dx, dy in offsets:  # nearest first: a tie goes to the smaller offset, the data did not ask for more
         mean, std = _channel_moments(shift_frames(x, dx, dy))
         gain = np.clip(clean_std / np.maximum(std, 1e-3), lo, hi)
         adapter = _with_gain(dx, dy, gain, mean, clean_mean)
         d = mean_distance(adapter.apply(imgs))
+        scored.append((d, adapter))
         if d < best[0] - 1e-9:
             best = (d, adapter)
     # the spread ratio is biased by what the scene holds (its objects cross colour cells differently): refine
@@ -160,7 +166,21 @@ def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) ->
             d = mean_distance(adapter.apply(imgs))
             if d < best[0] - 1e-9:
                 best = (d, adapter)
-    return AdapterFit(best[1], before, best[0], int(len(imgs)))
+    # offsets around the chosen one, with its colours and with the colours left alone (a knocked camera's
+    # repeated edge biases the moments): the statistics place the offset within a pixel or two, the corrections'
+    # loss then chooses among these (fleet.learning.vision_round)
+    fitted = best[1]
+    candidates: list[tuple[float, ImageAdapter]] = []
+    for ddy in range(-NEAR, NEAR + 1):
+        for ddx in range(-NEAR, NEAR + 1):
+            dx, dy = fitted.dx + ddx, fitted.dy + ddy
+            if max(abs(dx), abs(dy)) > MAX_SHIFT:
+                continue
+            for adapter in (ImageAdapter(dx, dy, fitted.gain, fitted.bias), ImageAdapter(dx, dy)):
+                if not adapter.is_identity and all(adapter != c for _, c in candidates):
+                    d = best[0] if adapter == fitted else mean_distance(adapter.apply(imgs))
+                    candidates.append((d, adapter))
+    return AdapterFit(best[1], before, best[0], int(len(imgs)), tuple(candidates))
 
 
 def adapted_policy(policy, adapter: ImageAdapter | None):

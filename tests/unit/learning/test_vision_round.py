@@ -87,7 +87,7 @@ def exact_fit(monkeypatch, stats):
         adapter = lighting_inverse()
         before = float(np.mean([s.distance(f) for f in images]))
         after = float(np.mean([s.distance(f) for f in adapter.apply(images)]))
-        return AdapterFit(adapter, before, after, len(images))
+        return AdapterFit(adapter, before, after, len(images), ((after, adapter),))
 
     monkeypatch.setattr(vr, "fit_image_adapter", fake_fit)
     return calls
@@ -180,7 +180,8 @@ def test_gate_refuses_an_adapter_that_explains_too_little(model, stats, lit, mon
     loss does, and the reason says so."""
 
     def useless_fit(images, s):
-        return AdapterFit(ImageAdapter(gain=(1.01, 1.0, 1.0)), 61.0, 60.0, len(images))
+        weak = ImageAdapter(gain=(1.01, 1.0, 1.0))
+        return AdapterFit(weak, 61.0, 60.0, len(images), ((60.0, weak),))
 
     monkeypatch.setattr(vr, "fit_image_adapter", useless_fit)
     r = vision_round(model, NAME, lit, stats, min_gain=-10.0)  # the loss gate alone would pass it
@@ -246,3 +247,15 @@ def test_correction_loss_is_deterministic_and_keeps_the_models_mode(model, lit):
         model.eval()
     assert correction_loss(model, NAME, lit, lighting_inverse()) < a
     assert correction_loss(model, NAME, lit, ImageAdapter()) == a  # the identity is no adapter
+
+
+def test_the_corrections_keep_the_statistics_proposal_unless_another_is_clearly_likelier():
+    """_choose: a 1 % lower loss does not move the proposal (noise, measured under the dimmer light); a 20 %
+    lower loss does, and among the near-best it takes the plain offset (colours untouched)."""
+    proposed = ImageAdapter(dx=4, dy=-2, gain=(0.87, 0.88, 0.86))
+    shifted = ImageAdapter(dx=4, dy=-3, gain=(0.87, 0.88, 0.86))
+    plain = ImageAdapter(dx=4, dy=-3)
+    assert vr._choose([(0.315, 0.4, proposed), (0.312, 6.6, shifted)], proposed) == (0.4, proposed)
+    losses = [(0.1145, 13.3, proposed), (0.0944, 12.5, shifted), (0.0945, 13.2, plain)]
+    assert vr._choose(losses, proposed) == (13.2, plain)
+    assert vr._choose(losses[:2], proposed) == (12.5, shifted)
