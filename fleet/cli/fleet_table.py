@@ -112,6 +112,14 @@ def learner_line(learner: dict) -> str:
             parts.append(f"last: {last['embodiment']} refused ({last.get('reason')})")
     for name, w in sorted((learner.get("watch") or {}).items()):
         parts.append(f"watching {name} v{w['version']} ({w['episodes']}/{w['needed']} episodes)")
+    adapters = learner.get("image_adapters") or {}
+    if adapters:  # robots whose camera the learner maps back onto the rig (fleet.learning.vision_round)
+        shown = ", ".join(
+            f"{robot} ({a['dx']:+d},{a['dy']:+d} px, gain {sum(a['gain']) / 3:.2f})"
+            for robot, a in sorted(adapters.items())[:3]
+        )
+        more = f" and {len(adapters) - 3} more" if len(adapters) > 3 else ""
+        parts.append(f"image adapters: {shown}{more}")
     if learner.get("last_error"):
         parts.append(f"error: {learner['last_error']}")
     return "; ".join(parts)
