@@ -146,7 +146,9 @@ class ConfidenceEstimator:
     def estimate(self, reply: dict, image: np.ndarray | None = None) -> Confidence:
         """Confidence of one reply. Malformed arrays raise ValueError; non-finite ones give confidence 0.
 
-        image: the camera frame the reply answers; with `image_stats` its distance from the training frames
+        image: the camera frame the reply answers (through the reply's `image_adapter` when the server applied
+        the robot's, so a camera the learner mapped back onto the rig is no longer novel); with `image_stats` its
+        distance from the training frames
         (component `image_distance`) marks the scene novel above novelty_threshold, as the feature distance
         does. It is a novelty signal only: a new light or camera pose slows the robot (degradation), it does not
         by itself say the chunk is wrong."""
@@ -190,6 +192,11 @@ class ConfidenceEstimator:
             score("ood_distance", self.feature_stats.distance(features), cfg.ood_threshold, "ood distance")
         if image is not None and self.image_stats is not None:
             try:
+                adapter = reply.get("image_adapter")
+                if adapter:  # the server read the frame through this robot's image adapter: score what it read
+                    from fleet.policy.image_adapter import ImageAdapter  # numpy only
+
+                    image = ImageAdapter.from_dict(adapter).apply(np.asarray(image))
                 comps["image_distance"] = self.image_stats.distance(image)
             except ValueError as exc:  # a camera unlike the one the statistics know: no image signal, say why
                 reasons.append(f"camera image not scored: {exc}")

@@ -92,12 +92,14 @@ class PolicyRuntime:
         "request_id"}` and the others are still served; the model runs once per `max_batch` valid rows."""
         replies: list[dict | None] = [None] * len(requests)
         valid: list[tuple[int, dict]] = []
+        adapted: dict[int, dict] = {}  # request index -> the image adapter its frame went through
         for i, raw in enumerate(requests):
             try:
                 request = validate_request(raw, self.model.specs)
                 adapter = self._image_adapters.get(request.get("robot_id"))
                 if adapter is not None:  # this robot's camera, mapped back onto the rig's (fleet.policy.image_adapter)
                     request["image"] = adapter.apply(request["image"])
+                    adapted[i] = adapter.to_dict()
                 valid.append((i, request))
             except RequestError as exc:
                 replies[i] = self._reject(raw, str(exc))
@@ -107,6 +109,9 @@ class PolicyRuntime:
             part = valid[start : start + self.max_batch]
             for (i, _), reply in zip(part, self._forward([r for _, r in part]), strict=True):
                 replies[i] = reply
+        for i, adapter in adapted.items():  # the robot scores its frame's novelty as the policy read it
+            if replies[i] is not None and "error" not in replies[i]:
+                replies[i]["image_adapter"] = adapter
         with self._stats_lock:
             self._counts["requests"] += len(requests)
         return replies  # type: ignore[return-value]

@@ -99,6 +99,7 @@ def test_only_the_robots_own_frames_pass_through_its_adapter(runtime: PolicyRunt
         assert all("error" not in r for r in replies)
         assert np.array_equal(seen[0][0], BRIGHTER.apply(image))
         assert np.array_equal(seen[0][1], image)
+        assert replies[0]["image_adapter"] == BRIGHTER.to_dict() and "image_adapter" not in replies[1]
         assert runtime.stats()["image_adapters"] == {"version": 4, "robots": ["robot-a"]}
     finally:
         runtime.set_image_adapters({}, 5)
@@ -122,3 +123,24 @@ def test_identity_adapters_are_not_kept(runtime: PolicyRuntime) -> None:
     runtime.set_image_adapters({"robot-a": ImageAdapter().to_dict()}, 1)
     assert runtime.image_adapters() == {}
     runtime.set_image_adapters({}, 0)
+
+
+def test_the_robot_scores_novelty_on_the_frame_as_the_policy_read_it() -> None:
+    """A reply that names the robot's image adapter makes the confidence score the adapted frame: a dimmed
+    camera the learner mapped back onto the rig is no longer a novel scene (nor slowed down for it)."""
+    from fleet.control.confidence import ConfidenceEstimator
+    from fleet.control.image_ood import ImageStats
+    from fleet.sim import make_env, render
+
+    env = make_env("franka")
+    clean = np.stack([env.reset(seed=s)[0]["image"] for s in range(40)])
+    estimator = ConfidenceEstimator(image_stats=ImageStats.fit(clean))
+    frame = make_env("franka").reset(seed=99)[0]["image"]
+    dim = render.apply_lighting(frame, 0.55, (40.0, 25.0, -10.0))
+    inverse = ImageAdapter(gain=(1 / 0.55,) * 3, bias=tuple(-t / 0.55 / 255 for t in (40.0, 25.0, -10.0)))
+    reply = {"chunk": np.zeros((16, 7), np.float32)}
+    raw = estimator.estimate(reply, dim).components["image_distance"]
+    adapted = estimator.estimate(reply | {"image_adapter": inverse.to_dict()}, dim).components["image_distance"]
+    assert raw > 10 > 3 > adapted
+    broken = estimator.estimate(reply | {"image_adapter": {"dx": 99}}, dim)
+    assert "image_distance" not in broken.components and any("not scored" in r for r in broken.reasons)
