@@ -58,6 +58,7 @@ def experiment_adapt(
 
     Examples:
         fleet experiment adapt --shift actuator_bias --out runs/adapt_bias
+        fleet experiment adapt --shift lighting -e aloha --points 20,50
         fleet experiment adapt --shift novel_object --episodes 20 \\
             --points 20,50 --json
     """
