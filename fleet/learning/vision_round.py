@@ -31,6 +31,7 @@ from fleet.policy.image_adapter import ImageAdapter, fit_image_adapter
 NOVELTY = 3.0  # fleet.control.confidence.ConfidenceConfig.novelty_threshold: robots call a scene novel above it
 MIN_FRAMES = 10  # corrections a vision round needs (fewer: the frames' median says too little)
 MIN_GAIN = 0.05  # the corrections' loss must fall by this share with the adapter
+WAITING, WAITING_ROBOTS = 64, 256  # novel corrections kept per robot until they are enough, and robots kept
 CHOOSE_ROWS = 32  # the newest corrections whose loss chooses among the candidate adapters (up to 50 of them)
 LOSS_TOLERANCE = 0.03
 # a candidate must beat the statistics' proposal by more than this to replace it: 20 corrections under the dimmer
@@ -237,6 +238,7 @@ class RobotAdapters:
     def __init__(self, model, image_stats: dict, registry, log=lambda m: None) -> None:
         self.model, self.image_stats, self.registry, self.log = model, dict(image_stats), registry, log
         self.adapters: dict[str, ImageAdapter] = {}
+        self.waiting: dict[tuple[str, str], list] = {}  # (body, robot) -> novel corrections too few to fit yet
 
     def load(self) -> None:
         got = self.registry.image_adapters()
@@ -245,8 +247,9 @@ class RobotAdapters:
 
     def split(self, name: str, corrections: list) -> tuple[list, list[dict]]:
         """(the corrections left for the head round, adapted frames in place of the raw ones; one record per
-        adapter published). Corrections on novel frames with too few of them to fit an adapter are held out:
-        a head trained on a view it cannot see properly is what made a shifted robot worse before."""
+        adapter published). Corrections on novel frames with too few of them to fit an adapter wait (up to
+        WAITING per robot) and join that robot's next round: a head trained on a view it cannot see properly
+        is what made a shifted robot worse before."""
         stats = self.image_stats.get(name)
         if stats is None:
             return list(corrections), []
@@ -254,7 +257,8 @@ class RobotAdapters:
         for c in corrections:
             by_robot.setdefault(str(c.robot_id), []).append(c)
         keep, published = [], []
-        for robot, items in by_robot.items():
+        for robot, new in by_robot.items():
+            items = self.waiting.pop((name, robot), []) + new
             current = self.adapters.get(robot)
             vr = vision_round(self.model, name, items, stats, current=current)
             if vr.novel and vr.published:
@@ -267,7 +271,10 @@ class RobotAdapters:
                 self.log(f"learner: image adapter for {robot} ({vr.reason})")
                 continue
             if vr.novel and vr.frames < MIN_FRAMES:
-                self.log(f"learner: {len(items)} corrections of {robot} held out of the {name} round: {vr.reason}")
+                self.waiting[(name, robot)] = items[-WAITING:]
+                while len(self.waiting) > WAITING_ROBOTS:  # bounded: the longest-waiting robot goes first
+                    self.waiting.pop(next(iter(self.waiting)))
+                self.log(f"learner: {len(items)} corrections of {robot} wait for its next {name} round: {vr.reason}")
                 continue
             keep += items if current is None else [replace(c, image=current.apply(c.image)) for c in items]
         return keep, published

@@ -99,7 +99,9 @@ def test_a_dimmed_robots_corrections_fit_its_adapter_and_the_head_learns_from_th
     assert restarted.status()["image_adapters"] == {"r-dim": adapter.to_dict()}
 
 
-def test_too_few_novel_corrections_are_held_out_of_the_head_round(parts, demo) -> None:
+def test_too_few_novel_corrections_wait_for_the_robots_next_round(parts, demo) -> None:
+    """5 dimmed corrections are held out of the head round and kept; with 6 more in the next round the robot's
+    11 fit its adapter."""
     replay, registry, make = parts
     learner = make()
     learner.start()
@@ -110,6 +112,12 @@ def test_too_few_novel_corrections_are_held_out_of_the_head_round(parts, demo) -
     learner.step()
     assert registry.image_adapters()["adapters"] == {}
     assert [c.robot_id for c in seen[0]] == ["r0"] * 10
+    assert len(learner.eyes.waiting[("franka", "r-dim")]) == 5
+    replay.add(dimmed(corrections(demo, range(15, 21))))
+    learner.run_round("franka")
+    assert list(registry.image_adapters()["adapters"]) == ["r-dim"]
+    assert learner.history[-2]["event"] == "image_adapter" and learner.history[-2]["frames"] == 11
+    assert not learner.eyes.waiting
 
 
 def test_vision_off_or_no_image_statistics_keeps_every_correction_for_the_head(parts, demo) -> None:
