@@ -237,12 +237,8 @@ def test_malformed_replies_are_counted_and_never_crash_the_loop():
 
     def answer(request):
         echo = {k: request[k] for k in ("request_id", "robot_id", "embodiment", "obs_tick")}
-        return (
-            (bad.pop(0) | echo)
-            if bad and isinstance(bad[0], dict)
-            else bad.pop(0)
-            if bad
-            else ({"chunk": loop.env.unwrapped.expert_chunk(), "head_version": 2} | echo)
+        return (bad.pop(0) | echo) if bad and isinstance(bad[0], dict) else bad.pop(0) if bad else (
+            {"chunk": loop.env.unwrapped.expert_chunk(), "head_version": 2} | echo
         )
 
     loop.client._answer = answer
