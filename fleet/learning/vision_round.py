@@ -47,15 +47,16 @@ SAME_GAIN, SAME_BIAS = 0.05, 0.02  # a new fit this close to the robot's adapter
 
 
 def _choose(losses: list[tuple[float, float, ImageAdapter]], proposed: ImageAdapter) -> tuple[float, ImageAdapter]:
-    """(distance, adapter) the corrections choose among (loss, distance, adapter): the statistics' own proposal
-    unless another is clearly likelier (more than LOSS_TOLERANCE lower loss); then, among those within the
-    tolerance of the best, one that leaves the colours alone if any (the simplest), at its lowest loss."""
+    """(distance, adapter) the corrections choose among (loss, distance, adapter): the statistics' proposed
+    offset unless another is clearly likelier (more than LOSS_TOLERANCE lower loss), and at the chosen offset
+    the colours left alone unless the corrections ask for them (the plain offset not within the tolerance)."""
     best = min(x for x, _, _ in losses)
     near = [t for t in losses if t[0] <= best * (1.0 + LOSS_TOLERANCE)]
-    for _, d, a in near:
-        if a == proposed:
-            return d, a
     plain = [t for t in near if _plain(t[2])]
+    if any(a == proposed for _, _, a in near):
+        same = [t for t in plain if (t[2].dx, t[2].dy) == (proposed.dx, proposed.dy)]
+        _, d, a = same[0] if same else next(t for t in near if t[2] == proposed)
+        return d, a
     _, d, a = min(plain or near, key=lambda t: t[0])
     return d, a
 

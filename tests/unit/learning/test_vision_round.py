@@ -259,3 +259,6 @@ def test_the_corrections_keep_the_statistics_proposal_unless_another_is_clearly_
     losses = [(0.1145, 13.3, proposed), (0.0944, 12.5, shifted), (0.0945, 13.2, plain)]
     assert vr._choose(losses, proposed) == (13.2, plain)
     assert vr._choose(losses[:2], proposed) == (12.5, shifted)
+    # the proposed offset with colours the corrections do not ask for: the plain offset, when within tolerance
+    assert vr._choose([(0.0944, 12.5, shifted), (0.0950, 13.2, plain)], shifted) == (13.2, plain)
+    assert vr._choose([(0.0944, 12.5, shifted), (0.2, 13.2, plain)], shifted) == (12.5, shifted)
