@@ -11,8 +11,8 @@ backend serves it, while the shared weights and every other robot's frames stay 
 
 `fit_image_adapter` registers the frames to the statistics of the clean rig (`fleet.control.image_ood`,
 shipped in the checkpoint as `extra.image_stats`): for every offset within `radius` pixels it shifts the
-frames (uncovered pixels repeat the edge), matches each channel's mean and spread to the clean frames',
-and keeps the offset whose result is closest to the clean statistics (the mean image distance; the identity
+frames (uncovered pixels take the rig's border colour), matches each channel's mean and spread to the clean
+frames', and keeps the offset whose result is closest to the clean statistics (the mean image distance; the identity
 when nothing beats the frames as they are), then refines the gain's overall scale there. Nothing but
 the robot's own frames is needed, so it works from the first few corrections; whether the adapter may be
 served is a separate question that `fleet.learning.vision_round` answers on the corrections themselves.
@@ -35,12 +35,15 @@ GAIN_SCALES = tuple(float(s) for s in np.linspace(0.85, 1.2, 15))  # the gain's 
 
 @dataclass(frozen=True)
 class ImageAdapter:
-    """out(y, x) = clip(gain * in(y + dy, x + dx) + bias) per channel, in [0, 1] image units; edges repeat."""
+    """out(y, x) = clip(gain * in(y + dy, x + dx) + bias) per channel, in [0, 1] image units. Pixels the offset
+    uncovers get `fill` (the clean rig's border colour, [0, 1] units, not colour-corrected) or, with None, repeat
+    the edge."""
 
     dx: int = 0
     dy: int = 0
     gain: tuple[float, float, float] = (1.0, 1.0, 1.0)
     bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    fill: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         for field in ("dx", "dy"):
@@ -52,8 +55,11 @@ class ImageAdapter:
         for field, ok, want in (
             ("gain", lambda g: lo <= g <= hi, f"in [{lo}, {hi}]"),
             ("bias", lambda b: -1.0 <= b <= 1.0, "in [-1, 1]"),
+            ("fill", lambda f: 0.0 <= f <= 1.0, "in [0, 1] (or null)"),
         ):
             raw = getattr(self, field)
+            if field == "fill" and raw is None:
+                continue
             try:
                 vals = tuple(float(x) for x in raw)
             except (TypeError, ValueError):
@@ -75,18 +81,26 @@ class ImageAdapter:
             return img
         x = shift_frames(img, self.dx, self.dy).astype(np.float32)
         x = x * np.asarray(self.gain, np.float32) + np.asarray(self.bias, np.float32) * 255.0
+        if self.fill is not None and (self.dx or self.dy):
+            fill = np.asarray(self.fill, np.float32) * 255.0
+            h, w = x.shape[-3], x.shape[-2]
+            if self.dx:  # columns whose source lies outside the frame
+                x[..., :, slice(w - self.dx, w) if self.dx > 0 else slice(0, -self.dx), :] = fill
+            if self.dy:
+                x[..., slice(h - self.dy, h) if self.dy > 0 else slice(0, -self.dy), :, :] = fill
         return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
     def to_dict(self) -> dict:
-        return {"dx": self.dx, "dy": self.dy, "gain": list(self.gain), "bias": list(self.bias)}
+        d = {"dx": self.dx, "dy": self.dy, "gain": list(self.gain), "bias": list(self.bias)}
+        return d if self.fill is None else d | {"fill": list(self.fill)}
 
     @classmethod
     def from_dict(cls, d: object) -> ImageAdapter:
         if not isinstance(d, dict):
             raise ValueError(f"image adapter: expected a dict with dx, dy, gain, bias, got {type(d).__name__}")
-        unknown = set(d) - {"dx", "dy", "gain", "bias"}
+        unknown = set(d) - {"dx", "dy", "gain", "bias", "fill"}
         if unknown:
-            raise ValueError(f"image adapter: unknown keys {sorted(unknown)}; expected dx, dy, gain, bias")
+            raise ValueError(f"image adapter: unknown keys {sorted(unknown)}; expected dx, dy, gain, bias, fill")
         return cls(**d)
 
 
@@ -117,10 +131,15 @@ class AdapterFit:
     candidates: tuple = ()
 
 
-def _with_gain(dx: int, dy: int, gain: np.ndarray, mean: np.ndarray, clean_mean: np.ndarray) -> ImageAdapter:
+def _with_gain(dx: int, dy: int, gain: np.ndarray, mean: np.ndarray, clean_mean: np.ndarray, fill) -> ImageAdapter:
     """The adapter with this offset and gain whose bias puts each channel's mean at the clean rig's."""
     bias = np.clip(clean_mean - gain * mean, -1.0, 1.0)
-    return ImageAdapter(dx, dy, tuple(float(g) for g in gain), tuple(float(b) for b in bias))
+    return ImageAdapter(dx, dy, tuple(float(g) for g in gain), tuple(float(b) for b in bias), fill)
+
+
+def _placed(x: np.ndarray, dx: int, dy: int, fill) -> np.ndarray:
+    """Frames x (N, H, W, 3) in [0, 1] shifted as an adapter shifts them, uncovered pixels set to `fill`."""
+    return ImageAdapter(dx, dy, fill=fill).apply((x * 255.0).round().astype(np.uint8)).astype(np.float32) / 255.0
 
 
 def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) -> AdapterFit:
@@ -134,6 +153,9 @@ def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) ->
     if len(imgs) > FIT_FRAMES:
         imgs = imgs[np.linspace(0, len(imgs) - 1, FIT_FRAMES).round().astype(int)]
     clean_mean, clean_std = np.asarray(stats.stats.mean[:3]), np.asarray(stats.stats.mean[3:6])
+    # what a knocked camera uncovers is filled with the rig's border colour (the mean of the clean frames' four
+    # 2-pixel border strips, fleet.control.image_ood), not with repeated scene: the encoder saw that border
+    fill = tuple(float(v) for v in np.clip(np.asarray(stats.stats.mean[6:18]).reshape(4, 3).mean(0), 0.0, 1.0))
     lo, hi = GAIN_RANGE
 
     def mean_distance(frames: np.ndarray) -> float:
@@ -148,9 +170,9 @@ def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) ->
     )
     scored: list[tuple[float, ImageAdapter]] = []
     for dx, dy in offsets:  # nearest first: a tie goes to the smaller offset, the data did not ask for more
-        mean, std = _channel_moments(shift_frames(x, dx, dy))
+        mean, std = _channel_moments(_placed(x, dx, dy, fill))
         gain = np.clip(clean_std / np.maximum(std, 1e-3), lo, hi)
-        adapter = _with_gain(dx, dy, gain, mean, clean_mean)
+        adapter = _with_gain(dx, dy, gain, mean, clean_mean, fill)
         d = mean_distance(adapter.apply(imgs))
         scored.append((d, adapter))
         if d < best[0] - 1e-9:
@@ -159,16 +181,15 @@ def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) ->
     # the gain's overall scale at the chosen offset, keeping each channel's mean where the clean rig has it
     fitted = best[1]
     if not fitted.is_identity:
-        mean, _ = _channel_moments(shift_frames(x, fitted.dx, fitted.dy))
+        mean, _ = _channel_moments(_placed(x, fitted.dx, fitted.dy, fill))
         for scale in GAIN_SCALES:
             gain = np.clip(np.asarray(fitted.gain) * scale, lo, hi)
-            adapter = _with_gain(fitted.dx, fitted.dy, gain, mean, clean_mean)
+            adapter = _with_gain(fitted.dx, fitted.dy, gain, mean, clean_mean, fill)
             d = mean_distance(adapter.apply(imgs))
             if d < best[0] - 1e-9:
                 best = (d, adapter)
-    # offsets around the chosen one, with its colours and with the colours left alone (a knocked camera's
-    # repeated edge biases the moments): the statistics place the offset within a pixel or two, the corrections'
-    # loss then chooses among these (fleet.learning.vision_round)
+    # offsets around the chosen one, with its colours and with the colours left alone: the statistics place the
+    # offset within a pixel or two, the corrections' loss then chooses among these (fleet.learning.vision_round)
     fitted = best[1]
     candidates: list[tuple[float, ImageAdapter]] = []
     for ddy in range(-NEAR, NEAR + 1):
@@ -176,7 +197,7 @@ def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) ->
             dx, dy = fitted.dx + ddx, fitted.dy + ddy
             if max(abs(dx), abs(dy)) > MAX_SHIFT:
                 continue
-            for adapter in (ImageAdapter(dx, dy, fitted.gain, fitted.bias), ImageAdapter(dx, dy)):
+            for adapter in (ImageAdapter(dx, dy, fitted.gain, fitted.bias, fill), ImageAdapter(dx, dy, fill=fill)):
                 if not adapter.is_identity and all(adapter != c for _, c in candidates):
                     d = best[0] if adapter == fitted else mean_distance(adapter.apply(imgs))
                     candidates.append((d, adapter))

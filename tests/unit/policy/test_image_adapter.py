@@ -239,14 +239,6 @@ def test_fit_finds_the_camera_offset(fitted):
     assert fit.distance_after < fit.distance_before / 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LIMITATION fleet/policy/image_adapter.py shift_frames: franka frames have a 2-pixel rig border "
-    "(150, 120, 90) on all four sides; a (4, -3) knock pushes the top and right borders out of the frame and "
-    "edge-repeat refills them with table colour, so ImageStats' border-strip features stay far off: the right "
-    "offset leaves the distance at ~13 (> 3, the novelty threshold; vision_round's MAX_RESIDUAL gate accepts it). "
-    "Filling the uncovered strips with the rig's border colour (stats.stats.mean[6:18]) gives ~2.5",
-)
 def test_fit_brings_camera_offset_frames_back_in_distribution(fitted):
     """After the fitted (4, -3) adapter the knocked frames read as in distribution (distance < 3)."""
     fit = fitted("camera_offset")
@@ -346,3 +338,16 @@ def test_adapted_policy_without_an_adapter_is_the_policy_itself(adapter):
     """No adapter, or the identity: the policy is returned as it is, no wrapper in the serving path."""
     inner = RecordingPolicy()
     assert adapted_policy(inner, adapter) is inner
+
+
+def test_uncovered_pixels_take_the_fill_colour_and_the_dict_carries_it():
+    """With `fill`, the strip an offset uncovers is that colour (not colour-corrected); the rest is shifted
+    and corrected as without it; to_dict/from_dict carry it and validate it."""
+    img = np.full((8, 8, 3), 100, np.uint8)
+    a = ImageAdapter(dx=2, dy=-1, gain=(2.0, 2.0, 2.0), fill=(0.0, 0.5, 1.0))
+    out = a.apply(img)
+    assert (out[:, 6:] == [0, 128, 255]).all() and (out[:1] == [0, 128, 255]).all()
+    assert (out[1:, :6] == 200).all()
+    assert ImageAdapter.from_dict(a.to_dict()) == a and "fill" not in ImageAdapter(dx=1).to_dict()
+    with pytest.raises(ValueError, match="fill"):
+        ImageAdapter(dx=1, fill=(0.0, 2.0, 0.0))
