@@ -29,7 +29,7 @@ MAX_SHIFT = 16  # pixels: a larger offset is not a bumped camera but another cam
 GAIN_RANGE = (0.2, 5.0)
 SEARCH_RADIUS = 6  # offsets tried by fit_image_adapter, each way
 FIT_FRAMES = 32  # frames fit_image_adapter reads at most (evenly spread over those given)
-NEAR = 2  # offsets within this many pixels of the statistics' choice are candidates for the corrections' loss
+NEAR = 1  # offsets within this many pixels of the statistics' choice are candidates for the corrections' loss
 GAIN_SCALES = tuple(float(s) for s in np.linspace(0.85, 1.2, 15))  # the gain's overall scale, refined last
 
 
@@ -189,7 +189,7 @@ def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) ->
             if d < best[0] - 1e-9:
                 best = (d, adapter)
     # offsets around the chosen one, with its colours and with the colours left alone: the statistics place the
-    # offset within a pixel or two, the corrections' loss then chooses among these (fleet.learning.vision_round)
+    # offset within a pixel, the corrections' loss then chooses among these (fleet.learning.vision_round)
     fitted = best[1]
     candidates: list[tuple[float, ImageAdapter]] = []
     for ddy in range(-NEAR, NEAR + 1):
