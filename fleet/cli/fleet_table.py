@@ -65,6 +65,8 @@ def render_table(status: dict, title: str = "fleet", width: int = 80):
         lines.append(endpoints_caption(status["endpoints"]))
     if status.get("learner") is not None:
         lines.append(learner_line(status["learner"]))
+        if status["learner"].get("image_adapters"):
+            lines.append(image_adapters_line(status["learner"]["image_adapters"]))
     latched = [r["id"] for r in status.get("robots", []) if r.get("estop_latched")]
     if latched:
         # a latch outlives `fleet down` (log_dir/robots): say how an operator clears it
@@ -93,6 +95,16 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def image_adapters_line(adapters: dict) -> str:
+    """The robots whose camera the learner maps back onto the rig (fleet.learning.vision_round), a line."""
+    shown = ", ".join(
+        f"{_short_id(robot)} ({a['dx']:+d},{a['dy']:+d} px, gain {sum(a['gain']) / 3:.2f})"
+        for robot, a in sorted(adapters.items())[:3]
+    )
+    more = f" and {len(adapters) - 3} more" if len(adapters) > 3 else ""
+    return f"image adapters: {shown}{more}"
+
+
 def learner_line(learner: dict) -> str:
     """One line about the learner: state, rounds, what it published or refused last, rollouts watched."""
     state = learner.get("state", "?")
@@ -112,14 +124,6 @@ def learner_line(learner: dict) -> str:
             parts.append(f"last: {last['embodiment']} refused ({last.get('reason')})")
     for name, w in sorted((learner.get("watch") or {}).items()):
         parts.append(f"watching {name} v{w['version']} ({w['episodes']}/{w['needed']} episodes)")
-    adapters = learner.get("image_adapters") or {}
-    if adapters:  # robots whose camera the learner maps back onto the rig (fleet.learning.vision_round)
-        shown = ", ".join(
-            f"{robot} ({a['dx']:+d},{a['dy']:+d} px, gain {sum(a['gain']) / 3:.2f})"
-            for robot, a in sorted(adapters.items())[:3]
-        )
-        more = f" and {len(adapters) - 3} more" if len(adapters) > 3 else ""
-        parts.append(f"image adapters: {shown}{more}")
     if learner.get("last_error"):
         parts.append(f"error: {learner['last_error']}")
     return "; ".join(parts)

@@ -126,8 +126,9 @@ def test_adapt_config_reaches_the_learner_and_the_table_shows_it():
     assert "image adapters" not in line
     dim = {"dx": 0, "dy": 0, "gain": [1.8, 1.9, 1.8], "bias": [-0.3, -0.2, 0.1]}
     knocked = {"dx": 4, "dy": -3, "gain": [1.0, 1.0, 1.0], "bias": [0.0, 0.0, 0.0]}
-    line = learner_line(learner | {"image_adapters": {"robot-franka-1": dim, "robot-aloha-0": knocked}})
-    assert "image adapters: robot-aloha-0 (+4,-3 px, gain 1.00), robot-franka-1 (+0,+0 px, gain 1.83)" in line
+    adapted = learner | {"image_adapters": {"robot-franka-1": dim, "robot-aloha-0": knocked}}
+    table = render_table({"robots": [], "heads": {"franka": 4}, "learner": adapted})
+    assert "image adapters: aloha-0 (+4,-3 px, gain 1.00), franka-1 (+0,+0 px, gain 1.83)" in table.caption
 
 
 def test_the_live_table_fits_an_80_column_terminal():
