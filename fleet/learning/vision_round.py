@@ -32,7 +32,7 @@ NOVELTY = 3.0  # fleet.control.confidence.ConfidenceConfig.novelty_threshold: ro
 MIN_FRAMES = 10  # corrections a vision round needs (fewer: the frames' median says too little)
 MIN_GAIN = 0.05  # the corrections' loss must fall by this share with the adapter
 WAITING, WAITING_ROBOTS = 64, 256  # novel corrections kept per robot until they are enough, and robots kept
-CHOOSE_ROWS = 32  # the newest corrections whose loss chooses among the candidate adapters (up to 50 of them)
+CHOOSE_ROWS = 32  # the newest corrections whose loss chooses among the candidate adapters (up to 18 of them)
 LOSS_TOLERANCE = 0.05
 # a candidate (an offset one pixel from the statistics' proposal) must beat the proposal by more than this to
 # replace it. On 20 corrections the loss is flat to a few per cent: under the dimmer light a 1-pixel shift scored
@@ -166,7 +166,7 @@ def vision_round(
     raw = float(np.median([stats.distance(f) for f in frames]))
     distance = raw if current is None else float(np.median([stats.distance(f) for f in current.apply(frames)]))
     # through the robot's adapter, frames are explained when back below novelty, or at most EXPLAINED of their
-    # raw distance (a knocked camera's repeated edge keeps some, and refitting would find the same adapter)
+    # raw distance (what a knocked camera uncovered is a guess and keeps some; a refit would find the same)
     explained = distance <= novelty or (current is not None and distance <= EXPLAINED * raw)
     result = VisionRound(name, len(frames), distance, not explained)
     if not result.novel:
@@ -198,7 +198,7 @@ def vision_round(
             result.seconds = time.perf_counter() - t0
             return result
         result.loss_without = correction_loss(model, name, corrections, current)
-        # edges repeated into a knocked camera's uncovered strip keep some distance: ask for closer, not clean
+        # what a knocked camera uncovered is filled by a guess and keeps some distance: ask for closer, not clean
         enough = max(novelty, MAX_RESIDUAL * distance)
         if fit.distance_after > enough:
             result.reason = (
