@@ -358,14 +358,14 @@ class _VisionState:
     @classmethod
     def load(cls, checkpoint, embodiment: str, log: Callable[[str], None]) -> _VisionState | None:
         from fleet.cluster.launcher import checkpoint_meta
-        from fleet.control.image_ood import ImageStats
+        from fleet.learning.vision_round import image_stats_of
 
         _, meta = checkpoint_meta(None if checkpoint is None else str(checkpoint))
-        found = ((meta.get("extra") or {}).get("image_stats") or {}).get(embodiment)
+        found = image_stats_of(meta).get(embodiment)
         if found is None:
             log(f"no image statistics for {embodiment} in the checkpoint (fleet robust-image-stats): head rounds only")
             return None
-        return cls(ImageStats.from_dict(found))
+        return cls(found)
 
     def round(self, model, embodiment: str, corrections: list[Correction]):
         from fleet.learning.vision_round import vision_round

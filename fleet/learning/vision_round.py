@@ -265,9 +265,8 @@ class RobotAdapters:
             current = self.adapters.get(robot)
             vr = vision_round(self.model, name, items, stats, current=current)
             if vr.novel and vr.published:
-                info = {
-                    k: vr.to_dict()[k] for k in ("frames", "distance", "distance_after", "loss_without", "loss_with")
-                }
+                record = vr.to_dict()
+                info = {k: record[k] for k in ("frames", "distance", "distance_after", "loss_without", "loss_with")}
                 version = self.registry.set_image_adapter(robot, vr.adapter.to_dict(), {"embodiment": name} | info)
                 self.adapters[robot] = vr.adapter
                 published.append({"robot_id": robot, "table_version": int(version), **info})

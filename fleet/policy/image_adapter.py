@@ -137,9 +137,9 @@ def _with_gain(dx: int, dy: int, gain: np.ndarray, mean: np.ndarray, clean_mean:
     return ImageAdapter(dx, dy, tuple(float(g) for g in gain), tuple(float(b) for b in bias), fill)
 
 
-def _placed(x: np.ndarray, dx: int, dy: int, fill) -> np.ndarray:
-    """Frames x (N, H, W, 3) in [0, 1] shifted as an adapter shifts them, uncovered pixels set to `fill`."""
-    return ImageAdapter(dx, dy, fill=fill).apply((x * 255.0).round().astype(np.uint8)).astype(np.float32) / 255.0
+def _placed(imgs: np.ndarray, dx: int, dy: int, fill) -> np.ndarray:
+    """Frames (N, H, W, 3) uint8 shifted as an adapter shifts them, uncovered pixels `fill`, in [0, 1] float32."""
+    return ImageAdapter(dx, dy, fill=fill).apply(imgs).astype(np.float32) / 255.0
 
 
 def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) -> AdapterFit:
@@ -163,14 +163,13 @@ def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) ->
 
     before = mean_distance(imgs)
     best: tuple[float, ImageAdapter] = (before, ImageAdapter())  # clean frames keep the identity
-    x = imgs.astype(np.float32) / 255.0
     offsets = sorted(
         ((dx, dy) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)),
         key=lambda o: (abs(o[0]) + abs(o[1]), o),
     )
     scored: list[tuple[float, ImageAdapter]] = []
     for dx, dy in offsets:  # nearest first: a tie goes to the smaller offset, the data did not ask for more
-        mean, std = _channel_moments(_placed(x, dx, dy, fill))
+        mean, std = _channel_moments(_placed(imgs, dx, dy, fill))
         gain = np.clip(clean_std / np.maximum(std, 1e-3), lo, hi)
         adapter = _with_gain(dx, dy, gain, mean, clean_mean, fill)
         d = mean_distance(adapter.apply(imgs))
@@ -181,7 +180,7 @@ def fit_image_adapter(images: np.ndarray, stats, radius: int = SEARCH_RADIUS) ->
     # the gain's overall scale at the chosen offset, keeping each channel's mean where the clean rig has it
     fitted = best[1]
     if not fitted.is_identity:
-        mean, _ = _channel_moments(_placed(x, fitted.dx, fitted.dy, fill))
+        mean, _ = _channel_moments(_placed(imgs, fitted.dx, fitted.dy, fill))
         for scale in GAIN_SCALES:
             gain = np.clip(np.asarray(fitted.gain) * scale, lo, hi)
             adapter = _with_gain(fitted.dx, fitted.dy, gain, mean, clean_mean, fill)

@@ -82,8 +82,7 @@ class PolicyRuntime:
         self._infer_ms: deque[float] = deque(maxlen=2048)
         self._consecutive_failures = 0
         self.last_error: str | None = None
-        # robot id -> ImageAdapter: that robot's frames, and only its, pass through it (set_image_adapters)
-        self._image_adapters: dict = {}
+        self._image_adapters: dict = {}  # robot id -> (ImageAdapter, its dict for replies, made once)
         self.image_adapters_version = 0
 
     # ----- inference -----------------------------------------------------------------------------
@@ -96,10 +95,10 @@ class PolicyRuntime:
         for i, raw in enumerate(requests):
             try:
                 request = validate_request(raw, self.model.specs)
-                adapter = self._image_adapters.get(request.get("robot_id"))
-                if adapter is not None:  # this robot's camera, mapped back onto the rig's (fleet.policy.image_adapter)
-                    request["image"] = adapter.apply(request["image"])
-                    adapted[i] = adapter.to_dict()
+                served = self._image_adapters.get(request.get("robot_id"))
+                if served is not None:  # this robot's camera, mapped back onto the rig's (fleet.policy.image_adapter)
+                    request["image"] = served[0].apply(request["image"])
+                    adapted[i] = served[1]
                 valid.append((i, request))
             except RequestError as exc:
                 replies[i] = self._reject(raw, str(exc))
@@ -262,12 +261,14 @@ class PolicyRuntime:
                 raise ValueError(f"set_image_adapters: robot {robot_id!r}: {exc}") from None
             if not adapter.is_identity:
                 table[str(robot_id)] = adapter
-        self._image_adapters, self.image_adapters_version = table, int(version)  # one assignment each: atomic
+        # replies carry each robot's adapter as a dict: made here once, not per request
+        self._image_adapters = {r: (a, a.to_dict()) for r, a in table.items()}  # one assignment: atomic
+        self.image_adapters_version = int(version)
         return int(version)
 
     def image_adapters(self) -> dict[str, dict]:
         """{robot id: ImageAdapter dict} served now."""
-        return {r: a.to_dict() for r, a in self._image_adapters.items()}
+        return {r: dict(d) for r, (_, d) in self._image_adapters.items()}
 
     def head_versions(self) -> dict[str, int]:
         """{embodiment: serving head version}."""
