@@ -304,8 +304,8 @@ def _adapt_along(
                 curve.append([total, rate])
                 rounds.append(_vision_record(total, len(corrections), vr, eyes, rate, stats))
                 log(
-                    f"{total:>4} corrections: vision round {vr.seconds:.1f} s, adapter published ({vr.reason}); "
-                    f"shifted success {rate:.0%}"
+                    f"{total:>4} corrections: vision round {vr.seconds:.1f} s, adapter published; shifted success "
+                    f"{rate:.0%}\n       ({vr.reason})"  # two lines: an 80-column terminal
                 )
                 continue
             if vr.novel:  # novel frames no adapter explains (clutter, say): the head must learn them
