@@ -55,6 +55,10 @@ class EmbodimentSpec:
     # human-readable name per action dimension (for plots and errors); empty = "a0", "a1", ...
     description: str = ""
     # one line shown in `fleet status` and the README
+    position_limits: tuple[tuple[int, int, float, float], ...] = ()
+    # virtual walls for delta-commanded dimensions, each (action index, proprio index, low, high): the safety
+    # layer keeps the position a command leads to, proprio[p] + action[a], inside [low, high] (franka: the
+    # end effector may press at most 1 cm into the table; LeRobot's end_effector_bounds do the same)
 
     def __post_init__(self) -> None:
         def fail(field_name: str, expected: str, got: object) -> NoReturn:
@@ -117,6 +121,28 @@ class EmbodimentSpec:
         object.__setattr__(self, "dim_names", tuple(str(n) for n in self.dim_names))
         if not self.dim_names:
             object.__setattr__(self, "dim_names", tuple(f"a{i}" for i in range(self.action_dim)))
+        object.__setattr__(self, "position_limits", self._checked_walls(fail))
+
+    def _checked_walls(self, fail) -> tuple[tuple[int, int, float, float], ...]:
+        walls = self.position_limits
+        expected = "a sequence of (action index, proprio index, low, high) entries"
+        if isinstance(walls, (str, bytes)) or not hasattr(walls, "__len__"):
+            fail("position_limits", expected, walls)
+        out = []
+        for wall in walls:
+            if isinstance(wall, (str, bytes)) or not hasattr(wall, "__len__") or len(wall) != 4:
+                fail("position_limits", expected, walls)
+            a, p, lo, hi = wall
+            if not (_is_int(a) and 0 <= a < self.action_dim):
+                fail("position_limits", f"action indices in [0, action_dim={self.action_dim})", wall)
+            if not (_is_int(p) and 0 <= p < self.proprio_dim):
+                fail("position_limits", f"proprio indices in [0, proprio_dim={self.proprio_dim})", wall)
+            if not (_is_real(lo) and _is_real(hi) and math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                fail("position_limits", "finite low < high", wall)
+            out.append((int(a), int(p), float(lo), float(hi)))
+        if len({w[0] for w in out}) != len(out):
+            fail("position_limits", "at most one wall per action dimension", walls)
+        return tuple(out)
 
     @property
     def token(self) -> str:
@@ -154,6 +180,7 @@ class EmbodimentSpec:
             "stop_action": None if self.stop_action is None else list(self.stop_action),
             "dim_names": list(self.dim_names),
             "description": self.description,
+            "position_limits": [list(w) for w in self.position_limits],
         }
 
     @classmethod
@@ -199,6 +226,9 @@ _FRANKA = EmbodimentSpec(
     stop_action=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0),  # stop moving, keep a held object gripped
     dim_names=_arm(),
     description="7-DOF arm: pick up the named object (end-effector delta pose + gripper)",
+    # the end effector's height (proprio 2) after a dz command: at most 1 cm into the table (8 N in the sim; the
+    # e-stop trips at 30 N, 3.75 cm), at most the arm's 0.3 m reach
+    position_limits=((2, 2, -0.01, 0.3),),
 )
 
 _ALOHA = EmbodimentSpec(

@@ -194,6 +194,8 @@ def eval_cmd(
         f"{embodiment} shift={shift or 'none'}: success {result['success_rate']:.1%} over {episodes} episodes, "
         f"mean {result['mean_steps']:.1f} steps"
     )
+    if result["estop_trips"]:
+        typer.echo(f"force e-stop tripped in {result['estop_trips']} episode(s); each counts as a failure")
 
 
 @experiment_app.command("safety")

@@ -1,9 +1,10 @@
 """The last gate before a robot moves: every action passes `SafetyLayer`, which returns what was actually sent.
 
-Order: force e-stop (latched) > missing/non-finite/stale input (hold) > workspace clip > acceleration >
-velocity (per dimension, then the norm of the change). Limits hold exactly in float64; an action already
-inside every limit is returned bit-identical, in its own dtype (a changed one is float64, because rounding
-to float32 could step an ulp outside a limit).
+Order: force e-stop (latched) > missing/non-finite/stale input (hold) > workspace clip (the action bounds,
+then the spec's `position_limits` walls, given the robot's proprio) > acceleration > velocity (per dimension,
+then the norm of the change) > the walls again (a wall is never crossed to honour a rate limit). Limits hold
+exactly in float64; an action already inside every limit is returned bit-identical, in its own dtype (a changed
+one is float64, because rounding to float32 could step an ulp outside a limit).
 
 Hold: the target on bad input and under e-stop is the stop action (config, else spec), else the last sent action
 ("stay where you are", right for position targets), else `neutral_action` before anything was sent. A
@@ -69,7 +70,7 @@ class SafetyReport:
     modified: bool  # the sent action differs from the requested one (always true for a hold on bad input)
     held: bool  # the hold/stop action was sent instead of the request
     missing: bool  # no action was given (starved buffer)
-    non_finite: bool  # the request had NaN or Inf
+    non_finite: bool  # the request (or the proprio reading a position wall needs) had NaN or Inf
     stale: bool  # the request was older than max_action_age_s
     estop: bool  # the e-stop is latched on this tick
     estop_tripped: bool  # this tick's force reading tripped it
@@ -119,6 +120,11 @@ class SafetyLayer:
         neutral = np.zeros(spec.action_dim) if config.neutral_action is None else config.neutral_action
         self._neutral = self._config_vector("SafetyConfig.neutral_action", neutral)
         self.velocity_scale = config.velocity_scale
+        walls = spec.position_limits
+        self._wall_a = np.array([w[0] for w in walls], np.intp)
+        self._wall_p = np.array([w[1] for w in walls], np.intp)
+        self._wall_lo = np.array([w[2] for w in walls], np.float64)
+        self._wall_hi = np.array([w[3] for w in walls], np.float64)
         self._last: np.ndarray | None = None  # float64 copy of the last sent action
         self._last_delta: np.ndarray | None = None  # its change from the one before (for the acceleration limit)
         self._estopped = False
@@ -180,6 +186,30 @@ class SafetyLayer:
         """Counters per constraint since construction."""
         return dict(self.counts)
 
+    def _wall_positions(self, proprio) -> np.ndarray:
+        """The current positions the walls bound, (n_walls,) float64; empty without walls or without proprio."""
+        if proprio is None or not self._wall_a.size:
+            return np.empty(0)
+        p = np.asarray(proprio)
+        if p.dtype.kind not in "fiu" or p.shape != (self.spec.proprio_dim,):
+            raise ValueError(
+                f"proprio: expected a numeric array of shape ({self.spec.proprio_dim},) for {self.spec.name}, "
+                f"got shape {p.shape} dtype {p.dtype}"
+            )
+        return p[self._wall_p].astype(np.float64)
+
+    def _walls(self, action: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """Clip the walled dimensions so that position + action stays in [low, high] (never past the action
+        bounds: a position already outside a wall is commanded back at most at the bound's speed)."""
+        if not position.size:
+            return action
+        a = self._wall_a
+        out = action.copy()
+        lo = np.maximum(self._wall_lo - position, self._low[a])
+        hi = np.minimum(self._wall_hi - position, self._high[a])
+        out[a] = np.clip(out[a], lo, np.maximum(lo, hi))
+        return out
+
     def _validate(self, action, force, age_s) -> tuple[np.ndarray | None, float | None]:
         """Check every input before any state changes, so a rejected call leaves the layer as it was."""
         if action is not None:
@@ -229,13 +259,16 @@ class SafetyLayer:
         return np.clip(last + delta, self._low, self._high), acc, vel
 
     def __call__(
-        self, action: np.ndarray | None, force=None, age_s: float | None = None
+        self, action: np.ndarray | None, force=None, age_s: float | None = None, proprio=None
     ) -> tuple[np.ndarray, SafetyReport]:
         """Filter one action. action: (D,) float, or None when the buffer had nothing for this tick.
         force: measured force/torque, a number or a vector (its norm counts), or None. age_s: seconds since the
-        observation the action was computed from, or None if fresh/unknown.
+        observation the action was computed from, or None if fresh/unknown. proprio: the robot's current
+        (proprio_dim,) reading, which the spec's position_limits walls need (None: the walls are not applied;
+        a non-finite reading in a wall's dimension holds, as a non-finite action does).
         Returns (sent (D,): the request's own array values when nothing fired, else float64; the report)."""
         requested, force_norm = self._validate(action, force, age_s)
+        position = self._wall_positions(proprio)
         c = self.counts
         c["calls"] += 1
         tripped = force_norm is not None and not force_norm <= self.spec.max_force
@@ -243,7 +276,7 @@ class SafetyLayer:
             self._estopped = True
             c["estop_trips"] += 1
         missing = requested is None
-        non_finite = not missing and not bool(np.isfinite(requested).all())
+        non_finite = not missing and not (bool(np.isfinite(requested).all()) and bool(np.isfinite(position).all()))
         stale = not missing and not non_finite and age_s is not None and age_s > self.max_action_age_s
         hold = self._stop if self._stop is not None else (self._last if self._last is not None else self._neutral)
         ws = acc = vel = 0.0
@@ -257,9 +290,11 @@ class SafetyLayer:
             held = True
         else:
             x = requested.astype(np.float64)
-            clipped = np.clip(x, self._low, self._high)
+            clipped = self._walls(np.clip(x, self._low, self._high), position)
             ws = _max_abs(clipped, x)
             sent, acc, vel = self._limit(clipped, use_acceleration=True)
+            walled = self._walls(sent, position)
+            ws, sent = max(ws, _max_abs(walled, sent)), walled
             held = False
         max_change = None if (missing or non_finite) else _max_abs(sent, requested.astype(np.float64))
         modified = max_change is None or max_change > 0

@@ -42,6 +42,7 @@ class _Robot:
     buf: ActionBuffer
     safety: SafetyLayer
     tick: int = 0
+    force: float = 0.0  # the contact force the last step measured (the e-stop reads it)
     pending: tuple[int, np.ndarray, int] | None = None  # (arrival tick, chunk, obs_tick)
     sent: list[np.ndarray] = field(default_factory=list)
 
@@ -97,11 +98,12 @@ def run_cell(
             _deliver(r, span, jumps)  # with no delay, the reply to this tick's request
             action = r.buf.pop(r.tick)
             age = None if r.buf.last_obs_tick is None or action is None else (r.tick - r.buf.last_obs_tick) * spec.dt
-            sent, report = r.safety(action, age_s=age)
+            sent, report = r.safety(action, force=r.force, age_s=age, proprio=r.obs["proprio"])
             sent = np.clip(np.asarray(sent, np.float64), spec.action_low, spec.action_high)
             if not report.held:
                 r.sent.append(sent)
             r.obs, _, term, trunc, info = r.env.step(sent.astype(np.float32))
+            r.force = float(info.get("force", 0.0))
             r.tick += 1
             if term or trunc:
                 successes.append(bool(info["is_success"]))

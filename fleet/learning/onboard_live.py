@@ -278,7 +278,7 @@ class OnboardRobot:
                 a = np.asarray(spec.stop_action or np.zeros(spec.action_dim), np.float32)
             elif noise > 0:
                 a = a + noise * span * rng.standard_normal(spec.action_dim).astype(np.float32)
-            a, _ = safety(np.clip(a, spec.action_low, spec.action_high))
+            a, _ = safety(np.clip(a, spec.action_low, spec.action_high), proprio=obs["proprio"])
             a = np.clip(np.asarray(a, np.float32), spec.action_low, spec.action_high)
             obs, _, term, trunc, info = self.env.step(a)
             tick += 1

@@ -47,10 +47,16 @@ def _jsonable(obj: object) -> object:
     raise TypeError(f"extra_meta: {type(obj).__name__} is not JSON-serializable")
 
 
+# spec fields added after checkpoints were first written: a stored spec without one takes the registry's
+LATER_SPEC_FIELDS = ("position_limits",)
+
+
 def _spec_mismatch(stored: dict, current: EmbodimentSpec) -> str | None:
     """Name the first field where a stored spec dict differs from `current`, or None."""
     now = current.to_dict()
     for key in sorted(set(stored) | set(now)):
+        if key in LATER_SPEC_FIELDS and key not in stored:
+            continue
         if stored.get(key) != now.get(key):
             return f"field {key!r}: checkpoint has {stored.get(key)!r}, registry has {now.get(key)!r}"
     return None

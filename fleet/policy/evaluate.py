@@ -31,6 +31,7 @@ class EvalResult:
     successes: list[bool]
     policy_calls: int = 0
     safety_modified: int = 0
+    estop_trips: int = 0  # episodes whose contact force tripped the e-stop (they fail)
 
     def to_dict(self) -> dict:
         return {
@@ -38,6 +39,7 @@ class EvalResult:
             "shift": self.shift,
             "episodes": self.episodes,
             "success_rate": self.success_rate,
+            "estop_trips": self.estop_trips,
             "mean_steps": self.mean_steps,
         }
 
@@ -56,13 +58,15 @@ def evaluate(
     """Success rate of `policy` on `episodes` unseen episodes of embodiment `name`.
 
     The robot executes each chunk's first `recompute_every` actions (default: the spec's), then asks
-    again; every action goes through a `SafetyLayer`, as on a real robot.
+    again; every action goes through a `SafetyLayer`, as on a real robot: its position walls see the
+    proprio, and the contact force of each step can trip its e-stop, which holds the robot for the rest of the
+    episode (so the episode fails).
     """
     spec = get_embodiment(name)
     every = recompute_every or spec.recompute_every
     successes: list[bool] = []
     steps: list[int] = []
-    calls = modified = 0
+    calls = modified = trips = 0
     next_ep = 0
     envs: list[dict] = []
     while next_ep < episodes or envs:
@@ -76,6 +80,7 @@ def evaluate(
                     "buf": ActionBuffer(chunk_size=spec.chunk_size, recompute_every=every),
                     "safety": SafetyLayer(spec) if use_safety else None,
                     "tick": 0,
+                    "force": 0.0,  # the contact force the last step measured: the safety layer's e-stop reads it
                 }
             )
             next_ep += 1
@@ -91,14 +96,15 @@ def evaluate(
             if a is None:  # cannot happen with zero latency, but never move on nothing
                 a = np.zeros(spec.action_dim, np.float32)
             if e["safety"] is not None:
-                a, report = e["safety"](a)
+                a, report = e["safety"](a, force=e["force"], proprio=e["obs"]["proprio"])
                 modified += int(report.modified)
             a = np.clip(np.asarray(a, np.float32), spec.action_low, spec.action_high)
             obs, _, term, trunc, info = e["env"].step(a)
-            e["obs"] = obs
+            e["obs"], e["force"] = obs, float(info.get("force", 0.0))
             e["tick"] += 1
             if term or trunc:
                 successes.append(bool(info["is_success"]))
+                trips += int(e["safety"] is not None and e["safety"].estopped)
                 steps.append(e["tick"])
                 if progress is not None:
                     progress(1)
@@ -114,4 +120,5 @@ def evaluate(
         successes,
         calls,
         modified,
+        trips,
     )

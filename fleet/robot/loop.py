@@ -205,7 +205,8 @@ class RobotLoop:
             self.frame_holds += 1
         try:
             self.safety.velocity_scale = self.degradation.velocity_scale
-            sent, report = self.safety(action, force=self._last_force, age_s=age)
+            proprio = self.obs.get("proprio") if isinstance(self.obs, dict) else None
+            sent, report = self.safety(action, force=self._last_force, age_s=age, proprio=proprio)
         except Exception as exc:  # noqa: BLE001 - a malformed action from the buffer: hold instead
             self.tick_errors += 1
             self.stats.last_error = f"control tick error: {type(exc).__name__}: {exc}"

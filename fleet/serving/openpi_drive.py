@@ -52,7 +52,7 @@ def drive(url: str, token: str | None, embodiment: str, episodes: int, horizon: 
             out = broker.infer(
                 {"observation/image": obs["image"], "observation/state": obs["proprio"], "prompt": obs["instruction"]}
             )
-            action, _ = safety(out["actions"])
+            action, _ = safety(out["actions"], proprio=obs["proprio"])
             obs, _, terminated, truncated, info = env.step(action)
             if info.get("is_success"):
                 success = True

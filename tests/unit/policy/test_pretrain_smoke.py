@@ -67,7 +67,8 @@ def test_eval_cli_json_shape(tiny_run):
     res = CliRunner().invoke(app, ["eval", "-e", "franka", "--episodes", "2", "--checkpoint", str(out), "--json"])
     assert res.exit_code == 0, res.output
     obj = json.loads(res.stdout.strip().splitlines()[-1])
-    assert set(obj) == {"embodiment", "shift", "episodes", "success_rate", "mean_steps"}
+    assert set(obj) == {"embodiment", "shift", "episodes", "success_rate", "estop_trips", "mean_steps"}
+    assert obj["estop_trips"] == 0  # the tiny policy never presses franka 1 cm past the table (the wall)
     assert obj["embodiment"] == "franka" and obj["episodes"] == 2
 
 

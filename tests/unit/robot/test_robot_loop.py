@@ -237,8 +237,12 @@ def test_malformed_replies_are_counted_and_never_crash_the_loop():
 
     def answer(request):
         echo = {k: request[k] for k in ("request_id", "robot_id", "embodiment", "obs_tick")}
-        return (bad.pop(0) | echo) if bad and isinstance(bad[0], dict) else bad.pop(0) if bad else (
-            {"chunk": loop.env.unwrapped.expert_chunk(), "head_version": 2} | echo
+        return (
+            (bad.pop(0) | echo)
+            if bad and isinstance(bad[0], dict)
+            else bad.pop(0)
+            if bad
+            else ({"chunk": loop.env.unwrapped.expert_chunk(), "head_version": 2} | echo)
         )
 
     loop.client._answer = answer
@@ -325,3 +329,26 @@ def test_rtc_mode_sends_the_committed_plan_with_each_request(name):
     plain = make(name, teleop=False)
     run_episodes(plain, 1)
     assert not any("prefix" in r for r in plain.policy.client.requests)
+
+
+def test_the_loop_gives_the_safety_layer_the_proprio_its_walls_need():
+    """A policy that only ever commands franka downwards: the loop's safety layer, given the arm's proprio, keeps
+    the command at most 1 cm into the table, so the contact force stays at 8 N and the e-stop (30 N) never trips.
+    Without the proprio the first push at the table reads 32 N or more and latches it."""
+
+    class Descend(FakePolicy):
+        def _answer(self, request: dict) -> dict:
+            reply = super()._answer(request)
+            reply["chunk"] = reply["chunk"].copy()
+            reply["chunk"][:, 2] = -0.05
+            return reply
+
+    env = make_env("franka")
+    loop = RobotLoop(RobotConfig("r-franka", "franka", teleop=False), Descend(env), None, None, env=env)
+    peak = 0.0
+    for _ in range(60):
+        loop.tick()
+        peak = max(peak, loop._last_force)
+    report = loop.report()
+    assert 0 < peak <= 8.0 + 1e-4 and report["state"] != "estop" and report["safety"]["estop_trips"] == 0
+    assert report["safety"]["workspace"] > 0
