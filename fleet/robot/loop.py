@@ -10,8 +10,9 @@ Timing rule (the design's "holds within two control periods"): a chunk requested
 d + 1. An action is used at most `stale_ticks` (default recompute_every + 1) ticks after the
 observation it was computed from, so a dead or hung server makes the safety layer hold from tick d + 2,
 and the hold target is reached one tick later for the built-in bodies (velocity-limited ramp).
-Sim mode (realtime=False) runs ticks back to back; a tick that would otherwise hold waits up to
-`sim_wait_s` for the reply in flight, so simulated time advances as fast as the policy answers.
+Sim mode (realtime=False) runs ticks back to back; the tick `sim_delay_ticks` (default 0) after a request's
+observation, or any tick that would otherwise hold, waits up to `sim_wait_s` for the reply in flight, so simulated
+time advances as fast as the policy answers and sees the same inference delay on every machine.
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ class RobotLoop:
         self.policy.expire(self.tick_in_episode)
         self._maybe_request()
         req = self.policy.request
-        if not startup and not self.config.realtime and req is not None and self._would_hold() and not req.waited:
+        if not startup and not self.config.realtime and req is not None and not req.waited and self._sim_due(req):
             req.waited = True
             self._receive(wait_s=self.config.sim_wait_s)
         state = self.degradation.state
@@ -273,6 +274,11 @@ class RobotLoop:
             self.tick_errors += 1
             self.stats.last_error = f"control tick error: {type(exc).__name__}: {exc}"
         return status.done, status.success
+
+    def _sim_due(self, req) -> bool:
+        """Sim mode: this tick waits for the reply in flight (RobotConfig.sim_delay_ticks)."""
+        d = self.config.sim_delay_ticks
+        return self._would_hold() or (d is not None and self.tick_in_episode >= req.tick + d)
 
     def _would_hold(self) -> bool:
         """True when the buffer has no fresh action for this tick (a reply in flight could still bring one)."""

@@ -149,6 +149,23 @@ def test_sim_mode_waits_for_a_slow_server_and_real_time_holds():
     assert r["last_error"] is None or "holding" in r["last_error"]
 
 
+@pytest.mark.parametrize(("delay", "expected"), [(0, {0}), (2, {2}), (None, None)])
+def test_sim_mode_uses_each_chunk_from_its_tick_plus_sim_delay_ticks(delay, expected):
+    """Sim mode: with sim_delay_ticks d a reply is taken the d-th tick after its observation, whatever the server's
+    speed (the fake answers a request only after 7 polls unless the robot waits for it); None keeps running the
+    old chunk until the buffer would hold or the reply comes on its own, so the delay depends on the server."""
+    loop = make("franka", teleop=False, sim_delay_ticks=delay)
+    loop.client.mode, loop.client.delay_polls = "slow", 7
+    lags = set()
+    for _ in range(60):
+        newest, t = loop._newest, loop.tick_in_episode
+        loop.tick()
+        if loop._newest not in (newest, None) and loop._newest[0] > 0:  # mid-episode chunks (not the first)
+            lags.add(t - loop._newest[0])  # the tick that took the reply - the tick its observation is from
+    assert lags == expected if expected is not None else lags and min(lags) >= 1
+    assert loop.report()["fault_holds"] == 0
+
+
 def test_corrections_reach_the_sink_and_are_valid():
     got: list[Correction] = []
     loop = make("franka", mode="zeros", sink=got.extend)
