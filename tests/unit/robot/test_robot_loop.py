@@ -278,6 +278,9 @@ def test_config_errors_name_the_field():
         RobotConfig("r", "franka", stale_ticks=0)
     with pytest.raises(ValueError, match="RobotConfig.sim_wait_s"):
         RobotConfig("r", "franka", sim_wait_s=-1)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="RobotConfig.sim_delay_ticks: expected None or a non-negative int"):
+            RobotConfig("r", "franka", sim_delay_ticks=bad)
     with pytest.raises(ValueError, match="RobotConfig.seed: expected a non-negative int, got True"):
         RobotConfig("r", "franka", seed=True)  # a bool is never an int
     with pytest.raises(ValueError, match="RobotConfig.n_samples: expected a positive int"):
