@@ -26,7 +26,7 @@ from actors.robot import RobotActor
 from fleet.durable import write_text_atomic
 from fleet.embodiments import EMBODIMENTS
 from fleet.metrics import MetricsServer, render
-from fleet.names import HEADS, LEARNER, REPLAY, robot_name, robot_prefix
+from fleet.names import HEADS, LEARNER, ONBOARD_PREFIX, REPLAY, ROBOT_PREFIX, robot_name, robot_prefix
 from fleet.validate import is_int
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,21 @@ class _FleetController:
         """An operator's reset of one robot's latched force e-stop; ValueError naming the robots for an unknown id."""
         handle = self.robots.get(robot_id)
         if handle is None:
+            onboarder = self._onboarder_of(robot_id)  # a robot of a body `fleet embodiment add` is onboarding
+            if onboarder is not None:
+                return await _get(onboarder.reset_estop.remote(robot_id), 30.0)
             raise ValueError(f"robot: expected one of {sorted(self.robots)}, got {robot_id!r}")
         return await _get(handle.reset_estop.remote(), 30.0)
+
+    def _onboarder_of(self, robot_id: str):
+        """The onboarding actor running `robot-NAME-i`, or None."""
+        name = robot_id.removeprefix(ROBOT_PREFIX).rpartition("-")[0]
+        if not robot_id.startswith(ROBOT_PREFIX) or not name:
+            return None
+        try:
+            return ray.get_actor(ONBOARD_PREFIX + name, namespace=self.cfg["namespace"])
+        except ValueError:
+            return None
 
     def config(self) -> dict:
         return {k: v for k, v in self.cfg.items() if k != "api_token"} | {"desired": dict(self.desired)}

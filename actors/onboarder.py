@@ -89,7 +89,8 @@ class OnboardActor:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                robots = self.robots[: self.target_robots]
+                # a robot whose force e-stop latched waits for an operator (`fleet estop reset ROBOT`)
+                robots = [r for r in self.robots[: self.target_robots] if not r.estopped]
                 if not robots:
                     time.sleep(0.2)
                     continue
@@ -130,6 +131,13 @@ class OnboardActor:
             )
         self.target_robots = count
         return count
+
+    def reset_estop(self, robot_id: str) -> dict:
+        """An operator's reset of one robot's latched force e-stop; ValueError naming the robots for an unknown id."""
+        robots = {r.robot_id: r for r in self.robots}
+        if robot_id not in robots:
+            raise ValueError(f"robot: expected one of {sorted(robots)}, got {robot_id!r}")
+        return {"robot": robot_id, "was_latched": robots[robot_id].reset_estop()}
 
     def status(self) -> dict:
         return self.session.status() | {

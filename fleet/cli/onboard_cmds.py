@@ -247,6 +247,9 @@ def format_status(result: dict) -> str:
                 f"  round {r['round']}: {r['demos']} demos, {r['steps']} steps, {r['train_s']:.0f} s, "
                 f"held-out {r['check_success']:.0%}" + (f", published v{r['published']}" if r["published"] else "")
             )
+        latched = [r["robot"] for r in s["robots"] if r.get("estop_latched")]
+        if latched:
+            lines.append(f"  e-stop latched: {', '.join(latched)}; once clear: fleet estop reset {latched[0]}")
     return "\n".join(lines)
 
 

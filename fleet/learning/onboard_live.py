@@ -225,9 +225,27 @@ class OnboardRobot:
         self.corrections = 0
         self.last_episode: dict = {}
         self.teleop = Teleoperator()
+        # one safety layer for the robot's life: a force e-stop stays latched across episodes until reset_estop()
+        self.safety = SafetyLayer(spec)
+        self.force = 0.0  # the contact force the last step measured
+        self.estop_resets = 0
+
+    @property
+    def estopped(self) -> bool:
+        """The force e-stop is latched: the robot runs no episode until an operator resets it."""
+        return self.safety.estopped
+
+    def reset_estop(self) -> bool:
+        """An operator's reset of the latched e-stop; True when it was latched."""
+        was = self.safety.estopped
+        self.safety.reset_estop()
+        self.estop_resets += int(was)
+        return was
 
     def _reset(self) -> dict:
         obs, _ = self.env.reset(seed=self.seed * 1_000_003 + self.episodes)
+        self.safety.reset()  # a new episode's motion history; the e-stop latch is kept
+        self.force = 0.0
         return obs
 
     def demonstration_episode(self, noise: float = DEMO_NOISE) -> tuple[DemoSet, bool]:
@@ -250,7 +268,7 @@ class OnboardRobot:
         span = np.asarray(spec.action_high, np.float32) - np.asarray(spec.action_low, np.float32)
         every = 1 if record_every_tick else spec.recompute_every
         buf = ActionBuffer(chunk_size=spec.chunk_size, recompute_every=every)
-        safety = SafetyLayer(spec)
+        safety = self.safety
         obs = self._reset()
         images, proprio, instr, chunks = [], [], [], []
         versions, corrections = set(), self.corrections
@@ -278,9 +296,10 @@ class OnboardRobot:
                 a = np.asarray(spec.stop_action or np.zeros(spec.action_dim), np.float32)
             elif noise > 0:
                 a = a + noise * span * rng.standard_normal(spec.action_dim).astype(np.float32)
-            a, _ = safety(np.clip(a, spec.action_low, spec.action_high), proprio=obs["proprio"])
+            a, _ = safety(np.clip(a, spec.action_low, spec.action_high), force=self.force, proprio=obs["proprio"])
             a = np.clip(np.asarray(a, np.float32), spec.action_low, spec.action_high)
             obs, _, term, trunc, info = self.env.step(a)
+            self.force = float(info.get("force", 0.0))
             tick += 1
             if term or trunc:
                 break
@@ -311,6 +330,9 @@ class OnboardRobot:
             "policy_episodes": self.policy_episodes,
             "policy_successes": self.policy_successes,
             "corrections": self.corrections,
+            "estop_latched": self.safety.estopped,
+            "estop_trips": self.safety.counts["estop_trips"],
+            "estop_resets": self.estop_resets,
         }
 
 

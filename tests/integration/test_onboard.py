@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fleet.cluster.config import FleetConfig  # noqa: E402
-from fleet.cluster.launcher import FleetError, down, scale, status, up  # noqa: E402
+from fleet.cluster.launcher import FleetError, down, reset_estop, scale, status, up  # noqa: E402
 from fleet.embodiments import CATALOG  # noqa: E402
 from fleet.policy.checkpoint import save_checkpoint  # noqa: E402
 from fleet.policy.train import build_model  # noqa: E402
@@ -101,6 +101,13 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
         assert len(onboarding_status(config.namespace)["bodies"]["so100"]["robots"]) == 3
         with pytest.raises(FleetError, match="unknown embodiment 'so200'"):
             scale({"so200": 1}, namespace=config.namespace)
+        # `fleet estop reset` reaches the added body's robots through their onboarding actor
+        assert reset_estop("robot-so100-0", namespace=config.namespace) == {
+            "robot": "robot-so100-0",
+            "was_latched": False,
+        }
+        with pytest.raises(FleetError, match="robot-so100-7"):
+            reset_estop("robot-so100-7", namespace=config.namespace)
     finally:
         try:
             ray_session.kill(ray_session.get_actor(onboarder_name("so100"), namespace=config.namespace))

@@ -169,3 +169,24 @@ def test_a_new_version_that_holds_is_confirmed_and_nothing_is_published():
     assert len(published) == 2 and session.version == 2 and session.watch is None
     with pytest.raises(ValueError, match="watch_episodes"):
         plan(watch_episodes=0)
+
+
+def test_an_onboarding_robot_reads_the_contact_force_and_its_estop_stays_latched():
+    """The robots of a body being onboarded go through the safety layer with the measured force as every robot
+    does: a trip latches across episodes (the robot runs nothing; the actor skips it) until an operator resets it.
+    A franka without its table wall stands in for a body whose policy presses too hard."""
+    import dataclasses
+
+    bare = dataclasses.replace(EMBODIMENTS["franka"], position_limits=())
+    robot = OnboardRobot("robot-franka-9", bare, "franka", seed=0)
+    slam = np.tile(np.array([0, 0, -0.05, 0, 0, 0, -1.0], np.float32), (16, 1))
+    _, ok = robot._episode(lambda request: {"chunk": slam, "head_version": 1}, record_every_tick=False)
+    report = robot.report()
+    assert not ok and robot.estopped and report["estop_latched"] and report["estop_trips"] == 1
+    robot.policy_episode(lambda request: {"chunk": slam, "head_version": 1})  # the next episode: still latched
+    assert robot.estopped and robot.safety.stats()["estop_ticks"] > 0
+    assert robot.reset_estop() is True and robot.reset_estop() is False
+    assert not robot.estopped and robot.report()["estop_resets"] == 1
+    walled = OnboardRobot("robot-franka-8", EMBODIMENTS["franka"], "franka", seed=0)  # with the wall: no trip
+    walled._episode(lambda request: {"chunk": slam, "head_version": 1}, record_every_tick=False)
+    assert not walled.estopped
