@@ -332,7 +332,9 @@ class _RobotActor:
             self._ticks.append(time.perf_counter())
             if self._finish_episode and done:
                 break
-            time.sleep(0)  # let the actor's method threads take the GIL between ticks
+            # let the actor's method threads take the GIL between ticks; a latched e-stop holds at the body's own
+            # rate instead of flat out (it moves nothing, and spinning took a core from the other robots)
+            time.sleep(self.loop.spec.dt if self.loop.safety.estopped else 0)
 
     # ---- methods ---------------------------------------------------------------------------------
     def ping(self) -> str:
