@@ -205,8 +205,8 @@ class SafetyLayer:
             return action
         a = self._wall_a
         out = action.copy()
-        lo = np.maximum(self._wall_lo - position, self._low[a])
-        hi = np.minimum(self._wall_hi - position, self._high[a])
+        lo = np.clip(self._wall_lo - position, self._low[a], self._high[a])
+        hi = np.clip(self._wall_hi - position, self._low[a], self._high[a])
         out[a] = np.clip(out[a], lo, np.maximum(lo, hi))
         return out
 

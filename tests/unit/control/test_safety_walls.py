@@ -37,7 +37,7 @@ def test_franka_has_the_table_wall():
 
 @PROPS
 @given(
-    z=st.floats(-0.05, 0.35),
+    z=st.floats(-0.5, 0.8),
     action=st.lists(st.floats(-0.08, 0.08), min_size=7, max_size=7),
     last=st.none() | st.lists(st.floats(-0.05, 0.05), min_size=7, max_size=7),
 )
@@ -49,9 +49,9 @@ def test_the_commanded_height_stays_inside_the_wall(z, action, last):
     if FLOOR <= z <= CEILING:
         assert FLOOR - 1e-12 <= z + sent[2] <= CEILING + 1e-12
     elif z < FLOOR:  # below the wall (cannot happen in the sim): only upwards, as fast as the bound allows
-        assert sent[2] >= 0
+        assert sent[2] > 0 and (z + sent[2] >= FLOOR - 1e-12 or sent[2] == FRANKA.action_high[2])
     else:
-        assert sent[2] <= 0
+        assert sent[2] < 0 and (z + sent[2] <= CEILING + 1e-12 or sent[2] == FRANKA.action_low[2])
     assert np.all(sent >= np.array(FRANKA.action_low)) and np.all(sent <= np.array(FRANKA.action_high))
     # the other dimensions are exactly what the layer sends without the wall (unless the norm of the whole
     # step was scaled, which couples them)
