@@ -168,7 +168,7 @@ def eval_cmd(
     episodes: Annotated[int, typer.Option(min=1, help="Closed-loop episodes (unseen seeds).")] = 50,
     shift: Annotated[str | None, typer.Option(help="Distribution shift(s), e.g. 'actuator_bias'.")] = None,
     checkpoint: CkptOpt = None,
-    seed: Annotated[int, typer.Option(help="Evaluation seed block.")] = 0,
+    seed: Annotated[int, typer.Option(help="Evaluation seed block (the scenes, and the flow heads' noise).")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
     """Closed-loop success of the policy on one embodiment, with chunk recycling and the safety layer."""
@@ -186,7 +186,11 @@ def eval_cmd(
         fail(str(exc))
     if embodiment not in model.specs:
         fail(f"the checkpoint has no head for {embodiment!r} (it has {sorted(model.specs)})")
-    result = evaluate(chunk_policy(model), embodiment, episodes, shift=shift, seed=seed).to_dict()
+    import torch
+
+    # the flow heads' noise is seeded by --seed too, so the same command gives the same figure
+    noise = torch.Generator().manual_seed(seed)
+    result = evaluate(chunk_policy(model, generator=noise), embodiment, episodes, shift=shift, seed=seed).to_dict()
     if json_out:
         emit_json(result)
         return

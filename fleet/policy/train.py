@@ -198,14 +198,17 @@ DAGGER_ENVS = 64
 FLOW_SAMPLES = 4  # flow heads execute the mean of this many samples (it also feeds the disagreement confidence)
 
 
-def chunk_policy(model, n_samples: int | None = None) -> Callable[[list[dict], list[str]], list[np.ndarray]]:
+def chunk_policy(
+    model, n_samples: int | None = None, generator: torch.Generator | None = None
+) -> Callable[[list[dict], list[str]], list[np.ndarray]]:
     """Wrap a FleetPolicy as a ChunkPolicy (observations, embodiment names) -> physical chunks.
-    n_samples None: FLOW_SAMPLES when any row uses a flow head, else 1."""
+    n_samples None: FLOW_SAMPLES when any row uses a flow head, else 1. generator: where flow heads draw their
+    noise (a seeded one makes a run repeat exactly); None = torch's global generator."""
 
     def act(observations: list[dict], names: list[str]) -> list[np.ndarray]:
         model.eval()
         k = n_samples or (FLOW_SAMPLES if any(model.specs[n].head == "flow" for n in names) else 1)
-        return [r["chunk"] for r in model.predict_obs(observations, names, n_samples=k)]
+        return [r["chunk"] for r in model.predict_obs(observations, names, n_samples=k, generator=generator)]
 
     return act
 
