@@ -85,7 +85,7 @@ def test_output_always_inside_bounds_and_velocity_limits(name, data, scale):
     last = None
     for action, force in data.draw(requests(spec)):
         sent, report = layer(action, force=force)
-        if report.estop:  # brakes at once to the stop action (or holds): exempt from the rate limits
+        if report.estop or report.contact_stop:  # brakes at once to the stop action: exempt from the rate limits
             assert_safe(spec, sent, None)
             assert np.array_equal(sent, stop_target(spec, last))
             layer.reset_estop()

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleet.control import SafetyLayer
+from fleet.control import SafetyConfig, SafetyLayer
 from fleet.embodiments import EMBODIMENTS, EmbodimentSpec
 from fleet.policy.checkpoint import _spec_mismatch
 from fleet.policy.evaluate import evaluate
@@ -172,3 +172,29 @@ def test_spec_round_trip_and_old_checkpoints():
     assert _spec_mismatch(stored, FRANKA) is None
     stored["position_limits"] = [[2, 2, -0.05, 0.3]]  # written with another wall: refused, named
     assert "position_limits" in _spec_mismatch(stored, FRANKA)
+
+
+def test_a_contact_stop_brakes_for_one_tick_and_does_not_latch():
+    """A force above half of max_force (under the e-stop's limit) sends the stop action at once on that tick;
+    the next tick goes on as usual. A body without a stop action (leap: position targets) has none."""
+    hello = EMBODIMENTS["hello"]
+    layer = SafetyLayer(hello)
+    layer.reset(last_action=np.array([0.3, 0.0, 0.0]))
+    go = np.array([0.3, 0.0, 0.0])
+    sent, report = layer(go, force=0.5 * hello.max_force)  # at the threshold: not above it
+    assert not report.contact_stop and np.array_equal(sent, go)
+    sent, report = layer(go, force=0.6 * hello.max_force)
+    assert report.contact_stop and report.held and not report.estop and np.array_equal(sent, hello.stop_action)
+    assert report.fired[0] == "contact_stop" and layer.stats()["contact_stops"] == 1
+    sent, report = layer(go, force=0.0)
+    assert not report.held and not layer.estopped and sent[0] > 0  # ramps back up, within the rate limit
+    off = SafetyLayer(hello, SafetyConfig(contact_stop=None))
+    assert not off(go, force=0.9 * hello.max_force)[1].held
+    leap = EMBODIMENTS["leap"]
+    assert not SafetyLayer(leap)(np.full(leap.action_dim, 0.5), force=0.9 * leap.max_force)[1].held
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, math.nan, "half"])
+def test_contact_stop_config_is_validated(bad):
+    with pytest.raises(ValueError, match=r"SafetyConfig.contact_stop: expected None or a share of max_force"):
+        SafetyConfig(contact_stop=bad)
