@@ -85,7 +85,7 @@ class SafetyReport:
     estop_tripped: bool  # this tick's force reading tripped it
     contact_stop: bool  # this tick's force reading, under the e-stop's limit, stopped the robot for this tick
     force_norm: float | None  # the measured force/torque norm, None when not given
-    workspace: float  # change made by clipping into [action_low, action_high]
+    workspace: float  # change made by clipping into [action_low, action_high] and the position walls
     acceleration: float  # change made by the acceleration limit
     velocity: float  # change made by the per-dimension and norm velocity limits
     max_change: float | None  # max |sent - requested|; None when the request was missing or non-finite
