@@ -78,10 +78,10 @@ def in_limit_walk(draw, spec: EmbodimentSpec, margin: float = 0.0, max_len: int 
 
 @pytest.mark.parametrize("name", list(SPECS))
 @PROPS
-@given(data=st.data(), scale=st.sampled_from([1.0, 0.5]))
-def test_output_always_inside_bounds_and_velocity_limits(name, data, scale):
+@given(data=st.data(), scale=st.sampled_from([1.0, 0.5]), contact=st.sampled_from([None, 0.5]))
+def test_output_always_inside_bounds_and_velocity_limits(name, data, scale, contact):
     spec = SPECS[name]
-    layer = SafetyLayer(spec, SafetyConfig(velocity_scale=scale))
+    layer = SafetyLayer(spec, SafetyConfig(velocity_scale=scale, contact_stop=contact))
     last = None
     for action, force in data.draw(requests(spec)):
         sent, report = layer(action, force=force)
