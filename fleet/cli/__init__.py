@@ -101,6 +101,21 @@ def pretrain(
             "ranges stop short of the `lighting`, `camera_offset` and `distractors` evaluation shifts).",
         ),
     ] = False,
+    augment_p: Annotated[
+        str,
+        typer.Option(
+            "--augment-p",
+            help="With --augment: the share of rows that get each shift, e.g. 'lighting=0,offset=0.35,clutter=0.2' "
+            "(unnamed shifts keep their defaults: lighting 0.4, offset 0.4, clutter 0.25).",
+        ),
+    ] = "",
+    image_norm: Annotated[
+        str,
+        typer.Option(
+            help="How a frame becomes the encoder's input: 'per_image' (each frame's own per-channel mean and "
+            "spread, so a dimmer or colour-cast camera looks the same) or 'fixed' (one affine map for all).",
+        ),
+    ] = "fixed",
     json_out: JsonOpt = False,
 ) -> None:
     """Train the multi-embodiment policy from scratch on teleoperator demonstrations of all four sims
@@ -127,9 +142,15 @@ def pretrain(
             dagger_samples=dagger_samples or None,
             seed=seed,
             threads=threads,
-            augment=AugmentConfig() if augment else None,
+            augment=AugmentConfig(**_parse_augment_p(augment_p)) if augment else None,
         )
-        cfg = replace(cfg, workers=default_workers(cfg) if workers is None else workers)
+        if augment_p and not augment:
+            raise ValueError("--augment-p: needs --augment (the shares apply to augmented training)")
+        cfg = replace(
+            cfg,
+            workers=default_workers(cfg) if workers is None else workers,
+            policy=replace(cfg.policy, image_norm=image_norm),
+        )
     except ValueError as exc:
         fail(str(exc))
     log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
@@ -144,6 +165,21 @@ def pretrain(
         emit_json(summary)
     else:
         typer.echo(f"wrote {out}/policy.safetensors in {report.seconds / 60:.1f} min")
+
+
+def _parse_augment_p(text: str) -> dict[str, float]:
+    """'lighting=0,offset=0.35' -> {"p_lighting": 0.0, "p_offset": 0.35} (AugmentConfig checks the range)."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if name not in ("lighting", "offset", "clutter") or not sep:
+            raise ValueError(f"--augment-p: expected lighting|offset|clutter=SHARE pairs, got {part!r}")
+        try:
+            out[f"p_{name}"] = float(value)
+        except ValueError:
+            raise ValueError(f"--augment-p: {name} share must be a number in [0, 1], got {value.strip()!r}") from None
+    return out
 
 
 def _parse_mix(text: str) -> dict[str, float] | None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fleet.policy.vision import PatchEncoder
+from fleet.policy.vision import IMAGE_NORMS, PatchEncoder
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,11 @@ class PolicyConfig:
     # still feed the disagreement confidence). Measured on the leap hand (500 episodes each): the mean of
     # 4 samples 81 %, one sample 90 %; the aloha arms: mean 90 % in 28 steps, one sample 90 % in 36 steps
 
+    image_norm: str = "fixed"
+    # how a camera frame becomes the encoder's input: "fixed" (one affine map; the shipped checkpoint) or
+    # "per_image" (each frame's own per-channel mean and spread, so a dimmer or colour-cast camera is
+    # invisible to the policy; fleet.policy.vision.normalize_image)
+
     def __post_init__(self) -> None:
         if isinstance(self.flow_execute_sample, list):  # from JSON
             object.__setattr__(self, "flow_execute_sample", tuple(self.flow_execute_sample))
@@ -90,6 +95,9 @@ class PolicyConfig:
             elif f.name == "dropout":
                 if not 0.0 <= value < 1.0:
                     raise ValueError(f"PolicyConfig.dropout must be in [0, 1), got {value!r}")
+            elif f.name == "image_norm":
+                if value not in IMAGE_NORMS:
+                    raise ValueError(f"PolicyConfig.image_norm must be one of {IMAGE_NORMS}, got {value!r}")
             elif f.name in ("conv_stem", "head_direct"):
                 if not isinstance(value, bool):
                     raise ValueError(f"PolicyConfig.{f.name} must be a bool, got {value!r}")
@@ -220,7 +228,9 @@ class Backbone(nn.Module):
         super().__init__()
         d = config.d_model
         self.config = config
-        self.vision = PatchEncoder(d, config.image_size, config.patch_size, config.conv_stem, config.keypoints)
+        self.vision = PatchEncoder(
+            d, config.image_size, config.patch_size, config.conv_stem, config.keypoints, config.image_norm
+        )
         self.word_embed = nn.Embedding(vocab_size, d, padding_idx=0)
         nn.init.normal_(self.word_embed.weight, std=0.02)
         with torch.no_grad():

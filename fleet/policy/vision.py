@@ -7,6 +7,33 @@ from torch import nn
 
 # uint8 -> [0, 1] -> roughly zero-mean, unit-scale: (x - 0.5) / 0.25
 _MEAN, _STD = 0.5, 0.25
+IMAGE_NORMS = ("fixed", "per_image")
+# per_image: each frame's own per-channel mean and spread, measured on its centre (a `NORM_MARGIN` pixel
+# border is left out, so the black edge of a shifted camera does not move them), with the spread floored at
+# `NORM_MIN_STD` grey levels so a flat frame is not blown up into noise
+NORM_MARGIN = 8
+NORM_MIN_STD = 8.0
+
+
+def normalize_image(image: torch.Tensor, mode: str = "fixed") -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float, the encoder's input.
+
+    `fixed`: one affine map for every frame, (x / 255 - 0.5) / 0.25 (the shipped checkpoint's).
+    `per_image`: per frame and channel, (x - mean) / max(std, NORM_MIN_STD), both measured on the frame's
+    centre. A dimmer or colour-cast camera is a per-channel gain and offset of the frame, which this removes
+    exactly (up to clipping at 0 and 255), so a policy trained with it never sees a lighting change
+    (instance normalization, as style-invariant vision models use it).
+    """
+    x = image.permute(0, 3, 1, 2).float()
+    if mode == "fixed":
+        return x.mul_(1.0 / (255.0 * _STD)).sub_(_MEAN / _STD)
+    if mode != "per_image":
+        raise ValueError(f"image norm must be one of {IMAGE_NORMS}, got {mode!r}")
+    m = NORM_MARGIN if min(x.shape[-2:]) > 4 * NORM_MARGIN else 0
+    centre = x[:, :, m : x.shape[-2] - m, m : x.shape[-1] - m].flatten(2)
+    mean = centre.mean(-1)[:, :, None, None]
+    std = centre.std(-1, correction=0).clamp(min=NORM_MIN_STD)[:, :, None, None]
+    return (x - mean) / std
 
 
 class PatchEncoder(nn.Module):
@@ -19,9 +46,18 @@ class PatchEncoder(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, image_size: int = 64, patch_size: int = 8, conv_stem: bool = True, keypoints: int = 0
+        self,
+        d_model: int,
+        image_size: int = 64,
+        patch_size: int = 8,
+        conv_stem: bool = True,
+        keypoints: int = 0,
+        image_norm: str = "fixed",
     ) -> None:
         super().__init__()
+        if image_norm not in IMAGE_NORMS:
+            raise ValueError(f"PatchEncoder: image_norm must be one of {IMAGE_NORMS}, got {image_norm!r}")
+        self.image_norm = image_norm
         if image_size % patch_size:
             raise ValueError(f"PatchEncoder: image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.image_size = image_size
@@ -54,7 +90,7 @@ class PatchEncoder(nn.Module):
 
         cond: (B, d) instruction summary that FiLM-modulates the keypoint features (None = no modulation).
         """
-        x = image.permute(0, 3, 1, 2).float().mul_(1.0 / (255.0 * _STD)).sub_(_MEAN / _STD)
+        x = normalize_image(image, self.image_norm)
         tokens = self.embed(x).flatten(2).transpose(1, 2)  # (B, grid*grid, d)
         tokens = tokens + (self.row_pos + self.col_pos).reshape(1, self.grid * self.grid, -1)
         if self.keypoints:

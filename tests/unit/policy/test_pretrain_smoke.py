@@ -109,3 +109,37 @@ def test_transfer_experiment_json_shape(tmp_path, monkeypatch):
     assert result["steps"] == 2
     assert (tmp_path / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "joint" in transfer.format_table(result)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--image-norm", "batch"], "image_norm must be one of"),
+        (["--augment", "--augment-p", "fog=0.2"], "lighting|offset|clutter=SHARE"),
+        (["--augment", "--augment-p", "offset=lots"], "offset share must be a number"),
+        (["--augment", "--augment-p", "offset=1.5"], "p_offset must be a probability"),
+        (["--augment-p", "offset=0.3"], "needs --augment"),
+    ],
+)
+def test_pretrain_cli_rejects_bad_recipe_before_training(tmp_path, args, needle):
+    res = CliRunner().invoke(app, ["pretrain", "--out", str(tmp_path / "x"), *args])
+    assert res.exit_code == 2 and needle in res.output, res.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_pretrain_cli_passes_the_recipe_on(tmp_path, monkeypatch):
+    """--image-norm and --augment-p reach the PretrainConfig that trains (the run itself is replaced)."""
+    import fleet.policy.train as train
+
+    seen = {}
+
+    def fake(cfg, out, progress, log):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train, "pretrain", fake)
+    args = ["pretrain", "--out", str(tmp_path), "--image-norm", "per_image", "--augment"]
+    CliRunner().invoke(app, [*args, "--augment-p", "lighting=0,offset=0.35"])
+    cfg = seen["cfg"]
+    assert cfg.policy.image_norm == "per_image"
+    assert (cfg.augment.p_lighting, cfg.augment.p_offset, cfg.augment.p_clutter) == (0.0, 0.35, 0.25)
