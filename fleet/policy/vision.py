@@ -24,16 +24,17 @@ def normalize_image(image: torch.Tensor, mode: str = "fixed") -> torch.Tensor:
     exactly (up to clipping at 0 and 255), so a policy trained with it never sees a lighting change
     (instance normalization, as style-invariant vision models use it).
     """
-    x = image.permute(0, 3, 1, 2).float()
     if mode == "fixed":
-        return x.mul_(1.0 / (255.0 * _STD)).sub_(_MEAN / _STD)
+        return image.permute(0, 3, 1, 2).float().mul_(1.0 / (255.0 * _STD)).sub_(_MEAN / _STD)
     if mode != "per_image":
         raise ValueError(f"image norm must be one of {IMAGE_NORMS}, got {mode!r}")
-    m = NORM_MARGIN if min(x.shape[-2:]) > 4 * NORM_MARGIN else 0
-    centre = x[:, :, m : x.shape[-2] - m, m : x.shape[-1] - m].flatten(2)
-    mean = centre.mean(-1)[:, :, None, None]
-    std = centre.std(-1, correction=0).clamp(min=NORM_MIN_STD)[:, :, None, None]
-    return (x - mean) / std
+    h, w = image.shape[1], image.shape[2]
+    m = NORM_MARGIN if min(h, w) > 4 * NORM_MARGIN else 0
+    centre = image[:, m : h - m, m : w - m].reshape(image.shape[0], -1, image.shape[3]).float()  # (B, N, 3)
+    std, mean = torch.std_mean(centre, dim=1, correction=0)
+    scale = 1.0 / std.clamp(min=NORM_MIN_STD)
+    x = image.float().sub_(mean[:, None, None]).mul_(scale[:, None, None])  # channels-last, one pass
+    return x.permute(0, 3, 1, 2)
 
 
 class PatchEncoder(nn.Module):
