@@ -126,7 +126,7 @@ def pretrain(
     each reaches).
     """
     # torch or pyarrow: loaded by the command that needs it, so `fleet --help` stays light
-    from fleet.policy.augment import AugmentConfig
+    from fleet.policy.augment import AugmentConfig, parse_augment_shares
     from fleet.policy.evaluate import evaluate
     from fleet.policy.train import PretrainConfig, chunk_policy, default_workers
     from fleet.policy.train import pretrain as run_pretrain
@@ -142,7 +142,7 @@ def pretrain(
             dagger_samples=dagger_samples or None,
             seed=seed,
             threads=threads,
-            augment=AugmentConfig(**_parse_augment_p(augment_p)) if augment else None,
+            augment=AugmentConfig(**parse_augment_shares(augment_p)) if augment else None,
         )
         if augment_p and not augment:
             raise ValueError("--augment-p: needs --augment (the shares apply to augmented training)")
@@ -165,21 +165,6 @@ def pretrain(
         emit_json(summary)
     else:
         typer.echo(f"wrote {out}/policy.safetensors in {report.seconds / 60:.1f} min")
-
-
-def _parse_augment_p(text: str) -> dict[str, float]:
-    """'lighting=0,offset=0.35' -> {"p_lighting": 0.0, "p_offset": 0.35} (AugmentConfig checks the range)."""
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if name not in ("lighting", "offset", "clutter") or not sep:
-            raise ValueError(f"--augment-p: expected lighting|offset|clutter=SHARE pairs, got {part!r}")
-        try:
-            out[f"p_{name}"] = float(value)
-        except ValueError:
-            raise ValueError(f"--augment-p: {name} share must be a number in [0, 1], got {value.strip()!r}") from None
-    return out
 
 
 def _parse_mix(text: str) -> dict[str, float] | None:

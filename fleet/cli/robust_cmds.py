@@ -89,6 +89,14 @@ def robust_finetune_cmd(
     lr: Annotated[float, typer.Option(min=1e-6, max=0.1, help="Peak learning rate (warm-up, cosine decay).")] = 3e-4,
     seed: Annotated[int, typer.Option(help="Collection and batch seed (7: scenes pretraining never saw).")] = 7,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
+    augment_p: Annotated[
+        str,
+        typer.Option(
+            "--augment-p",
+            help="Share of rows that get each shift, e.g. 'lighting=0,offset=0.35,clutter=0.2' (unnamed: "
+            "lighting 0.4, offset 0.4, clutter 0.25). A per_image checkpoint needs no lighting rows.",
+        ),
+    ] = "",
     json_out: JsonOpt = False,
 ) -> None:
     """Make a trained checkpoint robust to everyday shifts without retraining it: continue it on fresh
@@ -100,11 +108,13 @@ def robust_finetune_cmd(
         fleet robust-finetune --out runs/robust
         fleet experiment robustness --checkpoint runs/robust --seed 3
     """
+    from fleet.policy.augment import AugmentConfig, parse_augment_shares
     from fleet.policy.default import load_policy
     from fleet.policy.robust import RobustConfig, robust_finetune
 
     try:
         cfg = RobustConfig(
+            augment=AugmentConfig(**parse_augment_shares(augment_p)),
             steps=steps,
             demo_episodes=demo_episodes,
             dagger_episodes=dagger_episodes,

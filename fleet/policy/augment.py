@@ -81,6 +81,22 @@ class AugmentConfig:
             )
 
 
+def parse_augment_shares(text: str) -> dict[str, float]:
+    """The CLI's `--augment-p 'lighting=0,offset=0.35'` -> {"p_lighting": 0.0, "p_offset": 0.35}, keyword
+    arguments for AugmentConfig (which checks each is a probability)."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if name not in ("lighting", "offset", "clutter") or not sep:
+            raise ValueError(f"--augment-p: expected lighting|offset|clutter=SHARE pairs, got {part!r}")
+        try:
+            out[f"p_{name}"] = float(value)
+        except ValueError:
+            raise ValueError(f"--augment-p: {name} share must be a number in [0, 1], got {value.strip()!r}") from None
+    return out
+
+
 @dataclass(frozen=True)
 class RowShift:
     """What one row got (None: not applied); `augment_batch` returns these so tests can replay them."""

@@ -143,3 +143,21 @@ def test_pretrain_cli_passes_the_recipe_on(tmp_path, monkeypatch):
     cfg = seen["cfg"]
     assert cfg.policy.image_norm == "per_image"
     assert (cfg.augment.p_lighting, cfg.augment.p_offset, cfg.augment.p_clutter) == (0.0, 0.35, 0.25)
+
+
+def test_robust_finetune_cli_passes_the_shares_on(tmp_path, monkeypatch):
+    import fleet.policy.robust as robust
+
+    seen = {}
+
+    def fake(model, meta, cfg, out, log):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(robust, "robust_finetune", fake)
+    args = ["robust-finetune", "--out", str(tmp_path), "--steps", "2000", "--augment-p", "lighting=0,clutter=0.2"]
+    CliRunner().invoke(app, args)
+    aug = seen["cfg"].augment
+    assert (aug.p_lighting, aug.p_offset, aug.p_clutter) == (0.0, 0.4, 0.2) and seen["cfg"].warmup == 50
+    res = CliRunner().invoke(app, ["robust-finetune", "--out", str(tmp_path), "--augment-p", "fog=1"])
+    assert res.exit_code == 2 and "lighting|offset|clutter=SHARE" in res.output
