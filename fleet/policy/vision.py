@@ -33,7 +33,7 @@ def normalize_image(image: torch.Tensor, mode: str = "fixed") -> torch.Tensor:
     centre = image[:, m : h - m, m : w - m].reshape(image.shape[0], -1, image.shape[3]).float()  # (B, N, 3)
     std, mean = torch.std_mean(centre, dim=1, correction=0)
     scale = 1.0 / std.clamp(min=NORM_MIN_STD)
-    x = image.float().sub_(mean[:, None, None]).mul_(scale[:, None, None])  # channels-last, one pass
+    x = (image.float() - mean[:, None, None]) * scale[:, None, None]  # never in place: a float input stays as is
     return x.permute(0, 3, 1, 2)
 
 
