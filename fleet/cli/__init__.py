@@ -105,7 +105,7 @@ def pretrain(
         str,
         typer.Option(
             "--augment-p",
-            help="With --augment: the share of rows that get each shift, e.g. 'lighting=0,offset=0.35,clutter=0.2' "
+            help="With --augment: the share of rows that get each shift, e.g. 'lighting=0, offset=0.35, clutter=0.2' "
             "(unnamed shifts keep their defaults: lighting 0.4, offset 0.4, clutter 0.25).",
         ),
     ] = "",

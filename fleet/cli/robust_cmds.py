@@ -93,7 +93,7 @@ def robust_finetune_cmd(
         str,
         typer.Option(
             "--augment-p",
-            help="Share of rows that get each shift, e.g. 'lighting=0,offset=0.35,clutter=0.2' (unnamed: "
+            help="Share of rows that get each shift, e.g. 'lighting=0, offset=0.35, clutter=0.2' (unnamed: "
             "lighting 0.4, offset 0.4, clutter 0.25). A per_image checkpoint needs no lighting rows.",
         ),
     ] = "",

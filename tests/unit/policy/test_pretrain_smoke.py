@@ -161,3 +161,14 @@ def test_robust_finetune_cli_passes_the_shares_on(tmp_path, monkeypatch):
     assert (aug.p_lighting, aug.p_offset, aug.p_clutter) == (0.0, 0.4, 0.2) and seen["cfg"].warmup == 50
     res = CliRunner().invoke(app, ["robust-finetune", "--out", str(tmp_path), "--augment-p", "fog=1"])
     assert res.exit_code == 2 and "lighting|offset|clutter=SHARE" in res.output
+
+
+def test_augment_shares_as_the_help_writes_them():
+    from fleet.policy.augment import parse_augment_shares
+
+    assert parse_augment_shares("lighting=0, offset=0.35, clutter=0.2") == {
+        "p_lighting": 0.0,
+        "p_offset": 0.35,
+        "p_clutter": 0.2,
+    }
+    assert parse_augment_shares("") == {}
