@@ -30,6 +30,22 @@ def experiment_latency(
     modes: Annotated[
         str, typer.Option("--modes", help="Execution modes: latest, weighted, temporal_ensemble, rtc.")
     ] = "latest,weighted,temporal_ensemble,rtc",
+    align: Annotated[
+        str,
+        typer.Option(
+            "--align",
+            help="Where a late chunk starts: time (action i at obs tick + i), arrival (its first action first); "
+            "both: time,arrival. rtc runs time-aligned only.",
+        ),
+    ] = "time",
+    policy: Annotated[
+        str,
+        typer.Option(
+            "--policy",
+            help="checkpoint (the policy at --checkpoint) or expert: the simulator's expert plans every chunk, "
+            "the ceiling of each mode (in rtc it continues the committed prefix perfectly).",
+        ),
+    ] = "checkpoint",
     episodes: Annotated[int, typer.Option(min=1, help="Unseen episodes per cell.")] = 200,
     token_episodes: Annotated[
         int | None, typer.Option(min=1, help="Episodes per cell for token-head bodies (default: --episodes).")
@@ -52,13 +68,18 @@ def experiment_latency(
 
     Modes: latest (the new chunk replaces the plan), weighted (cross-fade), temporal_ensemble (ACT's average),
     rtc (the request carries the plan and its committed delay; the policy continues it; no blending).
+    With --align arrival a late chunk starts with its first action instead of skipping the ticks that passed
+    (rows named mode@arrival); the two are identical at delay 0.
 
     Examples:
         fleet experiment latency --embodiments leap --delays 0,2 --replan 4 \\
             --episodes 50
         fleet experiment latency --delays 0,2,3 --replan 2,4 --episodes 200 \\
             --json --out runs/latency
+        fleet experiment latency --embodiments franka --delays 1,2 --replan 4 \\
+            --modes latest --align time,arrival --episodes 50
     """
+    from fleet.control import ALIGNS
     from fleet.experiments.latency import MODES, format_table, run_latency_experiment
 
     names = tuple(n.strip() for n in embodiments.split(",") if n.strip())
@@ -68,6 +89,9 @@ def experiment_latency(
     chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
     if not chosen or any(m not in MODES for m in chosen):
         fail(f"--modes: expected some of {','.join(MODES)}, got {modes!r}")
+    aligns = tuple(a.strip() for a in align.split(",") if a.strip())
+    if not aligns or any(a not in ALIGNS for a in aligns):
+        fail(f"--align: expected some of {','.join(ALIGNS)}, got {align!r}")
     log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
     try:
         result = run_latency_experiment(
@@ -75,6 +99,8 @@ def experiment_latency(
             delays=_ints("--delays", delays, 0),
             replans=_ints("--replan", replan, 1),
             modes=chosen,
+            aligns=aligns,
+            policy=policy,
             episodes=episodes,
             token_episodes=token_episodes,
             seed=seed,

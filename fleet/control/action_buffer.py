@@ -4,6 +4,12 @@ A chunk pushed with `obs_tick` holds the actions meant for ticks obs_tick, obs_t
 what is already planned, the `aggregate` rule merges the two, so a new chunk does not jerk the robot. The `rtc`
 rule (real-time chunking) merges nothing: the buffer hands the plan to the next request (`request_prefix`),
 the server makes the new chunk continue it, and the buffer switches to the new chunk at the seam.
+
+`align` says where a late chunk starts. "time" (the default): action i runs at tick obs_tick + i, so the actions
+for ticks that passed while the policy thought are dropped and the robot runs the rest of the plan open loop.
+"arrival": the chunk starts at the first tick it can still serve, with its first action, so a reply d ticks late
+acts as a closed-loop policy d ticks behind the world. Ages (the safety layer's staleness) count from the
+observation either way.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import numpy as np
 from fleet.validate import check_choice, check_int, check_number
 
 AGGREGATES = ("latest", "weighted", "temporal_ensemble", "conservative", "rtc")
+ALIGNS = ("time", "arrival")
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,11 @@ class BufferConfig:
     # horizon: the part of the new chunk executed before the next request); chunk_size = the whole remaining
     # plan (the paper's soft mask, which cost aloha 94 -> 52 % at replan 4: the robot stops reacting); 0 = the
     # committed ones only (nothing at all when none are committed: then it is `latest`)
+    align: str = "time"
+    # where a chunk that arrives d > 0 ticks after its observation starts (ALIGNS). "time": action i at tick
+    # obs_tick + i, the first d dropped. "arrival": action 0 at the first tick not yet served, so nothing is
+    # skipped and the robot runs d ticks behind. Identical when replies arrive in time. rtc commits
+    # time-aligned actions, so it needs "time"
 
     def __post_init__(self) -> None:
         check_int("BufferConfig.chunk_size", self.chunk_size, lo=1, expected="a positive int")
@@ -60,6 +72,12 @@ class BufferConfig:
         check_int("BufferConfig.latency_window", self.latency_window, lo=1, expected="a positive int")
         if self.rtc_soft is not None:
             check_int("BufferConfig.rtc_soft", self.rtc_soft, 0, self.chunk_size)
+        check_choice("BufferConfig.align", self.align, ALIGNS)
+        if self.align == "arrival" and self.aggregate == "rtc":
+            raise ValueError(
+                "BufferConfig.align: expected 'time' with aggregate='rtc' (its prefix is the plan for the ticks the "
+                "reply skips), got 'arrival'"
+            )
 
 
 class _Slot:
@@ -175,15 +193,18 @@ class ActionBuffer:
         self._stats["chunks_pushed"] += 1
         self._latencies.append(max(0, self._next_tick - obs_tick))
         self._newest_obs = obs_tick
-        first = max(0, self._next_tick - obs_tick)
+        late = max(0, self._next_tick - obs_tick)
+        # time: action i belongs to tick obs_tick + i, the late ones are dropped; arrival: action 0 runs first
+        start = obs_tick if self.config.align == "time" else obs_tick + late
+        first = late if self.config.align == "time" else 0
         self._stats["dropped_stale"] += min(first, arr.shape[0])
-        ticks = range(obs_tick + first, obs_tick + arr.shape[0])
+        ticks = range(start + first, start + arr.shape[0])
         overlap = [t for t in ticks if t in self._slots]
         ramp = {t: (k + 1) / (len(overlap) + 1) for k, t in enumerate(overlap)}
         self._stats["merges"] += len(overlap)
         self._stats["seams"] += int(bool(overlap))
         for t in ticks:
-            new = np.array(arr[t - obs_tick], np.float64)
+            new = np.array(arr[t - start], np.float64)
             slot = self._slots.get(t)
             if slot is None or self.config.aggregate in ("latest", "rtc"):
                 self._slots[t] = _Slot(new, obs_tick)

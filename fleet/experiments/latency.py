@@ -25,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fleet.control import ActionBuffer, SafetyLayer
+from fleet.control import ALIGNS, ActionBuffer, SafetyLayer
 from fleet.durable import write_text_atomic
 from fleet.embodiments import get_embodiment
 from fleet.policy.evaluate import EVAL_SEED_BASE
 from fleet.sim import make_env
 
 MODES = ("latest", "weighted", "temporal_ensemble", "rtc")
+EXPERT = "expert"  # run_cell's model: the sim's privileged expert plans every chunk (its rtc continues the prefix)
 FLOW_SAMPLES = 4  # what a robot asks a flow head for (RobotConfig.n_samples)
 
 
@@ -58,8 +59,12 @@ def run_cell(
     n_envs: int = 50,
     generator_seed: int = 0,
     buffer_options: dict | None = None,
+    align: str = "time",
 ) -> dict:
-    """One cell: `episodes` unseen episodes of embodiment `name` -> {"success", "seam_jump", "jerk", ...}."""
+    """One cell: `episodes` unseen episodes of embodiment `name` -> {"success", "seam_jump", "jerk", ...}.
+    align: where a late chunk starts (BufferConfig.align: "time" or "arrival"). model: a policy, or EXPERT for
+    the simulator's expert look-ahead (the labels the policy learned; in rtc mode it plans from where the
+    committed prefix leads, a perfect continuation)."""
     import torch  # the policy's: only this function and rtc_cost run it
 
     from fleet.policy.batch import set_row_options
@@ -75,7 +80,7 @@ def run_cell(
         while len(robots) < n_envs and next_ep < episodes:
             env = make_env(name)
             obs, _ = env.reset(seed=EVAL_SEED_BASE + seed * 100_003 + next_ep)
-            buf = ActionBuffer(spec.chunk_size, replan, mode, **(buffer_options or {}))
+            buf = ActionBuffer(spec.chunk_size, replan, mode, align=align, **(buffer_options or {}))
             robots.append(_Robot(env, obs, buf, SafetyLayer(spec)))
             next_ep += 1
         for r in robots:  # replies due now arrive first (the loop's order: receive, then request)
@@ -87,9 +92,15 @@ def run_cell(
                 rtc = r.buf.request_prefix(r.tick)
                 prefixes.append(None if rtc is None else (rtc["prefix"], rtc["prefix_delay"]))
                 r.buf.mark_requested(r.tick)
-            batch = model.collate([r.obs for r in asking], [name] * len(asking))
-            set_row_options(batch, model.specs, prefixes=prefixes)
-            rows = model.predict(batch, n_samples=k, generator=gen)
+            if model == EXPERT:
+                rows = [
+                    {"chunk": r.env.unwrapped.expert_chunk(prefix=None if p is None else p[0][: p[1]])}
+                    for r, p in zip(asking, prefixes, strict=True)
+                ]
+            else:
+                batch = model.collate([r.obs for r in asking], [name] * len(asking))
+                set_row_options(batch, model.specs, prefixes=prefixes)
+                rows = model.predict(batch, n_samples=k, generator=gen)
             calls += 1
             for r, row in zip(asking, rows, strict=True):
                 r.pending = (r.tick + delay, row["chunk"], r.tick)
@@ -116,6 +127,7 @@ def run_cell(
     return {
         "embodiment": name,
         "mode": mode,
+        "align": align,
         "delay": delay,
         "replan": replan,
         "success": float(np.mean(successes)),
@@ -175,6 +187,7 @@ def run_latency_experiment(
     delays: Sequence[int] = (0, 1, 2, 3, 4),
     replans: Sequence[int] = (1, 2, 4),
     modes: Sequence[str] = MODES,
+    aligns: Sequence[str] = ("time",),
     episodes: int = 200,
     token_episodes: int | None = None,
     seed: int = 11,
@@ -183,9 +196,12 @@ def run_latency_experiment(
     cost: bool = True,
     out: Path | None = None,
     log: Callable[[str], None] | None = None,
+    policy: str = "checkpoint",
 ) -> dict:
-    """The grid: every (embodiment, mode, delay, replan) cell, and the RTC cost ratio. token_episodes: episodes
-    per cell for token-head bodies (default `episodes`)."""
+    """The grid: every (embodiment, mode, align, delay, replan) cell, and the RTC cost ratio. token_episodes:
+    episodes per cell for token-head bodies (default `episodes`). aligns: where late chunks start (ALIGNS); rtc
+    runs time-aligned only (its prefix is the plan for the ticks a late reply skips). policy: "checkpoint" (the
+    policy at `checkpoint`) or "expert" (the simulator's expert plans every chunk: a ceiling for each mode)."""
     import torch
 
     from fleet.policy.default import load_policy
@@ -193,8 +209,13 @@ def run_latency_experiment(
     for m in modes:
         if m not in MODES:
             raise ValueError(f"--modes: unknown mode {m!r}; expected some of {MODES}")
+    for a in aligns:
+        if a not in ALIGNS:
+            raise ValueError(f"--align: unknown alignment {a!r}; expected some of {ALIGNS}")
+    if policy not in ("checkpoint", EXPERT):
+        raise ValueError(f"--policy: expected checkpoint or expert, got {policy!r}")
     torch.set_num_threads(threads)
-    model, _ = load_policy(checkpoint)
+    model = EXPERT if policy == EXPERT else load_policy(checkpoint)[0]
     rows = []
     started = time.perf_counter()
     for name in embodiments:
@@ -206,13 +227,13 @@ def run_latency_experiment(
             for delay in delays:
                 if not 0 <= delay < spec.chunk_size:
                     raise ValueError(f"--delays: {delay} is outside [0, chunk_size) for {name}")
-                for mode in modes:
+                for align, mode in [(a, m) for a in aligns for m in modes if not (a == "arrival" and m == "rtc")]:
                     t0 = time.perf_counter()
-                    row = run_cell(model, name, mode, delay, replan, n, seed)
+                    row = run_cell(model, name, mode, delay, replan, n, seed, align=align)
                     rows.append(row)
                     if log is not None:
                         log(
-                            f"{name:6s} {mode:17s} delay {delay} replan {replan}: {row['success']:.3f} "
+                            f"{name:6s} {_label(row):17s} delay {delay} replan {replan}: {row['success']:.3f} "
                             f"jump {row['seam_jump']:.4f} jerk {row['jerk']:.4f} ({time.perf_counter() - t0:.0f} s)"
                         )
     result = {
@@ -220,10 +241,11 @@ def run_latency_experiment(
         "rtc_cost_ratio": {},
         "rtc_cost_ms": {},
         "seed": seed,
+        "policy": policy,
         "threads": threads,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    if cost:
+    if cost and model != EXPERT:
         flow = [n for n in embodiments if get_embodiment(n).head == "flow"] or ["aloha"]
         costs = rtc_cost(model, flow[0])
         result["rtc_cost_ratio"] = {b: c["ratio"] for b, c in costs.items()}
@@ -236,16 +258,21 @@ def run_latency_experiment(
     return result
 
 
+def _label(row: dict) -> str:
+    """The mode as tables and plots name it: `latest`, or `latest@arrival` when the chunk starts on arrival."""
+    align = row.get("align", "time")
+    return row["mode"] if align == "time" else f"{row['mode']}@{align}"
+
+
 def format_table(result: dict) -> str:
     """Rows of the grid (fits 80 columns), then the cost of RTC."""
     lines = [
-        f"{'body':6s} {'replan':>6s} {'delay':>5s} {'mode':17s} {'success':>8s} {'seam jump':>9s} "
-        f"{'jerk':>7s} {'episodes':>8s}"
+        f"{'body':6s} {'replan':>6s} {'delay':>5s} {'mode':25s} {'success':>7s} {'seam':>6s} {'jerk':>6s} {'eps':>5s}"
     ]
     for r in result["rows"]:
         lines.append(
-            f"{r['embodiment']:6s} {r['replan']:6d} {r['delay']:5d} {r['mode']:17s} {100 * r['success']:7.1f}% "
-            f"{r['seam_jump']:9.4f} {r['jerk']:7.4f} {r['episodes']:8d}"
+            f"{r['embodiment']:6s} {r['replan']:6d} {r['delay']:5d} {_label(r):25s} {100 * r['success']:6.1f}% "
+            f"{r['seam_jump']:6.3f} {r['jerk']:6.3f} {r['episodes']:5d}"
         )
     cost = result.get("rtc_cost_ms") or {}
     for b, c in cost.items():
@@ -254,7 +281,8 @@ def format_table(result: dict) -> str:
                 f"rtc cost ({cost['embodiment']} flow head, batch {b}): {c['rtc_ms']:.1f} ms vs plain "
                 f"{c['plain_ms']:.1f} ms = {c['ratio']:.2f}x"
             )
-    lines.append("seam jump and jerk: mean share of the action range (see fleet/experiments/latency.py)")
+    lines.append("seam (the jump at a chunk switch) and jerk: mean share of the action range")
+    lines.append("mode@arrival: a late chunk starts with its first action (BufferConfig.align)")
     return "\n".join(lines)
 
 
@@ -268,14 +296,14 @@ def write_plots(result: dict, out: Path) -> list[Path]:
 
     rows = result["rows"]
     panels = sorted({(r["embodiment"], r["replan"]) for r in rows})
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    modes = sorted({_label(r) for r in rows}, key=lambda m: (MODES.index(m.split("@")[0]), m))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False, sharey=True)
     for ax, (name, replan) in zip(axes[0], panels, strict=True):
         for m in modes:
             cell = sorted(
                 (r["delay"], r["success"])
                 for r in rows
-                if (r["embodiment"], r["replan"], r["mode"]) == (name, replan, m)
+                if (r["embodiment"], r["replan"], _label(r)) == (name, replan, m)
             )
             ax.plot([c[0] for c in cell], [100 * c[1] for c in cell], marker="o", label=m)
         ax.set_title(f"{name}, replan every {replan}", fontsize=9)
@@ -291,7 +319,7 @@ def write_plots(result: dict, out: Path) -> list[Path]:
     width = 0.8 / max(1, len(modes))
     for j, m in enumerate(modes):
         vals = [
-            np.mean([r["seam_jump"] for r in rows if r["embodiment"] == n and r["mode"] == m] or [0]) for n in names
+            np.mean([r["seam_jump"] for r in rows if r["embodiment"] == n and _label(r) == m] or [0]) for n in names
         ]
         ax.bar(np.arange(len(names)) + j * width, vals, width, label=m)
     ax.set_xticks(np.arange(len(names)) + width * (len(modes) - 1) / 2, names)

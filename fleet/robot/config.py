@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fleet.control.action_buffer import AGGREGATES, ALIGNS
 from fleet.embodiments import EMBODIMENTS
 from fleet.validate import check_choice, check_int, check_number, check_str
 
@@ -23,6 +24,12 @@ class RobotConfig:
     # hold the embodiment's control rate (True) or run as fast as possible (sim mode)
     aggregate: str = "latest"
     # how overlapping chunks are merged (ActionBuffer)
+    align: str = "time"
+    # where a reply that comes back d ticks after its observation starts (BufferConfig.align): "time" skips the
+    # d actions meant for ticks that passed, "arrival" runs the chunk from its first action, d ticks behind.
+    # The same when replies come within a control period. Under 1-3 ticks of delay "arrival" kept franka and
+    # aloha near their delay-free success where "time" collapsed (README "Execution modes"). An arrival-aligned
+    # action is older when it runs: with d > 1, raise stale_ticks to recompute_every + d or the last ones hold
     n_samples: int = 4
     # flow samples per request, for the disagreement confidence (token heads report entropy instead)
     teleop: bool = True
@@ -57,6 +64,10 @@ class RobotConfig:
         f = "RobotConfig."
         check_str(f + "robot_id", self.robot_id)
         check_choice(f + "embodiment", self.embodiment, sorted(EMBODIMENTS))
+        check_choice(f + "aggregate", self.aggregate, AGGREGATES)
+        check_choice(f + "align", self.align, ALIGNS)
+        if self.align == "arrival" and self.aggregate == "rtc":
+            raise ValueError(f"{f}align: expected 'time' with aggregate='rtc' (rtc commits time-aligned actions)")
         check_int(f + "seed", self.seed, lo=0, expected="a non-negative int")
         for name in ("n_samples", "max_consecutive_failures"):
             check_int(f + name, getattr(self, name), lo=1, expected="a positive int")

@@ -135,15 +135,20 @@ class FleetEnv(gym.Env):
             raise RuntimeError("expert_action() called before reset()")
         return self._command_for(self._expert(self._state))
 
-    def expert_chunk(self, n: int | None = None) -> np.ndarray:
-        """The expert's next `n` actions (n, D), looked ahead on a copy of the state; the env is unchanged."""
+    def expert_chunk(self, n: int | None = None, prefix: np.ndarray | None = None) -> np.ndarray:
+        """The expert's next `n` actions (n, D), looked ahead on a copy of the state; the env is unchanged.
+        prefix: (k, D) commands that will run first (k <= n): the chunk starts with them and the expert plans the
+        rest from where they lead (a perfect real-time-chunking continuation)."""
         if self._state is None:
             raise RuntimeError("expert_chunk() called before reset()")
         n = self.embodiment_spec.chunk_size if n is None else int(n)
+        first = np.zeros((0, self.embodiment_spec.action_dim), np.float32) if prefix is None else np.asarray(prefix)
+        if first.ndim != 2 or first.shape[1] != self.embodiment_spec.action_dim or len(first) > n:
+            raise ValueError(f"prefix: expected (k <= {n}, {self.embodiment_spec.action_dim}), got {first.shape}")
         state = copy.deepcopy(self._state)
         out = np.empty((n, self.embodiment_spec.action_dim), dtype=np.float32)
         for i in range(n):
-            out[i] = self._command_for(self._expert(state))
+            out[i] = first[i] if i < len(first) else self._command_for(self._expert(state))
             self._advance(state, np.clip(out[i] + self.bias, self._low, self._high))
         return out
 

@@ -372,3 +372,28 @@ def test_the_loop_gives_the_safety_layer_the_proprio_its_walls_need():
     report = loop.report()
     assert 0 < peak <= 8.0 + 1e-4 and report["state"] != "estop" and report["safety"]["estop_trips"] == 0
     assert report["safety"]["workspace"] > 0
+
+
+def test_arrival_alignment_runs_a_late_reply_from_its_first_action():
+    """align="arrival": a reply taken 2 ticks after its observation starts with its action 0 (none dropped); the
+    default skips the 2 actions meant for ticks that passed. Either way the expert's chunks finish the task."""
+    for align in ("time", "arrival"):
+        loop = make("franka", teleop=False, sim_delay_ticks=2, align=align)
+        run_episodes(loop, 3)
+        dropped = loop.buffer.stats()["dropped_stale"]
+        assert dropped == 0 if align == "arrival" else dropped > 0
+        r = loop.report()
+        assert r["fault_holds"] == 0 and r["success_rate"] > 0.5, r
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"align": "late"}, "RobotConfig.align"),
+        ({"aggregate": "blend"}, "RobotConfig.aggregate"),
+        ({"aggregate": "rtc", "align": "arrival"}, "RobotConfig.align: expected 'time' with aggregate='rtc'"),
+    ],
+)
+def test_bad_buffer_settings_are_refused_naming_the_field(config, field):
+    with pytest.raises(ValueError, match=field):
+        RobotConfig("r", "franka", **config)

@@ -126,3 +126,28 @@ def test_focus_points_at_the_named_object(name: str) -> None:
         shifted.reset(seed=seed)
         dx, dy = shifted.unwrapped.camera_shift
         assert np.allclose(shifted.unwrapped.focus() - f, np.array([dx, dy]) / 32.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_expert_chunk_after_a_prefix_plans_from_where_the_prefix_leads(name):
+    """expert_chunk(prefix=P) starts with P and continues with the expert from the state P leads to (what a
+    perfect real-time-chunking policy returns); the env is unchanged."""
+    env = make_env(name)
+    env.reset(seed=5)
+    expert_steps(env, 3)
+    u = env.unwrapped
+    own = u.expert_chunk()
+    np.testing.assert_array_equal(u.expert_chunk(prefix=own[:3]), own)  # its own plan: the same chunk
+    hold = np.repeat(u.hold_action()[None], 3, axis=0)
+    before = snapshot(env)
+    after = u.expert_chunk(prefix=hold)
+    assert_unchanged(env, before)
+    np.testing.assert_array_equal(after[:3], hold)
+    twin = make_env(name)
+    twin.reset(seed=5)
+    expert_steps(twin, 3)
+    for row in hold:
+        twin.step(row)
+    np.testing.assert_array_equal(after[3:], twin.unwrapped.expert_chunk(13))
+    with pytest.raises(ValueError, match="prefix"):
+        u.expert_chunk(4, prefix=own[:5])
