@@ -28,8 +28,8 @@ class RobotConfig:
     # where a reply that comes back d ticks after its observation starts (BufferConfig.align): "time" skips the
     # d actions meant for ticks that passed, "arrival" runs the chunk from its first action, d ticks behind.
     # The same when replies come within a control period. Under 1-3 ticks of delay "arrival" kept franka and
-    # aloha near their delay-free success where "time" collapsed (README "Execution modes"). An arrival-aligned
-    # action is older when it runs: with d > 1, raise stale_ticks to recompute_every + d or the last ones hold
+    # aloha near their delay-free success where "time" collapsed (README "Execution modes"). Each tick's action
+    # comes from the same chunk either way, so ages and stale_ticks are unchanged
     n_samples: int = 4
     # flow samples per request, for the disagreement confidence (token heads report entropy instead)
     teleop: bool = True
