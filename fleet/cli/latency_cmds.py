@@ -34,10 +34,10 @@ def experiment_latency(
         str,
         typer.Option(
             "--align",
-            help="Where a late chunk starts: time (action i at obs tick + i), arrival (its first action first); "
-            "both: time,arrival. rtc runs time-aligned only.",
+            help="Where a late chunk starts: time (action i at obs tick + i), arrival (its first action first, "
+            "the robots' default). rtc runs time-aligned only.",
         ),
-    ] = "time",
+    ] = "time,arrival",
     policy: Annotated[
         str,
         typer.Option(
@@ -77,7 +77,7 @@ def experiment_latency(
         fleet experiment latency --delays 0,2,3 --replan 2,4 --episodes 200 \\
             --json --out runs/latency
         fleet experiment latency --embodiments franka --delays 1,2 --replan 4 \\
-            --modes latest --align time,arrival --episodes 50
+            --modes latest --align arrival --episodes 50
     """
     from fleet.control import ALIGNS
     from fleet.experiments.latency import MODES, format_table, run_latency_experiment

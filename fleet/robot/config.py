@@ -24,12 +24,13 @@ class RobotConfig:
     # hold the embodiment's control rate (True) or run as fast as possible (sim mode)
     aggregate: str = "latest"
     # how overlapping chunks are merged (ActionBuffer)
-    align: str = "time"
-    # where a reply that comes back d ticks after its observation starts (BufferConfig.align): "time" skips the
-    # d actions meant for ticks that passed, "arrival" runs the chunk from its first action, d ticks behind.
-    # The same when replies come within a control period. Under 1-3 ticks of delay "arrival" kept franka and
-    # aloha near their delay-free success where "time" collapsed (README "Execution modes"). Each tick's action
-    # comes from the same chunk either way, so ages and stale_ticks are unchanged
+    align: str | None = None
+    # where a reply that comes back d ticks after its observation starts (BufferConfig.align): "arrival" runs the
+    # chunk from its first action, d ticks behind the world; "time" skips the d actions meant for ticks that
+    # passed and runs the rest of the plan open loop. The same when replies come within a control period. None =
+    # "arrival", or "time" with aggregate="rtc" (rtc commits time-aligned actions). Under 1-3 ticks of delay
+    # "arrival" kept franka, aloha and hello near their delay-free success where "time" collapsed, and leap was
+    # the same either way (README "Late replies"). Ages, and so stale_ticks, are the same in both
     n_samples: int = 4
     # flow samples per request, for the disagreement confidence (token heads report entropy instead)
     teleop: bool = True
@@ -60,12 +61,18 @@ class RobotConfig:
     # a request unanswered this long is abandoned and sent again; None = 2 * chunk_size. Until then the robot
     # holds but keeps waiting: resending every overdue request would flood a busy server with work nobody reads
 
+    @property
+    def buffer_align(self) -> str:
+        """The action buffer's alignment: `align`, or its default for the aggregate."""
+        return self.align or ("time" if self.aggregate == "rtc" else "arrival")
+
     def __post_init__(self) -> None:
         f = "RobotConfig."
         check_str(f + "robot_id", self.robot_id)
         check_choice(f + "embodiment", self.embodiment, sorted(EMBODIMENTS))
         check_choice(f + "aggregate", self.aggregate, AGGREGATES)
-        check_choice(f + "align", self.align, ALIGNS)
+        if self.align is not None:
+            check_choice(f + "align", self.align, ALIGNS)
         if self.align == "arrival" and self.aggregate == "rtc":
             raise ValueError(f"{f}align: expected 'time' with aggregate='rtc' (rtc commits time-aligned actions)")
         check_int(f + "seed", self.seed, lo=0, expected="a non-negative int")

@@ -112,7 +112,7 @@ class RobotLoop:
         if not robot.is_connected:
             robot.connect()
         self.robot, self.task = robot, task
-        self.buffer = ActionBuffer(spec.chunk_size, spec.recompute_every, config.aggregate, align=config.align)
+        self.buffer = ActionBuffer(spec.chunk_size, spec.recompute_every, config.aggregate, align=config.buffer_align)
         self.stale_ticks = stale = config.stale_ticks if config.stale_ticks is not None else spec.recompute_every + 1
         timeout = config.request_timeout_ticks
         self.request_timeout_ticks = timeout if timeout is not None else 2 * spec.chunk_size
@@ -356,7 +356,7 @@ class RobotLoop:
         self.buffer.push(chunk, obs_tick)
         self._episode_versions.add(self.head_version)
         # the tick after the chunk's last action: an arrival-aligned chunk starts now, not at its observation
-        start = obs_tick if self.config.align == "time" else max(obs_tick, self.tick_in_episode)
+        start = obs_tick if self.buffer.config.align == "time" else max(obs_tick, self.tick_in_episode)
         self._newest = (obs_tick, start + len(chunk))
 
     def _review(self, chunk: np.ndarray, obs_tick: int) -> tuple[np.ndarray, int]:

@@ -375,13 +375,14 @@ def test_the_loop_gives_the_safety_layer_the_proprio_its_walls_need():
 
 
 def test_arrival_alignment_runs_a_late_reply_from_its_first_action():
-    """align="arrival": a reply taken 2 ticks after its observation starts with its action 0 (none dropped); the
-    default skips the 2 actions meant for ticks that passed. Either way the expert's chunks finish the task."""
-    for align in ("time", "arrival"):
+    """align="arrival" (the default): a reply taken 2 ticks after its observation starts with its action 0 (none
+    dropped); "time" skips the 2 actions meant for ticks that passed. Either way the expert's chunks finish the task."""
+    for align in (None, "time", "arrival"):
         loop = make("franka", teleop=False, sim_delay_ticks=2, align=align)
         run_episodes(loop, 3)
         dropped = loop.buffer.stats()["dropped_stale"]
-        assert dropped == 0 if align == "arrival" else dropped > 0
+        assert loop.buffer.config.align == (align or "arrival")
+        assert dropped > 0 if align == "time" else dropped == 0
         r = loop.report()
         assert r["fault_holds"] == 0 and r["success_rate"] > 0.5, r
 
@@ -397,3 +398,4 @@ def test_arrival_alignment_runs_a_late_reply_from_its_first_action():
 def test_bad_buffer_settings_are_refused_naming_the_field(config, field):
     with pytest.raises(ValueError, match=field):
         RobotConfig("r", "franka", **config)
+    assert RobotConfig("r", "franka", aggregate="rtc").buffer_align == "time"  # rtc's own default
