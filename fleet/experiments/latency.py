@@ -305,14 +305,18 @@ def write_plots(result: dict, out: Path) -> list[Path]:
                 for r in rows
                 if (r["embodiment"], r["replan"], _label(r)) == (name, replan, m)
             )
-            ax.plot([c[0] for c in cell], [100 * c[1] for c in cell], marker="o", label=m)
+            # one colour per mode; dashed when late chunks start on arrival
+            base, arrival = m.split("@")[0], "@" in m
+            style = {"color": f"C{MODES.index(base)}", "linestyle": "--" if arrival else "-"}
+            ax.plot([c[0] for c in cell], [100 * c[1] for c in cell], marker="o", label=m, **style)
         ax.set_title(f"{name}, replan every {replan}", fontsize=9)
         ax.set_xlabel("inference delay (ticks)")
     axes[0][0].set_ylabel("success (%)")
-    axes[0][-1].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     success_png = out / "latency_success.png"
-    fig.savefig(success_png, dpi=110)
+    fig.savefig(success_png, dpi=110, bbox_inches="tight")
     plt.close(fig)
     names = sorted({r["embodiment"] for r in rows})
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 3.0))
