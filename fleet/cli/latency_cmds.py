@@ -68,8 +68,9 @@ def experiment_latency(
 
     Modes: latest (the new chunk replaces the plan), weighted (cross-fade), temporal_ensemble (ACT's average),
     rtc (the request carries the plan and its committed delay; the policy continues it; no blending).
-    With --align arrival a late chunk starts with its first action instead of skipping the ticks that passed
-    (rows named mode@arrival); the two are identical at delay 0.
+    Rows named mode@arrival start a late chunk with its first action (the robots' default) instead of skipping
+    the ticks that passed; the two are identical at delay 0. --policy expert runs the simulator's expert instead
+    of the checkpoint: what each mode could reach with perfect chunks.
 
     Examples:
         fleet experiment latency --embodiments leap --delays 0,2 --replan 4 \\
@@ -78,6 +79,8 @@ def experiment_latency(
             --json --out runs/latency
         fleet experiment latency --embodiments franka --delays 1,2 --replan 4 \\
             --modes latest --align arrival --episodes 50
+        fleet experiment latency --policy expert --embodiments franka,aloha \\
+            --delays 0,3 --replan 4 --modes latest,rtc
     """
     from fleet.control import ALIGNS
     from fleet.experiments.latency import MODES, format_table, run_latency_experiment
