@@ -49,8 +49,8 @@ class RobotConfig:
     # waits for its reply, so a chunk computed for tick t is used from tick t + sim_delay_ticks on (0: from the
     # tick it was computed for, as `fleet eval` runs chunks). None: wait only when the robot would otherwise hold,
     # so the delay is however many ticks the machine runs while the server answers (3 at franka's flat-out pace
-    # on 2 cores, where the shipped policy drops from 97 % to about 77 % and needs the operator about 5 times an
-    # episode)
+    # on 2 cores, where the shipped policy dropped from 97 % to about 77 % and needed the operator about 5 times an
+    # episode, measured before late chunks started on arrival)
     integrate_setpoints: bool = False
     # realtime: the simulator takes the controller's setpoints at the body's command rate (franka 1 kHz) and steps
     # with their mean each control period. False: it takes one command per policy action and the controller loop
