@@ -233,7 +233,7 @@ def run_latency_experiment(
                     rows.append(row)
                     if log is not None:
                         log(
-                            f"{name:6s} {_label(row):17s} delay {delay} replan {replan}: {row['success']:.3f} "
+                            f"{name:6s} {_label(row):25s} delay {delay} replan {replan}: {row['success']:.3f} "
                             f"jump {row['seam_jump']:.4f} jerk {row['jerk']:.4f} ({time.perf_counter() - t0:.0f} s)"
                         )
     result = {
