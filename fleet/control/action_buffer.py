@@ -261,6 +261,11 @@ class ActionBuffer:
             return self.config.rtc_delay
         return max(self._latencies, default=0)
 
+    @property
+    def reply_delays(self) -> tuple[int, ...]:
+        """Ticks from each of the last latency_window replies' observation to its arrival (0: in time)."""
+        return tuple(self._latencies)
+
     def request_prefix(self, tick: int) -> dict | None:
         """rtc mode: the request fields that let the policy continue the plan, {"prefix": (n, D) float32, the
         planned actions for ticks tick, tick + 1, ... (n <= chunk_size, up to the first unplanned tick and at

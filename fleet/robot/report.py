@@ -120,6 +120,9 @@ def robot_report(loop: RobotLoop) -> dict:
         "held_ticks": s.held_ticks,
         "fault_holds": s.fault_holds,
         "starved_ticks": loop.buffer.stats()["starved_ticks"],
+        # how late replies come, in control ticks (the largest of the last 8), and where such a chunk starts
+        "reply_delay_ticks": max(loop.buffer.reply_delays, default=None),
+        "align": loop.buffer.config.align,
         "policy_calls": s.policy_calls,
         "failed_calls": s.failed_calls,
         "overdue_calls": s.overdue_calls,

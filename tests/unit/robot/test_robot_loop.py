@@ -379,12 +379,17 @@ def test_arrival_alignment_runs_a_late_reply_from_its_first_action():
     dropped); "time" skips the 2 actions meant for ticks that passed. Either way the expert's chunks finish the task."""
     for align in (None, "time", "arrival"):
         loop = make("franka", teleop=False, sim_delay_ticks=2, align=align)
+        loop.client.mode, loop.client.delay_polls = "slow", 7  # answers only when the robot waits: at tick + 2
         run_episodes(loop, 3)
         dropped = loop.buffer.stats()["dropped_stale"]
         assert loop.buffer.config.align == (align or "arrival")
         assert dropped > 0 if align == "time" else dropped == 0
         r = loop.report()
         assert r["fault_holds"] == 0 and r["success_rate"] > 0.5, r
+        assert r["reply_delay_ticks"] == 2 and r["align"] == (align or "arrival")
+    on_time = make("franka", teleop=False)  # a fast server: replies are taken on the tick they were asked for
+    run_episodes(on_time, 3)
+    assert on_time.buffer.reply_delays[-4:] == (0, 0, 0, 0)  # (the robot's very first chunk lands during start-up)
 
 
 @pytest.mark.parametrize(
