@@ -353,11 +353,10 @@ class RobotLoop:
             self.degradation.update(conf, tick=self.tick_in_episode)
         if self.operator.teleop is not None:
             chunk, obs_tick = self._review(chunk, obs_tick)
-        self.buffer.push(chunk, obs_tick)
+        kept = self.buffer.push(chunk, obs_tick)
         self._episode_versions.add(self.head_version)
-        # the tick after the chunk's last action: an arrival-aligned chunk starts now, not at its observation
-        start = obs_tick if self.buffer.config.align == "time" else max(obs_tick, self.tick_in_episode)
-        self._newest = (obs_tick, start + len(chunk))
+        if kept:  # the buffer placed them from this tick on (whatever its alignment); an overtaken reply keeps none
+            self._newest = (obs_tick, self.tick_in_episode + kept)
 
     def _review(self, chunk: np.ndarray, obs_tick: int) -> tuple[np.ndarray, int]:
         """The human judges the chunk; an override replaces it from now on, with the degradation state HUMAN."""
