@@ -2,8 +2,9 @@
 
 A chunk pushed with `obs_tick` holds the actions meant for ticks obs_tick, obs_tick + 1, ...; where it overlaps
 what is already planned, the `aggregate` rule merges the two, so a new chunk does not jerk the robot. The `rtc`
-rule (real-time chunking) merges nothing: the buffer hands the plan to the next request (`request_prefix`),
-the server makes the new chunk continue it, and the buffer switches to the new chunk at the seam.
+rule (real-time chunking) merges nothing: the buffer hands the plan to the next request (`request_prefix`, as
+the safety layer will send it: `SafetyLayer.preview`), the server makes the new chunk continue it, and the
+buffer switches to the new chunk at the seam.
 
 `align` says where a late chunk starts. "time" (the default): action i runs at tick obs_tick + i, so the actions
 for ticks that passed while the policy thought are dropped and the robot runs the rest of the plan open loop.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -266,12 +268,14 @@ class ActionBuffer:
         """Ticks from each of the last latency_window replies' observation to its arrival (0: in time)."""
         return tuple(self._latencies)
 
-    def request_prefix(self, tick: int) -> dict | None:
+    def request_prefix(self, tick: int, executes: Callable[[np.ndarray], np.ndarray] | None = None) -> dict | None:
         """rtc mode: the request fields that let the policy continue the plan, {"prefix": (n, D) float32, the
         planned actions for ticks tick, tick + 1, ... (n <= chunk_size, up to the first unplanned tick and at
         most d + rtc_soft), "prefix_delay": d <= n, how many of them will execute before the reply arrives};
         pass them to fleet.protocol.make_request. None in the other modes, when nothing is planned for `tick`,
-        and when rtc_soft is 0 and nothing is committed."""
+        and when rtc_soft is 0 and nothing is committed.
+        executes: (n, D) plan -> (n, D) what the robot will really send for it (`SafetyLayer.preview`); the
+        prefix is then that, so the policy continues from where the robot will be. None: the plan as it is."""
         tick = _tick("tick", tick)
         if self.config.aggregate != "rtc" or tick not in self._slots:
             return None
@@ -282,7 +286,9 @@ class ActionBuffer:
             plan.append(self._slots[tick + len(plan)].action)
         if not plan:
             return None
-        prefix = np.asarray(plan, np.float32)
+        prefix = np.asarray(plan if executes is None else executes(np.asarray(plan)), np.float32)
+        if prefix.shape != (len(plan), len(plan[0])):
+            raise ValueError(f"executes: expected it to return shape {(len(plan), len(plan[0]))}, got {prefix.shape}")
         return {"prefix": prefix, "prefix_delay": min(delay, len(prefix))}
 
     def stats(self) -> dict[str, int]:

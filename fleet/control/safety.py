@@ -16,6 +16,7 @@ exception; only a malformed call (wrong shape, bad force or age) raises ValueErr
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, fields
 
@@ -192,6 +193,22 @@ class SafetyLayer:
         so the first action is velocity-limited from there. The e-stop latch is kept."""
         seed = None if last_action is None else self._config_vector("last_action", last_action)
         self._last, self._last_delta = seed, None if seed is None else np.zeros_like(seed)
+
+    def preview(self, actions, proprio=None) -> np.ndarray:
+        """(n, D) float64: what this layer would send for `actions` (n, D) on the next n ticks if nothing else
+        happened meanwhile (no force reading, fresh actions, the walls at `proprio`, this velocity scale). The
+        layer itself is unchanged. Real-time chunking commits these to the policy: they, not the plan, are what
+        the robot will execute (the rate limits bend a plan's steps, and a continuation of the unbent plan starts
+        from a state the robot never reaches)."""
+        arr = np.asarray(actions)
+        if arr.ndim != 2:
+            raise ValueError(f"actions: expected shape (n, {self.spec.action_dim}), got {arr.shape}")
+        shadow = copy.copy(self)  # __call__ rebinds the arrays it changes and updates only the counts in place
+        shadow.counts = dict(self.counts)
+        out = np.empty((len(arr), self.spec.action_dim), np.float64)
+        for i, action in enumerate(arr):
+            out[i] = shadow(action, proprio=proprio)[0]
+        return out
 
     def stats(self) -> dict[str, int]:
         """Counters per constraint since construction."""

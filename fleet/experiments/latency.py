@@ -89,7 +89,7 @@ def run_cell(
         if asking:
             prefixes = []
             for r in asking:
-                rtc = r.buf.request_prefix(r.tick)
+                rtc = r.buf.request_prefix(r.tick, lambda plan, r=r: r.safety.preview(plan, r.obs["proprio"]))
                 prefixes.append(None if rtc is None else (rtc["prefix"], rtc["prefix_delay"]))
                 r.buf.mark_requested(r.tick)
             if model == EXPERT:

@@ -331,10 +331,15 @@ class RobotLoop:
             obs_tick=self.tick_in_episode,
             n_samples=self.config.n_samples if self.spec.head == "flow" else 1,
             request_id=f"{self.config.robot_id}:{self.episode}:{self.tick_in_episode}:{uuid.uuid4().hex[:6]}",
-            **(self.buffer.request_prefix(self.tick_in_episode) or {}),  # rtc mode: the plan the policy continues
+            **(self._prefix() or {}),  # rtc mode: the plan the policy continues
         )
         self.policy.submit(req, self.tick_in_episode, self.episode)
         self._request_image = self.obs.get("image") if isinstance(self.obs, dict) else None
+
+    def _prefix(self) -> dict | None:
+        """rtc mode: the request's prefix, as the safety layer will send it (it is what the robot executes)."""
+        proprio = self.obs.get("proprio") if isinstance(self.obs, dict) else None
+        return self.buffer.request_prefix(self.tick_in_episode, lambda plan: self.safety.preview(plan, proprio))
 
     def _receive(self, wait_s: float = 0.0) -> None:
         """A usable reply: confidence -> degradation -> operator review -> the action buffer."""

@@ -78,3 +78,15 @@ def test_rtc_soft_limits_what_the_request_sends():
     none = ActionBuffer(16, 4, "rtc", rtc_soft=0)  # nothing committed, nothing soft: a plain request
     none.push(ramp(0), 0)
     assert none.request_prefix(0) is None
+
+
+def test_request_prefix_sends_what_executes_when_told():
+    """`executes` maps the plan to what the robot will really send (SafetyLayer.preview); the prefix is that,
+    the buffer's own plan is unchanged, and a mapping that changes the shape is refused."""
+    buf = ActionBuffer(16, 4, "rtc", rtc_delay=2)
+    buf.push(ramp(0), 0)
+    rtc = buf.request_prefix(0, executes=lambda plan: plan * 0.5)
+    assert rtc["prefix"][:, 0].tolist() == [0.5 * i for i in range(6)] and rtc["prefix_delay"] == 2
+    assert float(buf.peek(3)[0]) == 3.0
+    with pytest.raises(ValueError, match="executes: expected"):
+        buf.request_prefix(0, executes=lambda plan: plan[:2])

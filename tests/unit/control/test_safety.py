@@ -308,3 +308,24 @@ def test_reset_seeds_the_velocity_limit_and_keeps_the_estop():
     layer.reset_estop()
     sent, _ = layer(np.full(7, -0.05))
     assert np.allclose(sent[:3], 0.05 - 0.04)  # limited from the seeded position, not jumped to
+
+
+@pytest.mark.parametrize("name", ["franka", "aloha", ACCEL.name])
+def test_preview_is_what_the_next_calls_send_and_changes_nothing(name):
+    """preview(plan) equals the actions the layer sends for the plan on the next ticks (rate limits and walls
+    included), and leaves the layer (last sent action, counters) as it was."""
+    spec = SPECS[name]
+    rng = np.random.default_rng(3)
+    low, high = np.asarray(spec.action_low), np.asarray(spec.action_high)
+    layer = SafetyLayer(spec)
+    layer(rng.uniform(low, high))
+    plan = rng.uniform(low * 1.2, high * 1.2, size=(6, spec.action_dim))  # steps far over the rate limits
+    proprio = np.zeros(spec.proprio_dim)
+    before_last, before_counts = layer.last_sent, layer.stats()
+    preview = layer.preview(plan, proprio)
+    assert np.array_equal(layer.last_sent, before_last) and layer.stats() == before_counts
+    sent = np.array([layer(a, proprio=proprio)[0] for a in plan], np.float64)
+    assert np.array_equal(preview, sent)
+    assert not np.allclose(preview, plan)  # the limits did bend this plan
+    with pytest.raises(ValueError, match="actions: expected shape"):
+        layer.preview(plan[0])

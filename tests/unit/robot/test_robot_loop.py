@@ -404,3 +404,25 @@ def test_bad_buffer_settings_are_refused_naming_the_field(config, field):
     with pytest.raises(ValueError, match=field):
         RobotConfig("r", "franka", **config)
     assert RobotConfig("r", "franka", aggregate="rtc").buffer_align == "time"  # rtc's own default
+
+
+def test_rtc_commits_what_the_safety_layer_will_send_not_the_raw_plan():
+    """rtc, replies 2 ticks late: each request's committed prefix is exactly what the robot then sends on the 2
+    ticks before its reply arrives, even where the rate limits bend the plan (franka's gripper steps do)."""
+    loop = make("franka", teleop=False, aggregate="rtc", sim_delay_ticks=2)
+    loop.client.mode, loop.client.delay_polls = "slow", 7  # answers only when the robot waits: at tick + 2
+    sent_at, bent = {}, 0
+    for _ in range(300):
+        key = (loop.episode, loop.tick_in_episode)
+        result = loop.tick()
+        sent_at[key] = result.sent
+        bent += int("velocity" in result.fired)
+    committed = 0
+    for request in loop.policy.client.requests:
+        d = int(request.get("prefix_delay", 0))
+        episode, tick = (int(x) for x in request["request_id"].split(":")[1:3])
+        for i in range(d):
+            if (episode, tick + i) in sent_at:
+                np.testing.assert_allclose(request["prefix"][i], sent_at[(episode, tick + i)], atol=1e-6)
+                committed += 1
+    assert committed >= 20 and bent >= 1, (committed, bent)
