@@ -411,7 +411,7 @@ def _bench_openpi(
 fleet_cmds.register(app)
 infer_cmds.register(bench_app, experiment_app)
 adapt_cmds.register(experiment_app)
-latency_cmds.register(experiment_app)
+latency_cmds.register(experiment_app, app)
 control_cmds.register(bench_app)
 onboard_cmds.register(app, experiment_app)
 robust_cmds.register(experiment_app, app)

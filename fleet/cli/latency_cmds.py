@@ -119,6 +119,70 @@ def experiment_latency(
     show(result, json_out, format_table, files)
 
 
-def register(experiment_app: typer.Typer) -> None:
-    """Add `latency` to `fleet experiment`."""
+def rtc_finetune_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the new policy.safetensors/policy.json.")],
+    checkpoint: CkptOpt = None,
+    embodiments: Annotated[str, typer.Option("--embodiments", help="Comma-separated bodies to teach.")] = "aloha,leap",
+    episodes: Annotated[int, typer.Option(min=1, help="Episodes per body the policy runs rtc in (DAgger rows).")] = 300,
+    clean_episodes: Annotated[
+        int, typer.Option(min=0, help="Expert episodes per body whose states keep the no-delay behaviour.")
+    ] = 300,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps per head (on cached backbone output).")] = 1500,
+    delays: Annotated[str, typer.Option("--delays", help="Delays in ticks, one drawn per episode.")] = "0,1,2,3",
+    seed: Annotated[int, typer.Option(help="Collection seed (scenes apart from every eval block).")] = 92_000,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
+    json_out: JsonOpt = False,
+) -> None:
+    """Teach heads to continue a committed prefix (training-time real-time chunking, arXiv 2512.05964) and
+    write the result as a new checkpoint; the shipped one is unchanged.
+
+    Per body: the policy runs `rtc` under a delay drawn per episode, and every request becomes a row (the
+    observation, the committed prefix as the safety layer sends it, the simulator expert's chunk that starts
+    with it); clean expert states are added. The head alone trains with the committed steps given, not
+    predicted; the backbone and every other head stay bit-identical. A flow head trained this way clamps the
+    committed steps while sampling instead of guiding (no vector-Jacobian product). Run robots with
+    `aggregate="rtc"` on the result.
+
+    Examples:
+        fleet rtc-finetune --out runs/rtc
+        fleet rtc-finetune --embodiments franka --episodes 100 --steps 500 \\
+            --out runs/rtc-franka
+        fleet experiment latency --checkpoint runs/rtc --embodiments aloha,leap \\
+            --modes rtc --align time --delays 0,1,2,3 --replan 4
+    """
+    import torch
+
+    from fleet.learning.rtc_round import rtc_finetune
+    from fleet.policy.default import load_policy
+
+    torch.set_num_threads(threads)
+    names = tuple(n.strip() for n in embodiments.split(",") if n.strip())
+    unknown = [n for n in names if n not in EMBODIMENTS]
+    if not names or unknown:
+        fail(f"--embodiments: expected simulated bodies ({', '.join(sorted(EMBODIMENTS))}), got {embodiments!r}")
+    delay_list = _ints("--delays", delays, 0)
+    log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
+    try:
+        model, meta = load_policy(checkpoint)
+        result = rtc_finetune(model, meta, names, episodes, clean_episodes, steps, delay_list, seed, out, log)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if json_out:
+        from fleet.cli.options import emit_json
+
+        emit_json(result)
+        return
+    typer.echo(f"{'body':8s} {'rows':>6s} {'committed':>9s} {'policy ok':>9s} {'collect s':>9s} {'train s':>8s}")
+    for name, b in result["bodies"].items():
+        typer.echo(
+            f"{name:8s} {b['rows']:6d} {b['committed_rows']:9d} {b['policy_success']:9.0%} "
+            f"{b['collect_s']:9.0f} {b['train_s']:8.0f}"
+        )
+    typer.echo(f"wrote {out}/policy.safetensors in {result['seconds'] / 60:.1f} min")
+
+
+def register(experiment_app: typer.Typer, app: typer.Typer | None = None) -> None:
+    """Add `latency` to `fleet experiment`, and `rtc-finetune` to `fleet`."""
     experiment_app.command("latency")(experiment_latency)
+    if app is not None:
+        app.command("rtc-finetune")(rtc_finetune_cmd)

@@ -70,6 +70,11 @@ class PolicyConfig:
     # embodiments whose flow head executes one of its K samples instead of their mean (the other samples
     # still feed the disagreement confidence). Measured on the leap hand (500 episodes each): the mean of
     # 4 samples 81 %, one sample 90 %; the aloha arms: mean 90 % in 28 steps, one sample 90 % in 36 steps
+    rtc_trained: tuple[str, ...] = ()
+    # embodiments whose head learned training-time real-time chunking (fleet.learning.rtc_round): a flow head
+    # then takes a request's committed steps into its velocity network clean, at flow time 1, and clamps them
+    # at every Euler step instead of guiding toward them (arXiv 2512.05964; no vector-Jacobian product). Token
+    # heads force the committed steps either way
 
     image_norm: str = "fixed"
     # how a camera frame becomes the encoder's input: "fixed" (one affine map; the shipped checkpoint) or
@@ -77,15 +82,14 @@ class PolicyConfig:
     # invisible to the policy; fleet.policy.vision.normalize_image)
 
     def __post_init__(self) -> None:
-        if isinstance(self.flow_execute_sample, list):  # from JSON
-            object.__setattr__(self, "flow_execute_sample", tuple(self.flow_execute_sample))
+        for names in ("flow_execute_sample", "rtc_trained"):
+            if isinstance(getattr(self, names), list):  # from JSON
+                object.__setattr__(self, names, tuple(getattr(self, names)))
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "flow_execute_sample":
+            if f.name in ("flow_execute_sample", "rtc_trained"):
                 if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
-                    raise ValueError(
-                        f"PolicyConfig.flow_execute_sample must be a tuple of embodiment names, got {value!r}"
-                    )
+                    raise ValueError(f"PolicyConfig.{f.name} must be a tuple of embodiment names, got {value!r}")
             elif f.name == "loss_tail_weight":
                 if not 0.0 <= value <= 1.0:
                     raise ValueError(f"PolicyConfig.loss_tail_weight must be in [0, 1], got {value!r}")

@@ -3,7 +3,9 @@
 x_t = (1 - t) x0 + t x1 with x0 ~ N(0, I) and x1 the chunk; the velocity net regresses x1 - x0.
 Sampling integrates `n_euler` Euler steps from t=0 (noise) to t=1. K samples are K noises in one
 batched call; the cross-attention K/V of the memory are computed once and reused by every step.
-Rows may ask for their own K, and rows with a committed prefix are inpainted with ΠGDM guidance (rtc.py).
+Rows may ask for their own K, and rows with a committed prefix are inpainted with ΠGDM guidance (rtc.py), or,
+for a head trained for it (`PolicyConfig.rtc_trained`), clamped: the committed steps enter the velocity network
+clean at flow time 1 (each step its own time) and are reset to the prefix at every Euler step.
 """
 
 from __future__ import annotations
@@ -45,32 +47,51 @@ class FlowHead(HeadBase):
         mask: torch.Tensor | None,
         direct: torch.Tensor | float = 0.0,
     ) -> torch.Tensor:
-        """x: (N, T, D) at times t: (N,) -> velocity (N, T, D). The time embedding and the direct-path
-        vector (N, 1, d) are added to every step token."""
-        h = self.in_proj(x) + self.step_pos + self.time_mlp(sinusoidal(t, self.config.d_model))[:, None] + direct
+        """x: (N, T, D) at times t: (N,), or (N, T) one per chunk step -> velocity (N, T, D). The time
+        embedding and the direct-path vector (N, 1, d) are added to every step token."""
+        d = self.config.d_model
+        if t.dim() == 1:
+            time = self.time_mlp(sinusoidal(t, d))[:, None]
+        else:
+            time = self.time_mlp(sinusoidal(t.reshape(-1), d)).view(*t.shape, d)
+        h = self.in_proj(x) + self.step_pos + time + direct
         for blk, kv in zip(self.blocks, kvs, strict=True):
             h = blk(h, kv, mask)
         return self.out(self.norm(h))
 
     def loss(
-        self, memory: torch.Tensor, pad_mask: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None
+        self,
+        memory: torch.Tensor,
+        pad_mask: torch.Tensor,
+        actions: torch.Tensor,
+        generator: torch.Generator | None,
+        committed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Flow-matching MSE for `actions` (B, T, D) normalized; noise and t drawn from `generator`.
 
         Each row gets `flow_train_noise` (noise, t) draws with t stratified over [0, 1): the regression
         target x1 - x0 is very noisy per draw, and extra draws reuse the row's memory K/V, so they
         cut gradient variance for the price of a head pass, not a backbone pass.
+
+        committed (B,) int64 (training-time RTC): row i's first committed[i] steps are given, not predicted:
+        they enter clean, at flow time 1, and the loss leaves them out.
         """
         b, n = actions.shape[0], self.config.flow_train_noise
         x1 = actions.repeat_interleave(n, 0)  # (B*n, T, D), row-major like memory_context(repeat=n)
         x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype, device=x1.device)
         u = torch.rand(b, n, generator=generator, dtype=x1.dtype, device=x1.device)
         t = ((torch.arange(n, dtype=x1.dtype, device=x1.device) + u) / n).reshape(-1)
-        xt = (1.0 - t)[:, None, None] * x0 + t[:, None, None] * x1
         kvs, mask, direct = self.memory_context(memory, pad_mask, repeat=n)
-        err = (self.velocity(xt, t, kvs, mask, direct) - (x1 - x0)).square()
-        loss = (err * self.step_weights(err)[None, :, None]).mean()
-        return loss, {}
+        if committed is None:
+            xt = (1.0 - t)[:, None, None] * x0 + t[:, None, None] * x1
+            err = (self.velocity(xt, t, kvs, mask, direct) - (x1 - x0)).square()
+            return (err * self.step_weights(err)[None, :, None]).mean(), {}
+        given = _committed_mask(committed.to(x1.device).repeat_interleave(n), self.chunk_size)  # (B*n, T)
+        tt = t[:, None].expand(-1, self.chunk_size).masked_fill(given, 1.0)
+        xt = (1.0 - tt)[..., None] * x0 + tt[..., None] * x1
+        err = (self.velocity(xt, tt, kvs, mask, direct) - (x1 - x0)).square()
+        keep = (~given).to(err.dtype)[..., None] * self.step_weights(err)[None, :, None]
+        return (err * keep).sum() / (keep.sum() * err.shape[-1]).clamp_min(1.0), {}
 
     def _integrate(self, x: torch.Tensor, kvs, mask, direct, steps: int) -> torch.Tensor:
         """Euler steps from noise x (N, T, D) at t=0 to t=1."""
@@ -106,6 +127,19 @@ class FlowHead(HeadBase):
                 x = x.detach() + dt * (v.detach() + guidance_weight(t, beta) * g)
             return x.detach()
 
+    def _integrate_clamped(
+        self, x: torch.Tensor, kvs, mask, direct, steps: int, target: torch.Tensor, delay: torch.Tensor
+    ) -> torch.Tensor:
+        """Euler steps from noise with each row's first delay[i] steps held at target (N, T, D), fed at flow time
+        1 (training-time RTC: the head learned to continue steps given this way)."""
+        given = _committed_mask(delay.to(x.device), self.chunk_size)[..., None]  # (N, T, 1)
+        dt = 1.0 / steps
+        for i in range(steps):
+            x = torch.where(given, target, x)
+            t = torch.full(given.shape[:2], i * dt, dtype=x.dtype, device=x.device).masked_fill(given[..., 0], 1.0)
+            x = x + dt * self.velocity(x, t, kvs, mask, direct)
+        return torch.where(given, target, x)
+
     def sample(
         self,
         memory: torch.Tensor,
@@ -136,7 +170,8 @@ class FlowHead(HeadBase):
         """memory (B, S, d), row_samples (B,) int64 K_i -> samples (sum K_i, T, D) normalized, row 0's first.
 
         One noise draw for all rows (as `sample`: with equal K_i the same noise, in the same order). Rows with
-        a prefix are integrated with guidance toward it, the others exactly as `sample` integrates them (on
+        a prefix are integrated with guidance toward it (clamped to its committed steps for a head in
+        `PolicyConfig.rtc_trained`), the others exactly as `sample` integrates them (on
         their own rows, so a request without a prefix never pays for the guidance of its batch mates)."""
         steps = n_steps or self.config.n_euler
         ks = row_samples.long()
@@ -152,10 +187,13 @@ class FlowHead(HeadBase):
         if plain_idx.numel():
             out[plain_idx] = self._integrate(x[plain_idx], *_take(kvs, mask, direct, plain_idx), steps)
         target = prefix.target.repeat_interleave(ks, 0)[guided_idx]
+        context = _take(kvs, mask, direct, guided_idx)
+        if self.name in self.config.rtc_trained:
+            delay = prefix.delay.repeat_interleave(ks, 0)[guided_idx]
+            out[guided_idx] = self._integrate_clamped(x[guided_idx], *context, steps, target, delay)
+            return out
         weights = prefix_weights(prefix.length, prefix.delay, self.chunk_size).repeat_interleave(ks, 0)[guided_idx]
-        out[guided_idx] = self._integrate_guided(
-            x[guided_idx], *_take(kvs, mask, direct, guided_idx), steps, target, weights, beta
-        )
+        out[guided_idx] = self._integrate_guided(x[guided_idx], *context, steps, target, weights, beta)
         return out
 
     def _execute(self, samples: torch.Tensor) -> torch.Tensor:
@@ -202,6 +240,11 @@ class FlowHead(HeadBase):
                 samples[i, : part.shape[0]] = part
             chunk = torch.stack([self._execute(p[None])[0] for p in parts])
         return {"chunk": chunk.clamp(-1.0, 1.0), "samples": samples, "row_samples": ks}
+
+
+def _committed_mask(committed: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(N,) int64 committed steps per row -> (N, T) bool, True on each row's first committed[i] steps."""
+    return torch.arange(chunk_size, device=committed.device)[None] < committed[:, None]
 
 
 def _take(kvs, mask, direct, idx: torch.Tensor) -> tuple:

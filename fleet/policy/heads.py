@@ -130,9 +130,15 @@ class HeadBase(nn.Module):
         return kvs, mask, direct
 
     def loss(
-        self, memory: torch.Tensor, pad_mask: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None
+        self,
+        memory: torch.Tensor,
+        pad_mask: torch.Tensor,
+        actions: torch.Tensor,
+        generator: torch.Generator | None,
+        committed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """actions: (B, T, D) normalized -> (scalar loss, metrics)."""
+        """actions: (B, T, D) normalized -> (scalar loss, metrics). committed: (B,) int64 steps per row given
+        rather than predicted (training-time RTC), left out of the loss."""
         raise NotImplementedError
 
     def predict(

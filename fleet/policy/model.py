@@ -7,6 +7,7 @@ works in normalized actions [-1, 1] and `predict` returns physical units.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -157,6 +158,16 @@ class FleetPolicy(nn.Module):
         self.head_versions[spec.name] = 0
         self._link_token_rows()
         return head
+
+    def mark_rtc_trained(self, name: str) -> None:
+        """Record that head `name` learned training-time RTC (fleet.learning.rtc_round): `PolicyConfig.rtc_trained`
+        gains it, so checkpoints carry it and its flow head clamps committed steps from now on."""
+        if name not in self.specs:
+            raise ValueError(f"mark_rtc_trained: no embodiment {name!r}; this model has {sorted(self.specs)}")
+        config = dataclasses.replace(self.config, rtc_trained=tuple(sorted({*self.config.rtc_trained, name})))
+        self.config = self.backbone.config = config
+        for head in self.heads.values():
+            head.config = config
 
     def remove_embodiment(self, name: str) -> None:
         """Undo `add_embodiment` (a failed install); pretrained bodies cannot be removed. The vocabulary keeps the

@@ -69,13 +69,26 @@ class TokenHead(HeadBase):
         return self._logits(x)
 
     def loss(
-        self, memory: torch.Tensor, pad_mask: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None
+        self,
+        memory: torch.Tensor,
+        pad_mask: torch.Tensor,
+        actions: torch.Tensor,
+        generator: torch.Generator | None,
+        committed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Cross-entropy of the target bins of `actions` (B, T, D) normalized."""
+        """Cross-entropy of the target bins of `actions` (B, T, D) normalized. committed (B,) int64
+        (training-time RTC): row i's first committed[i] steps are given (teacher-forced as decoding forces a
+        prefix), not predicted, so the loss leaves them out."""
         bins = self.to_bins(actions)
         logits = self.teacher_forced_logits(memory, pad_mask, bins)
         ce = F.cross_entropy(logits.reshape(-1, self.n_bins), bins.reshape(-1), reduction="none")
-        loss = (ce.reshape(bins.shape) * self.step_weights(ce)[None, :, None]).mean()
+        weighted = ce.reshape(bins.shape) * self.step_weights(ce)[None, :, None]
+        if committed is None:
+            loss = weighted.mean()
+        else:
+            steps = torch.arange(self.chunk_size, device=bins.device)[None]
+            keep = (steps >= committed.to(bins.device)[:, None]).to(weighted.dtype)[..., None]
+            loss = (weighted * keep).sum() / (keep.sum() * weighted.shape[-1]).clamp_min(1.0)
         hit = logits.detach().argmax(-1) == bins
         return loss, {"bin_accuracy": hit.float().mean().item(), "first_step_accuracy": hit[:, 0].float().mean().item()}
 
