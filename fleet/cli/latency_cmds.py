@@ -127,7 +127,10 @@ def rtc_finetune_cmd(
     clean_episodes: Annotated[
         int, typer.Option(min=0, help="Expert episodes per body whose states keep the no-delay behaviour.")
     ] = 300,
-    steps: Annotated[int, typer.Option(min=1, help="Training steps per head (on cached backbone output).")] = 1500,
+    steps: Annotated[
+        int, typer.Option(min=1, help="Training steps per head and round (cached backbone output).")
+    ] = 1500,
+    rounds: Annotated[int, typer.Option(min=1, help="DAgger rounds: collect with the head so far, train again.")] = 1,
     delays: Annotated[str, typer.Option("--delays", help="Delays in ticks, one drawn per episode.")] = "0,1,2,3",
     seed: Annotated[int, typer.Option(help="Collection seed (scenes apart from every eval block).")] = 92_000,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
@@ -164,7 +167,7 @@ def rtc_finetune_cmd(
     log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
     try:
         model, meta = load_policy(checkpoint)
-        result = rtc_finetune(model, meta, names, episodes, clean_episodes, steps, delay_list, seed, out, log)
+        result = rtc_finetune(model, meta, names, episodes, clean_episodes, steps, delay_list, seed, out, log, rounds)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     if json_out:
@@ -175,7 +178,7 @@ def rtc_finetune_cmd(
     typer.echo(f"{'body':8s} {'rows':>6s} {'committed':>9s} {'policy ok':>9s} {'collect s':>9s} {'train s':>8s}")
     for name, b in result["bodies"].items():
         typer.echo(
-            f"{name:8s} {b['rows']:6d} {b['committed_rows']:9d} {b['policy_success']:9.0%} "
+            f"{name:8s} {b['rows']:6d} {b['committed_rows']:9d} {b['policy_success'][-1]:9.0%} "
             f"{b['collect_s']:9.0f} {b['train_s']:8.0f}"
         )
     typer.echo(f"wrote {out}/policy.safetensors in {result['seconds'] / 60:.1f} min")

@@ -49,6 +49,15 @@ class RtcRows:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def extend(self, other: RtcRows) -> RtcRows:
+        """These rows and `other`'s (the same body), as a new set: DAgger rounds aggregate."""
+        if other.name != self.name:
+            raise ValueError(f"rows: expected rows of {self.name!r}, got {other.name!r}")
+        out = RtcRows(self.name, episodes=self.episodes + other.episodes, successes=self.successes + other.successes)
+        for f in ("images", "proprio", "instructions", "committed", "labels"):
+            setattr(out, f, getattr(self, f) + getattr(other, f))
+        return out
+
     def add(self, obs: dict, committed: int, label: np.ndarray) -> None:
         self.images.append(np.asarray(obs["image"]))
         self.proprio.append(np.asarray(obs["proprio"], np.float32))
@@ -78,7 +87,7 @@ def collect_rtc_rows(
     seed: int = TRAIN_SEED,
     delays: Sequence[int] = (0, 1, 2, 3),
     clean_episodes: int = 0,
-    clean_keep: float = 0.3,
+    clean_keep: float = 1.0,
     n_envs: int = 50,
     generator_seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
@@ -249,11 +258,14 @@ def rtc_finetune(
     seed: int = TRAIN_SEED,
     out: str | Path | None = None,
     log: Callable[[str], None] | None = None,
+    rounds: int = 1,
 ) -> dict:
-    """One training-time RTC round for each body in `names` (collect_rtc_rows, then train_rtc_head), then the
-    checkpoint at `out` (policy.safetensors / policy.json; the metadata's extras kept: the backbone, and with
-    it the feature statistics, is unchanged). Returns {"bodies": {name: {rows, committed_rows, policy_success,
-    collect_s, train_s, final_loss}}, "seconds"}."""
+    """Training-time RTC for each body in `names`: `rounds` DAgger rounds (each collects `episodes` rtc episodes
+    with the head as it is now, adds them to the rows so far, and trains `steps` more steps on all of them; the
+    clean expert states come once, in the first), then the checkpoint at `out` (policy.safetensors /
+    policy.json; the metadata's extras kept: the backbone, and with it the feature statistics, is unchanged).
+    Returns {"bodies": {name: {rows, committed_rows, policy_success (per round), collect_s, train_s,
+    final_loss}}, "seconds"}."""
     from fleet.policy.checkpoint import save_checkpoint
 
     say = log or (lambda _m: None)
@@ -262,32 +274,38 @@ def rtc_finetune(
         raise ValueError(f"embodiments: expected bodies of the checkpoint {sorted(model.specs)}, got {list(names)}")
     started = time.perf_counter()
     bodies = {}
+    check_int("rounds", rounds, lo=1, expected="a positive int")
     for name in names:
-        t0 = time.perf_counter()
+        rows, success, collect_s, train_s, report = None, [], 0.0, 0.0, None
+        for k in range(rounds):
+            t0 = time.perf_counter()
 
-        def collected(done: int, total: int, name: str = name, t0: float = t0) -> None:
-            if done % 50 == 0 or done == total:
-                say(f"{name}: {done}/{total} rtc episodes ({time.perf_counter() - t0:.0f} s)")
+            def collected(done: int, total: int, name: str = name, t0: float = t0, k: int = k) -> None:
+                if done % 50 == 0 or done == total:
+                    say(f"{name} round {k + 1}: {done}/{total} rtc episodes ({time.perf_counter() - t0:.0f} s)")
 
-        rows = collect_rtc_rows(model, name, episodes, seed, delays, clean_episodes, progress=collected)
-        collect_s = time.perf_counter() - t0
-        committed = int(np.count_nonzero(rows.committed))
-        say(
-            f"{name}: {len(rows)} rows ({committed} with a committed prefix), the policy succeeded in "
-            f"{rows.successes}/{rows.episodes} episodes while collecting"
-        )
+            clean = clean_episodes if k == 0 else 0
+            new = collect_rtc_rows(model, name, episodes, seed + 10 * k, delays, clean, progress=collected)
+            rows = new if rows is None else rows.extend(new)
+            collect_s += time.perf_counter() - t0
+            success.append(new.successes / max(1, new.episodes))
+            say(
+                f"{name} round {k + 1}: {len(rows)} rows ({np.count_nonzero(rows.committed)} with a committed "
+                f"prefix); the policy succeeded in {new.successes}/{new.episodes} episodes while collecting"
+            )
 
-        def trained(step: int, loss: float, name: str = name) -> None:
-            if step % 300 == 0 or step == steps:
-                say(f"{name}: step {step}/{steps} loss {loss:.4f}")
+            def trained(step: int, loss: float, name: str = name, k: int = k) -> None:
+                if step % 300 == 0 or step == steps:
+                    say(f"{name} round {k + 1}: step {step}/{steps} loss {loss:.4f}")
 
-        report = train_rtc_head(model, name, rows, steps, seed=seed, progress=trained)
+            report = train_rtc_head(model, name, rows, steps, seed=seed + k, progress=trained)
+            train_s += report.seconds
         bodies[name] = {
             "rows": len(rows),
-            "committed_rows": committed,
-            "policy_success": rows.successes / max(1, rows.episodes),
+            "committed_rows": int(np.count_nonzero(rows.committed)),
+            "policy_success": success,
             "collect_s": round(collect_s, 1),
-            "train_s": round(report.seconds, 1),
+            "train_s": round(train_s, 1),
             "final_loss": report.losses[-1] if report.losses else None,
         }
     result = {"bodies": bodies, "seconds": round(time.perf_counter() - started, 1)}
@@ -295,7 +313,8 @@ def rtc_finetune(
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         extra = dict(meta.get("extra") or {})
-        extra["rtc_finetune"] = {"episodes": episodes, "clean_episodes": clean_episodes, "steps": steps} | result
+        settings = {"episodes": episodes, "clean_episodes": clean_episodes, "steps": steps, "rounds": rounds}
+        extra["rtc_finetune"] = settings | result
         save_checkpoint(model, out / "policy", extra_meta=extra)
         result["out"] = str(out)
     return result
