@@ -105,7 +105,7 @@ class _FleetController:
             "shift": cfg["shift"].get(embodiment),
             "realtime": cfg["realtime"],
             "teleop": cfg["teleop"],
-        }
+        } | dict(cfg.get("robot") or {})
         policy = {"route": cfg["route"], "app": cfg["app_name"], "namespace": cfg["namespace"], "registry": HEADS}
         replay = {"name": REPLAY, "namespace": cfg["namespace"]}
         # with a learner, every finished episode's outcome (and the head version it ran) goes to it

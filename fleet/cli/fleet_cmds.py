@@ -109,6 +109,12 @@ def up_cmd(
         list[str] | None, typer.Option("--shift", help="embodiment:shift, repeatable, e.g. franka:actuator_bias.")
     ] = None,
     checkpoint: Annotated[str | None, typer.Option("--checkpoint", help="Policy checkpoint.")] = None,
+    aggregate: Annotated[
+        str | None,
+        typer.Option(
+            "--aggregate", help="Robots' execution mode (latest; rtc with a `fleet rtc-finetune` checkpoint)."
+        ),
+    ] = None,
     replicas: Annotated[int | None, typer.Option("--replicas", min=1, help="Policy server replicas.")] = None,
     namespace: Annotated[
         str | None,
@@ -193,6 +199,8 @@ def up_cmd(
         for key, value in (("replicas", replicas), ("namespace", namespace)):
             if value is not None:
                 changes[key] = value
+        if aggregate is not None:
+            changes["robot"] = cfg.robot | {"aggregate": aggregate}
         if namespace is not None and namespace != NAMESPACE:  # a second fleet: its own Serve app and log
             defaults = FleetConfig()
             if cfg.app_name == defaults.app_name:

@@ -40,6 +40,10 @@ def _fail(name: str, expected: str, got: object) -> NoReturn:
     fail(f"FleetConfig.{name}", expected, got)
 
 
+FLEET_ROBOT_KEYS = ("robot_id", "embodiment", "seed", "shift", "realtime", "teleop")
+# the RobotConfig fields the fleet sets for each robot (FleetConfig.robot may not)
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     """What `fleet up` starts. `from_file` reads it from JSON or YAML; unknown keys are refused."""
@@ -91,6 +95,9 @@ class FleetConfig:
     # new corrections of one embodiment per adaptation round
     learner: dict = field(default_factory=dict)
     # extra fleet.learning.learner.LearnerConfig keys, e.g. {"adapt": {"steps": 100}, "watch_episodes": 20}
+    robot: dict = field(default_factory=dict)
+    # extra fleet.robot.RobotConfig keys for every robot, e.g. {"aggregate": "rtc"} (with a checkpoint from
+    # `fleet rtc-finetune`); the fleet sets robot_id, embodiment, seed, shift, realtime and teleop itself
     learner_cpus: float = 1.0
     # Ray CPUs of the learner actor
     endpoint_host: str = "127.0.0.1"
@@ -165,6 +172,20 @@ class FleetConfig:
         if not self.require_token and not is_loopback(self.endpoint_host):
             _fail("require_token", "True when endpoint_host is not a loopback address", self.require_token)
 
+    def _check_robot(self) -> None:
+        from fleet.robot.config import RobotConfig
+
+        if not isinstance(self.robot, dict):
+            _fail("robot", "a mapping of fleet.robot.RobotConfig keys", self.robot)
+        known = {f.name for f in fields(RobotConfig)} - set(FLEET_ROBOT_KEYS)
+        unknown = sorted(set(self.robot) - known)
+        if unknown:
+            _fail("robot", f"RobotConfig keys the fleet does not set itself ({', '.join(sorted(known))})", unknown)
+        try:
+            RobotConfig("check", next(iter(EMBODIMENTS)), **self.robot)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"FleetConfig.robot: {exc}") from None
+
     def _check_mappings(self) -> None:
         res = self.robot_resources
         if not isinstance(res, dict) or not all(isinstance(k, str) and is_number(v) and v >= 0 for k, v in res.items()):
@@ -173,6 +194,7 @@ class FleetConfig:
             _fail("server", "a mapping of fleet.serving.config.ServeConfig keys", self.server)
         if not isinstance(self.learner, dict):
             _fail("learner", "a mapping of fleet.learning.learner.LearnerConfig keys", self.learner)
+        self._check_robot()
         try:
             LearnerConfig.from_dict(self.learner_config())
         except (TypeError, ValueError) as exc:

@@ -36,6 +36,9 @@ def test_defaults_one_robot_per_embodiment():
         ({"adapt_every": 0}, "FleetConfig.adapt_every"),
         ({"learner": {"every": 5, "bogus": 1}}, "FleetConfig.learner.*bogus"),
         ({"learner": {"adapt": {"stepz": 1}}}, "FleetConfig.learner.*AdaptConfig.*stepz"),
+        ({"robot": {"aggregate": "blend"}}, "FleetConfig.robot: RobotConfig.aggregate"),
+        ({"robot": {"robot_id": "r0"}}, "FleetConfig.robot.*robot_id"),
+        ({"robot": ["rtc"]}, "FleetConfig.robot"),
     ],
 )
 def test_bad_fields_are_named(changes, message):
@@ -49,9 +52,12 @@ def test_from_file_yaml_and_json(tmp_path):
     assert cfg.robots == {"franka": 3, "leap": 0} and cfg.realtime is False and cfg.shift == {"franka": "lighting"}
     (tmp_path / "f.json").write_text(json.dumps({"robots": {"hello": 2}, "replicas": 2}))
     assert FleetConfig.from_file(tmp_path / "f.json").replicas == 2
-    (tmp_path / "bad.json").write_text(json.dumps({"robot": {"hello": 2}}))
-    with pytest.raises(ValueError, match=r"unknown keys \['robot'\]"):
+    (tmp_path / "bad.json").write_text(json.dumps({"robotz": {"hello": 2}}))
+    with pytest.raises(ValueError, match=r"unknown keys \['robotz'\]"):
         FleetConfig.from_file(tmp_path / "bad.json")
+    (tmp_path / "typo.json").write_text(json.dumps({"robot": {"hello": 2}}))  # meant robots
+    with pytest.raises(ValueError, match=r"FleetConfig.robot: expected RobotConfig keys .*got \['hello'\]"):
+        FleetConfig.from_file(tmp_path / "typo.json")
     (tmp_path / "broken.yaml").write_text("robots: [unclosed")
     with pytest.raises(ValueError, match="broken.yaml: not valid yaml"):
         FleetConfig.from_file(tmp_path / "broken.yaml")
@@ -105,6 +111,13 @@ def test_cli_refuses_bad_arguments_before_touching_ray():
     assert out.exit_code == 2 and "the count for franka" in out.output
     out = runner.invoke(app, ["up", "--help"])
     assert out.exit_code == 0 and "fleet up --robots" in out.output
+    out = runner.invoke(app, ["up", "--aggregate", "blend"])
+    assert out.exit_code == 2 and "RobotConfig.aggregate" in out.output
+
+
+def test_robot_keys_reach_every_robot_config():
+    cfg = FleetConfig.from_dict({"robot": {"aggregate": "rtc", "n_samples": 2}})
+    assert cfg.robot == {"aggregate": "rtc", "n_samples": 2} and cfg.to_dict()["robot"]["aggregate"] == "rtc"
 
 
 def test_adapt_config_reaches_the_learner_and_the_table_shows_it():
