@@ -130,7 +130,7 @@ def rtc_finetune_cmd(
     steps: Annotated[
         int, typer.Option(min=1, help="Training steps per head and round (cached backbone output).")
     ] = 1500,
-    rounds: Annotated[int, typer.Option(min=1, help="DAgger rounds: collect with the head so far, train again.")] = 1,
+    rounds: Annotated[int, typer.Option(min=1, help="DAgger rounds: collect with the head so far, train again.")] = 2,
     delays: Annotated[str, typer.Option("--delays", help="Delays in ticks, one drawn per episode.")] = "0,1,2,3",
     seed: Annotated[int, typer.Option(help="Collection seed (scenes apart from every eval block).")] = 92_000,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
@@ -139,12 +139,13 @@ def rtc_finetune_cmd(
     """Teach heads to continue a committed prefix (training-time real-time chunking, arXiv 2512.05964) and
     write the result as a new checkpoint; the shipped one is unchanged.
 
-    Per body: the policy runs `rtc` under a delay drawn per episode, and every request becomes a row (the
-    observation, the committed prefix as the safety layer sends it, the simulator expert's chunk that starts
-    with it); clean expert states are added. The head alone trains with the committed steps given, not
-    predicted; the backbone and every other head stay bit-identical. A flow head trained this way clamps the
-    committed steps while sampling instead of guiding (no vector-Jacobian product). Run robots with
-    `aggregate="rtc"` on the result.
+    Per body and round: the policy (as trained so far) runs `rtc` under a delay drawn per episode, and every
+    request becomes a row (the observation, the committed prefix as the safety layer sends it, the simulator
+    expert's chunk that starts with it); clean expert states come in the first round. The head alone trains on
+    all rows so far, the committed steps given, not predicted; the backbone and every other head stay
+    bit-identical. A flow head trained this way clamps the committed steps while sampling instead of guiding
+    (no vector-Jacobian product). The robots' default execution (`latest`, late chunks started on arrival)
+    gains most from the result; `fleet up --aggregate rtc` runs real-time chunking on it.
 
     Examples:
         fleet rtc-finetune --out runs/rtc

@@ -13,4 +13,6 @@ candidate_gate.py   a candidate's scores (loss, executed-action error) and the g
 calibration.py      hardware changes: the command offset the rehearsal labels follow
 word_adapters.py    instruction words the rehearsal set never uses, adapted per head
 head_store.py       HeadStore: every published head version, persisted (the HeadRegistry actor's logic)
+rtc_round.py        training-time real-time chunking: DAgger rows under delay, a head taught to continue a
+                    committed prefix (`fleet rtc-finetune`)
 """
