@@ -115,7 +115,7 @@ def collect_rtc_rows(
         while len(robots) < n_envs and next_ep < episodes:
             env = make_env(name)
             obs, _ = env.reset(seed=seed * 100_003 + next_ep)
-            buf = ActionBuffer(spec.chunk_size, aggregate="rtc")
+            buf = ActionBuffer(spec.chunk_size, spec.recompute_every, aggregate="rtc")
             robots.append(_Robot(env, obs, buf, SafetyLayer(spec), int(rng.choice(list(delays)))))
             next_ep += 1
         for r in robots:
