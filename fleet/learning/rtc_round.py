@@ -290,8 +290,8 @@ def rtc_finetune(
             collect_s += time.perf_counter() - t0
             success.append(new.successes / max(1, new.episodes))
             say(
-                f"{name} round {k + 1}: {len(rows)} rows ({np.count_nonzero(rows.committed)} with a committed "
-                f"prefix); the policy succeeded in {new.successes}/{new.episodes} episodes while collecting"
+                f"{name} round {k + 1}: {len(rows)} rows, {np.count_nonzero(rows.committed)} committed; "
+                f"policy ok {new.successes}/{new.episodes}"
             )
 
             def trained(step: int, loss: float, name: str = name, k: int = k) -> None:
