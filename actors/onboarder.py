@@ -21,6 +21,9 @@ import uuid
 import ray
 
 from fleet.names import HEADS, ONBOARD_PREFIX
+from fleet.policy.openmp import lower_priority, set_omp_wait_policy
+
+ONBOARD_NICENESS = 19  # the lowest CPU priority: Ray starts its workers at 15; the robots and replicas stay there
 
 
 def onboarder_name(embodiment: str) -> str:
@@ -30,6 +33,7 @@ def onboarder_name(embodiment: str) -> str:
 @ray.remote(num_cpus=0, max_restarts=0)
 class OnboardActor:
     def __init__(self, plan: dict, checkpoint: str | None, namespace: str, app: str, registry: str = HEADS) -> None:
+        set_omp_wait_policy()  # before torch loads: training threads wait passively at OpenMP barriers
         import torch
 
         from fleet.embodiments import EMBODIMENTS, register_embodiment
@@ -37,8 +41,10 @@ class OnboardActor:
         from fleet.learning.onboard_spec import OnboardSpec
         from fleet.policy.default import load_policy
 
-        torch.set_num_threads(1)
         self.plan = OnboardSpec.from_dict(plan)
+        torch.set_num_threads(self.plan.train_threads)
+        # training takes only the cores the fleet's robots and replicas leave free
+        self.niceness = lower_priority(ONBOARD_NICENESS)
         spec = self.plan.spec
         if spec.name not in EMBODIMENTS:
             register_embodiment(spec)  # this process validates records and builds envs of the body
@@ -145,6 +151,7 @@ class OnboardActor:
             "policy_calls": self.policy_calls,
             "errors": self.errors,
             "last_error": self.last_error,
+            "niceness": self.niceness,
             "plan": self.plan.to_dict(),
         }
 

@@ -86,13 +86,16 @@ def embodiment_add(
 ) -> None:
     """Add a robot body to the running fleet, without a restart: the policy server learns it when its first
     head is published; its robots start in demonstration mode (the operator drives; every chunk is stored as a
-    demonstration), an onboarding learner trains its token row, stem and head every N demonstrations with the
-    backbone frozen and publishes v1 once it clears a held-out check; then its robots run the policy.
+    demonstration), an onboarding learner trains its token row, stem and head with the backbone frozen (first
+    after M demonstrations, then every N more) and publishes v1 once it clears a held-out check; then its
+    robots run the policy.
 
     The spec file is one JSON object: the EmbodimentSpec fields (name, action_dim, head "token"|"flow",
     proprio_dim, action_low, action_high, max_velocity, max_force, control_hz, ...) plus "sim" (the simulator
     to drive, default the name), "like" (a pretrained body to warm-start from), "robots" (how many to start,
-    default 2), "demos_per_round" (N, default 10), "check_episodes" and "check_success" (the held-out check).
+    default 2), "first_round_demos" (M, default 400) and "first_round_steps" (1500), "demos_per_round" (N,
+    default 10) and "steps_per_round" (300), "train_threads" (2, at the lowest CPU priority),
+    "check_episodes" and "check_success" (the held-out check, 10 episodes at 80 %).
 
     Example:
         fleet embodiment add --spec so100.json
@@ -112,7 +115,8 @@ def embodiment_add(
     else:
         typer.echo(
             f"added {result['embodiment']}: {result['robots']} robot(s) in demonstration mode; the learner trains "
-            f"every {result['demos_per_round']} demonstrations (`fleet embodiment status` shows the phase)"
+            f"after {result['first_round_demos']} demonstrations, then every {result['demos_per_round']} more "
+            "(`fleet embodiment status` shows the phase)"
         )
 
 
@@ -211,6 +215,7 @@ def add_embodiment_to_fleet(plan: dict, namespace: str = NAMESPACE) -> dict:
     return {
         "embodiment": plan["name"],
         "robots": len(status["robots"]),
+        "first_round_demos": status["plan"]["first_round_demos"],
         "demos_per_round": plan["demos_per_round"],
         "phase": status["phase"],
     }

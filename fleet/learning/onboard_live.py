@@ -90,12 +90,15 @@ class OnboardSession:
             self.total_demos += 1
 
     def due(self) -> bool:
-        """Whether N new demonstrations arrived since the last round."""
+        """Whether a round is due: `first_round_demos` demonstrations before the first, then N new ones since
+        the last round (never while a rollout is watched)."""
         with self._lock:
-            return self.new_since_round >= self.plan.demos_per_round and self.watch is None
+            need = self.plan.demos_per_round if self.rounds else self.plan.first_round_demos
+            return self.new_since_round >= need and self.watch is None
 
     def train_round(self, seed: int | None = None) -> dict:
-        """Train the new parts on every kept demonstration, run the held-out check, publish if it passes."""
+        """Train the new parts on every kept demonstration, run the held-out check, publish if it passes. The
+        first round runs `first_round_steps` steps, later ones `steps_per_round`."""
         with self._train_lock:
             with self._lock:
                 episodes = list(self.episodes)
@@ -105,9 +108,8 @@ class OnboardSession:
                 demos = demos.extend(e)
             seed = len(self.rounds) if seed is None else seed
             data = OnboardData.from_demos(self.model, demos)
-            report = train_new_body(
-                self.model, self.name, data, steps=self.plan.steps_per_round, batch_size=32, lr=3e-3, seed=seed
-            )
+            steps = self.plan.steps_per_round if self.rounds else self.plan.first_round_steps
+            report = train_new_body(self.model, self.name, data, steps=steps, batch_size=32, lr=3e-3, seed=seed)
             success = self.check()
             passed = success >= self.plan.check_success
             entry = {

@@ -31,10 +31,20 @@ class OnboardSpec:
     # a pretrained body to warm-start the new token row and head from (None: the mean token row, a fresh head)
     robots: int = 2
     # robots of the new body to start
+    first_round_demos: int = 400
+    # demonstrations (episodes) the first training round waits for. The simulated operator gives them in seconds;
+    # on a real robot each is an operator's episode, so set what your operators can give (the first round then
+    # learns from fewer: `fleet experiment onboard` measures what that costs)
+    first_round_steps: int = 1500
+    # optimizer steps of the first round: one schedule over every demonstration so far (many short rounds on a
+    # growing set learn far more slowly; README "Adding a robot body")
     demos_per_round: int = 10
-    # the learner trains after every this many new demonstrations (episodes)
+    # after the first round, the learner trains again after every this many new demonstrations or corrections
     steps_per_round: int = 300
-    # optimizer steps per training round (backbone frozen; only the new parts)
+    # optimizer steps per later training round (backbone frozen; only the new parts)
+    train_threads: int = 2
+    # torch threads for training and the held-out check. The onboarding actor runs at a lower CPU priority than
+    # the fleet's robots and replicas, so its threads take the cores only when those leave them free
     check_episodes: int = 10
     # held-out closed-loop episodes (scenes no demonstration used) a candidate must pass before it is published
     check_success: float = 0.8
@@ -58,9 +68,14 @@ class OnboardSpec:
         validate.check_int("onboard spec: field 'robots'", self.robots, lo=0, hi=64)
         validate.check_int("onboard spec: field 'demos_per_round'", self.demos_per_round, lo=1, hi=10_000)
         validate.check_int("onboard spec: field 'steps_per_round'", self.steps_per_round, lo=1, hi=100_000)
+        validate.check_int("onboard spec: field 'first_round_steps'", self.first_round_steps, lo=1, hi=100_000)
+        validate.check_int("onboard spec: field 'train_threads'", self.train_threads, lo=1, hi=256)
         validate.check_int("onboard spec: field 'check_episodes'", self.check_episodes, lo=1, hi=1000)
         validate.check_number("onboard spec: field 'check_success'", self.check_success, lo=0.0, hi=1.0)
         validate.check_int("onboard spec: field 'max_demos'", self.max_demos, lo=self.demos_per_round, hi=100_000)
+        validate.check_int(
+            "onboard spec: field 'first_round_demos' (at most max_demos)", self.first_round_demos, 1, self.max_demos
+        )
         validate.check_int("onboard spec: field 'watch_episodes'", self.watch_episodes, lo=1, hi=10_000)
         validate.check_int("onboard spec: field 'reference_episodes'", self.reference_episodes, lo=1, hi=10_000)
         validate.check_number("onboard spec: field 'success_drop'", self.success_drop, lo=0.01, hi=0.99)

@@ -10,6 +10,9 @@ cores, fused AdamW: 0.37 s passive, 0.26 s with the default spin). It must be se
 OpenMP runtime, so the entry points call it first: the `fleet` command (fleet.cli.main), the policy server
 replicas (deployments/policy.py) and the learner actor (actors/learner.py). An explicit setting in the
 environment wins (OMP_WAIT_POLICY, or GOMP_SPINCOUNT).
+
+`lower_priority` renices a whole process (every thread) for background work that must yield the cores, such as
+the onboarding actor's training beside realtime robots.
 """
 
 from __future__ import annotations
@@ -36,3 +39,22 @@ def set_omp_wait_policy(argv: list[str] | None = None) -> None:
     to wait or `argv` (default sys.argv) is a `fleet pretrain` that owns the cores."""
     if "GOMP_SPINCOUNT" not in os.environ and not owns_the_cores(sys.argv if argv is None else argv):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def lower_priority(niceness: int) -> int | None:
+    """Give every thread of this process (Linux niceness is per thread; threads started later inherit their
+    creator's) at least `niceness`; returns the process's niceness after, None where it cannot be read."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        except OSError:  # a thread that ended meanwhile, or a platform without per-thread priorities
+            pass
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except OSError:
+        return None

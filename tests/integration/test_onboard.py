@@ -63,14 +63,23 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
             "sim": "so100",
             "like": "franka",
             "robots": 2,
+            "first_round_demos": 4,
+            "first_round_steps": 20,
             "demos_per_round": 4,
             "steps_per_round": 20,
+            "train_threads": 1,
             "check_episodes": 2,
             "check_success": 0.0,
         }
         t_add = time.monotonic()
         added = add_embodiment_to_fleet(plan, namespace=config.namespace)
-        assert added == {"embodiment": "so100", "robots": 2, "demos_per_round": 4, "phase": "demonstrations"}
+        assert added == {
+            "embodiment": "so100",
+            "robots": 2,
+            "first_round_demos": 4,
+            "demos_per_round": 4,
+            "phase": "demonstrations",
+        }
         with pytest.raises(ValueError, match="already serves"):
             add_embodiment_to_fleet(_franka_plan(plan), namespace=config.namespace)
         deadline = time.monotonic() + 400

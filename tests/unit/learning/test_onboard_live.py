@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -24,7 +25,8 @@ SO100 = CATALOG["so100"]
 
 
 def plan(**kw) -> OnboardSpec:
-    raw = SO100.to_dict() | {"demos_per_round": 2, "steps_per_round": 5, "check_episodes": 2} | kw
+    raw = SO100.to_dict() | {"demos_per_round": 2, "steps_per_round": 5, "check_episodes": 2}
+    raw |= {"first_round_demos": 2, "first_round_steps": 5} | kw
     return OnboardSpec.from_dict(raw)
 
 
@@ -190,3 +192,68 @@ def test_an_onboarding_robot_reads_the_contact_force_and_its_estop_stays_latched
     walled = OnboardRobot("robot-franka-8", EMBODIMENTS["franka"], "franka", seed=0)  # with the wall: no trip
     walled._episode(lambda request: {"chunk": slam, "head_version": 1}, record_every_tick=False)
     assert not walled.estopped
+
+
+def test_the_first_round_waits_for_its_demonstrations_and_runs_its_own_schedule():
+    """The first round trains one longer schedule on `first_round_demos` demonstrations; later rounds come every
+    `demos_per_round` and run `steps_per_round` steps."""
+    model = tiny_with_so100()
+    session = OnboardSession(
+        plan(first_round_demos=3, first_round_steps=7, demos_per_round=1, steps_per_round=2), model, lambda p, m: 1
+    )
+    robot = OnboardRobot("robot-so100-0", SO100, "so100", seed=0)
+    for i in range(3):
+        assert not session.due(), f"due after {i} of 3 demonstrations"
+        session.add_episode(robot.demonstration_episode()[0])
+    assert session.due()
+    assert session.train_round()["steps"] == 7
+    assert not session.due()
+    session.add_episode(robot.demonstration_episode()[0])
+    assert session.due() and session.train_round()["steps"] == 2
+
+
+def test_plan_fields_of_the_first_round_and_training_threads_are_checked():
+    p = OnboardSpec(spec=SO100, sim="so100")
+    assert (p.first_round_demos, p.first_round_steps, p.train_threads) == (400, 1500, 2)
+    assert OnboardSpec.from_dict(p.to_dict()) == p
+    with pytest.raises(ValueError, match="first_round_demos"):
+        plan(first_round_demos=0)
+    with pytest.raises(ValueError, match="first_round_demos.*max_demos"):
+        plan(first_round_demos=500, max_demos=400)
+    with pytest.raises(ValueError, match="first_round_steps"):
+        plan(first_round_steps=1.5)
+    with pytest.raises(ValueError, match="train_threads"):
+        plan(train_threads=0)
+
+
+def test_lower_priority_renices_every_thread_of_the_process():
+    """In a child process (niceness cannot be raised back): a thread started before and one started after the
+    call both end at the lower priority."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import os, threading
+        from fleet.policy.openmp import lower_priority
+        seen, go = {}, threading.Event()
+        def early():
+            go.wait()
+            seen["early"] = os.getpriority(os.PRIO_PROCESS, 0)
+        t = threading.Thread(target=early)
+        t.start()
+        print(lower_priority(os.getpriority(os.PRIO_PROCESS, 0) + 3) - os.getpriority(os.PRIO_PROCESS, 0))
+        go.set()
+        t.join()
+        late = threading.Thread(target=lambda: seen.setdefault("late", os.getpriority(os.PRIO_PROCESS, 0)))
+        late.start()
+        late.join()
+        print(seen["early"], seen["late"], os.getpriority(os.PRIO_PROCESS, 0))
+        """
+    )
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    want = min(19, before + 3)
+    assert out == ["0", str(want), str(want), str(want)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # this process untouched
