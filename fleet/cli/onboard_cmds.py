@@ -94,8 +94,8 @@ def embodiment_add(
     proprio_dim, action_low, action_high, max_velocity, max_force, control_hz, ...) plus "sim" (the simulator
     to drive, default the name), "like" (a pretrained body to warm-start from), "robots" (how many to start,
     default 2), "first_round_demos" (M, default 400) and "first_round_steps" (1500), "demos_per_round" (N,
-    default 10) and "steps_per_round" (300), "train_threads" (2, at the lowest CPU priority),
-    "check_episodes" and "check_success" (the held-out check, 10 episodes at 80 %).
+    default 10) and "steps_per_round" (300), "train_threads" (1, at the lowest CPU priority),
+    "check_episodes" and "check_success" (the held-out check: 10 episodes, 0.8 to pass).
 
     Example:
         fleet embodiment add --spec so100.json

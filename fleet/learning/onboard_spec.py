@@ -42,9 +42,11 @@ class OnboardSpec:
     # after the first round, the learner trains again after every this many new demonstrations or corrections
     steps_per_round: int = 300
     # optimizer steps per later training round (backbone frozen; only the new parts)
-    train_threads: int = 2
-    # torch threads for training and the held-out check. The onboarding actor runs at a lower CPU priority than
-    # the fleet's robots and replicas, so its threads take the cores only when those leave them free
+    train_threads: int = 1
+    # torch threads for training and the held-out check. The onboarding actor runs at the lowest CPU priority, so
+    # it takes only what the fleet's robots and replicas leave free. Beside a realtime fleet on 2 cores, 1 thread
+    # ran 103-111 ms per step and 2 threads 136-144 ms (each waits for the other at every barrier); more pay
+    # only where cores are idle
     check_episodes: int = 10
     # held-out closed-loop episodes (scenes no demonstration used) a candidate must pass before it is published
     check_success: float = 0.8

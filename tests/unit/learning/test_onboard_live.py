@@ -214,7 +214,7 @@ def test_the_first_round_waits_for_its_demonstrations_and_runs_its_own_schedule(
 
 def test_plan_fields_of_the_first_round_and_training_threads_are_checked():
     p = OnboardSpec(spec=SO100, sim="so100")
-    assert (p.first_round_demos, p.first_round_steps, p.train_threads) == (400, 1500, 2)
+    assert (p.first_round_demos, p.first_round_steps, p.train_threads) == (400, 1500, 1)
     assert OnboardSpec.from_dict(p.to_dict()) == p
     with pytest.raises(ValueError, match="first_round_demos"):
         plan(first_round_demos=0)
