@@ -23,7 +23,7 @@ import ray
 from fleet.names import HEADS, ONBOARD_PREFIX
 from fleet.policy.openmp import lower_priority, set_omp_wait_policy
 
-ONBOARD_NICENESS = 19  # the lowest CPU priority: Ray starts its workers at 15; the robots and replicas stay there
+ONBOARD_NICENESS = 19  # the lowest CPU priority (and SCHED_IDLE): Ray starts its workers at 15, robots and replicas stay
 
 
 def onboarder_name(embodiment: str) -> str:
@@ -44,7 +44,7 @@ class OnboardActor:
         self.plan = OnboardSpec.from_dict(plan)
         torch.set_num_threads(self.plan.train_threads)
         # training takes only the cores the fleet's robots and replicas leave free
-        self.niceness = lower_priority(ONBOARD_NICENESS)
+        self.niceness = lower_priority(ONBOARD_NICENESS, idle=True)
         spec = self.plan.spec
         if spec.name not in EMBODIMENTS:
             register_embodiment(spec)  # this process validates records and builds envs of the body

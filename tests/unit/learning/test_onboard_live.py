@@ -226,9 +226,10 @@ def test_plan_fields_of_the_first_round_and_training_threads_are_checked():
         plan(train_threads=0)
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="per-thread SCHED_IDLE is Linux's")
 def test_lower_priority_renices_every_thread_of_the_process():
     """In a child process (niceness cannot be raised back): a thread started before and one started after the
-    call both end at the lower priority."""
+    call both end at the lower priority and under SCHED_IDLE."""
     import subprocess
     import sys
     import textwrap
@@ -238,22 +239,24 @@ def test_lower_priority_renices_every_thread_of_the_process():
         import os, threading
         from fleet.policy.openmp import lower_priority
         seen, go = {}, threading.Event()
+        def where():
+            return os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0) == os.SCHED_IDLE
         def early():
             go.wait()
-            seen["early"] = os.getpriority(os.PRIO_PROCESS, 0)
+            seen["early"] = where()
         t = threading.Thread(target=early)
         t.start()
-        print(lower_priority(os.getpriority(os.PRIO_PROCESS, 0) + 3) - os.getpriority(os.PRIO_PROCESS, 0))
+        print(lower_priority(os.getpriority(os.PRIO_PROCESS, 0) + 3, idle=True) - os.getpriority(os.PRIO_PROCESS, 0))
         go.set()
         t.join()
-        late = threading.Thread(target=lambda: seen.setdefault("late", os.getpriority(os.PRIO_PROCESS, 0)))
+        late = threading.Thread(target=lambda: seen.setdefault("late", where()))
         late.start()
         late.join()
-        print(seen["early"], seen["late"], os.getpriority(os.PRIO_PROCESS, 0))
+        print(*seen["early"], *seen["late"], *where())
         """
     )
     before = os.getpriority(os.PRIO_PROCESS, 0)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     want = min(19, before + 3)
-    assert out == ["0", str(want), str(want), str(want)]
+    assert out == ["0", str(want), "True", str(want), "True", str(want), "True"]
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # this process untouched
