@@ -23,7 +23,7 @@ import ray
 from fleet.names import HEADS, ONBOARD_PREFIX
 from fleet.policy.openmp import lower_priority, set_omp_wait_policy
 
-ONBOARD_NICENESS = 19  # the lowest CPU priority (and SCHED_IDLE): Ray starts its workers at 15, robots and replicas stay
+ONBOARD_NICENESS = 19  # the lowest CPU priority (and SCHED_IDLE); Ray starts its workers, robots and replicas, at 15
 
 
 def onboarder_name(embodiment: str) -> str:
