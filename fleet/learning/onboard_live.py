@@ -2,7 +2,7 @@
 
     session = OnboardSession(plan, model, publish=lambda payload, meta: registry.publish(...))
     session.add_episode(samples)          # one demonstration episode: every tick's (obs, operator chunk)
-    if session.due(): session.train_round()   # every N demonstrations: train the new parts, check, publish
+    if session.due(): session.train_round()   # after M, then every N demonstrations: train, check, publish
 
 Phases: "demonstrations" (the operator drives every action; nothing is served for the body yet) until a
 candidate clears the held-out check, then "policy" (its robots run the published head, the operator corrects,
