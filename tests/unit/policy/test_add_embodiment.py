@@ -83,7 +83,9 @@ def test_the_token_row_is_what_selects_the_new_body():
     obs = obs_of("so100")
     first = model.predict_obs([obs], ["so100"])[0]["features"]
     with torch.no_grad():
-        model.head("so100").emb_token.add_(1.0)
+        # not a constant: the pre-LN backbone normalizes every token, so a shift of all of a row's entries is invisible
+        row = model.head("so100").emb_token
+        row.add_(torch.linspace(-1.0, 1.0, row.numel()))
     assert not np.allclose(model.predict_obs([obs], ["so100"])[0]["features"], first)
 
 
@@ -147,7 +149,8 @@ def test_a_copy_of_the_model_reads_its_own_token_row():
     assert twin.backbone.token_rows[len(model.vocab) - 1] is twin.head("so100").emb_token
     obs = obs_of("so100")
     with torch.no_grad():
-        twin.head("so100").emb_token.add_(1.0)
+        row = twin.head("so100").emb_token
+        row.add_(torch.linspace(-1.0, 1.0, row.numel()))  # not a constant shift, which LayerNorm removes
     mine, theirs = (m.predict_obs([obs], ["so100"])[0]["features"] for m in (twin, model))
     assert not np.allclose(mine, theirs)
 
