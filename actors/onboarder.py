@@ -32,7 +32,11 @@ def onboarder_name(embodiment: str) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class OnboardActor:
-    def __init__(self, plan: dict, checkpoint: str | None, namespace: str, app: str, registry: str = HEADS) -> None:
+    def __init__(
+        self, plan: dict, checkpoint: str | None, namespace: str, app: str, registry: str = HEADS, idle: bool = True
+    ) -> None:
+        """idle: also SCHED_IDLE (fleet.policy.openmp.lower_priority), for a fleet that holds control rates. A fleet
+        that runs flat out keeps the cores busy, so there the actor only lowers its niceness, or it would starve."""
         set_omp_wait_policy()  # before torch loads: training threads wait passively at OpenMP barriers
         import torch
 
@@ -44,7 +48,8 @@ class OnboardActor:
         self.plan = OnboardSpec.from_dict(plan)
         torch.set_num_threads(self.plan.train_threads)
         # training takes only the cores the fleet's robots and replicas leave free
-        self.niceness = lower_priority(ONBOARD_NICENESS, idle=True)
+        self.niceness = lower_priority(ONBOARD_NICENESS, idle=idle)
+        self.sched_idle = idle
         spec = self.plan.spec
         if spec.name not in EMBODIMENTS:
             register_embodiment(spec)  # this process validates records and builds envs of the body
@@ -152,6 +157,7 @@ class OnboardActor:
             "errors": self.errors,
             "last_error": self.last_error,
             "niceness": self.niceness,
+            "sched_idle": self.sched_idle,
             "plan": self.plan.to_dict(),
         }
 
@@ -161,8 +167,13 @@ class OnboardActor:
         return self.status()
 
 
-def start_onboarder(plan: dict, checkpoint: str | None, namespace: str, app: str) -> ray.actor.ActorHandle:
+def start_onboarder(
+    plan: dict, checkpoint: str | None, namespace: str, app: str, realtime: bool = True
+) -> ray.actor.ActorHandle:
     """The onboarding actor of plan["name"] (created, or the running one). Detached: it outlives the
-    `fleet embodiment add` that started it; `fleet down` stops it with the fleet's other named actors."""
+    `fleet embodiment add` that started it; `fleet down` stops it with the fleet's other named actors.
+    realtime: whether the fleet holds its control rates (then the actor trains under SCHED_IDLE)."""
     options = {"name": onboarder_name(plan["name"]), "namespace": namespace, "get_if_exists": True}
-    return OnboardActor.options(**options, lifetime="detached").remote(plan, checkpoint, namespace, app)
+    return OnboardActor.options(**options, lifetime="detached").remote(
+        plan, checkpoint, namespace, app, idle=bool(realtime)
+    )

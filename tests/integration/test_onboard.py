@@ -97,6 +97,8 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
         (first,) = [r for r in body["rounds"] if r["published"]][:1]
         assert first["demos"] >= 4 and first["steps"] == 20
         assert body["policy_calls"] >= 1
+        # training yields the CPU: the lowest niceness; not SCHED_IDLE beside a fleet that runs flat out
+        assert body["niceness"] == 19 and body["sched_idle"] is False
         s = status(namespace=config.namespace)
         assert s["heads"]["so100"] >= 1 and s["heads"]["franka"] == 1  # replicas serve it, franka untouched
         assert (s["robots"][0]["episodes"] or 0) > franka_eps  # the other robot kept working meanwhile
