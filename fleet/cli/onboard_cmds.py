@@ -252,6 +252,14 @@ def format_status(result: dict) -> str:
                 f"  round {r['round']}: {r['demos']} demos, {r['steps']} steps, {r['train_s']:.0f} s, "
                 f"held-out {r['check_success']:.0%}" + (f", published v{r['published']}" if r["published"] else "")
             )
+        t = s.get("training")
+        if t:
+            what = (
+                f"training, {t['done']} / {t['steps']} steps"
+                if t["stage"] == "training"
+                else f"{t['steps']} steps done, held-out check"
+            )
+            lines.append(f"  round {t['round']}: {what}, {t['elapsed_s']:.0f} s so far")
         latched = [r["robot"] for r in s["robots"] if r.get("estop_latched")]
         if latched:
             lines.append(f"  e-stop latched: {', '.join(latched)}; once clear: fleet estop reset {latched[0]}")

@@ -75,6 +75,8 @@ class OnboardSession:
         self._payloads: dict[int, bytes] = {}
         self.watch: dict | None = None
         self.rollouts: deque[dict] = deque(maxlen=100)
+        # the round in progress: {"round", "stage": "training" | "checking", "steps", "done", "started"}, else None
+        self.training: dict | None = None
         self._lock = threading.Lock()
         self._train_lock = threading.Lock()
 
@@ -107,10 +109,20 @@ class OnboardSession:
             for e in episodes[1:]:
                 demos = demos.extend(e)
             seed = len(self.rounds) if seed is None else seed
-            data = OnboardData.from_demos(self.model, demos)
             steps = self.plan.steps_per_round if self.rounds else self.plan.first_round_steps
-            report = train_new_body(self.model, self.name, data, steps=steps, batch_size=32, lr=3e-3, seed=seed)
-            success = self.check()
+            with self._lock:
+                self.training = {"round": len(self.rounds) + 1, "stage": "training", "steps": steps, "done": 0}
+                self.training["started"] = time.time()
+            try:
+                data = OnboardData.from_demos(self.model, demos)
+                opts = {"steps": steps, "batch_size": 32, "lr": 3e-3, "seed": seed, "progress": self._trained}
+                report = train_new_body(self.model, self.name, data, **opts)
+                with self._lock:
+                    self.training |= {"stage": "checking", "done": report.steps}
+                success = self.check()
+            finally:
+                with self._lock:
+                    self.training = None
             passed = success >= self.plan.check_success
             entry = {
                 "round": len(self.rounds) + 1,
@@ -142,6 +154,12 @@ class OnboardSession:
                 + (f"published v{entry['published']}" if passed else "not published")
             )
             return entry
+
+    def _trained(self, steps: int, loss: float) -> None:
+        """train_new_body's progress callback: `fleet embodiment status` shows how far the round is."""
+        with self._lock:
+            if self.training is not None:
+                self.training["done"] = int(steps)
 
     def record_policy_episode(self, version: int, ok: bool, interventions: int) -> dict | None:
         """One policy episode that ran on head `version` (success; operator overrides in it). Judges the watched
@@ -205,6 +223,9 @@ class OnboardSession:
                 "demos": self.total_demos,
                 "demos_kept": len(self.episodes),
                 "rounds": [dict(r) for r in self.rounds],
+                "training": None
+                if self.training is None
+                else self.training | {"elapsed_s": round(time.time() - self.training["started"], 1)},
                 "watch": None
                 if self.watch is None
                 else self.watch | {"episodes": len(self.outcomes[self.watch["version"]])},

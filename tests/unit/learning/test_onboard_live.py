@@ -206,7 +206,14 @@ def test_the_first_round_waits_for_its_demonstrations_and_runs_its_own_schedule(
         assert not session.due(), f"due after {i} of 3 demonstrations"
         session.add_episode(robot.demonstration_episode()[0])
     assert session.due()
+    # the round in progress is in the status (`fleet embodiment status` shows it), and gone once it is over
+    seen = []
+    check = session.check
+    session.check = lambda: (seen.append(session.status()["training"]), check())[1]
+    assert session.status()["training"] is None
     assert session.train_round()["steps"] == 7
+    assert seen[0]["round"] == 1 and seen[0]["stage"] == "checking" and seen[0]["done"] == seen[0]["steps"] == 7
+    assert seen[0]["elapsed_s"] >= 0 and session.status()["training"] is None
     assert not session.due()
     session.add_episode(robot.demonstration_episode()[0])
     assert session.due() and session.train_round()["steps"] == 2
