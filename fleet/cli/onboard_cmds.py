@@ -114,9 +114,9 @@ def embodiment_add(
         emit_json(result)
     else:
         typer.echo(
-            f"added {result['embodiment']}: {result['robots']} robot(s) in demonstration mode; the learner trains "
-            f"after {result['first_round_demos']} demonstrations, then every {result['demos_per_round']} more "
-            "(`fleet embodiment status` shows the phase)"
+            f"added {result['embodiment']}: {result['robots']} robot(s) in demonstration mode\n"
+            f"the learner trains after {result['first_round_demos']} demonstrations, then every "
+            f"{result['demos_per_round']} more\n(`fleet embodiment status` shows the phase and the round)"
         )
 
 
