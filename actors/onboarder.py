@@ -13,6 +13,7 @@ robots, heads and replicas are not touched: the only shared thing written is the
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -49,7 +50,8 @@ class OnboardActor:
         torch.set_num_threads(self.plan.train_threads)
         # training takes only the cores the fleet's robots and replicas leave free
         self.niceness = lower_priority(ONBOARD_NICENESS, idle=idle)
-        self.sched_idle = idle
+        # what the process runs under, read back (a platform without SCHED_IDLE keeps only the niceness)
+        self.sched_idle = hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(0) == os.SCHED_IDLE
         spec = self.plan.spec
         if spec.name not in EMBODIMENTS:
             register_embodiment(spec)  # this process validates records and builds envs of the body

@@ -216,7 +216,7 @@ def add_embodiment_to_fleet(plan: dict, namespace: str = NAMESPACE) -> dict:
         "embodiment": plan["name"],
         "robots": len(status["robots"]),
         "first_round_demos": status["plan"]["first_round_demos"],
-        "demos_per_round": plan["demos_per_round"],
+        "demos_per_round": status["plan"]["demos_per_round"],
         "phase": status["phase"],
     }
 
