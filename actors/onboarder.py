@@ -109,7 +109,7 @@ class OnboardActor:
                     continue
                 if self.session.phase == "demonstrations":
                     for robot in robots:
-                        demo, _ = robot.demonstration_episode()
+                        demo, _ = robot.demonstration_episode(self.plan.demo_noise)
                         self.session.add_episode(demo)
                     if self.session.due():
                         self.session.train_round()

@@ -24,7 +24,9 @@ def experiment_onboard(
         str, typer.Option(help="Demonstration counts (episodes), increasing; each set contains the smaller.")
     ] = "10,25,50,100,200",
     episodes: Annotated[int, typer.Option(min=1, help="Unseen closed-loop episodes per success measurement.")] = 30,
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of the shared run per demonstration count.")] = 300,
+    steps: Annotated[
+        int, typer.Option(min=1, help="Optimizer steps of the shared run per demonstration count.")
+    ] = 1500,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per optimizer step (both runs).")] = 32,
     lr: Annotated[float, typer.Option(min=0, help="AdamW learning rate (both runs).")] = 3e-3,
     like: Annotated[
@@ -32,8 +34,14 @@ def experiment_onboard(
     ] = None,
     scratch: Annotated[bool, typer.Option(help="Also train the from-scratch baseline for the same wall time.")] = True,
     noise: Annotated[
-        float, typer.Option(min=0, max=1, help="Operator jitter on executed demonstration actions (share of range).")
-    ] = 0.1,
+        float,
+        typer.Option(
+            min=0,
+            max=1,
+            help="Noise injected into executed demonstration actions (share of range; the stored chunks are the "
+            "operator's intent). The live plan's demo_noise is 0.1: 0.2 trips so100's force e-stop there.",
+        ),
+    ] = 0.2,
     checkpoint: CkptOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of demonstrations, initialization and evaluation scenes.")] = 0,
     threads: Annotated[int, typer.Option(min=1, help="torch threads (1 is fastest on a shared 2-core machine).")] = 1,
@@ -93,7 +101,9 @@ def embodiment_add(
     The spec file is one JSON object: the EmbodimentSpec fields (name, action_dim, head "token"|"flow",
     proprio_dim, action_low, action_high, max_velocity, max_force, control_hz, ...) plus "sim" (the simulator
     to drive, default the name), "like" (a pretrained body to warm-start from), "robots" (how many to start,
-    default 2), "first_round_demos" (M, default 400) and "first_round_steps" (1500), "demos_per_round" (N,
+    default 2), "demo_noise" (0.1: noise injected into executed demonstration actions, a share of each
+    dimension's range, so demonstrations show how to recover), "first_round_demos" (M, default 400) and
+    "first_round_steps" (1500), "demos_per_round" (N,
     default 10) and "steps_per_round" (300), "train_threads" (1, at the lowest CPU priority),
     "check_episodes" and "check_success" (the held-out check: 10 episodes, 0.8 to pass).
 

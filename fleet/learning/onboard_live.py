@@ -39,7 +39,7 @@ from fleet.sim import make_env
 from fleet.sim.teleop import Teleoperator
 
 PHASES = ("demonstrations", "policy")
-DEMO_NOISE = 0.1  # the operator's jitter on executed demonstration actions (fleet.experiments.onboard measured why)
+DEMO_NOISE = OnboardSpec.demo_noise  # noise injected into executed demonstration actions (OnboardSpec.demo_noise)
 CHECK_SEED = 7_000_003  # held-out check scenes: disjoint from demonstrations (robots' seeds) and evaluation
 
 
@@ -273,8 +273,8 @@ class OnboardRobot:
 
     def demonstration_episode(self, noise: float = DEMO_NOISE) -> tuple[DemoSet, bool]:
         """The operator drives every tick (DemonstrationLink); every tick's (obs, chunk) is a demonstration. The
-        executed actions jitter by `noise` (share of each dimension's range), as a person's hand does; the stored
-        chunks are the operator's intent."""
+        robot adds Gaussian noise of `noise` (share of each dimension's range) to each executed action (DART:
+        OnboardSpec.demo_noise); the stored chunks are the operator's intent, so they show how to recover."""
         link = DemonstrationLink(self.env, self.teleop)
         return self._episode(link_source(link, self.robot_id), record_every_tick=True, noise=noise)
 

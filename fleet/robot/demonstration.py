@@ -1,10 +1,12 @@
 """Demonstration mode: a policy link whose every chunk comes from the operator, not the policy.
 
 A robot of a body the fleet has no trained head for yet talks to a `DemonstrationLink` instead of the policy
-server. It speaks the PolicyClient protocol (submit / poll / cancel, like fleet.robot.client), so the robot
-loop, its action buffer and its safety layer run unchanged; each reply carries `"demonstration": True`, which
-tells the loop to store the chunk as a correction with no policy action (the operator drove it all). Once the
-body's first head is published the robot switches to the policy server's link.
+server. It speaks the PolicyClient protocol (submit / poll / cancel, like fleet.robot.client), so the episode
+loop, its action buffer and its safety layer are the ones policy episodes use; each reply carries
+`"demonstration": True`, which tells the episode loop (`fleet.learning.onboard_live.OnboardRobot`) to store the
+chunk as a demonstration with no policy action (the operator drove it all). Once the body's first head is
+published the robot switches to the policy server. `fleet.robot.RobotLoop` (the pretrained bodies' robot actors)
+does not read the flag: the onboarding actor runs the new body's robots itself.
 
     link = DemonstrationLink(env)                     # the scripted teleoperator over the robot's simulator
     link.submit(request); reply = link.poll()         # {"chunk": (T, D), "demonstration": True, ...}

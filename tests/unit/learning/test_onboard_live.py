@@ -233,6 +233,22 @@ def test_plan_fields_of_the_first_round_and_training_threads_are_checked():
         plan(train_threads=0)
 
 
+def test_demo_noise_is_checked_and_moves_the_robot_off_the_operators_path():
+    assert OnboardSpec(spec=SO100, sim="so100").demo_noise == 0.1
+    for bad in (-0.1, 1.5, "0.2", float("nan")):
+        with pytest.raises(ValueError, match="demo_noise"):
+            plan(demo_noise=bad)
+
+    def states(noise: float):
+        demo, _ = OnboardRobot("r", SO100, "so100", seed=3).demonstration_episode(noise)
+        return demo.proprio
+
+    quiet, again, noisy = states(0.0), states(0.0), states(0.2)
+    assert np.array_equal(quiet, again)  # without noise the operator's path is deterministic
+    n = min(len(quiet), len(noisy))
+    assert not np.allclose(quiet[:n], noisy[:n])  # the injected noise visits other states
+
+
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="per-thread SCHED_IDLE is Linux's")
 def test_lower_priority_renices_every_thread_of_the_process():
     """In a child process (niceness cannot be raised back): a thread started before and one started after the
