@@ -36,8 +36,8 @@ class OnboardSpec:
     # Gaussian noise of this share of the dimension's range, before the safety layer; the stored chunks are the
     # operator's intent, so demonstrations show how to recover from the states a slightly wrong policy visits.
     # More noise teaches more per demonstration (`fleet experiment onboard --noise`: at 100 so100 demonstrations
-    # 0.1 gave 37-86 %, 0.2 gave 98 %), but through so100's safety layer 0.2 latched the force e-stop in 4 of 30
-    # demonstration episodes (a noisy joint step pushes the fingertip into the table); at 0.1, none
+    # 0.1 gave 37-86 %, 0.2 gave 98-100 %), but through so100's safety layer 0.2 latched the force e-stop in 8 of
+    # 90 demonstration episodes (a noisy joint step pushes the fingertip into the table); at 0.1, none of 90
     first_round_demos: int = 400
     # demonstrations (episodes) the first training round waits for. The simulated operator gives them in seconds;
     # on a real robot each is an operator's episode, so set what your operators can give (the first round then
