@@ -8,7 +8,7 @@ architecture, every weight from random init, trained on the same demonstrations 
 injected into the executed actions (`noise`, a share of each dimension's range; the labels are the operator's
 intended chunks; DART, Laskey et al. 2017), so they cover the states a slightly wrong policy visits and show how
 to recover from them: with noise 0 the 100-demonstration policy failed every episode (it never saw itself off the
-operator's path), with 0.1 it reached 37-86 % depending on the scenes, with 0.2 (the default) 98 % on three
+operator's path), with 0.1 it reached 37-86 % depending on the scenes, with 0.2 (the default) 98-100 % on four
 seed blocks (README "Adding a robot body"). These demonstrations are recorded as pretraining's are, without the
 robot-side safety layer; the live plan's `demo_noise` is 0.1, because through so100's safety layer 0.2 latches the
 force e-stop in some demonstrations (OnboardSpec.demo_noise). Both are measured closed loop
