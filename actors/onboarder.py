@@ -1,14 +1,19 @@
 """The onboarding actor: one per body added to a running fleet (`fleet embodiment add`), over
-`fleet.learning.onboard_live` (OnboardSession, OnboardRobot).
+`fleet.learning.onboard_live.OnboardSession`.
 
-    actor = start_onboarder(plan_dict, checkpoint, namespace="fleet")
+    actor = start_onboarder(plan_dict, checkpoint, namespace="fleet", app="fleet-policy", fleet=fleet_config)
     ray.get(actor.status.remote())   # {"phase": "demonstrations" | "policy", "head_version", "robots", ...}
 
-It runs the new body's simulated robots on a thread: demonstration episodes (the operator drives, every tick
-stored as a demonstration) until the session's held-out check passes and v1 is published to the head registry;
-every policy replica then learns the body from the registry (deployments/policy.py, no restart) and the robots
-switch to policy episodes through the Serve app, with the operator reviewing each chunk. The other bodies'
-robots, heads and replicas are not touched: the only shared thing written is the new body's head in the registry.
+The new body's robots are ordinary robot actors (actors/robot.py, named `robot-NAME-i`), started in demonstration
+mode: the operator (the scripted teleoperator in simulation) drives every tick, and every chunk goes to the fleet's
+replay actor as a correction with no policy action. This actor reads the body's records from the replay store,
+trains the new parts (token row, stem, head; backbone frozen) once `first_round_demos` episodes are in, and
+publishes v1 to the head registry when a candidate clears the held-out check. Every policy replica learns the body
+from the registry (deployments/policy.py, no restart); once they serve it the robots switch to the policy at their
+next episode boundary, with the operator reviewing each chunk as on every other body. Their corrections keep
+feeding later rounds through the replay store, and their episode outcomes come here (`record_outcomes`) for the
+rollback watch. The other bodies' robots, heads and replicas are not touched: the shared things written are the
+new body's head in the registry and its records in the replay store.
 """
 
 from __future__ import annotations
@@ -17,32 +22,45 @@ import os
 import threading
 import time
 import traceback
-import uuid
+from collections import OrderedDict, defaultdict
+from pathlib import Path
 
 import ray
 
-from fleet.names import HEADS, ONBOARD_PREFIX
+from fleet.names import HEADS, ONBOARD_PREFIX, REPLAY, robot_name
 from fleet.policy.openmp import lower_priority, set_omp_wait_policy
 
 ONBOARD_NICENESS = 19  # the lowest CPU priority (and SCHED_IDLE); Ray starts its workers, robots and replicas, at 15
+SEEN_EPISODES = 20_000  # (robot, episode) keys remembered, so an episode whose records come in two reads counts once
+TELL_EVERY_S = 5.0  # how often, once the body is served, the robots are told (again) to run the policy
+ROBOT_KEYS = ("aggregate", "align", "n_samples", "teleop_tolerance", "stale_ticks", "sim_wait_s", "sim_delay_ticks")
+# the fleet's RobotConfig keys (`fleet up --aggregate`, FleetConfig.robot) that the added body's robots take too
 
 
 def onboarder_name(embodiment: str) -> str:
     return f"{ONBOARD_PREFIX}{embodiment}"
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=8)
 class OnboardActor:
     def __init__(
-        self, plan: dict, checkpoint: str | None, namespace: str, app: str, registry: str = HEADS, idle: bool = True
+        self,
+        plan: dict,
+        checkpoint: str | None,
+        namespace: str,
+        app: str,
+        registry: str = HEADS,
+        idle: bool = True,
+        fleet: dict | None = None,
     ) -> None:
         """idle: also SCHED_IDLE (fleet.policy.openmp.lower_priority), for a fleet that holds control rates. A fleet
-        that runs flat out keeps the cores busy, so there the actor only lowers its niceness, or it would starve."""
+        that runs flat out keeps the cores busy, so there the actor only lowers its niceness, or it would starve.
+        fleet: what the body's robots take from the fleet (route, realtime, robot_cpus, seed, log_dir, robot)."""
         set_omp_wait_policy()  # before torch loads: training threads wait passively at OpenMP barriers
         import torch
 
         from fleet.embodiments import EMBODIMENTS, register_embodiment
-        from fleet.learning.onboard_live import OnboardRobot, OnboardSession
+        from fleet.learning.onboard_live import OnboardSession
         from fleet.learning.onboard_spec import OnboardSpec
         from fleet.policy.default import load_policy
 
@@ -56,106 +74,216 @@ class OnboardActor:
         if spec.name not in EMBODIMENTS:
             register_embodiment(spec)  # this process validates records and builds envs of the body
         self.namespace, self.app, self.registry_name = namespace, app, registry
+        self.fleet = {"route": "handle", "realtime": False, "robot_cpus": 0.05, "seed": 0} | dict(fleet or {})
         model, _ = load_policy(checkpoint)
         model.add_embodiment(spec, like=self.plan.like)
         self.registry = ray.get_actor(registry, namespace=namespace)
+        # the replay store validates the body's records against its spec (and keeps it across its restarts)
+        self.replay = ray.get_actor(REPLAY, namespace=namespace)
+        ray.get(self.replay.register_embodiment.remote(spec.to_dict()), timeout=60)
         self.session = OnboardSession(self.plan, model, self._publish, log=print)
-        self.robots = [
-            OnboardRobot(f"robot-{spec.name}-{i}", spec, self.plan.sim, seed=i) for i in range(self.plan.robots)
-        ]
-        self.target_robots = self.plan.robots
-        self.policy_calls = 0
+        self.cursor = 0  # the replay store's cursor for this body
+        self.missed = 0  # records evicted from the store's ring before this actor read them
+        self.records = 0
+        self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        # per robot: policy-driven episodes and their successes (from the robots' outcomes)
+        self._policy_eps: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        self.outcomes = 0
         self.errors = 0
         self.last_error: str | None = None
-        self._handle = None
+        self._robots_lock = threading.RLock()
+        self.robots: dict[str, ray.actor.ActorHandle] = {}
+        self.target_robots = 0
+        self._told_at = -float("inf")  # when the robots were last told to run the policy
+        self.scale(self.plan.robots)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"onboard-{spec.name}", daemon=True)
         self._thread.start()
-        self._robot_cls = OnboardRobot
 
-    def _publish(self, payload: bytes, meta: dict) -> int:
-        return ray.get(self.registry.publish.remote(self.plan.spec.name, None, payload, meta))
+    # ---- robots ----------------------------------------------------------------------------------
+    def _spawn(self, index: int) -> ray.actor.ActorHandle:
+        from actors.robot import RobotActor
 
-    def _policy(self, request: dict) -> dict:
-        """One act request to the Serve app (the same deployment every other robot uses)."""
-        from fleet.protocol import make_request
-
-        if self._handle is None:
-            from ray import serve
-
-            self._handle = serve.get_app_handle(self.app)
-        obs = request["obs"]
-        req = make_request(request.get("robot_id", "onboard"), self.plan.spec.name, obs, obs_tick=request["obs_tick"])
-        req["request_id"] = uuid.uuid4().hex
-        reply = self._handle.act.remote(req).result(timeout_s=60)
-        self.policy_calls += 1
-        if "error" in reply:
-            raise RuntimeError(f"policy server: {reply['error']}")
-        return reply
-
-    def _serving(self) -> bool:
-        """Whether every replica reports the published version (so the first policy episode runs on it)."""
-        name, version = self.plan.spec.name, self.session.version
-        replicas = ray.get(self.registry.serving.remote(10.0))
-        return bool(replicas) and all(r["versions"].get(name, 0) >= version for r in replicas.values())
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                # a robot whose force e-stop latched waits for an operator (`fleet estop reset ROBOT`)
-                robots = [r for r in self.robots[: self.target_robots] if not r.estopped]
-                if not robots:
-                    time.sleep(0.2)
-                    continue
-                if self.session.phase == "demonstrations":
-                    for robot in robots:
-                        demo, _ = robot.demonstration_episode(self.plan.demo_noise)
-                        self.session.add_episode(demo)
-                    if self.session.due():
-                        self.session.train_round()
-                elif not self._serving():
-                    time.sleep(0.2)  # published; waiting for the replicas to install it
-                elif self.session.due():
-                    self.session.train_round()  # the operator's corrections since: a later version if it passes
-                else:
-                    for robot in robots:
-                        corrected, ok = robot.policy_episode(
-                            lambda r, rid=robot.robot_id: self._policy(r | {"robot_id": rid})
-                        )
-                        self.session.add_episode(corrected)
-                        ran_on = robot.last_episode["versions"]
-                        if len(ran_on) == 1:  # an episode that straddled a head swap judges neither version
-                            self.session.record_policy_episode(ran_on[0], ok, robot.last_episode["interventions"])
-            except Exception as exc:  # noqa: BLE001 - keep onboarding; the status shows the error
-                self.errors += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
-                time.sleep(1.0)
+        spec, fleet = self.plan.spec, self.fleet
+        name = robot_name(spec.name, index)
+        config = {k: v for k, v in (fleet.get("robot") or {}).items() if k in ROBOT_KEYS} | {
+            "robot_id": name,
+            "embodiment": spec.name,
+            "sim": self.plan.sim,
+            "seed": index,
+            "realtime": bool(fleet["realtime"]),
+            "teleop": True,  # the operator who demonstrates also reviews the policy's chunks afterwards
+            "demonstrate": self.session.phase == "demonstrations" or not self._serving(),
+            "demo_noise": self.plan.demo_noise,
+        }
+        policy = {"route": fleet["route"], "app": self.app, "namespace": self.namespace, "registry": HEADS}
+        options = {"name": name, "namespace": self.namespace, "num_cpus": fleet["robot_cpus"]}
+        state_dir = str(Path(fleet["log_dir"]) / "robots") if fleet.get("log_dir") else None
+        handle = RobotActor.options(**options).remote(
+            config,
+            policy,
+            {"name": REPLAY, "namespace": self.namespace},
+            outcomes={"name": onboarder_name(spec.name), "namespace": self.namespace},
+            state_dir=state_dir,
+            embodiment_spec=spec.to_dict(),
+        )
+        return handle
 
     def scale(self, count: int) -> int:
-        """Run `count` robots of the body (new ones get the next seeds)."""
+        """Run `count` robots of the body (`fleet scale NAME=N`): new ones get the next seeds and start in the
+        body's phase; removed ones finish their episode and hand over their records first."""
         from fleet.validate import check_int
 
         check_int("scale: count", count, lo=0, hi=64)
-        while len(self.robots) < count:
-            i = len(self.robots)
-            self.robots.append(
-                self._robot_cls(f"robot-{self.plan.spec.name}-{i}", self.plan.spec, self.plan.sim, seed=i)
-            )
-        self.target_robots = count
+        with self._robots_lock:
+            added = []
+            for i in range(count):
+                name = robot_name(self.plan.spec.name, i)
+                if name not in self.robots:
+                    self.robots[name] = self._spawn(i)
+                    added.append(name)
+            removed = [n for n in self.robots if int(n.rpartition("-")[2]) >= count]
+            self.target_robots = count
+            handles = {n: self.robots.pop(n) for n in removed}
+        ray.get([self.robots[n].ping.remote() for n in added], timeout=300)
+        for name, handle in handles.items():
+            try:
+                ray.get(handle.stop.remote(True), timeout=300)
+            except Exception as exc:  # noqa: BLE001 - a robot that cannot stop cleanly is still removed
+                self.last_error = f"stopping {name}: {type(exc).__name__}: {exc}"
+            ray.kill(handle, no_restart=True)
         return count
 
     def reset_estop(self, robot_id: str) -> dict:
         """An operator's reset of one robot's latched force e-stop; ValueError naming the robots for an unknown id."""
-        robots = {r.robot_id: r for r in self.robots}
-        if robot_id not in robots:
-            raise ValueError(f"robot: expected one of {sorted(robots)}, got {robot_id!r}")
-        return {"robot": robot_id, "was_latched": robots[robot_id].reset_estop()}
+        with self._robots_lock:
+            handle = self.robots.get(robot_id)
+            known = sorted(self.robots)
+        if handle is None:
+            raise ValueError(f"robot: expected one of {known}, got {robot_id!r}")
+        return ray.get(handle.reset_estop.remote(), timeout=30)
+
+    def record_outcomes(self, batch: list[dict]) -> int:
+        """Finished episodes from the body's robots (their OutcomeSink). A policy-driven episode on one head
+        version feeds the rollback watch; a demonstration names no version and is only counted."""
+        from fleet.protocol import EpisodeOutcome
+
+        n = 0
+        for raw in batch if isinstance(batch, list) else []:
+            try:
+                o = EpisodeOutcome.from_dict(raw)
+            except (TypeError, ValueError):
+                continue
+            if o.embodiment != self.plan.spec.name:
+                continue
+            n += 1
+            if o.head_versions:
+                counts = self._policy_eps[o.robot_id]
+                counts[0] += 1
+                counts[1] += int(o.success)
+            if o.head_version is not None:  # an episode that straddled a head swap judges neither version
+                self.session.record_policy_episode(o.head_version, o.success, o.interventions)
+        self.outcomes += n
+        return n
+
+    # ---- the learner -----------------------------------------------------------------------------
+    def _publish(self, payload: bytes, meta: dict) -> int:
+        return ray.get(self.registry.publish.remote(self.plan.spec.name, None, payload, meta))
+
+    def _serving(self) -> bool:
+        """Whether the body has a published head that every replica reports."""
+        name, version = self.plan.spec.name, self.session.version
+        if version < 1:
+            return False
+        replicas = ray.get(self.registry.serving.remote(10.0))
+        return bool(replicas) and all(r["versions"].get(name, 0) >= version for r in replicas.values())
+
+    def _pull(self) -> int:
+        """The body's new records in the replay store, as training episodes."""
+        from fleet.learning.onboard_live import episodes_from_corrections
+
+        got = ray.get(self.replay.since.remote(self.plan.spec.name, self.cursor), timeout=60)
+        self.cursor = int(got["cursor"])
+        self.missed += int(got["missed"])
+        self.records += len(got["corrections"])
+        for key, episode in episodes_from_corrections(self.plan.spec.name, got["corrections"]):
+            new = key not in self._seen
+            self._seen[key] = None
+            self._seen.move_to_end(key)
+            while len(self._seen) > SEEN_EPISODES:
+                self._seen.popitem(last=False)
+            self.session.add_episode(episode, new=new)
+        return len(got["corrections"])
+
+    def _to_policy(self) -> None:
+        """Tell every robot to run the policy from its next episode. Idempotent, and repeated every few seconds:
+        a robot Ray restarted comes back in demonstration mode, as it was started."""
+        if time.monotonic() - self._told_at < TELL_EVERY_S:
+            return
+        with self._robots_lock:
+            robots = list(self.robots.values())
+        ray.get([h.start_policy.remote() for h in robots], timeout=30)
+        self._told_at = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pulled = self._pull()
+                serving = self.session.phase == "policy" and self._serving()
+                if serving:
+                    self._to_policy()
+                if self.session.due() and (self.session.phase == "demonstrations" or serving):
+                    self.session.train_round()  # demonstrations, or the operator's corrections since the last one
+                elif not pulled:
+                    self._stop.wait(0.5)
+            except Exception as exc:  # noqa: BLE001 - keep onboarding; the status shows the error
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+                self._stop.wait(1.0)
+
+    # ---- status and shutdown ---------------------------------------------------------------------
+    def _robot_rows(self) -> list[dict]:
+        with self._robots_lock:
+            robots = dict(self.robots)
+        refs = {name: h.report.remote() for name, h in robots.items()}
+        rows = []
+        for name, ref in sorted(refs.items()):
+            try:
+                r = ray.get(ref, timeout=5)
+            except Exception as exc:  # noqa: BLE001 - a dead or busy robot is shown, not fatal
+                rows.append({"robot": name, "state": "lost", "error": f"{type(exc).__name__}: {exc}"})
+                rows[-1] |= {"episodes": 0, "successes": 0, "policy_episodes": 0, "policy_successes": 0}
+                continue
+            eps, ok = self._policy_eps[name]
+            safety = r.get("safety") or {}
+            rows.append(
+                {
+                    "robot": name,
+                    "state": r.get("state"),
+                    "phase": r.get("phase"),
+                    "control_hz": r.get("control_hz"),
+                    "episodes": r.get("episodes") or 0,
+                    "successes": r.get("successes") or 0,
+                    "demo_episodes": r.get("demo_episodes") or 0,
+                    "demonstrations": r.get("demonstrations") or 0,
+                    "policy_episodes": eps,
+                    "policy_successes": ok,
+                    "corrections": r.get("interventions") or 0,
+                    "records_sent": r.get("corrections_acked") or 0,
+                    "estop_latched": r.get("state") == "estop",
+                    "estop_trips": safety.get("estop_trips", 0),
+                    "estop_resets": r.get("estop_resets", 0),
+                }
+            )
+        return rows
 
     def status(self) -> dict:
         return self.session.status() | {
-            "robots": [r.report() for r in self.robots[: self.target_robots]],
-            "policy_calls": self.policy_calls,
+            "robots": self._robot_rows(),
+            "records": self.records,
+            "records_missed": self.missed,
+            "outcomes": self.outcomes,
             "errors": self.errors,
             "last_error": self.last_error,
             "niceness": self.niceness,
@@ -164,18 +292,36 @@ class OnboardActor:
         }
 
     def stop(self) -> dict:
+        """Stop the body's robots (their records delivered) and the learner; returns the last status."""
         self._stop.set()
-        self._thread.join(timeout=120)
-        return self.status()
+        with self._robots_lock:
+            robots, self.robots = dict(self.robots), {}
+        final = []
+        for name, handle in robots.items():
+            try:
+                final.append(ray.get(handle.stop.remote(False), timeout=60))
+            except Exception as exc:  # noqa: BLE001
+                final.append({"id": name, "state": "lost", "last_error": f"{type(exc).__name__}: {exc}"})
+            ray.kill(handle, no_restart=True)
+        self._thread.join(timeout=10)
+        return self.status() | {"robots_stopped": final}
 
 
 def start_onboarder(
-    plan: dict, checkpoint: str | None, namespace: str, app: str, realtime: bool = True
+    plan: dict, checkpoint: str | None, namespace: str, app: str, fleet: dict | None = None
 ) -> ray.actor.ActorHandle:
     """The onboarding actor of plan["name"] (created, or the running one). Detached: it outlives the
     `fleet embodiment add` that started it; `fleet down` stops it with the fleet's other named actors.
-    realtime: whether the fleet holds its control rates (then the actor trains under SCHED_IDLE)."""
+    fleet: the fleet's config (FleetConfig as the controller holds it): route, realtime, robot_cpus, log_dir,
+    robot. A realtime fleet holds its control rates, so there the actor trains under SCHED_IDLE."""
+    fleet = dict(fleet or {})
     options = {"name": onboarder_name(plan["name"]), "namespace": namespace, "get_if_exists": True}
+    keep = ("route", "realtime", "robot_cpus", "seed", "log_dir", "robot")
     return OnboardActor.options(**options, lifetime="detached").remote(
-        plan, checkpoint, namespace, app, idle=bool(realtime)
+        plan,
+        checkpoint,
+        namespace,
+        app,
+        idle=bool(fleet.get("realtime", True)),
+        fleet={k: fleet[k] for k in keep if k in fleet},
     )

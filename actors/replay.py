@@ -40,6 +40,9 @@ class _ReplayActor:
     def add(self, corrections: list | dict) -> dict[str, list]:
         return self.store.add(corrections)
 
+    def register_embodiment(self, spec: dict) -> list[str]:
+        return self.store.register_embodiment(spec)
+
     def compact(self) -> int:
         return self.store.compact()
 

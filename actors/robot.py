@@ -192,7 +192,8 @@ class OutcomeSink:
 
 # ---- the actor -----------------------------------------------------------------------------------
 class _RobotActor:
-    """One simulated robot. Methods: report, ping, stop, reset_estop, reset_degradation, take_corrections."""
+    """One simulated robot. Methods: report, ping, stop, reset_estop, reset_degradation, take_corrections,
+    start_policy (a robot started in demonstration mode)."""
 
     def __init__(
         self,
@@ -205,7 +206,16 @@ class _RobotActor:
         outcomes: dict | None = None,
         state_dir: str | None = None,
         image_stats: dict | None = None,
+        embodiment_spec: dict | None = None,
     ) -> None:
+        """embodiment_spec: a body the fleet process registry does not have (EmbodimentSpec.to_dict(); one
+        `fleet embodiment add` brought in), registered in this process before the config is checked."""
+        if embodiment_spec is not None:
+            from fleet.embodiments import EMBODIMENTS, EmbodimentSpec, register_embodiment
+
+            spec = EmbodimentSpec.from_dict(embodiment_spec)
+            if EMBODIMENTS.get(spec.name) != spec:
+                register_embodiment(spec, replace=spec.name in EMBODIMENTS)
         self.config = RobotConfig(**config)
         self.sink = ReplaySink(replay["name"], replay.get("namespace", NAMESPACE)) if replay else MemorySink()
         self.outcome_sink = OutcomeSink(outcomes["name"], outcomes.get("namespace", NAMESPACE)) if outcomes else None
@@ -219,7 +229,7 @@ class _RobotActor:
             hz = (cmd.command_hz or spec.control_hz) if self.config.integrate_setpoints else spec.control_hz
             substeps = max(1, round(hz / spec.control_hz))
             robot, task = sim_robot(
-                make_env(self.config.embodiment, shift=self.config.shift), time.perf_counter, substeps
+                make_env(self.config.sim_name, shift=self.config.shift), time.perf_counter, substeps
             )
         self.loop = RobotLoop(
             self.config, self.client, self.deferred, feature_stats, robot=robot, task=task, image_stats=image_stats
@@ -430,6 +440,14 @@ class _RobotActor:
             self._save_estop()
             self._refresh()
         return {"robot": self.config.robot_id, "was_latched": was}
+
+    def start_policy(self) -> dict:
+        """Leave demonstration mode at the next episode boundary (the body's first head is served): the robot
+        then asks the policy server, and the operator reviews its chunks as on every other body. Idempotent.
+        Returns {"robot", "phase", "switching"}."""
+        with self._lock:
+            switching = self.loop.start_policy()
+        return {"robot": self.config.robot_id, "phase": self.loop.phase, "switching": switching}
 
     def reset_degradation(self) -> str:
         """An operator's reset: leaves ESCALATED (or any state) for NORMAL."""

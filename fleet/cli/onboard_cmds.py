@@ -221,7 +221,7 @@ def add_embodiment_to_fleet(plan: dict, namespace: str = NAMESPACE) -> dict:
     cfg = ray.get(controller.config.remote())
     if plan["name"] in (ray.get(controller.status.remote(3.0)).get("heads") or {}):
         raise ValueError(f"--spec: the fleet already serves a body named {plan['name']!r}")
-    actor = start_onboarder(plan, cfg.get("checkpoint"), namespace, cfg["app_name"], cfg.get("realtime", True))
+    actor = start_onboarder(plan, cfg.get("checkpoint"), namespace, cfg["app_name"], fleet=cfg)
     status = ray.get(actor.status.remote())
     return {
         "embodiment": plan["name"],

@@ -338,12 +338,21 @@ def down(address: str | None = None, namespace: str = NAMESPACE, stop_cluster: b
     from fleet.names import ONBOARD_PREFIX
 
     out: dict = {"robots": [], "actors": [], "app": None, "cluster_stopped": False}
+    # an added body's robots first (`fleet embodiment add`): its onboarding actor stops them, records delivered
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == namespace and entry["name"].startswith(ONBOARD_PREFIX):
+            try:
+                onboarder = ray.get_actor(entry["name"], namespace=namespace)
+                final = ray.get(onboarder.stop.remote(), timeout=120)
+                out["robots"] += [r for r in final.get("robots_stopped", []) if isinstance(r, dict)]
+            except Exception as exc:  # noqa: BLE001 - it is killed below either way
+                out.setdefault("errors", []).append(f"{entry['name']}: {type(exc).__name__}: {exc}")
     controller = _controller(namespace)
     app = None
     if controller is not None:
         try:
             app = ray.get(controller.config.remote(), timeout=30)["app_name"]
-            out["robots"] = ray.get(controller.shutdown.remote(), timeout=300)
+            out["robots"] += ray.get(controller.shutdown.remote(), timeout=300)
         except ray.exceptions.RayError as exc:
             out["error"] = f"controller: {exc}"
         ray.kill(controller, no_restart=True)

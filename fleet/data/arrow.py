@@ -4,7 +4,8 @@ Arrays are flattened so no project code is needed to read a log:
 
     image            binary        12288 raw bytes, uint8, row-major (64, 64, 3) = H x W x RGB
     proprio          list<float32> proprio_dim values
-    policy_chunk     list<float32> chunk_len * action_dim values, row-major (step, dim)
+    policy_chunk     list<float32> chunk_len * action_dim values, row-major (step, dim); null for a
+                                   demonstration (the operator drove, no policy proposed)
     corrected_chunk  list<float32> same layout; reshape with the `chunk_len` and `action_dim` columns
 
 `np.frombuffer(row["image"], np.uint8).reshape(64, 64, 3)` and
@@ -37,7 +38,7 @@ CORRECTION_SCHEMA: pa.Schema = pa.schema(
         pa.field("instruction", pa.string(), nullable=False),
         pa.field("chunk_len", pa.int32(), nullable=False),
         pa.field("action_dim", pa.int32(), nullable=False),
-        pa.field("policy_chunk", pa.list_(pa.float32()), nullable=False),
+        pa.field("policy_chunk", pa.list_(pa.float32()), nullable=True),  # null: a demonstration
         pa.field("corrected_chunk", pa.list_(pa.float32()), nullable=False),
         pa.field("head_version", pa.int64(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
@@ -67,7 +68,7 @@ def to_row(c: Correction) -> dict[str, Any]:
         "instruction": c.instruction,
         "chunk_len": int(chunk_len),
         "action_dim": int(action_dim),
-        "policy_chunk": np.asarray(c.policy_chunk, np.float32).ravel().tolist(),
+        "policy_chunk": None if c.policy_chunk is None else np.asarray(c.policy_chunk, np.float32).ravel().tolist(),
         "corrected_chunk": np.asarray(c.corrected_chunk, np.float32).ravel().tolist(),
         "head_version": c.head_version,
         "reason": c.reason,
@@ -81,6 +82,8 @@ def _readonly(arr: np.ndarray) -> np.ndarray:
 
 
 def _chunk(values: Any, chunk_len: int, action_dim: int, field: str) -> np.ndarray:
+    if values is None:
+        raise CorrectionError(f"{field}: expected {chunk_len} x {action_dim} values, got null")
     arr = np.asarray(values, dtype=np.float32)
     if arr.size != chunk_len * action_dim:
         raise CorrectionError(f"{field}: expected {chunk_len} x {action_dim} values, got {arr.size}")
@@ -88,11 +91,12 @@ def _chunk(values: Any, chunk_len: int, action_dim: int, field: str) -> np.ndarr
 
 
 def from_row(row: dict[str, Any]) -> Correction:
-    """Inverse of `to_row` (also accepts a row read back by pyarrow's `to_pylist`)."""
+    """Inverse of `to_row` (also accepts a row read back by pyarrow's `to_pylist`); a null `policy_chunk` is None."""
     image = bytes(row["image"])
     if len(image) != math.prod(IMAGE_SHAPE):
         raise CorrectionError(f"image: expected {math.prod(IMAGE_SHAPE)} bytes, got {len(image)}")
     chunk_len, action_dim = int(row["chunk_len"]), int(row["action_dim"])
+    policy = row["policy_chunk"]  # None (null): a demonstration
     return Correction(
         id=row["id"],
         robot_id=row["robot_id"],
@@ -103,7 +107,7 @@ def from_row(row: dict[str, Any]) -> Correction:
         image=_readonly(np.frombuffer(image, dtype=np.uint8).reshape(IMAGE_SHAPE).copy()),
         proprio=_readonly(np.asarray(row["proprio"], dtype=np.float32).copy()),
         instruction=row["instruction"],
-        policy_chunk=_chunk(row["policy_chunk"], chunk_len, action_dim, "policy_chunk"),
+        policy_chunk=None if policy is None else _chunk(policy, chunk_len, action_dim, "policy_chunk"),
         corrected_chunk=_chunk(row["corrected_chunk"], chunk_len, action_dim, "corrected_chunk"),
         head_version=int(row["head_version"]),
         reason=row["reason"],
@@ -119,11 +123,14 @@ def corrections_to_table(corrections: Sequence[Correction]) -> pa.Table:
 _LIST_COLUMNS = ("proprio", "policy_chunk", "corrected_chunk")
 
 
-def _split_list(column: pa.ChunkedArray) -> list[np.ndarray]:
-    """list<float32> column -> one float32 array per row, without a Python float per value."""
+def _split_list(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+    """list<float32> column -> one float32 array per row (None for a null row), without a Python float per value."""
     arr = column.combine_chunks()
     offsets = arr.offsets.to_numpy()
     values = arr.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if arr.null_count:
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        return [values[offsets[i] : offsets[i + 1]] if valid[i] else None for i in range(len(arr))]
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
 
 

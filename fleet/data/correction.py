@@ -1,5 +1,8 @@
 """One human correction: what the robot saw, what the policy proposed and what the operator commanded.
 
+A correction with no policy proposal (`policy_chunk` None) is a *demonstration*: the operator drove the robot
+and no policy proposed anything (a new body's robots in demonstration mode; reason "demo", head_version 0).
+
 `Correction` is the record the replay store keeps; `validate_correction` is the gate every record
 passes before it is stored, so a malformed one is refused with an error naming the field.
 """
@@ -50,12 +53,13 @@ class Correction:
     # (proprio_dim,) float32 proprioception at `tick`
     instruction: str
     # the task instruction the policy was given
-    policy_chunk: np.ndarray
-    # (chunk_size, action_dim) float32: what the policy proposed, physical units, not range-checked
+    policy_chunk: np.ndarray | None
+    # (chunk_size, action_dim) float32: what the policy proposed, physical units, not range-checked;
+    # None for a demonstration: the operator drove, no policy proposed
     corrected_chunk: np.ndarray
     # (chunk_size, action_dim) float32: what the human commanded, inside [action_low, action_high]
     head_version: int
-    # version of the action head that produced `policy_chunk`
+    # version of the action head that produced `policy_chunk` (0 for a demonstration)
     reason: str
     # why the human stepped in: "stray", "help", "demo", ...
     shift: str = ""
@@ -74,7 +78,9 @@ class Correction:
 
     @classmethod
     def from_dict(cls, d: Any) -> Correction:
-        """Build from a dict; missing or unknown keys raise CorrectionError. Values are not yet validated."""
+        """Build from a dict; missing or unknown keys raise CorrectionError. Values are not yet validated.
+
+        `policy_chunk` is required even for a demonstration, which passes it as None explicitly."""
         if isinstance(d, Correction):
             return d
         if not isinstance(d, dict):
@@ -90,7 +96,7 @@ class Correction:
         return cls(**d)
 
     def __eq__(self, other: object) -> bool:
-        """Exact equality: same values, and arrays of the same dtype, shape and contents."""
+        """Exact equality: same values, and arrays of the same dtype, shape and contents (None equals only None)."""
         if not isinstance(other, Correction):
             return NotImplemented
         for f in fields(self):
@@ -106,6 +112,11 @@ class Correction:
 
     def __hash__(self) -> int:
         return hash(self.id)
+
+
+def is_demonstration(c: Correction) -> bool:
+    """True for a demonstration: the operator drove and no policy proposed anything (`policy_chunk` is None)."""
+    return c.policy_chunk is None
 
 
 def _fail(field: str, expected: str, got: str) -> CorrectionError:
@@ -175,7 +186,8 @@ def validate_correction(c: Any, specs: dict[str, EmbodimentSpec] | None = None) 
     Arrays come back as read-only copies: image (64, 64, 3) uint8, proprio (P,) float32, chunks
     (chunk_size, D) float32. `corrected_chunk` must lie in [action_low, action_high] (tolerance
     ACTION_TOLERANCE of the range); `policy_chunk` need only be finite, since a policy that proposes
-    out-of-range actions is exactly what a correction records.
+    out-of-range actions is exactly what a correction records. A `policy_chunk` of None (a demonstration:
+    the operator drove, no policy proposed) is kept as None.
     """
     specs = EMBODIMENTS if specs is None else specs
     c = Correction.from_dict(c)
@@ -213,7 +225,7 @@ def validate_correction(c: Any, specs: dict[str, EmbodimentSpec] | None = None) 
         image=_image(c),
         proprio=_array(c, "proprio", (spec.proprio_dim,), f"proprio_dim of {name}"),
         instruction=_text(c, "instruction", allow_empty=True),
-        policy_chunk=_array(c, "policy_chunk", chunk_shape, what),
+        policy_chunk=None if c.policy_chunk is None else _array(c, "policy_chunk", chunk_shape, what),
         corrected_chunk=corrected,
         head_version=_count(c, "head_version"),
         reason=_text(c, "reason", allow_empty=False),

@@ -12,16 +12,19 @@ lists them in out_dir/export.json ({"layout": "one LeRobot dataset per embodimen
     <dataset>/meta/tasks.parquet                         task_index (int64), indexed by the task text, as pandas
                                                          writes `DataFrame({"task_index": ...}, index=tasks)`
     <dataset>/meta/episodes/chunk-000/file-000.parquet   per episode: length, tasks, file and frame ranges
-    <dataset>/meta/stats.json                            min/max/mean/std/count per numeric feature
+    <dataset>/meta/stats.json                            min/max/mean/std/count per numeric feature (strict JSON:
+                                                         `policy_action`'s come from the policy proposals only, and
+                                                         are null with count [0] when every episode is a demonstration)
 
 Frame columns: `index` (int64, global frame), `episode_index` (int64), `frame_index` (int64, step k of
 the chunk), `timestamp` (float32, k / control_hz: relative to the episode, exact in float32), `task_index` (int64),
 `observation.state` (fixed_size_list<float32>[proprio_dim]), `observation.images.cam` (struct<bytes: binary PNG,
 path: string>, LeRobot's on-disk form of an image feature), `action` (fixed_size_list<float32>[action_dim],
 corrected_chunk[k]: what the human commanded), plus project columns `policy_action` (the same shape,
-policy_chunk[k]), `embodiment`, `correction_id`, `robot_id`, `source_episode`, `source_tick`, `head_version`,
-`reason`, `shift`, `correction_time_us` (int64 unix microseconds: a float32 tensor would lose a minute of an epoch
-time) and `is_observation_frame` (bool).
+policy_chunk[k]; NaN where the operator drove with no policy proposal: a demonstration), `embodiment`,
+`correction_id`, `robot_id`, `source_episode`, `source_tick`, `head_version`, `reason`, `shift`,
+`correction_time_us` (int64 unix microseconds: a float32 tensor would lose a minute of an epoch time) and
+`is_observation_frame` (bool).
 
 A correction records one observation, taken when the chunk started: every frame of the episode repeats
 it, and `is_observation_frame` is True only at frame 0, the one frame where it is current. Train
@@ -175,14 +178,30 @@ def _tasks_table(tasks: dict[str, int]) -> pa.Table:
     return table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
 
 
-def _stats(values: np.ndarray) -> dict[str, list]:
+def _finite(values: np.ndarray) -> list:
+    """A list for strict JSON: non-finite values (never expected) become null, never `NaN` or `Infinity`."""
+    return [float(v) if np.isfinite(v) else None for v in values]
+
+
+def _stats(values: np.ndarray, dim: int) -> dict[str, list]:
+    """min/max/mean/std over the rows of (n, dim) `values` (in float64); null per dimension when n == 0."""
+    if len(values) == 0:
+        return {"min": [None] * dim, "max": [None] * dim, "mean": [None] * dim, "std": [None] * dim, "count": [0]}
+    values = np.asarray(values, np.float64)
     return {
-        "min": values.min(0).tolist(),
-        "max": values.max(0).tolist(),
-        "mean": values.mean(0).tolist(),
-        "std": values.std(0).tolist(),
+        "min": _finite(values.min(0)),
+        "max": _finite(values.max(0)),
+        "mean": _finite(values.mean(0)),
+        "std": _finite(values.std(0)),
         "count": [int(len(values))],
     }
+
+
+def _policy_action(c: Correction) -> np.ndarray:
+    """What the policy proposed, or NaN of the same (chunk_size, action_dim) shape for a demonstration."""
+    if c.policy_chunk is None:
+        return np.full(c.corrected_chunk.shape, np.nan, np.float32)
+    return c.policy_chunk
 
 
 def _frames(c: Correction, episode: int, first_index: int, task_index: int, spec: EmbodimentSpec) -> dict[str, list]:
@@ -198,7 +217,7 @@ def _frames(c: Correction, episode: int, first_index: int, task_index: int, spec
         "observation.state": [state] * steps,
         IMAGE_KEY: [png] * steps,
         "action": c.corrected_chunk.tolist(),
-        "policy_action": c.policy_chunk.tolist(),
+        "policy_action": _policy_action(c).tolist(),  # NaN rows: a demonstration (no policy proposal)
         "embodiment": [c.embodiment] * steps,
         "correction_id": [c.id] * steps,
         "robot_id": [c.robot_id] * steps,
@@ -307,12 +326,15 @@ def _write_dataset(
     }
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=2))
     if corrections:
+        proposals = [c.policy_chunk for c in corrections if c.policy_chunk is not None]  # demonstrations have none
         stats = {
-            "observation.state": _stats(np.stack([c.proprio for c in corrections])),
-            "action": _stats(np.concatenate([c.corrected_chunk for c in corrections])),
-            "policy_action": _stats(np.concatenate([c.policy_chunk for c in corrections])),
+            "observation.state": _stats(np.stack([c.proprio for c in corrections]), spec.proprio_dim),
+            "action": _stats(np.concatenate([c.corrected_chunk for c in corrections]), spec.action_dim),
+            "policy_action": _stats(
+                np.concatenate(proposals) if proposals else np.empty((0, spec.action_dim), np.float32), spec.action_dim
+            ),
         }
-        (root / "meta" / "stats.json").write_text(json.dumps(stats, indent=2))
+        (root / "meta" / "stats.json").write_text(json.dumps(stats, indent=2, allow_nan=False))
     return {"total_episodes": len(corrections), "total_frames": total, "total_tasks": len(tasks), "files": files}
 
 

@@ -10,6 +10,7 @@ failing: a store that cannot start would be restarted by Ray forever while robot
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
@@ -22,11 +23,14 @@ from fleet.data.buffer import CorrectionBuffer, SampleMode
 from fleet.data.correction import Correction, CorrectionError, validate_correction
 from fleet.data.export import export_corrections
 from fleet.data.log import CorrectionLog, CorrectionLogError
-from fleet.embodiments import EMBODIMENTS, EmbodimentSpec
+from fleet.durable import write_text_atomic
+from fleet.embodiments import BUILTIN_EMBODIMENTS, EMBODIMENTS, EmbodimentSpec
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_EMBODIMENT = "_unknown"
+ADDED_FILE = "embodiments.json"
+# the specs of bodies added at run time ({name: EmbodimentSpec.to_dict()}), beside the log's parts
 # stats key for rejected corrections whose embodiment is not registered (keeps the key set bounded)
 
 
@@ -44,6 +48,8 @@ class ReplayStore:
     ):
         self.specs = EMBODIMENTS if specs is None else specs
         self.log = CorrectionLog(log_dir, publish_delay_s=publish_delay_s)
+        # bodies added to the running fleet (`fleet embodiment add`), before the reload validates their rows
+        self.added_at_start = self._load_added()
         self.compact_every = compact_every
         # merge small log parts after this many appends (None: never); keeps restarts fast
         # A previous incarnation of this store may have died mid-append; its temp file was never
@@ -61,6 +67,48 @@ class ReplayStore:
         self._duplicates: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
         self.compaction_errors = 0
+
+    # ---- bodies added at run time --------------------------------------------------------------
+    def _added_path(self) -> Path:
+        return Path(self.log.directory) / ADDED_FILE
+
+    def _load_added(self) -> list[str]:
+        try:
+            raw = json.loads(self._added_path().read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "replay store %s: %s unreadable, added bodies not restored: %s", self.log.directory, ADDED_FILE, exc
+            )
+            return []
+        names = []
+        for d in raw.values() if isinstance(raw, dict) else []:
+            try:
+                self._register(EmbodimentSpec.from_dict(d))
+                names.append(d["name"])
+            except (TypeError, ValueError, KeyError) as exc:
+                log.warning("replay store %s: an added body was not restored: %s", self.log.directory, exc)
+        return names
+
+    def _register(self, spec: EmbodimentSpec) -> None:
+        if spec.name in BUILTIN_EMBODIMENTS:
+            raise ValueError(f"embodiment: {spec.name!r} is built in: expected the name of a new body")
+        self.specs[spec.name] = spec
+
+    def register_embodiment(self, spec: dict | EmbodimentSpec) -> list[str]:
+        """Accept corrections of a body added to the running fleet (`fleet embodiment add`; EmbodimentSpec or its
+        to_dict()). Kept in the log directory (ADDED_FILE), so a restarted store validates and reloads its rows.
+        Returns the bodies added so far. ValueError (naming the field) for a malformed spec or a built-in name."""
+        spec = spec if isinstance(spec, EmbodimentSpec) else EmbodimentSpec.from_dict(spec)
+        self._register(spec)
+        try:
+            added = json.loads(self._added_path().read_text())
+        except (OSError, ValueError):
+            added = {}
+        added = (added if isinstance(added, dict) else {}) | {spec.name: spec.to_dict()}
+        write_text_atomic(self._added_path(), json.dumps(added))
+        return sorted(added)
 
     # ---- writing ------------------------------------------------------------------------------
     def add(self, corrections: list[Correction | dict] | Correction | dict) -> dict[str, list]:

@@ -15,9 +15,9 @@ v(k) -> v(k+1), the first `watch_episodes` policy episodes of v(k+1) are judged 
 re-publishes v(k)'s payload as v(k+2) and training continues from v(k)'s parameters. While a rollout is
 watched, no round runs, so every verdict compares exactly two versions.
 
-`OnboardRobot` is one simulated robot of the new body as the session drives it: demonstration episodes
-through `DemonstrationLink`, policy episodes through any chunk source (the Serve handle in the fleet), both
-with the action buffer and the safety layer a fleet robot uses.
+The episodes come from the fleet's replay store: the new body's robots are ordinary robot actors, started in
+demonstration mode (fleet.robot.demonstration; every chunk a correction with no policy action) and switched to
+the policy once v1 is served; `episodes_from_corrections` turns their records into training episodes.
 """
 
 from __future__ import annotations
@@ -30,16 +30,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from fleet.control import ActionBuffer, SafetyLayer
 from fleet.learning.onboard import OnboardData, train_new_body
 from fleet.learning.onboard_spec import OnboardSpec
 from fleet.policy.demos import DemoSet
-from fleet.robot.demonstration import DemonstrationLink
-from fleet.sim import make_env
-from fleet.sim.teleop import Teleoperator
 
 PHASES = ("demonstrations", "policy")
-DEMO_NOISE = OnboardSpec.demo_noise  # noise injected into executed demonstration actions (OnboardSpec.demo_noise)
 CHECK_SEED = 7_000_003  # held-out check scenes: disjoint from demonstrations (robots' seeds) and evaluation
 
 
@@ -80,16 +75,17 @@ class OnboardSession:
         self._lock = threading.Lock()
         self._train_lock = threading.Lock()
 
-    def add_episode(self, episode: DemoSet) -> None:
-        """One demonstration (or corrected) episode of this body; the oldest beyond max_demos are dropped."""
+    def add_episode(self, episode: DemoSet, new: bool = True) -> None:
+        """One demonstration (or corrected) episode of this body; the oldest beyond max_demos are dropped.
+        new=False: more samples of an episode already counted (its records arrived in two reads)."""
         if episode.embodiment != self.name:
             raise ValueError(f"add_episode: an episode of {episode.embodiment!r}, not {self.name!r}")
         if len(episode) == 0:
             return
         with self._lock:
             self.episodes.append(episode)
-            self.new_since_round += 1
-            self.total_demos += 1
+            self.new_since_round += int(new)
+            self.total_demos += int(new)
 
     def due(self) -> bool:
         """Whether a round is due: `first_round_demos` demonstrations before the first, then N new ones since
@@ -233,140 +229,29 @@ class OnboardSession:
             }
 
 
-class OnboardRobot:
-    """One simulated robot of the new body: demonstration episodes, or policy episodes with operator review."""
-
-    def __init__(self, robot_id: str, spec, sim: str, seed: int = 0) -> None:
-        self.robot_id = robot_id
-        self.spec = spec
-        self.env = make_env(sim)
-        self.seed = seed
-        self.episodes = 0
-        self.successes = 0
-        self.policy_episodes = 0
-        self.policy_successes = 0
-        self.corrections = 0
-        self.last_episode: dict = {}
-        self.teleop = Teleoperator()
-        # one safety layer for the robot's life: a force e-stop stays latched across episodes until reset_estop()
-        self.safety = SafetyLayer(spec)
-        self.force = 0.0  # the contact force the last step measured
-        self.estop_resets = 0
-
-    @property
-    def estopped(self) -> bool:
-        """The force e-stop is latched: the robot runs no episode until an operator resets it."""
-        return self.safety.estopped
-
-    def reset_estop(self) -> bool:
-        """An operator's reset of the latched e-stop; True when it was latched."""
-        was = self.safety.estopped
-        self.safety.reset_estop()
-        self.estop_resets += int(was)
-        return was
-
-    def _reset(self) -> dict:
-        obs, _ = self.env.reset(seed=self.seed * 1_000_003 + self.episodes)
-        self.safety.reset()  # a new episode's motion history; the e-stop latch is kept
-        self.force = 0.0
-        return obs
-
-    def demonstration_episode(self, noise: float = DEMO_NOISE) -> tuple[DemoSet, bool]:
-        """The operator drives every tick (DemonstrationLink); every tick's (obs, chunk) is a demonstration. The
-        robot adds Gaussian noise of `noise` (share of each dimension's range) to each executed action (DART:
-        OnboardSpec.demo_noise); the stored chunks are the operator's intent, so they show how to recover."""
-        link = DemonstrationLink(self.env, self.teleop)
-        return self._episode(link_source(link, self.robot_id), record_every_tick=True, noise=noise)
-
-    def policy_episode(self, source: Callable[[dict], dict]) -> tuple[DemoSet, bool]:
-        """The policy drives (`source(request) -> reply`, the policy server); the operator reviews each chunk
-        and overrides a stray one, and those corrections are returned as samples for later rounds."""
-        return self._episode(source, record_every_tick=False, review=True)
-
-    def _episode(
-        self, source, record_every_tick: bool, review: bool = False, noise: float = 0.0
-    ) -> tuple[DemoSet, bool]:
-        spec = self.spec
-        rng = np.random.default_rng([self.seed, self.episodes])
-        span = np.asarray(spec.action_high, np.float32) - np.asarray(spec.action_low, np.float32)
-        every = 1 if record_every_tick else spec.recompute_every
-        buf = ActionBuffer(chunk_size=spec.chunk_size, recompute_every=every)
-        safety = self.safety
-        obs = self._reset()
-        images, proprio, instr, chunks = [], [], [], []
-        versions, corrections = set(), self.corrections
-        tick, info = 0, {"is_success": False}
-        while True:
-            if buf.needs_refill(tick):
-                reply = source({"embodiment": spec.name, "obs": obs, "obs_tick": tick})
-                chunk = np.asarray(reply["chunk"], np.float32)
-                stored = reply.get("demonstration", False)
-                if not stored and reply.get("head_version") is not None:
-                    versions.add(int(reply["head_version"]))
-                if review and not stored:
-                    decision = self.teleop.review(self.env, chunk)
-                    if decision.override:
-                        chunk, stored = decision.chunk, True
-                        self.corrections += 1
-                if stored:
-                    images.append(obs["image"])
-                    proprio.append(obs["proprio"])
-                    instr.append(obs["instruction"])
-                    chunks.append(chunk)
-                buf.push(chunk, tick)
-            a = buf.pop(tick)
-            if a is None:
-                a = np.asarray(spec.stop_action or np.zeros(spec.action_dim), np.float32)
-            elif noise > 0:
-                a = a + noise * span * rng.standard_normal(spec.action_dim).astype(np.float32)
-            a, _ = safety(np.clip(a, spec.action_low, spec.action_high), force=self.force, proprio=obs["proprio"])
-            a = np.clip(np.asarray(a, np.float32), spec.action_low, spec.action_high)
-            obs, _, term, trunc, info = self.env.step(a)
-            self.force = float(info.get("force", 0.0))
-            tick += 1
-            if term or trunc:
-                break
-        ok = bool(info["is_success"])
-        # what the rollback watch reads: the head versions that drove it, the operator's overrides in it
-        self.last_episode = {"versions": sorted(versions), "interventions": self.corrections - corrections, "ok": ok}
-        self.episodes += 1
-        self.successes += ok
-        if review:
-            self.policy_episodes += 1
-            self.policy_successes += ok
-        demos = DemoSet(
-            spec.name,
-            np.stack(images) if images else np.zeros((0, 64, 64, 3), np.uint8),
-            np.stack(proprio).astype(np.float32) if proprio else np.zeros((0, spec.proprio_dim), np.float32),
-            instr,
-            np.stack(chunks) if chunks else np.zeros((0, spec.chunk_size, spec.action_dim), np.float32),
-            int(ok),
-            1,
+def episodes_from_corrections(name: str, corrections: list) -> list[tuple[tuple[str, int], DemoSet]]:
+    """The replay store's records of body `name` (demonstrations, `policy_chunk=None`, and the operator's
+    corrections of policy chunks alike) as training episodes: one DemoSet per (robot, episode), in the order
+    their first records came, keyed by (robot_id, episode). Each sample is (image, proprio, instruction, the
+    chunk the operator commanded)."""
+    groups: dict[tuple[str, int], list] = {}
+    for c in corrections:
+        if c.embodiment == name:
+            groups.setdefault((c.robot_id, int(c.episode)), []).append(c)
+    out = []
+    for key, cs in groups.items():
+        out.append(
+            (
+                key,
+                DemoSet(
+                    name,
+                    np.stack([np.asarray(c.image, np.uint8) for c in cs]),
+                    np.stack([np.asarray(c.proprio, np.float32) for c in cs]),
+                    [c.instruction for c in cs],
+                    np.stack([np.asarray(c.corrected_chunk, np.float32) for c in cs]),
+                    0,
+                    1,
+                ),
+            )
         )
-        return demos, ok
-
-    def report(self) -> dict:
-        return {
-            "robot": self.robot_id,
-            "episodes": self.episodes,
-            "successes": self.successes,
-            "policy_episodes": self.policy_episodes,
-            "policy_successes": self.policy_successes,
-            "corrections": self.corrections,
-            "estop_latched": self.safety.estopped,
-            "estop_trips": self.safety.counts["estop_trips"],
-            "estop_resets": self.estop_resets,
-        }
-
-
-def link_source(link, robot_id: str) -> Callable[[dict], dict]:
-    """A PolicyClient (submit/poll) as a request -> reply function, for links that answer at once."""
-
-    def ask(request: dict) -> dict:
-        link.submit({"robot_id": robot_id, "request_id": f"{robot_id}-{time.monotonic_ns()}", **request})
-        reply = link.poll()
-        if reply is None:
-            raise RuntimeError("the demonstration link did not answer")
-        return reply
-
-    return ask
+    return out

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from fleet.control.action_buffer import AGGREGATES, ALIGNS
 from fleet.embodiments import EMBODIMENTS
-from fleet.validate import check_choice, check_int, check_number, check_str
+from fleet.validate import check_bool, check_choice, check_int, check_number, check_str
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,22 @@ class RobotConfig:
     request_timeout_ticks: int | None = None
     # a request unanswered this long is abandoned and sent again; None = 2 * chunk_size. Until then the robot
     # holds but keeps waiting: resending every overdue request would flood a busy server with work nobody reads
+    sim: str | None = None
+    # the simulator the robot drives (a fleet.sim.make_env name); None = the one named like the embodiment
+    demonstrate: bool = False
+    # demonstration mode, for a body with no trained head yet (`fleet embodiment add`): the operator (the task's
+    # demonstrator) drives every tick and each chunk is stored as a correction with no policy action
+    # (fleet.robot.demonstration); the robot switches to the policy at an episode boundary once told
+    # (RobotLoop.start_policy). Nothing is asked of the policy server meanwhile
+    demo_noise: float = 0.0
+    # demonstration mode: Gaussian noise of this share of each dimension's range added to every executed command
+    # before the safety layer (DART; fleet.learning.onboard_spec.OnboardSpec.demo_noise). The stored chunks are
+    # the operator's intent, so the demonstrations show how to recover from where the noise pushed the robot
+
+    @property
+    def sim_name(self) -> str:
+        """The simulator to build: `sim`, or the embodiment's own."""
+        return self.sim or self.embodiment
 
     @property
     def buffer_align(self) -> str:
@@ -82,6 +98,10 @@ class RobotConfig:
         for name in ("stale_ticks", "request_timeout_ticks"):
             if getattr(self, name) is not None:
                 check_int(f + name, getattr(self, name), lo=1, expected="None or a positive int")
+        check_number(f + "demo_noise", self.demo_noise, lo=0, hi=1, expected="a share of the action range in [0, 1]")
+        check_bool(f + "demonstrate", self.demonstrate)
+        if self.sim is not None:
+            check_str(f + "sim", self.sim, expected="None or a simulator name such as 'so100'")
         check_number(f + "sim_wait_s", self.sim_wait_s, lo=0, expected="a non-negative number of seconds")
         if self.sim_delay_ticks is not None:
             check_int(f + "sim_delay_ticks", self.sim_delay_ticks, lo=0, expected="None or a non-negative int (ticks)")

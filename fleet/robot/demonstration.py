@@ -1,44 +1,51 @@
 """Demonstration mode: a policy link whose every chunk comes from the operator, not the policy.
 
-A robot of a body the fleet has no trained head for yet talks to a `DemonstrationLink` instead of the policy
-server. It speaks the PolicyClient protocol (submit / poll / cancel, like fleet.robot.client), so the episode
-loop, its action buffer and its safety layer are the ones policy episodes use; each reply carries
-`"demonstration": True`, which tells the episode loop (`fleet.learning.onboard_live.OnboardRobot`) to store the
-chunk as a demonstration with no policy action (the operator drove it all). Once the body's first head is
-published the robot switches to the policy server. `fleet.robot.RobotLoop` (the pretrained bodies' robot actors)
-does not read the flag: the onboarding actor runs the new body's robots itself.
+A robot of a body the fleet has no trained head for yet (`fleet embodiment add`) runs with
+`RobotConfig(demonstrate=True)`: its `RobotLoop` talks to a `DemonstrationLink` over the task's demonstrator
+(`Task.demonstrate`: the scripted teleoperator in simulation, a person with a leader arm on a real robot) instead
+of the policy server. The link speaks the PolicyClient protocol (submit / poll / cancel, fleet.robot.client), so
+the action buffer and the safety layer are the ones policy episodes use. Each reply carries
+`"demonstration": True`; the loop stores its chunk as a `Correction` with no policy action (`policy_chunk=None`,
+reason "demo") that reaches the replay actor like every correction, where the body's onboarding learner reads it.
+Once the body's first head is served, `RobotLoop.start_policy()` switches the robot to the policy server at the
+next episode boundary.
 
-    link = DemonstrationLink(env)                     # the scripted teleoperator over the robot's simulator
+    link = DemonstrationLink(lambda: task.demonstrate(spec.chunk_size), spec)
     link.submit(request); reply = link.poll()         # {"chunk": (T, D), "demonstration": True, ...}
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from fleet.sim.teleop import Teleoperator
+from fleet.embodiments import EmbodimentSpec
 
 
 class DemonstrationLink:
-    """PolicyClient over the operator: answers at once with the teleoperator's next chunk for the robot's env."""
+    """PolicyClient over the operator: answers at once with `demonstrate()`, the operator's next chunk."""
 
-    def __init__(self, env, teleoperator: Teleoperator | None = None) -> None:
-        self.env = env
-        self.teleoperator = teleoperator or Teleoperator()
-        self.spec = env.unwrapped.embodiment_spec
+    def __init__(self, demonstrate: Callable[[], np.ndarray | None], spec: EmbodimentSpec) -> None:
+        self.demonstrate = demonstrate
+        self.spec = spec
         self.chunks = 0
         self._reply: dict | None = None
 
     def submit(self, request: dict) -> None:
         if request.get("embodiment") not in (None, self.spec.name):
             raise ValueError(f"demonstration link for {self.spec.name!r} got a request for {request['embodiment']!r}")
-        chunk = self.teleoperator.demonstrate(self.env).astype(np.float32)
+        chunk = self.demonstrate()
+        if chunk is None:
+            raise RuntimeError(f"demonstration mode: nobody at this {self.spec.name} robot can demonstrate")
+        chunk = np.asarray(chunk, np.float32)
         self.chunks += 1
         reply = {
             "chunk": chunk,
             "demonstration": True,  # the loop stores it as a correction with no policy action
             "head_version": 0,
             "embodiment": self.spec.name,
+            "robot_id": request.get("robot_id"),
             "request_id": request.get("request_id"),
             "obs_tick": request.get("obs_tick"),
         }

@@ -34,10 +34,12 @@ from fleet.control import (
     State,
 )
 from fleet.control.image_ood import ImageStats
+from fleet.data.correction import Correction
 from fleet.embodiments import get_embodiment
 from fleet.protocol import EpisodeOutcome, make_request
 from fleet.robot.client import PolicyClient, PolicyLink
 from fleet.robot.config import RobotConfig
+from fleet.robot.demonstration import DemonstrationLink
 from fleet.robot.interface import Robot, Task
 from fleet.robot.report import RobotStats, episode_outcome, robot_report
 from fleet.robot.review import CorrectionSink, OperatorReview
@@ -103,7 +105,7 @@ class RobotLoop:
         self.client = client
         self.sink = corrections
         if robot is None:
-            self.env = env if env is not None else make_env(config.embodiment, shift=config.shift)
+            self.env = env if env is not None else make_env(config.sim_name, shift=config.shift)
             robot, task = sim_robot(self.env)
         elif task is None:
             raise ValueError("RobotLoop: a robot needs its task (success and episode resets come from the task)")
@@ -112,7 +114,6 @@ class RobotLoop:
         if not robot.is_connected:
             robot.connect()
         self.robot, self.task = robot, task
-        self.buffer = ActionBuffer(spec.chunk_size, spec.recompute_every, config.aggregate, align=config.buffer_align)
         self.stale_ticks = stale = config.stale_ticks if config.stale_ticks is not None else spec.recompute_every + 1
         timeout = config.request_timeout_ticks
         self.request_timeout_ticks = timeout if timeout is not None else 2 * spec.chunk_size
@@ -130,7 +131,15 @@ class RobotLoop:
         )
         self.operator = OperatorReview(config, spec)
         self.stats = RobotStats()
-        self.policy = PolicyLink(client, spec, self.buffer, self.stats, stale, self.request_timeout_ticks)
+        # demonstration mode (RobotConfig.demonstrate): the operator answers every tick's request, until
+        # start_policy() switches the robot to `client` at the next episode boundary
+        self.demonstrating = config.demonstrate
+        self._policy_client = client
+        self._demo_link = DemonstrationLink(lambda: self.task.demonstrate(spec.chunk_size), spec)
+        self._to_policy = False
+        self._noise_rng = np.random.default_rng(config.seed)
+        self._span = np.asarray(spec.action_high, np.float32) - np.asarray(spec.action_low, np.float32)
+        self._connect()
         self.episode = 0
         self.tick_in_episode = 0
         self.total_ticks = 0
@@ -147,8 +156,53 @@ class RobotLoop:
         self.frame_holds = 0  # policy ticks held because the camera frame was too old (multi-rate runtime)
         self._reset_episode()
 
+    # ---- demonstration mode ----------------------------------------------------------------------
+    def _connect(self) -> None:
+        """The action buffer and the request link of the current mode: in demonstration mode every tick asks the
+        operator (each tick's chunk is one demonstration sample); in policy mode every recompute_every ticks."""
+        spec, config = self.spec, self.config
+        every = 1 if self.demonstrating else spec.recompute_every
+        self.buffer = ActionBuffer(spec.chunk_size, every, config.aggregate, align=config.buffer_align)
+        client = self._demo_link if self.demonstrating else self._policy_client
+        self.policy = PolicyLink(client, spec, self.buffer, self.stats, self.stale_ticks, self.request_timeout_ticks)
+
+    def start_policy(self) -> bool:
+        """Leave demonstration mode at the next episode boundary (the body's first head is served); True when the
+        robot was demonstrating."""
+        self._to_policy = self.demonstrating
+        return self.demonstrating
+
+    @property
+    def phase(self) -> str:
+        return "demonstrations" if self.demonstrating else "policy"
+
+    def _record_demonstration(self, chunk: np.ndarray, obs_tick: int) -> None:
+        """The operator's chunk for the observation of `obs_tick`, stored as a correction with no policy action."""
+        obs = self.obs
+        self.operator.pending.append(
+            Correction.new(
+                robot_id=self.config.robot_id,
+                embodiment=self.config.embodiment,
+                episode=self.episode,
+                tick=obs_tick,
+                image=obs["image"],
+                proprio=obs["proprio"],
+                instruction=obs["instruction"],
+                policy_chunk=None,
+                corrected_chunk=np.asarray(chunk, np.float32),
+                head_version=0,
+                reason="demo",
+                shift=self.config.shift or "",
+            )
+        )
+        self.stats.demonstrations += 1
+
     # ---- episode ---------------------------------------------------------------------------------
     def _reset_episode(self) -> None:
+        if self._to_policy:  # switch at the boundary: the new episode is the first the policy drives
+            self.demonstrating = self._to_policy = False
+            self._connect()
+        self._noise_rng = np.random.default_rng([self.config.seed, self.episode])
         seed = self.config.seed * 100_003 + self.episode
         self.task.reset(seed)
         self.obs = self.observe()
@@ -204,6 +258,10 @@ class RobotLoop:
         if hold:
             action, age = None, None
             self.frame_holds += 1
+        if action is not None and self.demonstrating and self.config.demo_noise > 0:
+            # DART: the executed command strays from the operator's; what is stored is the operator's intent
+            noise = self.config.demo_noise * self._span * self._noise_rng.standard_normal(self.spec.action_dim)
+            action = np.clip(action + noise.astype(np.float32), self.spec.action_low, self.spec.action_high)
         try:
             self.safety.velocity_scale = self.degradation.velocity_scale
             proprio = self.obs.get("proprio") if isinstance(self.obs, dict) else None
@@ -303,7 +361,10 @@ class RobotLoop:
             )
         )
         self.stats.episode_end(success, self._episode_interventions)
-        self.degradation.episode_end(success)
+        if self.demonstrating:
+            self.stats.demo_episodes += 1  # the operator drove: says nothing about the policy's failures
+        else:
+            self.degradation.episode_end(success)
         if self.degradation.state is State.HUMAN:
             self.degradation.human_release()
         if self.degradation.state is State.PAUSED:
@@ -347,6 +408,12 @@ class RobotLoop:
         if got is None:
             return
         reply, chunk, obs_tick = got
+        if self.demonstrating and reply.get("demonstration") is True:
+            self._record_demonstration(chunk, obs_tick)  # the operator is the policy: nothing to score or review
+            kept = self.buffer.push(chunk, obs_tick)
+            if kept:
+                self._newest = (obs_tick, self.tick_in_episode + kept)
+            return
         self.head_version = int(reply.get("head_version", 0))
         try:
             conf = self.confidence.estimate(reply, image=self._request_image)

@@ -45,6 +45,10 @@ class RobotStats:
     # replies that answered another request (robot, embodiment, request id or observation tick); also malformed
     estop_resets: int = 0
     # operator resets of a latched force e-stop
+    demonstrations: int = 0
+    # demonstration mode: chunks the operator gave, each stored as a correction with no policy action
+    demo_episodes: int = 0
+    # episodes the operator drove throughout (demonstration mode)
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
     episode_interventions: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT_EPISODES))
@@ -104,6 +108,9 @@ def robot_report(loop: RobotLoop) -> dict:
         "id": loop.config.robot_id,
         "embodiment": loop.config.embodiment,
         "state": loop.state,
+        "phase": loop.phase,
+        "demonstrations": s.demonstrations,
+        "demo_episodes": s.demo_episodes,
         "degradation": loop.degradation.state.value,
         "policy_link": s.link,
         "episodes": s.episodes_done,

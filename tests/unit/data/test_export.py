@@ -170,3 +170,69 @@ def test_empty_export_is_still_readable(tmp_path):
     assert table.num_rows == 0 and table.schema.names == COLUMNS
     nothing = export_corrections([], tmp_path / "none")
     assert nothing["datasets"] == {} and json.loads((tmp_path / "none" / "export.json").read_text())["datasets"] == {}
+
+
+def _strict_json(path):
+    """json.loads as a strict reader does it: NaN / Infinity are not JSON."""
+
+    def refuse(name):
+        raise ValueError(f"{path.name}: {name} is not valid JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_demonstrations_export_nan_policy_actions_and_stats_from_the_proposals_only(tmp_path):
+    rng = np.random.default_rng(3)
+    cs = [
+        validate_correction(
+            random_correction("franka", rng, **({"policy_chunk": None, "reason": "demo"} if i % 2 else {}))
+        )
+        for i in range(5)
+    ]
+    proposed = [c for c in cs if c.policy_chunk is not None]
+    assert len(proposed) == 3
+    store = ReplayStore(tmp_path / "log")  # through the store's log, as a real export reads it
+    assert len(store.add(cs)["accepted"]) == 5
+    assert store.export(tmp_path / "ds")["total_frames"] == 5 * 16
+    (table,) = read_frames(tmp_path / "ds")
+    assert table.schema.equals(frame_schema(EMBODIMENTS["franka"]))  # still a fixed-size float32 feature
+    policy = np.asarray(table.column("policy_action").to_pylist(), np.float32).reshape(5, 16, 7)
+    for ep, c in enumerate(cs):
+        if c.policy_chunk is None:
+            assert np.isnan(policy[ep]).all()  # NaN where the operator drove with no policy proposal
+        else:
+            np.testing.assert_array_equal(policy[ep], c.policy_chunk)
+    assert table.column("policy_action").null_count == 0
+    stats = _strict_json(tmp_path / "ds" / "meta" / "stats.json")
+    assert set(stats) == {"observation.state", "action", "policy_action"}
+    proposals = np.concatenate([c.policy_chunk for c in proposed]).astype(np.float64)
+    assert stats["policy_action"]["count"] == [48] and stats["action"]["count"] == [80]
+    for key, fn in (("min", np.min), ("max", np.max), ("mean", np.mean), ("std", np.std)):
+        np.testing.assert_allclose(stats["policy_action"][key], fn(proposals, axis=0), rtol=1e-6, atol=1e-9)
+        assert len(stats["action"][key]) == 7 and np.isfinite(stats["action"][key]).all()
+    _strict_json(tmp_path / "ds" / "meta" / "info.json")
+
+
+def test_an_export_of_demonstrations_only_has_no_policy_statistics(tmp_path):
+    rng = np.random.default_rng(4)
+    cs = [
+        validate_correction(random_correction(n, rng, policy_chunk=None, reason="demo"))
+        for n in ("franka", "leap")
+        for _ in range(2)
+    ]
+    summary = export_corrections(cs, tmp_path / "ds")
+    assert summary["total_frames"] == 4 * 16
+    for name in ("franka", "leap"):
+        dim = EMBODIMENTS[name].action_dim
+        (table,) = read_frames(tmp_path / "ds" / name)
+        assert np.isnan(np.asarray(table.column("policy_action").to_pylist(), np.float32)).all()
+        stats = _strict_json(tmp_path / "ds" / name / "meta" / "stats.json")
+        assert stats["policy_action"] == {
+            "min": [None] * dim,
+            "max": [None] * dim,
+            "mean": [None] * dim,
+            "std": [None] * dim,
+            "count": [0],
+        }
+        assert stats["action"]["count"] == [32] and len(stats["action"]["mean"]) == dim
+        assert stats["observation.state"]["count"] == [2]

@@ -1,4 +1,6 @@
-"""Onboarding without Ray: the spec file, the demonstration link, the session's rounds, check and publish."""
+"""Onboarding without Ray: the spec file, the demonstration link, episodes from the replay store's records, the
+session's rounds, check and publish. Demonstrations come from a robot loop in demonstration mode, as in the
+fleet."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from fleet.embodiments import CATALOG, EMBODIMENTS
-from fleet.learning.onboard_live import OnboardRobot, OnboardSession
+from fleet.data.correction import random_correction
+from fleet.embodiments import CATALOG, EMBODIMENTS, register_embodiment
+from fleet.learning.onboard_live import OnboardSession, episodes_from_corrections
 from fleet.learning.onboard_spec import OnboardSpec, load_spec_file
 from fleet.policy.checkpoint import head_from_bytes
 from fleet.policy.extend import add_body_from_payload
 from fleet.policy.model import FleetPolicy
 from fleet.policy.tokenizer import default_vocabulary
+from fleet.robot import RobotConfig, RobotLoop
 from fleet.robot.demonstration import DemonstrationLink
 from fleet.sim import make_env
 from tests.mocks.tiny_policy import TINY
@@ -28,6 +32,29 @@ def plan(**kw) -> OnboardSpec:
     raw = SO100.to_dict() | {"demos_per_round": 2, "steps_per_round": 5, "check_episodes": 2}
     raw |= {"first_round_demos": 2, "first_round_steps": 5} | kw
     return OnboardSpec.from_dict(raw)
+
+
+@pytest.fixture(autouse=True)
+def so100_registered():
+    """so100 in the registry while a test runs (a fleet's processes register it on `fleet embodiment add`)."""
+    added = "so100" not in EMBODIMENTS
+    if added:
+        register_embodiment(SO100)
+    yield
+    if added:
+        EMBODIMENTS.pop("so100", None)
+
+
+def demo_episode(seed: int = 0, episode: int = 0):
+    """One demonstration episode of a so100 robot loop in demonstration mode, as the onboarding actor reads it
+    from the replay store."""
+    stored: list = []
+    config = RobotConfig(f"robot-so100-{seed}", "so100", seed=100 * seed + episode, demonstrate=True)
+    loop = RobotLoop(config, None, stored.extend)
+    while loop.stats.episodes_done < 1:
+        loop.tick()
+    ((_, demo),) = episodes_from_corrections("so100", stored)
+    return demo
 
 
 def tiny_with_so100() -> FleetPolicy:
@@ -61,14 +88,48 @@ def test_spec_file_round_trip_and_errors(tmp_path):
 def test_demonstration_link_answers_with_the_operator_chunk():
     env = make_env("so100", seed=1)
     env.reset()
-    link = DemonstrationLink(env)
-    link.submit({"embodiment": "so100", "request_id": "a", "obs_tick": 0})
+    link = DemonstrationLink(lambda: env.unwrapped.expert_chunk(), SO100)
+    link.submit({"embodiment": "so100", "robot_id": "r", "request_id": "a", "obs_tick": 0})
     reply = link.poll()
-    assert reply["demonstration"] is True and reply["head_version"] == 0
+    assert reply["demonstration"] is True and reply["head_version"] == 0 and reply["robot_id"] == "r"
     np.testing.assert_array_equal(reply["chunk"], env.unwrapped.expert_chunk())
     assert link.poll() is None
     with pytest.raises(ValueError, match="franka"):
         link.submit({"embodiment": "franka"})
+    nobody = DemonstrationLink(lambda: None, SO100)  # a robot whose task cannot demonstrate says so
+    with pytest.raises(RuntimeError, match="demonstrate"):
+        nobody.submit({"embodiment": "so100"})
+
+
+def test_records_become_one_episode_per_robot_and_episode():
+    """The replay store's records (demonstrations and corrections of policy chunks alike) grouped by robot and
+    episode, in arrival order; each sample is what the operator commanded."""
+    rng = np.random.default_rng(0)
+    recs = [
+        random_correction("so100", rng, robot_id="robot-so100-0", episode=3, policy_chunk=None, reason="demo"),
+        random_correction("so100", rng, robot_id="robot-so100-1", episode=3),
+        random_correction("so100", rng, robot_id="robot-so100-0", episode=3, policy_chunk=None, reason="demo"),
+        random_correction("franka", rng),  # another body's: not this body's episode
+        random_correction("so100", rng, robot_id="robot-so100-0", episode=4),
+    ]
+    got = episodes_from_corrections("so100", recs)
+    assert [k for k, _ in got] == [("robot-so100-0", 3), ("robot-so100-1", 3), ("robot-so100-0", 4)]
+    first = got[0][1]
+    assert len(first) == 2 and first.episodes == 1 and first.actions.shape == (2, 16, 6)
+    np.testing.assert_array_equal(first.actions[1], recs[2].corrected_chunk)
+    np.testing.assert_array_equal(first.images[0], recs[0].image)
+    assert first.instructions == [recs[0].instruction, recs[2].instruction]
+    assert episodes_from_corrections("so100", []) == []
+
+
+def test_an_episode_read_in_two_parts_counts_once():
+    session = OnboardSession(plan(first_round_demos=2), tiny_with_so100(), lambda p, m: 1)
+    demo = demo_episode(0)
+    session.add_episode(demo)
+    session.add_episode(demo, new=False)  # more records of the same episode
+    assert session.total_demos == 1 and not session.due() and len(session.episodes) == 2
+    session.add_episode(demo_episode(1))
+    assert session.total_demos == 2 and session.due()
 
 
 def test_session_trains_checks_and_publishes_only_what_passes():
@@ -81,9 +142,8 @@ def test_session_trains_checks_and_publishes_only_what_passes():
         return len(published)
 
     strict = OnboardSession(plan(check_success=1.0), model, publish)
-    robot = OnboardRobot("robot-so100-0", SO100, "so100", seed=0)
-    for _ in range(2):
-        demo, ok = robot.demonstration_episode()
+    for i in range(2):
+        demo = demo_episode(0, episode=i)
         assert len(demo) > 5 and demo.actions.shape[1:] == (16, 6)
         strict.add_episode(demo)
     assert strict.due()
@@ -108,17 +168,6 @@ def test_session_trains_checks_and_publishes_only_what_passes():
     head_from_bytes(other, "so100", payload)  # an ordinary swap afterwards
 
 
-def test_policy_episode_with_operator_review():
-    robot = OnboardRobot("robot-so100-1", SO100, "so100", seed=1)
-    zeros = np.zeros((16, 6), np.float32)
-    corrected, ok = robot.policy_episode(lambda request: {"chunk": zeros, "head_version": 1})
-    # a policy that never moves strays from the operator's plan: each reviewed chunk was corrected and kept
-    assert robot.corrections >= 1 and len(corrected) == robot.corrections
-    assert robot.report()["policy_episodes"] == 1
-    assert robot.last_episode["versions"] == [1]
-    assert robot.last_episode["interventions"] == robot.corrections and robot.last_episode["ok"] == ok
-
-
 def _session_at_v2(**kw):
     """A session that published v1 and then v2 (held-out check off), and what it published."""
     model = tiny_with_so100()
@@ -129,10 +178,9 @@ def _session_at_v2(**kw):
         return len(published)
 
     session = OnboardSession(plan(check_success=0.0, watch_episodes=5, reference_episodes=10, **kw), model, publish)
-    robot = OnboardRobot("robot-so100-0", SO100, "so100", seed=0)
     for version in (1, 2):
-        for _ in range(2):
-            session.add_episode(robot.demonstration_episode()[0])
+        for i in range(2):
+            session.add_episode(demo_episode(0, episode=2 * version + i))
         assert session.train_round()["published"] == version
         if version == 1:
             assert session.watch is None  # v1 has nothing to roll back to
@@ -173,27 +221,6 @@ def test_a_new_version_that_holds_is_confirmed_and_nothing_is_published():
         plan(watch_episodes=0)
 
 
-def test_an_onboarding_robot_reads_the_contact_force_and_its_estop_stays_latched():
-    """The robots of a body being onboarded go through the safety layer with the measured force as every robot
-    does: a trip latches across episodes (the robot runs nothing; the actor skips it) until an operator resets it.
-    A franka without its table wall stands in for a body whose policy presses too hard."""
-    import dataclasses
-
-    bare = dataclasses.replace(EMBODIMENTS["franka"], position_limits=())
-    robot = OnboardRobot("robot-franka-9", bare, "franka", seed=0)
-    slam = np.tile(np.array([0, 0, -0.05, 0, 0, 0, -1.0], np.float32), (16, 1))
-    _, ok = robot._episode(lambda request: {"chunk": slam, "head_version": 1}, record_every_tick=False)
-    report = robot.report()
-    assert not ok and robot.estopped and report["estop_latched"] and report["estop_trips"] == 1
-    robot.policy_episode(lambda request: {"chunk": slam, "head_version": 1})  # the next episode: still latched
-    assert robot.estopped and robot.safety.stats()["estop_ticks"] > 0
-    assert robot.reset_estop() is True and robot.reset_estop() is False
-    assert not robot.estopped and robot.report()["estop_resets"] == 1
-    walled = OnboardRobot("robot-franka-8", EMBODIMENTS["franka"], "franka", seed=0)  # with the wall: no trip
-    walled._episode(lambda request: {"chunk": slam, "head_version": 1}, record_every_tick=False)
-    assert not walled.estopped
-
-
 def test_the_first_round_waits_for_its_demonstrations_and_runs_its_own_schedule():
     """The first round trains one longer schedule on `first_round_demos` demonstrations; later rounds come every
     `demos_per_round` and run `steps_per_round` steps."""
@@ -201,10 +228,9 @@ def test_the_first_round_waits_for_its_demonstrations_and_runs_its_own_schedule(
     session = OnboardSession(
         plan(first_round_demos=3, first_round_steps=7, demos_per_round=1, steps_per_round=2), model, lambda p, m: 1
     )
-    robot = OnboardRobot("robot-so100-0", SO100, "so100", seed=0)
     for i in range(3):
         assert not session.due(), f"due after {i} of 3 demonstrations"
-        session.add_episode(robot.demonstration_episode()[0])
+        session.add_episode(demo_episode(0, episode=i))
     assert session.due()
     # the round in progress is in the status (`fleet embodiment status` shows it), and gone once it is over
     seen = []
@@ -215,7 +241,7 @@ def test_the_first_round_waits_for_its_demonstrations_and_runs_its_own_schedule(
     assert seen[0]["round"] == 1 and seen[0]["stage"] == "checking" and seen[0]["done"] == seen[0]["steps"] == 7
     assert seen[0]["elapsed_s"] >= 0 and session.status()["training"] is None
     assert not session.due()
-    session.add_episode(robot.demonstration_episode()[0])
+    session.add_episode(demo_episode(0, episode=3))
     assert session.due() and session.train_round()["steps"] == 2
 
 
@@ -233,20 +259,12 @@ def test_plan_fields_of_the_first_round_and_training_threads_are_checked():
         plan(train_threads=0)
 
 
-def test_demo_noise_is_checked_and_moves_the_robot_off_the_operators_path():
+def test_demo_noise_is_checked():
+    """(What the noise does to a robot's path: tests/unit/robot/test_demonstration_mode.py.)"""
     assert OnboardSpec(spec=SO100, sim="so100").demo_noise == 0.1
     for bad in (-0.1, 1.5, "0.2", float("nan")):
         with pytest.raises(ValueError, match="demo_noise"):
             plan(demo_noise=bad)
-
-    def states(noise: float):
-        demo, _ = OnboardRobot("r", SO100, "so100", seed=3).demonstration_episode(noise)
-        return demo.proprio
-
-    quiet, again, noisy = states(0.0), states(0.0), states(0.2)
-    assert np.array_equal(quiet, again)  # without noise the operator's path is deterministic
-    n = min(len(quiet), len(noisy))
-    assert not np.allclose(quiet[:n], noisy[:n])  # the injected noise visits other states
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="per-thread SCHED_IDLE is Linux's")
