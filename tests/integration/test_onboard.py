@@ -1,7 +1,8 @@
 """The live onboarding path on a real local Ray: a running fleet gets a new body (`fleet embodiment add`), its
-robots demonstrate, the onboarding learner publishes v1 after the held-out check, every replica learns the body
-from the registry without a restart, the robots run policy episodes; the other robot never pauses and the other
-heads stay bit-identical."""
+robots (robot actors in demonstration mode) demonstrate into the replay store, the onboarding learner reads them
+there and publishes v1 after the held-out check, every replica learns the body from the registry without a
+restart, the same robots switch to policy episodes; the other robot never pauses and the other heads stay
+bit-identical."""
 
 from __future__ import annotations
 
@@ -96,7 +97,18 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
         assert body["phase"] == "policy" and body["head_version"] >= 1
         (first,) = [r for r in body["rounds"] if r["published"]][:1]
         assert first["demos"] >= 4 and first["steps"] == 20
-        assert body["policy_calls"] >= 1
+        # the demonstrations went through the replay store as corrections with no policy action
+        from fleet.names import REPLAY
+
+        replay = ray_session.get_actor(REPLAY, namespace=config.namespace)
+        demos = ray_session.get(replay.since.remote("so100", 0))["corrections"]
+        assert body["records"] >= first["demos"] and len(demos) >= 1
+        assert all(c.embodiment == "so100" for c in demos) and any(c.policy_chunk is None for c in demos)
+        # the robots are robot actors of the fleet that switched to the policy at an episode boundary
+        robot0 = ray_session.get_actor("robot-so100-0", namespace=config.namespace)
+        report = ray_session.get(robot0.report.remote())
+        assert report["phase"] == "policy" and report["demo_episodes"] >= 1 and report["policy_calls"] >= 1
+        assert all(r["phase"] == "policy" for r in body["robots"] if r["policy_episodes"])
         # training yields the CPU: the lowest niceness; not SCHED_IDLE beside a fleet that runs flat out
         assert body["niceness"] == 19 and body["sched_idle"] is False
         s = status(namespace=config.namespace)
