@@ -32,6 +32,7 @@ from fleet.policy.openmp import lower_priority, set_omp_wait_policy
 
 ONBOARD_NICENESS = 19  # the lowest CPU priority (and SCHED_IDLE); Ray starts its workers, robots and replicas, at 15
 SEEN_EPISODES = 20_000  # (robot, episode) keys remembered, so an episode whose records come in two reads counts once
+READ_EVERY_S = 0.5  # how often the reader asks the replay store for the body's new records
 TELL_EVERY_S = 5.0  # how often, once the body is served, the robots are told (again) to run the policy
 ROBOT_KEYS = ("aggregate", "align", "n_samples", "teleop_tolerance", "stale_ticks", "sim_wait_s", "sim_delay_ticks")
 # the fleet's RobotConfig keys (`fleet up --aggregate`, FleetConfig.robot) that the added body's robots take too
@@ -98,6 +99,8 @@ class OnboardActor:
         self.scale(self.plan.robots)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"onboard-{spec.name}", daemon=True)
+        self._reader = threading.Thread(target=self._read, name=f"onboard-read-{spec.name}", daemon=True)
+        self._reader.start()
         self._thread.start()
 
     # ---- robots ----------------------------------------------------------------------------------
@@ -225,22 +228,35 @@ class OnboardActor:
         ray.get([h.start_policy.remote() for h in robots], timeout=30)
         self._told_at = time.monotonic()
 
-    def _run(self) -> None:
+    def _read(self) -> None:
+        """The reader thread: the body's records, every READ_EVERY_S, also while a round trains (the replay store
+        keeps only its newest records per body, so a reader that waited for a 3-minute round would miss some)."""
         while not self._stop.is_set():
             try:
-                pulled = self._pull()
+                if not self._pull():
+                    self._stop.wait(READ_EVERY_S)
+            except Exception as exc:  # noqa: BLE001 - keep reading; the status shows the error
+                self._failed(exc)
+
+    def _run(self) -> None:
+        """The learner thread: a round when one is due, and the robots to the policy once the body is served."""
+        while not self._stop.is_set():
+            try:
                 serving = self.session.phase == "policy" and self._serving()
                 if serving:
                     self._to_policy()
                 if self.session.due() and (self.session.phase == "demonstrations" or serving):
                     self.session.train_round()  # demonstrations, or the operator's corrections since the last one
-                elif not pulled:
-                    self._stop.wait(0.5)
+                else:
+                    self._stop.wait(READ_EVERY_S)
             except Exception as exc:  # noqa: BLE001 - keep onboarding; the status shows the error
-                self.errors += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
-                self._stop.wait(1.0)
+                self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        self._stop.wait(1.0)
 
     # ---- status and shutdown ---------------------------------------------------------------------
     def _robot_rows(self) -> list[dict]:
@@ -303,6 +319,7 @@ class OnboardActor:
             except Exception as exc:  # noqa: BLE001
                 final.append({"id": name, "state": "lost", "last_error": f"{type(exc).__name__}: {exc}"})
             ray.kill(handle, no_restart=True)
+        self._reader.join(timeout=10)
         self._thread.join(timeout=10)
         return self.status() | {"robots_stopped": final}
 

@@ -321,7 +321,7 @@ def scale_cmd(
 
     A removed robot finishes its episode, hands its corrections to the replay actor, then stops.
 
-    A body added with `fleet embodiment add` scales the same way (its onboarding actor runs its robots).
+    A body added with `fleet embodiment add` scales the same way (its onboarding actor starts its robots).
 
     Examples:
         fleet scale franka=8

@@ -94,10 +94,13 @@ def embodiment_add(
     json_out: JsonOpt = False,
 ) -> None:
     """Add a robot body to the running fleet, without a restart: the policy server learns it when its first
-    head is published; its robots start in demonstration mode (the operator drives; every chunk is stored as a
-    demonstration), an onboarding learner trains its token row, stem and head with the backbone frozen (first
-    after M demonstrations, then every N more) and publishes v1 once it clears a held-out check; then its
-    robots run the policy.
+    head is published. Its robots (robot actors `robot-NAME-i`) start in demonstration mode: the operator
+    drives, and every chunk goes to the replay store as a correction with no policy action. An onboarding
+    learner reads them there, trains the body's token row, stem and head with the backbone frozen (first after
+    M demonstrations, then every N more) and publishes v1 once it clears a held-out check; then the same
+    robots run the policy, with the operator correcting. In a realtime fleet the robots demonstrate at the
+    body's control rate (so100, 10 Hz: 400 demonstrations from 2 robots take about 7 minutes); in a fleet run
+    flat out (`fleet up --sim`), as fast as the simulator steps.
 
     The spec file is one JSON object: the EmbodimentSpec fields (name, action_dim, head "token"|"flow",
     proprio_dim, action_low, action_high, max_velocity, max_force, control_hz, ...) plus "sim" (the simulator
@@ -173,7 +176,8 @@ def embodiment_scale(
     counts: Annotated[str, typer.Argument(help="NAME=COUNT of an added body, e.g. so100=2.")],
     namespace: Annotated[str | None, typer.Option(help="The fleet's namespace (default: the running fleet).")] = None,
 ) -> None:
-    """Set how many robots of an added body run (its robots are driven by its onboarding actor).
+    """Set how many robots of an added body run (`fleet scale NAME=N` does the same). New robots start in the
+    body's phase; removed ones finish their episode and deliver their records first.
 
     Example:
         fleet embodiment scale so100=4

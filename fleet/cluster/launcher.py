@@ -287,7 +287,7 @@ def scale(counts: dict[str, int], address: str | None = None, namespace: str = N
     if not all(isinstance(n, str) and is_int(c) and c >= 0 for n, c in counts.items()):
         raise FleetError(f"scale: expected embodiment=count with counts >= 0, got {counts}")
     controller = _require(address, namespace)
-    # a body added to the running fleet (`fleet embodiment add`) has its robots run by its onboarding actor
+    # a body added to the running fleet (`fleet embodiment add`): its onboarding actor starts and stops its robots
     onboarders = {}
     for name in (n for n in counts if n not in EMBODIMENTS):
         from actors.onboarder import onboarder_name  # Ray actors, only for a body beyond the pretrained four

@@ -39,9 +39,11 @@ class OnboardSpec:
     # 0.1 gave 37-86 %, 0.2 gave 98-100 %), but through so100's safety layer 0.2 latched the force e-stop in 8 of
     # 90 demonstration episodes (a noisy joint step pushes the fingertip into the table); at 0.1, none of 90
     first_round_demos: int = 400
-    # demonstrations (episodes) the first training round waits for. The simulated operator gives them in seconds;
-    # on a real robot each is an operator's episode, so set what your operators can give (the first round then
-    # learns from fewer: `fleet experiment onboard` measures what that costs)
+    # demonstrations (episodes) the first training round waits for. Each robot demonstrates at the body's control
+    # rate in a realtime fleet (so100: about 22 ticks an episode at 10 Hz, so 2 robots give 400 in about 7
+    # minutes) and as fast as the simulator steps in a fleet run flat out; on a real robot each is an operator's
+    # episode, so set what your operators can give (the first round then learns from fewer: `fleet experiment
+    # onboard` measures what that costs)
     first_round_steps: int = 1500
     # optimizer steps of the first round: one schedule over every demonstration so far (many short rounds on a
     # growing set learn far more slowly; README "Adding a robot body")
