@@ -1,9 +1,9 @@
 """The last gate before a robot moves: every action passes `SafetyLayer`, which returns what was actually sent.
 
 Order: force e-stop (latched) > contact stop (a force above `contact_stop` x max_force: the stop action at once, for
-this tick only) > missing/non-finite/stale input (hold) > workspace clip (the action bounds,
-then the spec's `position_limits` walls, given the robot's proprio) > acceleration > velocity (per dimension,
-then the norm of the change) > the walls again (a wall is never crossed to honour a rate limit). Limits hold
+this tick only) > missing/non-finite/stale input (hold) > workspace clip (the action bounds, then the spec's
+`position_limits` walls and the body's `workspace_guard`, given the robot's proprio) > acceleration > velocity (per
+dimension, then the norm of the change) > the walls again (a wall is never crossed to honour a rate limit). Limits hold
 exactly in float64; an action already inside every limit is returned bit-identical, in its own dtype (a changed
 one is float64, because rounding to float32 could step an ulp outside a limit).
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -49,6 +50,11 @@ class SafetyConfig:
     # action at once on this tick, not latched (the next tick's command goes through as usual). Bodies without a
     # stop action (position targets) have none. At 0.5 it removed hello's e-stop trips (2 in 2000 unseen
     # episodes) but cost 2 of 500 episodes and 9 % longer ones on another block (README "Contact stop")
+    workspace_guard: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    # a body's own task-space wall, for limits no per-dimension wall can state (so100: "the fingertip stays above
+    # the table", through its forward kinematics): guard(action (D,) float64, proprio (P,) float64) -> (D,), a
+    # step no larger than the action's in any dimension. Applied with the position walls, before and after the
+    # rate limits, whenever a proprio reading is given. The robot supplies it (`Robot.workspace_guard`)
 
     def __post_init__(self) -> None:
         vs = self.velocity_scale
@@ -214,6 +220,18 @@ class SafetyLayer:
         """Counters per constraint since construction."""
         return dict(self.counts)
 
+    def _guard_proprio(self, proprio) -> np.ndarray | None:
+        """The whole reading the workspace guard needs, checked; None without a guard or a reading."""
+        if self.config.workspace_guard is None or proprio is None:
+            return None
+        p = np.asarray(proprio)
+        if p.dtype.kind not in "fiu" or p.shape != (self.spec.proprio_dim,):
+            raise ValueError(
+                f"proprio: expected a numeric array of shape ({self.spec.proprio_dim},) for {self.spec.name}, "
+                f"got shape {p.shape} dtype {p.dtype}"
+            )
+        return p.astype(np.float64)
+
     def _wall_positions(self, proprio) -> np.ndarray:
         """The current positions the walls bound, (n_walls,) float64; empty without walls or without proprio."""
         if proprio is None or not self._wall_a.size:
@@ -226,9 +244,22 @@ class SafetyLayer:
             )
         return p[self._wall_p].astype(np.float64)
 
-    def _walls(self, action: np.ndarray, position: np.ndarray) -> np.ndarray:
+    def _guarded(self, action: np.ndarray, proprio) -> np.ndarray:
+        """The body's workspace guard (SafetyConfig.workspace_guard) on `action`, when it has one and a reading is
+        given. A guard that returns a malformed step, or a larger one in any dimension, is not trusted: hold."""
+        guard = self.config.workspace_guard
+        if guard is None or proprio is None:
+            return action
+        out = np.asarray(guard(action.copy(), np.asarray(proprio, np.float64)), np.float64)
+        if out.shape != action.shape or not np.isfinite(out).all() or (np.abs(out) > np.abs(action) + 1e-12).any():
+            return np.zeros_like(action) if self._stop is None else self._stop.copy()
+        return out
+
+    def _walls(self, action: np.ndarray, position: np.ndarray, proprio=None) -> np.ndarray:
         """Clip the walled dimensions so that position + action stays in [low, high] (never past the action
-        bounds: a position already outside a wall is commanded back at most at the bound's speed)."""
+        bounds: a position already outside a wall is commanded back at most at the bound's speed); then the
+        body's workspace guard."""
+        action = self._guarded(action, proprio)
         if not position.size:
             return action
         a = self._wall_a
@@ -297,6 +328,7 @@ class SafetyLayer:
         Returns (sent (D,): the request's own array values when nothing fired, else float64; the report)."""
         requested, force_norm = self._validate(action, force, age_s)
         position = self._wall_positions(proprio)
+        guard_proprio = self._guard_proprio(proprio)
         c = self.counts
         c["calls"] += 1
         tripped = force_norm is not None and not force_norm <= self.spec.max_force
@@ -305,6 +337,7 @@ class SafetyLayer:
             c["estop_trips"] += 1
         missing = requested is None
         non_finite = not missing and not (bool(np.isfinite(requested).all()) and bool(np.isfinite(position).all()))
+        non_finite = non_finite or (guard_proprio is not None and not bool(np.isfinite(guard_proprio).all()))
         stale = not missing and not non_finite and age_s is not None and age_s > self.max_action_age_s
         hold = self._stop if self._stop is not None else (self._last if self._last is not None else self._neutral)
         ws = acc = vel = 0.0
@@ -326,10 +359,10 @@ class SafetyLayer:
             held = True
         else:
             x = requested.astype(np.float64)
-            clipped = self._walls(np.clip(x, self._low, self._high), position)
+            clipped = self._walls(np.clip(x, self._low, self._high), position, guard_proprio)
             ws = _max_abs(clipped, x)
             sent, acc, vel = self._limit(clipped, use_acceleration=True)
-            walled = self._walls(sent, position)
+            walled = self._walls(sent, position, guard_proprio)
             ws, sent = max(ws, _max_abs(walled, sent)), walled
             held = False
         max_change = None if (missing or non_finite) else _max_abs(sent, requested.astype(np.float64))

@@ -88,6 +88,13 @@ class Robot(abc.ABC):
         """How often the body takes setpoints; None = once per policy action (the controller passes through)."""
         return None
 
+    @property
+    def workspace_guard(self):
+        """The body's own task-space wall for the safety layer, or None: guard(action (D,), proprio (P,)) -> (D,),
+        a step no larger than the action's, for limits per-dimension walls cannot state (a fingertip above the
+        table, through the arm's forward kinematics). fleet.control.SafetyConfig.workspace_guard."""
+        return None
+
     def get_observation(self) -> dict:
         """{"image", "image_t", "proprio", "proprio_t"}: both sensors now."""
         self._check_connected()

@@ -119,7 +119,9 @@ class RobotLoop:
         self.request_timeout_ticks = timeout if timeout is not None else 2 * spec.chunk_size
         # half a tick of slack: ages are whole ticks, so "older than stale_ticks" never hangs on float rounding
         age_limit = (stale + 0.5) * spec.dt
-        self.safety = SafetyLayer(spec, SafetyConfig(max_action_age_s=age_limit, stop_action=spec.stop_action))
+        guard = getattr(robot, "workspace_guard", None)  # the body's own task-space wall, where it has one
+        safety = SafetyConfig(max_action_age_s=age_limit, stop_action=spec.stop_action, workspace_guard=guard)
+        self.safety = SafetyLayer(spec, safety)
         stats = FeatureStats.from_dict(feature_stats) if feature_stats else None
         # the camera's own novelty signal (fleet.control.image_ood): a dimmed light or a knocked camera slows the
         # robot even where the backbone's features stay quiet

@@ -65,6 +65,11 @@ class SimRobot(Robot):
     def command_hz(self) -> float:
         return self.spec.control_hz * self.substeps
 
+    @property
+    def workspace_guard(self):
+        """The simulator's own task-space wall, where it has one (so100's fingertip floor)."""
+        return getattr(self.sim, "workspace_guard", None)
+
     def connect(self) -> None:
         self._connected = True
 

@@ -38,6 +38,8 @@ JOINT_HIGH = np.array([1.3, 2.1, 0.3, 1.2, 1.6])
 ROLL_TOLERANCE = 0.35
 MAX_STEP = 0.1  # the largest joint delta one tick commands (the action bound)
 CART_STEP = 0.04  # the expert's fingertip moves at most this far per tick (metres)
+TABLE_FLOOR = -0.01  # the workspace guard's floor for the fingertip: 1 cm into the table is 8 N (e-stop at 25 N)
+GUARD_ITERATIONS = 12  # bisection steps of the guard: the step's share is found to 1/4096
 
 
 def forward(q: np.ndarray) -> np.ndarray:
@@ -46,6 +48,28 @@ def forward(q: np.ndarray) -> np.ndarray:
     r = L1 * np.cos(a1) + L2 * np.cos(a2) + L3 * np.cos(a3)
     z = BASE_HEIGHT + L1 * np.sin(a1) + L2 * np.sin(a2) + L3 * np.sin(a3)
     return np.array([BASE[0] + r * np.sin(q[0]), BASE[1] + r * np.cos(q[0]), z])
+
+
+def workspace_guard(action: np.ndarray, proprio: np.ndarray) -> np.ndarray:
+    """so100's task-space wall (fleet.control.SafetyConfig.workspace_guard): the arm's joint step shrunk, along its
+    own direction, until the fingertip it leads to is no lower than TABLE_FLOOR; a fingertip already below may
+    only rise. The per-joint walls of EmbodimentSpec.position_limits cannot say "above the table" for a joint arm.
+    """
+    out = np.asarray(action, np.float64).copy()
+    q = np.asarray(proprio[:5], np.float64)
+    dq = out[:5].copy()
+    z0 = forward(q)[2]
+    if forward(np.clip(q + dq, JOINT_LOW, JOINT_HIGH))[2] >= min(TABLE_FLOOR, z0) or not dq.any():
+        return out
+    lo, hi = 0.0, 1.0  # the step at lo ends above the floor (or, from below it, no lower), the one at hi does not
+    for _ in range(GUARD_ITERATIONS):
+        mid = 0.5 * (lo + hi)
+        if forward(np.clip(q + mid * dq, JOINT_LOW, JOINT_HIGH))[2] >= min(TABLE_FLOOR, z0):
+            lo = mid
+        else:
+            hi = mid
+    out[:5] = lo * dq
+    return out
 
 
 def inverse(target: np.ndarray, roll: float) -> np.ndarray:
@@ -72,6 +96,7 @@ def _link_points(q: np.ndarray) -> list[np.ndarray]:
 
 class So100Env(FleetEnv):
     embodiment = "so100"
+    workspace_guard = staticmethod(workspace_guard)  # the robot-side safety layer's task-space wall (SimRobot)
     actuator_bias = (0.03, -0.02, 0.0, 0.0, 0.0, 0.0)
 
     def _sample_state(self, rng: np.random.Generator) -> dict:
