@@ -120,3 +120,25 @@ def test_demo_noise_moves_the_robot_off_the_operators_path_and_stores_the_intent
         RobotConfig("r", "so100", demo_noise=1.5)
     with pytest.raises(ValueError, match="demonstrate"):
         RobotConfig("r", "so100", demonstrate="yes")
+
+
+def test_noisy_demonstrations_keep_clear_of_the_estop_with_so100s_workspace_guard(so100, monkeypatch):
+    """Noise 0.2 pushes the fingertip into the table now and then; so100's task-space wall (the safety layer's
+    workspace guard, from the simulator through SimRobot) keeps it within 1 cm (8 N), so the force e-stop (25 N)
+    stays quiet. Without the guard the same 10 episodes latch it."""
+    import sys
+
+    import fleet.robot.sim_robot  # noqa: F401 - the module (fleet.robot re-exports its function of that name)
+
+    def trips() -> tuple[int, int]:
+        loop, _ = demo_loop(Refusing(), seed=1, demo_noise=0.2)
+        while loop.stats.episodes_done < 10:
+            loop.tick()
+            if loop.safety.estopped:
+                loop.reset_estop()  # the operator resets it; the demonstrations go on
+        return loop.safety.stats()["estop_trips"], loop.safety.stats()["workspace"]
+
+    trips_guarded, limited = trips()
+    assert trips_guarded == 0 and limited > 0
+    monkeypatch.setattr(sys.modules["fleet.robot.sim_robot"].SimRobot, "workspace_guard", property(lambda s: None))
+    assert trips()[0] >= 1
