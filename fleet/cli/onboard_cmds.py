@@ -39,7 +39,7 @@ def experiment_onboard(
             min=0,
             max=1,
             help="Noise injected into executed demonstration actions (share of range; the stored chunks are the "
-            "operator's intent). The live plan's demo_noise is 0.1: 0.2 trips so100's force e-stop there.",
+            "operator's intent), as the live plan's demo_noise does.",
         ),
     ] = 0.2,
     checkpoint: CkptOpt = None,
@@ -99,14 +99,14 @@ def embodiment_add(
     learner reads them there, trains the body's token row, stem and head with the backbone frozen (first after
     M demonstrations, then every N more) and publishes v1 once it clears a held-out check; then the same
     robots run the policy, with the operator correcting. In a realtime fleet the robots demonstrate at the
-    body's control rate (so100, 10 Hz: 400 demonstrations from 2 robots take about 7 minutes); in a fleet run
+    body's control rate (so100, 10 Hz: 100 demonstrations from 2 robots take about 4 minutes); in a fleet run
     flat out (`fleet up --sim`), as fast as the simulator steps.
 
     The spec file is one JSON object: the EmbodimentSpec fields (name, action_dim, head "token"|"flow",
     proprio_dim, action_low, action_high, max_velocity, max_force, control_hz, ...) plus "sim" (the simulator
     to drive, default the name), "like" (a pretrained body to warm-start from), "robots" (how many to start,
-    default 2), "demo_noise" (0.1: noise injected into executed demonstration actions, a share of each
-    dimension's range, so demonstrations show how to recover), "first_round_demos" (M, default 400) and
+    default 2), "demo_noise" (0.2: noise injected into executed demonstration actions, a share of each
+    dimension's range, so demonstrations show how to recover), "first_round_demos" (M, default 100) and
     "first_round_steps" (1500), "demos_per_round" (N,
     default 10) and "steps_per_round" (300), "train_threads" (1, at the lowest CPU priority),
     "check_episodes" and "check_success" (the held-out check: 10 episodes, 0.8 to pass).

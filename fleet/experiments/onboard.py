@@ -10,8 +10,8 @@ intended chunks; DART, Laskey et al. 2017), so they cover the states a slightly 
 to recover from them: with noise 0 the 100-demonstration policy failed every episode (it never saw itself off the
 operator's path), with 0.1 it reached 37-86 % depending on the scenes, with 0.2 (the default) 98-100 % on four
 seed blocks (README "Adding a robot body"). These demonstrations are recorded as pretraining's are, without the
-robot-side safety layer; the live plan's `demo_noise` is 0.1, because through so100's safety layer 0.2 latches the
-force e-stop in some demonstrations (OnboardSpec.demo_noise). Both are measured closed loop
+robot-side safety layer; the live robots' pass through it, with so100's workspace guard, and 100 of them at 0.2
+reached 97-98 % the same way (OnboardSpec.demo_noise). Both are measured closed loop
 on unseen scenes (evaluation seeds disjoint from the demonstrations'). The shared model's other heads and
 backbone are checked bit-identical to the checkpoint after every round.
 

@@ -31,19 +31,20 @@ class OnboardSpec:
     # a pretrained body to warm-start the new token row and head from (None: the mean token row, a fresh head)
     robots: int = 2
     # robots of the new body to start
-    demo_noise: float = 0.1
+    demo_noise: float = 0.2
     # demonstration mode's injected noise (DART, Laskey et al. 2017): each executed command is the operator's plus
     # Gaussian noise of this share of the dimension's range, before the safety layer; the stored chunks are the
     # operator's intent, so demonstrations show how to recover from the states a slightly wrong policy visits.
-    # More noise teaches more per demonstration (`fleet experiment onboard --noise`: at 100 so100 demonstrations
-    # 0.1 gave 37-86 %, 0.2 gave 98-100 %), but through so100's safety layer 0.2 latched the force e-stop in 8 of
-    # 90 demonstration episodes (a noisy joint step pushes the fingertip into the table); at 0.1, none of 90
-    first_round_demos: int = 400
+    # More noise teaches more per demonstration: at 100 so100 demonstrations 0.1 gave 37-86 %, 0.2 gave 97-100 %
+    # (`fleet experiment onboard --noise`, and the live recorder). so100's workspace guard keeps a noisy step from
+    # pushing the fingertip into the table: without it 0.2 latched the force e-stop in 8 of 90 demonstrations, with
+    # it in none of 90. A body without such a guard may need less noise
+    first_round_demos: int = 100
     # demonstrations (episodes) the first training round waits for. Each robot demonstrates at the body's control
-    # rate in a realtime fleet (so100: about 22 ticks an episode at 10 Hz, so 2 robots give 400 in about 7
-    # minutes) and as fast as the simulator steps in a fleet run flat out; on a real robot each is an operator's
-    # episode, so set what your operators can give (the first round then learns from fewer: `fleet experiment
-    # onboard` measures what that costs)
+    # rate in a realtime fleet (so100 at noise 0.2: about 51 ticks an episode at 10 Hz, so 2 robots give 100 in
+    # about 4 minutes) and as fast as the simulator steps in a fleet run flat out; on a real robot each is an
+    # operator's episode, so set what your operators can give (`fleet experiment onboard` measures what fewer
+    # cost)
     first_round_steps: int = 1500
     # optimizer steps of the first round: one schedule over every demonstration so far (many short rounds on a
     # growing set learn far more slowly; README "Adding a robot body")

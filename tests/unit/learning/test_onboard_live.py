@@ -247,7 +247,7 @@ def test_the_first_round_waits_for_its_demonstrations_and_runs_its_own_schedule(
 
 def test_plan_fields_of_the_first_round_and_training_threads_are_checked():
     p = OnboardSpec(spec=SO100, sim="so100")
-    assert (p.first_round_demos, p.first_round_steps, p.train_threads) == (400, 1500, 1)
+    assert (p.first_round_demos, p.first_round_steps, p.train_threads) == (100, 1500, 1)
     assert OnboardSpec.from_dict(p.to_dict()) == p
     with pytest.raises(ValueError, match="first_round_demos"):
         plan(first_round_demos=0)
@@ -261,7 +261,7 @@ def test_plan_fields_of_the_first_round_and_training_threads_are_checked():
 
 def test_demo_noise_is_checked():
     """(What the noise does to a robot's path: tests/unit/robot/test_demonstration_mode.py.)"""
-    assert OnboardSpec(spec=SO100, sim="so100").demo_noise == 0.1
+    assert OnboardSpec(spec=SO100, sim="so100").demo_noise == 0.2
     for bad in (-0.1, 1.5, "0.2", float("nan")):
         with pytest.raises(ValueError, match="demo_noise"):
             plan(demo_noise=bad)
