@@ -247,16 +247,18 @@ class _FleetController:
                 await self._start_metrics()
             except OSError as exc:
                 log.warning("metrics endpoint: %s", exc)
-        names = sorted(self.robots)
+        added = await self._added_bodies(timeout_s)
+        handles = dict(self.robots) | {r: h for body in added.values() for r, h in body.pop("handles").items()}
 
         async def one(name: str) -> dict:
             try:
-                return await _get(self.robots[name].report.remote(), timeout_s)
+                return await _get(handles[name].report.remote(), timeout_s)
             except Exception as exc:  # noqa: BLE001 - dead, restarting or busy: say so, keep the row
                 state = "restarting" if isinstance(exc, ray.exceptions.RayActorError) else "unreachable"
                 row = dict.fromkeys(STATUS_KEYS) | {"id": name, "embodiment": name.split("-")[1], "state": state}
                 return row | {"last_error": f"{type(exc).__name__}: {exc}"}
 
+        names = sorted(handles)
         reports, heads, learner = await asyncio.gather(
             asyncio.gather(*(one(n) for n in names)), self._heads(timeout_s), self._learner_status(timeout_s)
         )
@@ -269,6 +271,26 @@ class _FleetController:
             out["heads_error"] = heads_error
         if learner is not None:
             out["learner"] = learner
+        if added:
+            out["added"] = added
+        return out
+
+    async def _added_bodies(self, timeout_s: float) -> dict:
+        """Bodies `fleet embodiment add` brought in: {name: the onboarding actor's summary (phase, head version,
+        demonstrations) plus "handles", its robot actors}. Their robots are robot actors the controller does not
+        own; `fleet status` lists them with the others."""
+        out = {}
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            if entry["namespace"] != self.cfg["namespace"] or not name.startswith(ONBOARD_PREFIX):
+                continue
+            try:
+                onboarder = ray.get_actor(name, namespace=self.cfg["namespace"])
+                summary = await _get(onboarder.summary.remote(), timeout_s)
+                handles = {r: ray.get_actor(r, namespace=self.cfg["namespace"]) for r in summary["robots"]}
+            except Exception as exc:  # noqa: BLE001 - starting, stopping or busy: say so, keep the rest
+                summary, handles = {"phase": "unreachable", "error": f"{type(exc).__name__}: {exc}"}, {}
+            out[name[len(ONBOARD_PREFIX) :]] = summary | {"handles": handles}
         return out
 
     # ---- metrics ---------------------------------------------------------------------------------

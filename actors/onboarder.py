@@ -294,6 +294,19 @@ class OnboardActor:
             )
         return rows
 
+    def summary(self) -> dict:
+        """The body's phase in a few keys, without asking its robots (`fleet status` shows it)."""
+        s = self.session.status()
+        t = s["training"]
+        return {
+            "phase": s["phase"],
+            "head_version": s["head_version"],
+            "demos": s["demos"],
+            "first_round_demos": self.plan.first_round_demos,
+            "training": None if t is None else {k: t[k] for k in ("round", "stage", "done", "steps")},
+            "robots": sorted(self.robots),
+        }
+
     def status(self) -> dict:
         return self.session.status() | {
             "robots": self._robot_rows(),

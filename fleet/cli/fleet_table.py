@@ -21,6 +21,7 @@ COLUMNS = (
 )  # fmt: skip
 STATE_COLORS = {
     "normal": "green",
+    "demo": "cyan",
     "estop": "bold red",
     "holding": "red",
     "escalated": "red",
@@ -34,6 +35,17 @@ def _short_id(robot_id: str) -> str:
     return robot_id.removeprefix(ROBOT_PREFIX)
 
 
+def added_line(name: str, body: dict) -> str:
+    """One body `fleet embodiment add` brought in: its phase, and how far the first round is."""
+    phase = body.get("phase") or "-"
+    if phase != "demonstrations":
+        return f"added {name}: {phase}" + (f", head v{body['head_version']}" if body.get("head_version") else "")
+    t = body.get("training")
+    if t:
+        return f"added {name}: demonstrations, round {t['round']} {t['stage']} ({t['done']} / {t['steps']} steps)"
+    return f"added {name}: demonstrations, {body.get('demos', 0)} / {body.get('first_round_demos', '?')} for round 1"
+
+
 def render_table(status: dict, title: str = "fleet", width: int = 80):
     """A rich Table of one `fleet.cluster.launcher.status()` result that fits `width` columns: no vertical rules,
     robot ids without their "robot-" prefix, errors on their own lines under the table."""
@@ -45,6 +57,8 @@ def render_table(status: dict, title: str = "fleet", width: int = 80):
     for r in status.get("robots", []):
         hz = r.get("control_hz")
         state = r.get("state") or "-"
+        if state == "normal" and r.get("phase") == "demonstrations":
+            state = "demo"  # a body being onboarded: the operator drives it (`fleet embodiment status`)
         table.add_row(
             _short_id(r["id"]),
             f"[{STATE_COLORS.get(state, 'white')}]{state}[/]",
@@ -61,6 +75,8 @@ def render_table(status: dict, title: str = "fleet", width: int = 80):
             errors.append(_clip(f"{_short_id(r['id'])}: {r['last_error']}", width))
     heads = status.get("heads") or {}
     lines = ["heads: " + (", ".join(f"{k} v{v}" for k, v in sorted(heads.items())) or "unknown")]
+    for name, body in sorted((status.get("added") or {}).items()):
+        lines.append(added_line(name, body))
     if status.get("endpoints"):
         lines.append(endpoints_caption(status["endpoints"]))
     if status.get("learner") is not None:

@@ -10,7 +10,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from fleet.cli.fleet_cmds import parse_counts, parse_shifts, register
-from fleet.cli.fleet_table import COLUMNS, learner_line, render_table
+from fleet.cli.fleet_table import COLUMNS, added_line, learner_line, render_table
 from fleet.cluster.config import FleetConfig
 from fleet.cluster.launcher import FleetError, checkpoint_meta
 
@@ -170,3 +170,22 @@ def test_the_live_table_says_how_to_reset_a_latched_estop():
     table = render_table({"robots": robots, "heads": {}})
     assert "e-stop latched: franka-0; once clear: fleet estop reset robot-franka-0" in table.caption
     assert "e-stop" not in render_table({"robots": robots[1:], "heads": {}}).caption
+
+
+def test_an_added_body_shows_its_phase_in_the_fleet_table():
+    """`fleet status` lists an added body's robots with the others (state "demo" while the operator drives) and
+    says how far its onboarding is, in 80 columns."""
+    demo = {"id": "robot-so100-0", "embodiment": "so100", "state": "normal", "phase": "demonstrations"}
+    policy = {"id": "robot-so100-1", "embodiment": "so100", "state": "normal", "phase": "policy", "head_version": 1}
+    added = {"so100": {"phase": "demonstrations", "head_version": 0, "demos": 46, "first_round_demos": 100}}
+    console = Console(width=80, record=True)
+    console.print(render_table({"robots": [demo, policy], "heads": {"franka": 1}, "added": added}))
+    text = console.export_text()
+    rows = {line.split()[0]: line.split()[1] for line in text.splitlines() if line.startswith("so100-")}
+    assert rows == {"so100-0": "demo", "so100-1": "normal"}
+    assert "added so100: demonstrations, 46 / 100 for round 1" in text
+    training = {"round": 1, "stage": "training", "done": 350, "steps": 1500}
+    line = added_line("so100", added["so100"] | {"training": training})
+    assert line == "added so100: demonstrations, round 1 training (350 / 1500 steps)"
+    assert added_line("so100", {"phase": "policy", "head_version": 2}) == "added so100: policy, head v2"
+    assert max(len(x) for x in text.splitlines()) <= 80
