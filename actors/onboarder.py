@@ -90,6 +90,7 @@ class OnboardActor:
         # per robot: policy-driven episodes and their successes (from the robots' outcomes)
         self._policy_eps: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         self.outcomes = 0
+        self._outcomes_lock = threading.Lock()
         self.errors = 0
         self.last_error: str | None = None
         self._robots_lock = threading.RLock()
@@ -169,6 +170,10 @@ class OnboardActor:
     def record_outcomes(self, batch: list[dict]) -> int:
         """Finished episodes from the body's robots (their OutcomeSink). A policy-driven episode on one head
         version feeds the rollback watch; a demonstration names no version and is only counted."""
+        with self._outcomes_lock:  # the robots' batches arrive on the actor's concurrent method threads
+            return self._record(batch)
+
+    def _record(self, batch) -> int:
         from fleet.protocol import EpisodeOutcome
 
         n = 0
@@ -177,8 +182,8 @@ class OnboardActor:
                 o = EpisodeOutcome.from_dict(raw)
             except (TypeError, ValueError):
                 continue
-            if o.embodiment != self.plan.spec.name:
-                continue
+            if o.embodiment != self.plan.spec.name or o.robot_id not in self.robots:
+                continue  # only this body's robots: the per-robot counts stay bounded
             n += 1
             if o.head_versions:
                 counts = self._policy_eps[o.robot_id]
