@@ -128,6 +128,7 @@ class RobotLoop:
         images = ImageStats.from_dict(image_stats) if image_stats else None
         self.confidence = ConfidenceEstimator(feature_stats=stats, image_stats=images)
         self._request_image: np.ndarray | None = None  # the frame the request in flight carries
+        self._request_obs: dict | None = None  # and its whole observation
         self.degradation = DegradationPolicy(
             DegradationConfig(max_consecutive_failures=config.max_consecutive_failures)
         )
@@ -179,8 +180,9 @@ class RobotLoop:
         return "demonstrations" if self.demonstrating else "policy"
 
     def _record_demonstration(self, chunk: np.ndarray, obs_tick: int) -> None:
-        """The operator's chunk for the observation of `obs_tick`, stored as a correction with no policy action."""
-        obs = self.obs
+        """The operator's chunk for the observation of `obs_tick` (the request's), stored as a correction with no
+        policy action."""
+        obs = self._request_obs
         self.operator.pending.append(
             Correction.new(
                 robot_id=self.config.robot_id,
@@ -398,6 +400,7 @@ class RobotLoop:
         )
         self.policy.submit(req, self.tick_in_episode, self.episode)
         self._request_image = self.obs.get("image") if isinstance(self.obs, dict) else None
+        self._request_obs = self.obs  # what a demonstration's chunk was given (the runtime may refresh self.obs)
 
     def _prefix(self) -> dict | None:
         """rtc mode: the request's prefix, as the safety layer will send it (it is what the robot executes)."""
