@@ -100,7 +100,8 @@ def embodiment_add(
     M demonstrations, then every N more) and publishes v1 once it clears a held-out check; then the same
     robots run the policy, with the operator correcting. In a realtime fleet the robots demonstrate at the
     body's control rate (so100, 10 Hz: 100 demonstrations from 2 robots take about 4 minutes); in a fleet run
-    flat out (`fleet up --sim`), as fast as the simulator steps.
+    flat out (`fleet up --sim`), as fast as the simulator steps, but on 2 cores the learner then gets few
+    cycles (README "Adding a robot body").
 
     The spec file is one JSON object: the EmbodimentSpec fields (name, action_dim, head "token"|"flow",
     proprio_dim, action_low, action_high, max_velocity, max_force, control_hz, ...) plus "sim" (the simulator
