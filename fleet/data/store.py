@@ -201,6 +201,7 @@ class ReplayStore:
             "rejected": dict(self._rejected),
             "rejected_total": sum(self._rejected.values()),
             "loaded_at_start": self.loaded_at_start,
+            "added_at_start": list(self.added_at_start),
             "quarantined_at_start": self.quarantined_at_start,
             "invalid_rows_at_start": self.invalid_rows_at_start,
             "temp_files_removed_at_start": self.temp_files_removed_at_start,
