@@ -133,9 +133,10 @@ class OnboardActor:
         )
         return handle
 
-    def scale(self, count: int) -> int:
+    def scale(self, count: int) -> dict:
         """Run `count` robots of the body (`fleet scale NAME=N`): new ones get the next seeds and start in the
-        body's phase; removed ones finish their episode and hand over their records first."""
+        body's phase; removed ones finish their episode and hand over their records first. Returns
+        {"robots": count, "added": [ids], "removed": [final reports]}, as the fleet controller's scale does."""
         from fleet.validate import check_int
 
         check_int("scale: count", count, lo=0, hi=64)
@@ -150,13 +151,15 @@ class OnboardActor:
             self.target_robots = count
             handles = {n: self.robots.pop(n) for n in removed}
         ray.get([self.robots[n].ping.remote() for n in added], timeout=300)
+        removed = []
         for name, handle in handles.items():
             try:
-                ray.get(handle.stop.remote(True), timeout=300)
+                removed.append(ray.get(handle.stop.remote(True), timeout=300))
             except Exception as exc:  # noqa: BLE001 - a robot that cannot stop cleanly is still removed
                 self.last_error = f"stopping {name}: {type(exc).__name__}: {exc}"
+                removed.append({"id": name, "state": "lost", "last_error": self.last_error})
             ray.kill(handle, no_restart=True)
-        return count
+        return {"robots": count, "added": added, "removed": removed}
 
     def reset_estop(self, robot_id: str) -> dict:
         """An operator's reset of one robot's latched force e-stop; ValueError naming the robots for an unknown id."""

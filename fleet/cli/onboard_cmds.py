@@ -190,7 +190,9 @@ def embodiment_scale(
         fail(f"counts: expected NAME=COUNT such as so100=2, got {counts!r}")
     try:
         actor = _onboarder(name, namespace or NAMESPACE)
-        typer.echo(f"{name}: {ray.get(actor.scale.remote(int(count)))} robot(s)")
+        out = ray.get(actor.scale.remote(int(count)))
+        change = ", ".join([f"+{r}" for r in out["added"]] + [f"-{r['id']}" for r in out["removed"]])
+        typer.echo(f"{name}: {out['robots']} robot(s)" + (f" ({change})" if change else ""))
     except (ValueError, RuntimeError) as exc:
         fail(str(exc))
 

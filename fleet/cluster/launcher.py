@@ -302,7 +302,10 @@ def scale(counts: dict[str, int], address: str | None = None, namespace: str = N
             ) from None
     out = ray.get(controller.scale.remote({n: c for n, c in counts.items() if n in EMBODIMENTS}))
     for name, actor in onboarders.items():
-        out["robots"][name] = ray.get(actor.scale.remote(counts[name]))
+        body = ray.get(actor.scale.remote(counts[name]))
+        out["robots"][name] = body["robots"]
+        out["added"] = list(out["added"]) + body["added"]
+        out["removed"] = list(out["removed"]) + body["removed"]
     return out
 
 

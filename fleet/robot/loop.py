@@ -205,6 +205,7 @@ class RobotLoop:
     def _reset_episode(self) -> None:
         if self._to_policy:  # switch at the boundary: the new episode is the first the policy drives
             self.demonstrating = self._to_policy = False
+            self.stats.latencies_ms.clear()  # the operator's answers are no policy latency
             self._connect()
         self._noise_rng = np.random.default_rng([self.config.seed, self.episode])
         seed = self.config.seed * 100_003 + self.episode

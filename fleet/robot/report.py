@@ -103,7 +103,8 @@ def _mean(values: deque) -> float | None:
 def robot_report(loop: RobotLoop) -> dict:
     """The robot's status: identity, state, counters, latency percentiles, recent transitions, safety."""
     s = loop.stats
-    lat = np.asarray(s.latencies_ms) if s.latencies_ms else None
+    # no policy latency while the operator drives (the demonstration link's replies wait one tick, by design)
+    lat = np.asarray(s.latencies_ms) if s.latencies_ms and not loop.demonstrating else None
     return {
         "id": loop.config.robot_id,
         "embodiment": loop.config.embodiment,

@@ -120,7 +120,7 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
         assert reply["head_version"] >= 1 and np.asarray(reply["chunk"]).shape == (16, 6)
         # `fleet scale` reaches an added body as it does the pretrained four; an unknown one is named
         out = scale({"so100": 3, "franka": 1}, namespace=config.namespace)
-        assert out["robots"]["so100"] == 3 and out["robots"]["franka"] == 1 and out["added"] == []
+        assert out["robots"]["so100"] == 3 and out["robots"]["franka"] == 1 and out["added"] == ["robot-so100-2"]
         assert len(onboarding_status(config.namespace)["bodies"]["so100"]["robots"]) == 3
         with pytest.raises(FleetError, match="unknown embodiment 'so200'"):
             scale({"so200": 1}, namespace=config.namespace)

@@ -63,6 +63,7 @@ def test_every_tick_the_operator_drove_is_stored_as_a_correction_with_no_policy_
     assert client.calls == 0
     r = loop.report()
     assert r["phase"] == "demonstrations" and r["demo_episodes"] == 2 and r["success_rate"] == 1.0
+    assert r["latency_p50_ms"] is None  # the operator's answers are no policy latency
     # one stored chunk per tick (the operator is asked every tick, with the observation the next tick acts on)
     assert len(stored) == r["demonstrations"] == r["ticks"]
     for c in stored:
@@ -94,6 +95,7 @@ def test_start_policy_switches_at_the_next_episode_boundary(so100):
     run_until(loop, 2)
     r = loop.report()
     assert r["demo_episodes"] == 1 and r["head_version"] == 1 and r["policy_calls"] > 0
+    assert r["latency_p50_ms"] is not None
     assert all(c.policy_chunk is None for c in stored) and {c.episode for c in stored} == {0}
     assert loop.start_policy() is False  # already there
 
