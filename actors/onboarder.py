@@ -114,7 +114,7 @@ class OnboardActor:
             "robot_id": name,
             "embodiment": spec.name,
             "sim": self.plan.sim,
-            "seed": index,
+            "seed": int(fleet.get("seed") or 0) * 10_000 + index,  # `fleet up --seed` moves their scenes too
             "realtime": bool(fleet["realtime"]),
             "teleop": True,  # the operator who demonstrates also reviews the policy's chunks afterwards
             "demonstrate": self.session.phase == "demonstrations" or not self._serving(),
