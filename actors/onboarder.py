@@ -57,6 +57,9 @@ class OnboardActor:
         """idle: also SCHED_IDLE (fleet.policy.openmp.lower_priority), for a fleet that holds control rates. A fleet
         that runs flat out keeps the cores busy, so there the actor only lowers its niceness, or it would starve.
         fleet: what the body's robots take from the fleet (route, realtime, robot_cpus, seed, log_dir, robot)."""
+        # first of all, so loading torch and the checkpoint does not compete with the fleet either: training takes
+        # only the cores the fleet's robots and replicas leave free
+        self.niceness = lower_priority(ONBOARD_NICENESS, idle=idle)
         set_omp_wait_policy()  # before torch loads: training threads wait passively at OpenMP barriers
         import torch
 
@@ -67,8 +70,6 @@ class OnboardActor:
 
         self.plan = OnboardSpec.from_dict(plan)
         torch.set_num_threads(self.plan.train_threads)
-        # training takes only the cores the fleet's robots and replicas leave free
-        self.niceness = lower_priority(ONBOARD_NICENESS, idle=idle)
         # what the process runs under, read back (a platform without SCHED_IDLE keeps only the niceness)
         self.sched_idle = hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(0) == os.SCHED_IDLE
         spec = self.plan.spec
