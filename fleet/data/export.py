@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fleet.data.correction import Correction, validate_correction
-from fleet.data.log import CorrectionLog
+from fleet.data.log import CorrectionLog, read_added_specs
 from fleet.embodiments import EMBODIMENTS, EmbodimentSpec
 
 CODEBASE_VERSION = "v3.0"
@@ -116,7 +116,7 @@ def _load(
     if isinstance(source, (str, os.PathLike)):
         if not Path(source).is_dir():
             raise FileNotFoundError(f"correction log directory {source} does not exist")
-        return CorrectionLog(source).read_all()
+        return CorrectionLog(source).read_all(specs)
     out, seen = [], set()
     for item in source:
         c = validate_correction(item, specs)
@@ -383,6 +383,9 @@ def export_corrections(
     a non-empty `out_dir` unless `overwrite`. Returns a summary dict ("datasets": embodiment -> path in out_dir).
     """
     specs = EMBODIMENTS if specs is None else specs
+    if isinstance(log_dir_or_corrections, (str, os.PathLike)):
+        # a fleet's log also holds the bodies `fleet embodiment add` brought in: their specs are kept beside it
+        specs = dict(specs) | read_added_specs(log_dir_or_corrections)
     if max_frames_per_file < 1 or files_per_chunk < 1:
         raise ValueError("max_frames_per_file and files_per_chunk must be positive")
     if embodiment is not None and embodiment not in specs:

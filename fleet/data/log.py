@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from fleet.data.arrow import CORRECTION_SCHEMA, corrections_to_table, table_to_corrections
 from fleet.data.correction import Correction, CorrectionError, validate_correction
 from fleet.durable import durable_temp, fsync_dir, publish, write_text_atomic
-from fleet.embodiments import EmbodimentSpec
+from fleet.embodiments import BUILTIN_EMBODIMENTS, EmbodimentSpec
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +227,9 @@ class CorrectionLog:
         self.quarantined.append({"part": part.path.name, "error": error, "rows_salvaged": len(salvaged)})
         log.error("correction log %s: %s moved to %s (%d rows salvaged)", self.directory, error, where, len(salvaged))
 
-    def read_all(self) -> list[Correction]:
+    def read_all(self, specs: dict[str, EmbodimentSpec] | None = None) -> list[Correction]:
         """Every stored correction once, in the order it was appended (see `iter_all`); for export and tests."""
-        return list(self.iter_all())
+        return list(self.iter_all(specs))
 
     # ---- compaction ---------------------------------------------------------------------------
     def compact(self, small_bytes: int = 16 * 1024 * 1024) -> int:
@@ -271,3 +271,30 @@ class CorrectionLog:
                     removed += 1
             fsync_dir(self.directory)
         return removed
+
+
+ADDED_FILE = "embodiments.json"
+# beside a log's parts: the specs of bodies added to the fleet at run time ({name: EmbodimentSpec.to_dict()}), written
+# by the replay store (ReplayStore.register_embodiment) so the log can be validated without the fleet's registry
+
+
+def read_added_specs(directory: str | os.PathLike) -> dict[str, EmbodimentSpec]:
+    """The added bodies' specs kept beside the log in `directory` ({} when there are none). A malformed file or
+    entry is logged and skipped: the pretrained bodies' records stay readable."""
+    try:
+        raw = json.loads((Path(directory) / ADDED_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("correction log %s: %s unreadable, added bodies skipped: %s", directory, ADDED_FILE, exc)
+        return {}
+    out = {}
+    for d in raw.values() if isinstance(raw, dict) else []:
+        try:
+            spec = EmbodimentSpec.from_dict(d)
+        except (TypeError, ValueError, AttributeError) as exc:
+            log.warning("correction log %s: an added body was skipped: %s", directory, exc)
+            continue
+        if spec.name not in BUILTIN_EMBODIMENTS:
+            out[spec.name] = spec
+    return out

@@ -22,15 +22,13 @@ import numpy as np
 from fleet.data.buffer import CorrectionBuffer, SampleMode
 from fleet.data.correction import Correction, CorrectionError, validate_correction
 from fleet.data.export import export_corrections
-from fleet.data.log import CorrectionLog, CorrectionLogError
+from fleet.data.log import ADDED_FILE, CorrectionLog, CorrectionLogError, read_added_specs
 from fleet.durable import write_text_atomic
 from fleet.embodiments import BUILTIN_EMBODIMENTS, EMBODIMENTS, EmbodimentSpec
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_EMBODIMENT = "_unknown"
-ADDED_FILE = "embodiments.json"
-# the specs of bodies added at run time ({name: EmbodimentSpec.to_dict()}), beside the log's parts
 # stats key for rejected corrections whose embodiment is not registered (keeps the key set bounded)
 
 
@@ -73,23 +71,10 @@ class ReplayStore:
         return Path(self.log.directory) / ADDED_FILE
 
     def _load_added(self) -> list[str]:
-        try:
-            raw = json.loads(self._added_path().read_text())
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError) as exc:
-            log.warning(
-                "replay store %s: %s unreadable, added bodies not restored: %s", self.log.directory, ADDED_FILE, exc
-            )
-            return []
-        names = []
-        for d in raw.values() if isinstance(raw, dict) else []:
-            try:
-                self._register(EmbodimentSpec.from_dict(d))
-                names.append(d["name"])
-            except (TypeError, ValueError, KeyError) as exc:
-                log.warning("replay store %s: an added body was not restored: %s", self.log.directory, exc)
-        return names
+        added = read_added_specs(self.log.directory)
+        for spec in added.values():
+            self._register(spec)
+        return sorted(added)
 
     def _register(self, spec: EmbodimentSpec) -> None:
         if spec.name in BUILTIN_EMBODIMENTS:

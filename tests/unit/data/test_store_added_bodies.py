@@ -48,3 +48,20 @@ def test_registering_refuses_a_builtin_name_and_a_malformed_spec(tmp_path):
     assert not (tmp_path / ADDED_FILE).exists()
     (tmp_path / ADDED_FILE).write_text("{not json")
     assert ReplayStore(tmp_path, specs=dict(EMBODIMENTS)).added_at_start == []  # unreadable: a warning, no crash
+
+
+def test_an_export_of_a_fleets_log_includes_the_added_bodys_demonstrations(tmp_path):
+    """`fleet export-corrections --log-dir` runs in a process that never registered so100: the spec kept beside
+    the log lets the export validate and write its records (before, they were skipped without a word)."""
+    from fleet.data.export import export_corrections
+
+    rng = np.random.default_rng(1)
+    store = ReplayStore(tmp_path / "log", specs=dict(EMBODIMENTS))
+    store.register_embodiment(SO100.to_dict())
+    demos = [so100_demo(rng, robot_id="robot-so100-0", episode=0, tick=t) for t in range(3)]
+    franka = random_correction("franka", rng)
+    assert len(store.add([c.to_dict() for c in demos] + [franka.to_dict()])["accepted"]) == 4
+    assert "so100" not in EMBODIMENTS
+    summary = export_corrections(tmp_path / "log", tmp_path / "out")
+    assert summary["embodiments"] == {"franka": 1, "so100": 3}  # one exported episode per record
+    assert sorted(summary["datasets"]) == ["franka", "so100"]
