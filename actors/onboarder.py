@@ -31,6 +31,10 @@ from fleet.names import HEADS, ONBOARD_PREFIX, REPLAY, robot_name
 from fleet.policy.openmp import lower_priority, set_omp_wait_policy
 
 ONBOARD_NICENESS = 19  # the lowest CPU priority (and SCHED_IDLE); Ray starts its workers, robots and replicas, at 15
+ADDED_ROBOT_NICENESS = 18
+# the body's robots run below the fleet they join (15): a robot of the new body needs a few % of a core at 10 Hz,
+# and the existing robots keep their share when the cores are contested (aloha's e-stop latched in 2 of 3 realtime
+# onboarding runs while the new robots ran at the fleet's own priority)
 SEEN_EPISODES = 20_000  # (robot, episode) keys remembered, so an episode whose records come in two reads counts once
 READ_EVERY_S = 0.5  # how often the reader asks the replay store for the body's new records
 TELL_EVERY_S = 5.0  # how often, once the body is served, the robots are told (again) to run the policy
@@ -131,6 +135,7 @@ class OnboardActor:
             outcomes={"name": onboarder_name(spec.name), "namespace": self.namespace},
             state_dir=state_dir,
             embodiment_spec=spec.to_dict(),
+            niceness=ADDED_ROBOT_NICENESS,
         )
         return handle
 

@@ -207,9 +207,16 @@ class _RobotActor:
         state_dir: str | None = None,
         image_stats: dict | None = None,
         embodiment_spec: dict | None = None,
+        niceness: int | None = None,
     ) -> None:
         """embodiment_spec: a body the fleet process registry does not have (EmbodimentSpec.to_dict(); one
-        `fleet embodiment add` brought in), registered in this process before the config is checked."""
+        `fleet embodiment add` brought in), registered in this process before the config is checked.
+        niceness: run every thread of this robot at least this nice (a body being onboarded runs below the
+        fleet it joins, whose robots and replicas Ray starts at 15)."""
+        if niceness is not None:
+            from fleet.policy.openmp import lower_priority  # os only: no torch in a robot
+
+            lower_priority(niceness)
         if embodiment_spec is not None:
             from fleet.embodiments import EMBODIMENTS, EmbodimentSpec, register_embodiment
 

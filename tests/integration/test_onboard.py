@@ -108,6 +108,8 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
         robot0 = ray_session.get_actor("robot-so100-0", namespace=config.namespace)
         report = ray_session.get(robot0.report.remote())
         assert report["phase"] == "policy" and report["demo_episodes"] >= 1 and report["policy_calls"] >= 1
+        # below the fleet it joins (Ray's workers run at 15)
+        assert ray_session.get(robot0.__ray_call__.remote(lambda self: os.getpriority(os.PRIO_PROCESS, 0))) >= 18
         assert all(r["phase"] == "policy" for r in body["robots"] if r["policy_episodes"])
         # training yields the CPU: the lowest niceness; not SCHED_IDLE beside a fleet that runs flat out
         assert body["niceness"] == 19 and body["sched_idle"] is False
