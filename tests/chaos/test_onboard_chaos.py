@@ -8,19 +8,15 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from fleet.cluster.config import FleetConfig  # noqa: E402
 from fleet.cluster.launcher import down, up  # noqa: E402
 from fleet.embodiments import CATALOG  # noqa: E402
 from fleet.names import REPLAY  # noqa: E402
-from fleet.policy.checkpoint import save_checkpoint  # noqa: E402
-from fleet.policy.train import build_model  # noqa: E402
-from tests.mocks.tiny_policy import TINY  # noqa: E402
+from tests.integration.test_onboard import small_fleet  # noqa: E402
 
 pytestmark = [pytest.mark.chaos, pytest.mark.ray]
 
@@ -47,20 +43,7 @@ def test_onboarding_survives_its_replay_store_and_a_robot_restarting(ray_session
     from fleet.cli.onboard_cmds import add_embodiment_to_fleet, onboarding_status
 
     ray = ray_session
-    os.environ["FLEET_STATE_DIR"] = str(tmp_path / "state")
-    ckpt = tmp_path / "ckpt" / "policy"
-    save_checkpoint(build_model(("franka",), config=TINY), ckpt)
-    tag = uuid.uuid4().hex[:6]
-    config = FleetConfig(
-        robots={"franka": 1},
-        checkpoint=str(ckpt),
-        replica_cpus=0.5,
-        realtime=False,
-        namespace=f"fleet-onboard-chaos-{tag}",
-        app_name=f"fleet-policy-{tag}",
-        log_dir=str(tmp_path / "log"),
-        server={"threads": 1, "max_batch_size": 16, "poll_interval_s": 0.2},
-    )
+    config = small_fleet(tmp_path, "fleet-onboard-chaos")
     ns = config.namespace
     up(config)
     try:

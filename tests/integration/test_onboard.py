@@ -33,26 +33,32 @@ def franka_chunk(handle) -> np.ndarray:
     return np.asarray(reply["chunk"])
 
 
+def small_fleet(tmp_path, prefix: str) -> FleetConfig:
+    """One franka robot on a tiny franka-only checkpoint, run flat out in its own namespace (and e-stop state
+    directory): the fleet a body is added to in these tests."""
+    os.environ["FLEET_STATE_DIR"] = str(tmp_path / "state")
+    ckpt = tmp_path / "ckpt" / "policy"
+    save_checkpoint(build_model(("franka",), config=TINY), ckpt)
+    tag = uuid.uuid4().hex[:6]
+    return FleetConfig(
+        robots={"franka": 1},
+        checkpoint=str(ckpt),
+        replica_cpus=0.5,
+        realtime=False,
+        namespace=f"{prefix}-{tag}",
+        app_name=f"fleet-policy-{tag}",
+        log_dir=str(tmp_path / "log"),
+        server={"threads": 1, "max_batch_size": 16, "poll_interval_s": 0.2},
+    )
+
+
 def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
     from ray import serve
 
     from actors.onboarder import onboarder_name
     from fleet.cli.onboard_cmds import add_embodiment_to_fleet, onboarding_status
 
-    os.environ["FLEET_STATE_DIR"] = str(tmp_path / "state")
-    ckpt = tmp_path / "ckpt" / "policy"
-    save_checkpoint(build_model(("franka",), config=TINY), ckpt)
-    tag = uuid.uuid4().hex[:6]
-    config = FleetConfig(
-        robots={"franka": 1},
-        checkpoint=str(ckpt),
-        replica_cpus=0.5,
-        realtime=False,
-        namespace=f"fleet-onboard-{tag}",
-        app_name=f"fleet-policy-{tag}",
-        log_dir=str(tmp_path / "log"),
-        server={"threads": 1, "max_batch_size": 16, "poll_interval_s": 0.2},
-    )
+    config = small_fleet(tmp_path, "fleet-onboard")
     up(config)
     try:
         handle = serve.get_app_handle(config.app_name)
