@@ -287,7 +287,7 @@ class _FleetController:
             try:
                 onboarder = ray.get_actor(name, namespace=self.cfg["namespace"])
                 summary = await _get(onboarder.summary.remote(), timeout_s)
-                handles = {r: ray.get_actor(r, namespace=self.cfg["namespace"]) for r in summary["robots"]}
+                handles = summary.pop("handles")
             except Exception as exc:  # noqa: BLE001 - starting, stopping or busy: say so, keep the rest
                 summary, handles = {"phase": "unreachable", "error": f"{type(exc).__name__}: {exc}"}, {}
             out[name[len(ONBOARD_PREFIX) :]] = summary | {"handles": handles}

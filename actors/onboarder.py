@@ -309,7 +309,7 @@ class OnboardActor:
         return rows
 
     def summary(self) -> dict:
-        """The body's phase in a few keys, without asking its robots (`fleet status` shows it)."""
+        """The body's phase in a few keys, without asking its robots, and their handles (`fleet status` shows it)."""
         s = self.session.status()
         t = s["training"]
         return {
@@ -319,6 +319,7 @@ class OnboardActor:
             "first_round_demos": self.plan.first_round_demos,
             "training": None if t is None else {k: t[k] for k in ("round", "stage", "done", "steps")},
             "robots": sorted(self.robots),
+            "handles": dict(self.robots),  # so `fleet status` reaches them without a name lookup each time
         }
 
     def status(self) -> dict:

@@ -140,7 +140,6 @@ class RobotLoop:
         self._policy_client = client
         self._demo_link = DemonstrationLink(lambda: self.task.demonstrate(spec.chunk_size), spec)
         self._to_policy = False
-        self._noise_rng = np.random.default_rng(config.seed)
         self._span = np.asarray(spec.action_high, np.float32) - np.asarray(spec.action_low, np.float32)
         self._connect()
         self.episode = 0

@@ -121,6 +121,9 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
         assert body["niceness"] == 19 and body["sched_idle"] is False
         s = status(namespace=config.namespace)
         assert s["heads"]["so100"] >= 1 and s["heads"]["franka"] == 1  # replicas serve it, franka untouched
+        # `fleet status` lists the added body's robots with the others, and its phase
+        assert {"robot-so100-0", "robot-so100-1"} <= {r["id"] for r in s["robots"]}
+        assert s["added"]["so100"]["phase"] == "policy" and "handles" not in s["added"]["so100"]
         assert (s["robots"][0]["episodes"] or 0) > franka_eps  # the other robot kept working meanwhile
         np.testing.assert_array_equal(franka_chunk(handle), before)  # franka's head bit-identical
         obs, _ = make_env("so100", seed=3).reset()

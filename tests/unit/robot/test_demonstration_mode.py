@@ -12,6 +12,7 @@ from fleet.embodiments import CATALOG, EMBODIMENTS, register_embodiment
 from fleet.robot import RobotConfig, RobotLoop
 from fleet.sim import make_env
 from tests.mocks.fake_policy import FakePolicy
+from tests.unit.robot.test_robot_loop import run_episodes
 
 SO100 = CATALOG["so100"]
 
@@ -48,18 +49,10 @@ def demo_loop(client, seed: int = 0, **config) -> tuple[RobotLoop, list]:
     return RobotLoop(cfg, client, stored.extend, env=make_env("so100")), stored
 
 
-def run_until(loop: RobotLoop, episodes: int, max_ticks: int = 3000) -> None:
-    for _ in range(max_ticks):
-        if loop.stats.episodes_done >= episodes:
-            return
-        loop.tick()
-    raise AssertionError(f"{episodes} episodes did not finish in {max_ticks} ticks")
-
-
 def test_every_tick_the_operator_drove_is_stored_as_a_correction_with_no_policy_action(so100):
     client = Refusing()
     loop, stored = demo_loop(client)
-    run_until(loop, 2)
+    run_episodes(loop, 2)
     assert client.calls == 0
     r = loop.report()
     assert r["phase"] == "demonstrations" and r["demo_episodes"] == 2 and r["success_rate"] == 1.0
@@ -89,10 +82,10 @@ def test_start_policy_switches_at_the_next_episode_boundary(so100):
         loop.tick()
     assert loop.start_policy() is True and loop.phase == "demonstrations"  # the episode in progress finishes
     demos_then = loop.stats.demonstrations
-    run_until(loop, 1)
+    run_episodes(loop, 1)
     assert loop.phase == "policy" and loop.buffer.config.recompute_every == so100.recompute_every
     assert loop.stats.demonstrations > demos_then  # the episode in progress was demonstrated to its end
-    run_until(loop, 2)
+    run_episodes(loop, 2)
     r = loop.report()
     assert r["demo_episodes"] == 1 and r["head_version"] == 1 and r["policy_calls"] > 0
     assert r["latency_p50_ms"] is not None
