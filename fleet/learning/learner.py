@@ -308,11 +308,14 @@ class Learner:
                 self.log(f"learner: {name} round {self.saved.rounds} not published: {result.reason}")
                 self.saved.save()
                 return event
+            previous = self.heads[name].version
             version = self._publish(name, adapter, result, len(corrections))
-            self.cursors[name] = cursor
-            event = self.saved.event("published", name, version=version, **info)
+            with self.saved.change():  # a status never shows a publish that a kill could still lose
+                self.saved.published += 1
+                self.rollouts.start(name, version, previous)
+                self.cursors[name] = cursor
+                event = self.saved.event("published", name, version=version, **info)
             self.log(f"learner: {name} v{version} published ({len(corrections)} corrections, {result.seconds:.1f} s)")
-            self.saved.save()
             return event
         finally:
             self.state, self.current = "idle", None
@@ -340,13 +343,15 @@ class Learner:
         except Exception:
             head.install(old_state, previous)  # nothing was published: keep serving `previous`
             raise
-        self.saved.published += 1
-        self.rollouts.start(name, version, previous)
         return version
 
     # ---- status -----------------------------------------------------------------------------------
     def status(self) -> dict:
         """JSON-able summary: state, versions, pending corrections, rollouts watched, last events."""
+        with self.saved.lock:  # between changes: what it shows is saved
+            return self._status()
+
+    def _status(self) -> dict:
         last_round = next((e for e in reversed(self.history) if e["event"] in ("published", "round_rejected")), None)
         return {
             "state": self.state,

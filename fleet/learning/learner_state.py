@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fleet.durable import write_text_atomic
@@ -31,6 +34,9 @@ class LearnerState:
         self.rollbacks = 0
         self.watching: dict[str, dict] = {}  # rollouts under watch (fleet.learning.rollout.RolloutWatch)
         self.pending_rollbacks: dict[str, dict] = {}  # rollbacks decided, retried until done
+        # held while a change is made and saved: a reader holding it (the learner's status) never sees a
+        # change that a kill could still lose
+        self.lock = threading.RLock()
 
     @property
     def path(self) -> Path | None:
@@ -55,6 +61,13 @@ class LearnerState:
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             return f"learner state {path}: unreadable, starting afresh ({exc})"
         return None
+
+    @contextmanager
+    def change(self) -> Iterator[None]:
+        """Make a change and save it, as one step for a reader that holds `lock`."""
+        with self.lock:
+            yield
+            self.save()
 
     def save(self) -> None:
         path = self.path

@@ -123,8 +123,8 @@ class RolloutWatch:
 
     def start(self, name: str, version: int, previous: int) -> None:
         """Watch the rollout previous -> version of head `name`, published now."""
-        self.watching[name] = {"version": version, "previous": previous, "published_at": time.time()}
-        self.state.save()
+        with self.state.change():
+            self.watching[name] = {"version": version, "previous": previous, "published_at": time.time()}
 
     def status(self) -> dict[str, dict]:
         """Each watched rollout with the episodes that ran on the new version and how many are needed, and
@@ -175,24 +175,24 @@ class RolloutWatch:
         return self._confirmed(name, w, info, reason)
 
     def _confirmed(self, name: str, w: dict, info: dict, why: str) -> dict:
-        del self.watching[name]
-        event = self.state.event("rollout_confirmed", name, version=w["version"], **info, why=why)
-        self.state.save()
+        with self.state.change():
+            del self.watching[name]
+            event = self.state.event("rollout_confirmed", name, version=w["version"], **info, why=why)
         return event
 
     def _decide_rollback(self, name: str, w: dict, info: dict, reason: str) -> dict | None:
         """Record the decision (durably) before acting on it, then act."""
-        del self.watching[name]
-        self.pending[name] = {
-            "rolled_back": w["version"],
-            "restores": w["previous"],
-            "reason": reason,
-            "info": info,
-            "version": None,
-            "decided_at": time.time(),
-            "attempts": 0,
-        }
-        self.state.save()
+        with self.state.change():
+            del self.watching[name]
+            self.pending[name] = {
+                "rolled_back": w["version"],
+                "restores": w["previous"],
+                "reason": reason,
+                "info": info,
+                "version": None,
+                "decided_at": time.time(),
+                "attempts": 0,
+            }
         return self._rollback(name)
 
     def _rollback(self, name: str) -> dict | None:
@@ -213,22 +213,22 @@ class RolloutWatch:
             return self._failed(name, p, exc)
         except Exception as exc:  # noqa: BLE001 - the registry is away or restarting: retried next step
             return self._failed(name, p, exc)
-        self.heads[name].install_payload(payload, version)
-        del self.pending[name]
-        self.state.rollbacks += 1
-        event = self.state.event(
-            "rollback",
-            name,
-            version=version,
-            rolled_back=p["rolled_back"],
-            restores=p["restores"],
-            reason=p["reason"],
-            attempts=p["attempts"],
-            **p["info"],
-        )
+        with self.state.change():
+            self.heads[name].install_payload(payload, version)
+            del self.pending[name]
+            self.state.rollbacks += 1
+            event = self.state.event(
+                "rollback",
+                name,
+                version=version,
+                rolled_back=p["rolled_back"],
+                restores=p["restores"],
+                reason=p["reason"],
+                attempts=p["attempts"],
+                **p["info"],
+            )
+            self.last_error = None
         self.log(f"learner: {name} v{p['rolled_back']} rolled back as v{version}: {p['reason']}")
-        self.last_error = None
-        self.state.save()
         return event
 
     def _failed(self, name: str, p: dict, exc: BaseException) -> None:

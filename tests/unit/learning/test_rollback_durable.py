@@ -1,9 +1,11 @@
 """Rollout decisions that survive faults (no Ray): a rollback is recorded before it acts and retried until done,
 across registry errors, a lost answer and a learner restart; a head some replica refused is rolled back; a
-rollout is confirmed on a timeout only once every live replica installed it."""
+rollout is confirmed on a timeout only once every live replica installed it; a reader holding the state's lock
+never sees a verdict that is not saved yet."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -132,3 +134,31 @@ def test_a_rollout_is_confirmed_on_timeout_only_once_every_replica_installed_it(
     time.sleep(0.1)
     event = watch.judge("franka")
     assert event["event"] == "rollout_confirmed" and event["why"] == "timeout"
+
+
+def test_a_verdict_is_saved_before_a_reader_holding_the_lock_can_see_it(fleet) -> None:
+    """The learner's status holds `state.lock`: a test (or operator) that saw the watch end and killed the
+    learner used to find the watch back after the restart, because the verdict was shown before it was saved."""
+    store, _, _, state_dir = fleet
+    watch, _ = learner_parts(store, state_dir)
+    watch.start("franka", 2, 1)
+    could_read, save = [], watch.state.save
+
+    def save_while_another_thread_tries_to_read() -> None:
+        def reader() -> None:
+            got = watch.state.lock.acquire(blocking=False)
+            could_read.append(got)
+            if got:
+                watch.state.lock.release()
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        thread.join()
+        save()
+
+    watch.state.save = save_while_another_thread_tries_to_read
+    watch.outcomes.record([OK | {"head_version": 1}] * 5 + [OK | {"head_version": 2}] * 5)
+    assert watch.judge("franka")["event"] == "rollout_confirmed"
+    assert could_read == [False]  # the change and its save were one step for the reader
+    restarted = LearnerState(("franka",), state_dir)
+    assert restarted.load() is None and restarted.watching == {}
