@@ -7,7 +7,8 @@
 The new body's robots are ordinary robot actors (actors/robot.py, named `robot-NAME-i`), started in demonstration
 mode: the operator (the scripted teleoperator in simulation) drives every tick, and every chunk goes to the fleet's
 replay actor as a correction with no policy action. This actor reads the body's records from the replay store,
-trains the new parts (token row, stem, head; backbone frozen) once `first_round_demos` episodes are in, and
+trains the new parts (token row, stem, head; backbone frozen) from `first_round_demos` episodes on (the first
+round takes in the episodes recorded while it trains), and
 publishes v1 to the head registry when a candidate clears the held-out check. Every policy replica learns the body
 from the registry (deployments/policy.py, no restart); once they serve it the robots switch to the policy at their
 next episode boundary, with the operator reviewing each chunk as on every other body. Their corrections keep

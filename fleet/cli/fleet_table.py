@@ -42,7 +42,8 @@ def added_line(name: str, body: dict) -> str:
         return f"added {name}: {phase}" + (f", head v{body['head_version']}" if body.get("head_version") else "")
     t = body.get("training")
     if t:
-        return f"added {name}: demonstrations, round {t['round']} {t['stage']} ({t['done']} / {t['steps']} steps)"
+        steps = f"{t['done']} / {t['steps']} steps" + (f", {t['demos']} demos" if t.get("demos") else "")
+        return f"added {name}: demonstrations, round {t['round']} {t['stage']} ({steps})"
     return f"added {name}: demonstrations, {body.get('demos', 0)} / {body.get('first_round_demos', '?')} for round 1"
 
 

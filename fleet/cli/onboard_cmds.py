@@ -96,10 +96,11 @@ def embodiment_add(
     """Add a robot body to the running fleet, without a restart: the policy server learns it when its first
     head is published. Its robots (robot actors `robot-NAME-i`) start in demonstration mode: the operator
     drives, and every chunk goes to the replay store as a correction with no policy action. An onboarding
-    learner reads them there, trains the body's token row, stem and head with the backbone frozen (first after
-    M demonstrations, then every N more) and publishes v1 once it clears a held-out check; then the same
-    robots run the policy, with the operator correcting. In a realtime fleet the robots demonstrate at the
-    body's control rate (so100, 10 Hz: 100 demonstrations from 2 robots take about 4 minutes); in a fleet run
+    learner reads them there, trains the body's token row, stem and head with the backbone frozen (from M
+    demonstrations on, taking in those that arrive while it trains, then every N more) and publishes v1 once
+    it clears a held-out check; then the same robots run the policy, with the operator correcting. In a
+    realtime fleet the robots demonstrate at the body's control rate (so100, 10 Hz: 2 robots give about 0.4
+    demonstrations a second, and v1 comes 4-5 minutes after the add); in a fleet run
     flat out (`fleet up --sim`), as fast as the simulator steps, but on 2 cores the learner then gets few
     cycles (README "Adding a robot body").
 
@@ -107,9 +108,9 @@ def embodiment_add(
     proprio_dim, action_low, action_high, max_velocity, max_force, control_hz, ...) plus "sim" (the simulator
     to drive, default the name), "like" (a pretrained body to warm-start from), "robots" (how many to start,
     default 2), "demo_noise" (0.2: noise injected into executed demonstration actions, a share of each
-    dimension's range, so demonstrations show how to recover), "first_round_demos" (M, default 100) and
-    "first_round_steps" (1500), "demos_per_round" (N,
-    default 10) and "steps_per_round" (300), "train_threads" (1, at the lowest CPU priority),
+    dimension's range, so demonstrations show how to recover), "first_round_demos" (M, default 20: round 1
+    starts then and takes in the demonstrations that arrive while it trains) and "first_round_steps" (1000),
+    "demos_per_round" (N, default 10) and "steps_per_round" (300), "train_threads" (1, at the lowest CPU priority),
     "check_episodes" and "check_success" (the held-out check: 10 episodes, 0.8 to pass).
 
     Example:
@@ -130,8 +131,9 @@ def embodiment_add(
     else:
         typer.echo(
             f"added {result['embodiment']}: {result['robots']} robot(s) in demonstration mode\n"
-            f"the learner trains after {result['first_round_demos']} demonstrations, then every "
-            f"{result['demos_per_round']} more\n(`fleet embodiment status` shows the phase and the round)"
+            f"the learner starts at {result['first_round_demos']} demonstrations and takes in the rest as "
+            f"they come;\nlater rounds every {result['demos_per_round']} more\n"
+            "(`fleet embodiment status` shows the phase and the round)"
         )
 
 
@@ -273,7 +275,7 @@ def format_status(result: dict) -> str:
         t = s.get("training")
         if t:
             what = (
-                f"training, {t['done']} / {t['steps']} steps"
+                f"training, {t['done']} / {t['steps']} steps on {t.get('demos', '?')} demos"
                 if t["stage"] == "training"
                 else f"{t['steps']} steps done, held-out check"
             )

@@ -63,6 +63,20 @@ class OnboardData:
             demos.episodes,
         )
 
+    def extend(self, other: OnboardData) -> OnboardData:
+        """These rows and then `other`'s (the same body): a round's data grown by the demonstrations that
+        arrived while it trained."""
+        if other.name != self.name:
+            raise ValueError(f"OnboardData.extend: rows of {other.name!r}, not {self.name!r}")
+        return OnboardData(
+            self.name,
+            torch.cat([self.tokens, other.tokens]),
+            torch.cat([self.proprio, other.proprio]),
+            torch.cat([self.instr, other.instr]),
+            torch.cat([self.actions, other.actions]),
+            self.episodes + other.episodes,
+        )
+
 
 @dataclass
 class OnboardReport:
@@ -97,10 +111,16 @@ def train_new_body(
     fit_stats: bool = True,
     log_every: int = 50,
     progress: Callable[[int, float], None] | None = None,
+    more: Callable[[], OnboardData | None] | None = None,
+    more_every: int = 25,
 ) -> OnboardReport:
     """Train the added body `name` on `data` for `steps` steps or `seconds` of wall time (whichever is given;
     both: the first reached). The backbone and every other head are not touched (no gradient reaches them:
-    requires_grad is off for the backbone and only the new head's parameters are in the optimizer)."""
+    requires_grad is off for the backbone and only the new head's parameters are in the optimizer).
+
+    more: asked every `more_every` steps for the data grown by what arrived since (None: nothing new); the
+    round then samples from all of it (and refits the proprio statistics with fit_stats), so a round can start
+    on its first demonstrations while the robots are still recording the rest."""
     if steps is None and seconds is None:
         raise ValueError("train_new_body: give steps or seconds")
     params = new_body_parameters(model, name)
@@ -132,6 +152,12 @@ def train_new_body(
                     group["lr"] = lr * (1.0 - 0.9 * report.steps / steps)
             opt.step()
             report.steps += 1
+            if more is not None and report.steps % more_every == 0:
+                grown = more()
+                if grown is not None:
+                    data = grown
+                    if fit_stats:
+                        set_proprio_stats(model, name, data)
             block.append(float(loss.detach()))
             if len(block) >= log_every:
                 report.losses.append(float(np.mean(block)))

@@ -74,6 +74,8 @@ class OnboardSession:
         self.training: dict | None = None
         self._lock = threading.Lock()
         self._train_lock = threading.Lock()
+        # episodes that arrived while a round trains, (episode, new), taken in by the round as it goes; else None
+        self._arrived: list[tuple[DemoSet, bool]] | None = None
 
     def add_episode(self, episode: DemoSet, new: bool = True) -> None:
         """One demonstration (or corrected) episode of this body; the oldest beyond max_demos are dropped.
@@ -86,6 +88,8 @@ class OnboardSession:
             self.episodes.append(episode)
             self.new_since_round += int(new)
             self.total_demos += int(new)
+            if self._arrived is not None:  # a round is training: it takes this one in at its next refresh
+                self._arrived.append((episode, bool(new)))
 
     def due(self) -> bool:
         """Whether a round is due: `first_round_demos` demonstrations before the first, then N new ones since
@@ -96,33 +100,50 @@ class OnboardSession:
 
     def train_round(self, seed: int | None = None) -> dict:
         """Train the new parts on every kept demonstration, run the held-out check, publish if it passes. The
-        first round runs `first_round_steps` steps, later ones `steps_per_round`."""
+        first round runs `first_round_steps` steps, later ones `steps_per_round`. Episodes that arrive while
+        it trains join its data as they come (every `more_every` steps), so the first round can start on its
+        first `first_round_demos` and end having seen the ones recorded meanwhile."""
         with self._train_lock:
             with self._lock:
                 episodes = list(self.episodes)
                 self.new_since_round = 0
-            demos = episodes[0]
-            for e in episodes[1:]:
-                demos = demos.extend(e)
+                self._arrived = []
             seed = len(self.rounds) if seed is None else seed
             steps = self.plan.steps_per_round if self.rounds else self.plan.first_round_steps
             with self._lock:
                 self.training = {"round": len(self.rounds) + 1, "stage": "training", "steps": steps, "done": 0}
-                self.training["started"] = time.time()
+                self.training |= {"started": time.time(), "demos": len(episodes)}
+            grown = {"data": None, "episodes": len(episodes)}
+
+            def more() -> OnboardData | None:
+                with self._lock:
+                    arrived, self._arrived = self._arrived, []
+                    self.new_since_round -= sum(new for _, new in arrived)  # this round learns from them
+                if not arrived:
+                    return None
+                grown["episodes"] += sum(new for _, new in arrived)
+                grown["data"] = grown["data"].extend(OnboardData.from_demos(self.model, _joined(arrived)))
+                with self._lock:
+                    if self.training is not None:
+                        self.training["demos"] = grown["episodes"]
+                return grown["data"]
+
             try:
-                data = OnboardData.from_demos(self.model, demos)
+                grown["data"] = OnboardData.from_demos(self.model, _joined([(e, True) for e in episodes]))
                 opts = {"steps": steps, "batch_size": 32, "lr": 3e-3, "seed": seed, "progress": self._trained}
-                report = train_new_body(self.model, self.name, data, **opts)
+                report = train_new_body(self.model, self.name, grown["data"], more=more, **opts)
                 with self._lock:
                     self.training |= {"stage": "checking", "done": report.steps}
                 success = self.check()
             finally:
                 with self._lock:
                     self.training = None
+                    self._arrived = None
+            data = grown["data"]
             passed = success >= self.plan.check_success
             entry = {
                 "round": len(self.rounds) + 1,
-                "demos": len(episodes),
+                "demos": grown["episodes"],
                 "samples": len(data),
                 "steps": report.steps,
                 "train_s": report.seconds,
@@ -135,7 +156,7 @@ class OnboardSession:
 
                 version = self.version + 1
                 payload = head_to_bytes(self.model, self.name, version)
-                meta = {"onboard_round": entry["round"], "check_success": success, "demos": len(episodes)}
+                meta = {"onboard_round": entry["round"], "check_success": success, "demos": entry["demos"]}
                 previous, self.version = self.version, int(self.publish(payload, meta))
                 self.model.head_versions[self.name] = self.version
                 self._payloads = {v: b for v, b in self._payloads.items() if v == previous} | {self.version: payload}
@@ -227,6 +248,14 @@ class OnboardSession:
                 else self.watch | {"episodes": len(self.outcomes[self.watch["version"]])},
                 "rollouts": [dict(e) for e in self.rollouts],
             }
+
+
+def _joined(episodes: list[tuple[DemoSet, bool]]) -> DemoSet:
+    """The samples of (episode, new) pairs as one DemoSet."""
+    demos = episodes[0][0]
+    for e, _ in episodes[1:]:
+        demos = demos.extend(e)
+    return demos
 
 
 def episodes_from_corrections(name: str, corrections: list) -> list[tuple[tuple[str, int], DemoSet]]:

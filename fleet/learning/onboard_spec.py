@@ -39,15 +39,18 @@ class OnboardSpec:
     # (`fleet experiment onboard --noise`, and the live recorder). so100's workspace guard keeps a noisy step from
     # pushing the fingertip into the table: without it 0.2 latched the force e-stop in 8 of 90 demonstrations, with
     # it in none of 90. A body without such a guard may need less noise
-    first_round_demos: int = 100
-    # demonstrations (episodes) the first training round waits for. Each robot demonstrates at the body's control
-    # rate in a realtime fleet (so100 at noise 0.2: about 51 ticks an episode at 10 Hz, so 2 robots give 100 in
-    # about 4 minutes) and as fast as the simulator steps in a fleet run flat out; on a real robot each is an
-    # operator's episode, so set what your operators can give (`fleet experiment onboard` measures what fewer
-    # cost)
-    first_round_steps: int = 1500
-    # optimizer steps of the first round: one schedule over every demonstration so far (many short rounds on a
-    # growing set learn far more slowly; README "Adding a robot body")
+    first_round_demos: int = 20
+    # demonstrations (episodes) the first training round waits for before it starts. The robots keep
+    # demonstrating while it trains, and every episode that arrives joins its data as it goes, so the round ends
+    # having seen about first_round_demos + (its training time x the demonstration rate). Each robot demonstrates
+    # at the body's control rate in a realtime fleet (so100 at noise 0.2: about 51 ticks an episode at 10 Hz, so
+    # 2 robots give about 0.38 a second) and as fast as the simulator steps in a fleet run flat out; on a real
+    # robot each is an operator's episode (`fleet experiment onboard` measures what fewer cost)
+    first_round_steps: int = 1000
+    # optimizer steps of the first round: one schedule over a set that grows while it trains. Beside a realtime
+    # fleet on 2 cores the round runs about 5 steps a second, so 2 so100 robots add about 75 demonstrations
+    # meanwhile and v1 learns from about 95 (offline at that ratio: 96-97 % on unseen scenes; README "Adding a
+    # robot body"). Many short rounds on a growing set learn far more slowly
     demos_per_round: int = 10
     # after the first round, the learner trains again after every this many new demonstrations or corrections
     steps_per_round: int = 300

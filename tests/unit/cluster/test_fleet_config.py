@@ -177,15 +177,15 @@ def test_an_added_body_shows_its_phase_in_the_fleet_table():
     says how far its onboarding is, in 80 columns."""
     demo = {"id": "robot-so100-0", "embodiment": "so100", "state": "normal", "phase": "demonstrations"}
     policy = {"id": "robot-so100-1", "embodiment": "so100", "state": "normal", "phase": "policy", "head_version": 1}
-    added = {"so100": {"phase": "demonstrations", "head_version": 0, "demos": 46, "first_round_demos": 100}}
+    added = {"so100": {"phase": "demonstrations", "head_version": 0, "demos": 16, "first_round_demos": 20}}
     console = Console(width=80, record=True)
     console.print(render_table({"robots": [demo, policy], "heads": {"franka": 1}, "added": added}))
     text = console.export_text()
     rows = {line.split()[0]: line.split()[1] for line in text.splitlines() if line.startswith("so100-")}
     assert rows == {"so100-0": "demo", "so100-1": "normal"}
-    assert "added so100: demonstrations, 46 / 100 for round 1" in text
-    training = {"round": 1, "stage": "training", "done": 350, "steps": 1500}
+    assert "added so100: demonstrations, 16 / 20 for round 1" in text
+    training = {"round": 1, "stage": "training", "done": 350, "steps": 1000, "demos": 47}
     line = added_line("so100", added["so100"] | {"training": training})
-    assert line == "added so100: demonstrations, round 1 training (350 / 1500 steps)"
+    assert line == "added so100: demonstrations, round 1 training (350 / 1000 steps, 47 demos)"
     assert added_line("so100", {"phase": "policy", "head_version": 2}) == "added so100: policy, head v2"
     assert max(len(x) for x in text.splitlines()) <= 80

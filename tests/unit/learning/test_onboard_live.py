@@ -245,9 +245,39 @@ def test_the_first_round_waits_for_its_demonstrations_and_runs_its_own_schedule(
     assert session.due() and session.train_round()["steps"] == 2
 
 
+def test_episodes_that_arrive_while_a_round_trains_join_its_data():
+    """The robots keep recording while the first round trains: each episode that arrives joins the round's data
+    at its next refresh (the proprio statistics refit on all of it), and does not make the next round due."""
+    model = tiny_with_so100()
+    session = OnboardSession(
+        plan(first_round_demos=2, first_round_steps=100, demos_per_round=2, steps_per_round=2), model, lambda p, m: 1
+    )
+    for i in range(2):
+        session.add_episode(demo_episode(0, episode=i))
+    late = [demo_episode(1, episode=i) for i in range(2)]
+    trained = session._trained
+
+    def record_meanwhile(steps: int, loss: float) -> None:  # progress, every 50 steps: the robots record
+        trained(steps, loss)
+        if steps == 50:
+            for episode in late:
+                session.add_episode(episode)
+
+    session._trained = record_meanwhile
+    entry = session.train_round()
+    everything = [*session.episodes]
+    assert entry["demos"] == 4 and entry["samples"] == sum(len(e) for e in everything)
+    proprio = np.concatenate([e.proprio[:, : SO100.proprio_dim] for e in everything]).astype(np.float32)
+    np.testing.assert_allclose(model.head("so100").stem.mean.numpy(), proprio.mean(0), rtol=1e-4, atol=1e-5)
+    assert session.new_since_round == 0 and not session.due()  # the round learnt from them already
+    session.add_episode(demo_episode(2))
+    session.add_episode(demo_episode(3))
+    assert session.due()
+
+
 def test_plan_fields_of_the_first_round_and_training_threads_are_checked():
     p = OnboardSpec(spec=SO100, sim="so100")
-    assert (p.first_round_demos, p.first_round_steps, p.train_threads) == (100, 1500, 1)
+    assert (p.first_round_demos, p.first_round_steps, p.train_threads) == (20, 1000, 1)
     assert OnboardSpec.from_dict(p.to_dict()) == p
     with pytest.raises(ValueError, match="first_round_demos"):
         plan(first_round_demos=0)
