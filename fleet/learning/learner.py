@@ -293,7 +293,6 @@ class Learner:
         self.current = {"embodiment": name, "started": time.time(), "corrections": len(corrections)}
         try:
             result = adapter.round(corrections)
-            self.saved.rounds += 1
             info = {
                 "corrections": len(corrections),
                 "seconds": result.seconds,
@@ -303,14 +302,16 @@ class Learner:
                 "from_version": self.heads[name].version,
             }
             if not result.accepted:
-                self.cursors[name] = cursor
-                event = self.saved.event("round_rejected", name, **info)
+                with self.saved.change():
+                    self.saved.rounds += 1
+                    self.cursors[name] = cursor
+                    event = self.saved.event("round_rejected", name, **info)
                 self.log(f"learner: {name} round {self.saved.rounds} not published: {result.reason}")
-                self.saved.save()
                 return event
             previous = self.heads[name].version
             version = self._publish(name, adapter, result, len(corrections))
             with self.saved.change():  # a status never shows a publish that a kill could still lose
+                self.saved.rounds += 1
                 self.saved.published += 1
                 self.rollouts.start(name, version, previous)
                 self.cursors[name] = cursor
