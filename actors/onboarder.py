@@ -58,10 +58,13 @@ class OnboardActor:
         registry: str = HEADS,
         idle: bool = True,
         fleet: dict | None = None,
+        added_at: float | None = None,
     ) -> None:
         """idle: also SCHED_IDLE (fleet.policy.openmp.lower_priority), for a fleet that holds control rates. A fleet
         that runs flat out keeps the cores busy, so there the actor only lowers its niceness, or it would starve.
-        fleet: what the body's robots take from the fleet (route, realtime, robot_cpus, seed, log_dir, robot)."""
+        fleet: what the body's robots take from the fleet (route, realtime, robot_cpus, seed, log_dir, robot).
+        added_at: when `fleet embodiment add` ran (time.time()); the status's timeline counts from it."""
+        self.added_at = time.time() if added_at is None else float(added_at)
         # first of all, so loading torch and the checkpoint does not compete with the fleet either: training takes
         # only the cores the fleet's robots and replicas leave free
         self.niceness = lower_priority(ONBOARD_NICENESS, idle=idle)
@@ -104,6 +107,7 @@ class OnboardActor:
         self.target_robots = 0
         self._told_at = -float("inf")  # when the robots were last told to run the policy
         self.scale(self.plan.robots)
+        self._marks = {"robots": time.time()}  # the onboarding's timeline, with the session's marks
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"onboard-{spec.name}", daemon=True)
         self._reader = threading.Thread(target=self._read, name=f"onboard-read-{spec.name}", daemon=True)
@@ -196,6 +200,7 @@ class OnboardActor:
                 continue  # only this body's robots: the per-robot counts stay bounded
             n += 1
             if o.head_versions:
+                self._marks.setdefault("first_policy_episode", time.time())
                 counts = self._policy_eps[o.robot_id]
                 counts[0] += 1
                 counts[1] += int(o.success)
@@ -324,7 +329,12 @@ class OnboardActor:
         }
 
     def status(self) -> dict:
-        return self.session.status() | {
+        session = self.session.status()
+        marks = session.pop("marks") | self._marks
+        order = ("robots", "first_round", "v1", "first_policy_episode")
+        return session | {
+            # seconds after `fleet embodiment add`: robots demonstrating, first round started, v1, first policy episode
+            "timeline": {k: round(marks[k] - self.added_at, 1) for k in order if k in marks},
             "robots": self._robot_rows(),
             "records": self.records,
             "records_missed": self.missed,
@@ -354,7 +364,12 @@ class OnboardActor:
 
 
 def start_onboarder(
-    plan: dict, checkpoint: str | None, namespace: str, app: str, fleet: dict | None = None
+    plan: dict,
+    checkpoint: str | None,
+    namespace: str,
+    app: str,
+    fleet: dict | None = None,
+    added_at: float | None = None,
 ) -> ray.actor.ActorHandle:
     """The onboarding actor of plan["name"] (created, or the running one). Detached: it outlives the
     `fleet embodiment add` that started it; `fleet down` stops it with the fleet's other named actors.
@@ -370,4 +385,5 @@ def start_onboarder(
         app,
         idle=bool(fleet.get("realtime", True)),
         fleet={k: fleet[k] for k in keep if k in fleet},
+        added_at=time.time() if added_at is None else added_at,
     )

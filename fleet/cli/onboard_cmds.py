@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -222,6 +223,7 @@ def _onboarder(name: str, namespace: str):
 
 def add_embodiment_to_fleet(plan: dict, namespace: str = NAMESPACE) -> dict:
     """Start the onboarding actor of `plan` (OnboardSpec.to_dict()) in the running fleet; returns a summary."""
+    added_at = time.time()  # the status's timeline counts from here
     import ray
 
     from actors.onboarder import start_onboarder
@@ -230,7 +232,7 @@ def add_embodiment_to_fleet(plan: dict, namespace: str = NAMESPACE) -> dict:
     cfg = ray.get(controller.config.remote())
     if plan["name"] in (ray.get(controller.status.remote(3.0)).get("heads") or {}):
         raise ValueError(f"--spec: the fleet already serves a body named {plan['name']!r}")
-    actor = start_onboarder(plan, cfg.get("checkpoint"), namespace, cfg["app_name"], fleet=cfg)
+    actor = start_onboarder(plan, cfg.get("checkpoint"), namespace, cfg["app_name"], fleet=cfg, added_at=added_at)
     status = ray.get(actor.status.remote())
     return {
         "embodiment": plan["name"],
@@ -267,6 +269,11 @@ def format_status(result: dict) -> str:
             f"{name:<10} {s['phase']:<15} {'v' + str(s['head_version']):>5} {s['demos']:>6} {len(s['robots']):>7} "
             f"{eps:>11} {succ:>6}"
         )
+        timeline = s.get("timeline") or {}
+        if timeline:
+            names = {"robots": "robots", "first_round": "round 1", "v1": "v1", "first_policy_episode": "policy episode"}
+            marks = ", ".join(f"{names.get(k, k)} {v:.0f} s" for k, v in timeline.items())
+            lines.append(f"  since the add: {marks}")
         for r in s["rounds"]:
             lines.append(
                 f"  round {r['round']}: {r['demos']} demos, {r['steps']} steps, {r['train_s']:.0f} s, "

@@ -74,6 +74,8 @@ class OnboardSession:
         self.training: dict | None = None
         self._lock = threading.Lock()
         self._train_lock = threading.Lock()
+        # when the first round started and v1 was published (time.time()): the onboarding's timeline
+        self.marks: dict[str, float] = {}
         # episodes that arrived while a round trains, (episode, new), taken in by the round as it goes; else None
         self._arrived: list[tuple[DemoSet, bool]] | None = None
 
@@ -113,6 +115,7 @@ class OnboardSession:
             with self._lock:
                 self.training = {"round": len(self.rounds) + 1, "stage": "training", "steps": steps, "done": 0}
                 self.training |= {"started": time.time(), "demos": len(episodes)}
+                self.marks.setdefault("first_round", self.training["started"])
             grown = {"data": None, "episodes": len(episodes)}
 
             def more() -> OnboardData | None:
@@ -163,6 +166,7 @@ class OnboardSession:
                 if previous >= 1:
                     self.watch = {"version": self.version, "previous": previous, "published_at": time.time()}
                 entry["published"] = self.version
+                self.marks.setdefault("v1", time.time())
                 self.phase = "policy"
             self.rounds.append(entry)
             self.log(
@@ -247,6 +251,7 @@ class OnboardSession:
                 if self.watch is None
                 else self.watch | {"episodes": len(self.outcomes[self.watch["version"]])},
                 "rollouts": [dict(e) for e in self.rollouts],
+                "marks": dict(self.marks),
             }
 
 

@@ -103,6 +103,11 @@ def test_add_a_body_to_a_running_fleet(ray_session, tmp_path):
         assert body["phase"] == "policy" and body["head_version"] >= 1
         (first,) = [r for r in body["rounds"] if r["published"]][:1]
         assert first["demos"] >= 4 and first["steps"] == 20
+        # the timeline since the add, in the order it happened
+        timeline = body["timeline"]
+        assert list(timeline) == ["robots", "first_round", "v1", "first_policy_episode"]
+        assert 0 < timeline["robots"] <= timeline["first_round"] <= timeline["v1"] <= timeline["first_policy_episode"]
+        assert timeline["first_policy_episode"] <= time.monotonic() - t_add + 1.0
         # the demonstrations went through the replay store as corrections with no policy action
         from fleet.names import REPLAY
 
