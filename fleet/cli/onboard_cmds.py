@@ -90,7 +90,7 @@ def experiment_onboard(
 
 
 def embodiment_add(
-    spec_file: Annotated[Path, typer.Option("--spec", help="JSON spec of the new body (see below).")],
+    spec_file: Annotated[Path, typer.Option("--spec", help="JSON spec of the new body (see above).")],
     namespace: Annotated[str | None, typer.Option(help="The fleet's namespace (default: the running fleet).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
