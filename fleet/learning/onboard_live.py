@@ -116,11 +116,15 @@ class OnboardSession:
                 self.training = {"round": len(self.rounds) + 1, "stage": "training", "steps": steps, "done": 0}
                 self.training |= {"started": time.time(), "demos": len(episodes)}
                 self.marks.setdefault("first_round", self.training["started"])
-            grown = {"data": None, "episodes": len(episodes)}
+            grown = {"data": None, "episodes": len(episodes), "kept": len(episodes)}
 
             def more() -> OnboardData | None:
                 with self._lock:
-                    arrived, self._arrived = self._arrived, []
+                    # at most max_demos episodes in a round, as in the session's own memory: a fleet run flat out
+                    # records faster than a round trains, and the rest wait for the next round
+                    arrived = (self._arrived or [])[: max(0, self.plan.max_demos - grown["kept"])]
+                    grown["kept"] += len(arrived)
+                    self._arrived = [] if grown["kept"] < self.plan.max_demos else None
                     self.new_since_round -= sum(new for _, new in arrived)  # this round learns from them
                 if not arrived:
                     return None

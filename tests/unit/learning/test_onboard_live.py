@@ -275,6 +275,32 @@ def test_episodes_that_arrive_while_a_round_trains_join_its_data():
     assert session.due()
 
 
+def test_a_round_takes_in_at_most_max_demos_episodes():
+    """A fleet run flat out records faster than a round trains: the round's data stops at max_demos episodes
+    (its memory stays bounded), and the episodes it left count toward the next round."""
+    session = OnboardSession(
+        plan(first_round_demos=2, first_round_steps=100, demos_per_round=2, steps_per_round=2, max_demos=3),
+        tiny_with_so100(),
+        lambda p, m: 1,
+    )
+    first = [demo_episode(0, episode=i) for i in range(2)]
+    for episode in first:
+        session.add_episode(episode)
+    late = [demo_episode(1, episode=i) for i in range(3)]
+    trained = session._trained
+
+    def record_meanwhile(steps: int, loss: float) -> None:
+        trained(steps, loss)
+        if steps == 50:
+            for episode in late:
+                session.add_episode(episode)
+
+    session._trained = record_meanwhile
+    entry = session.train_round()
+    assert entry["demos"] == 3 and entry["samples"] == sum(len(e) for e in [*first, late[0]])
+    assert session.new_since_round == 2 and session.due()  # the two it had no room for
+
+
 def test_plan_fields_of_the_first_round_and_training_threads_are_checked():
     p = OnboardSpec(spec=SO100, sim="so100")
     assert (p.first_round_demos, p.first_round_steps, p.train_threads) == (20, 1000, 1)
