@@ -245,6 +245,20 @@ def test_the_first_round_waits_for_its_demonstrations_and_runs_its_own_schedule(
     assert session.due() and session.train_round()["steps"] == 2
 
 
+def record_during_round(session: OnboardSession, late: list) -> None:
+    """The robots keep recording while the session's next round trains: `late` arrives at its step 50 (the
+    round's progress callback, every 50 steps)."""
+    trained = session._trained
+
+    def record_meanwhile(steps: int, loss: float) -> None:
+        trained(steps, loss)
+        if steps == 50:
+            for episode in late:
+                session.add_episode(episode)
+
+    session._trained = record_meanwhile
+
+
 def test_episodes_that_arrive_while_a_round_trains_join_its_data():
     """The robots keep recording while the first round trains: each episode that arrives joins the round's data
     at its next refresh (the proprio statistics refit on all of it), and does not make the next round due."""
@@ -254,16 +268,7 @@ def test_episodes_that_arrive_while_a_round_trains_join_its_data():
     )
     for i in range(2):
         session.add_episode(demo_episode(0, episode=i))
-    late = [demo_episode(1, episode=i) for i in range(2)]
-    trained = session._trained
-
-    def record_meanwhile(steps: int, loss: float) -> None:  # progress, every 50 steps: the robots record
-        trained(steps, loss)
-        if steps == 50:
-            for episode in late:
-                session.add_episode(episode)
-
-    session._trained = record_meanwhile
+    record_during_round(session, [demo_episode(1, episode=i) for i in range(2)])
     entry = session.train_round()
     everything = [*session.episodes]
     assert entry["demos"] == 4 and entry["samples"] == sum(len(e) for e in everything)
@@ -287,15 +292,7 @@ def test_a_round_takes_in_at_most_max_demos_episodes():
     for episode in first:
         session.add_episode(episode)
     late = [demo_episode(1, episode=i) for i in range(3)]
-    trained = session._trained
-
-    def record_meanwhile(steps: int, loss: float) -> None:
-        trained(steps, loss)
-        if steps == 50:
-            for episode in late:
-                session.add_episode(episode)
-
-    session._trained = record_meanwhile
+    record_during_round(session, late)
     entry = session.train_round()
     assert entry["demos"] == 3 and entry["samples"] == sum(len(e) for e in [*first, late[0]])
     assert session.new_since_round == 2 and session.due()  # the two it had no room for
