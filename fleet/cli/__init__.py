@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from fleet.cli import adapt_cmds, control_cmds, fleet_cmds, infer_cmds, latency_cmds, onboard_cmds, robust_cmds
-from fleet.cli.help_text import reflow_app
+from fleet.cli.help_text import fold_long_words, reflow_app
 from fleet.cli.options import CkptOpt, JsonOpt, OutOpt, emit_json, fail, show
 from fleet.embodiments import EMBODIMENTS
 from fleet.policy.openmp import set_omp_wait_policy
@@ -416,6 +416,7 @@ control_cmds.register(bench_app)
 onboard_cmds.register(app, experiment_app)
 robust_cmds.register(experiment_app, app)
 reflow_app(app)  # prose paragraphs of every --help wrap at the terminal's width (fleet/cli/help_text.py)
+fold_long_words()  # a long path or option name in a narrow help column wraps instead of ending in "…"
 
 
 def main() -> None:

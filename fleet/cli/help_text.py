@@ -8,6 +8,10 @@ to every command and group of a Typer app, once, after they are registered.
 
     reflow("A long line\\ncontinued.\\n\\nExamples:\\n    fleet up")
     # 'A long line continued.\\n\\nExamples:\\n    fleet up'
+
+`fold_long_words` stops rich from cutting a word too long for its column with "…": at 80 columns the option
+table leaves the help text about 20 columns, and a path (policy.safetensors/policy.json), a default
+(franka=2,aloha=1,hello=1,leap=1) or a long option name (--rehearsal-episodes) would otherwise lose its end.
 """
 
 from __future__ import annotations
@@ -49,3 +53,44 @@ def reflow_app(app: typer.Typer) -> None:
             group.help = reflow(group.help)
         if group.typer_instance is not None:
             reflow_app(group.typer_instance)
+
+
+def fold_long_words() -> bool:
+    """Make typer's rich help fold a word too long for its table column onto the next line instead of ending
+    it with "…" (option names and each option's help, default included). Idempotent. Returns False, and
+    changes nothing, where typer's help internals are not the ones this was written against (0.12-0.29):
+    help then renders as typer renders it."""
+    try:
+        from rich.columns import Columns
+        from rich.text import Text
+        from typer import rich_utils
+    except ImportError:  # typer without rich: click's plain help wraps and never cuts
+        return False
+    if getattr(rich_utils, "_fleet_folds", False):
+        return True
+    parameter_help = getattr(rich_utils, "_get_parameter_help", None)
+    names = ("highlighter", "negative_highlighter")
+    if parameter_help is None or not all(callable(getattr(rich_utils, n, None)) for n in names):
+        return False
+
+    def fold(out):
+        for part in out.renderables if isinstance(out, Columns) else [out]:
+            if isinstance(part, Text):
+                part.overflow = "fold"
+        return out
+
+    def folded_help(*args, **kwargs):
+        return fold(parameter_help(*args, **kwargs))
+
+    class _Folding:
+        def __init__(self, highlight) -> None:
+            self._highlight = highlight
+
+        def __call__(self, text):
+            return fold(self._highlight(text))
+
+    rich_utils._get_parameter_help = folded_help
+    for name in names:
+        setattr(rich_utils, name, _Folding(getattr(rich_utils, name)))
+    rich_utils._fleet_folds = True
+    return True

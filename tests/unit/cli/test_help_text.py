@@ -54,3 +54,28 @@ def test_every_command_help_has_its_prose_on_one_line():
         for line in lines:
             # examples keep their lines: each must fit an 80-column terminal inside rich's one-space margins
             assert not line[:1].isspace() or len(line) <= 77, (path, line)
+
+
+def test_no_help_at_80_columns_cuts_a_word():
+    """At 80 columns the option table leaves an option's help about 20 columns; a path, a default or a long
+    option name wider than that must wrap onto the next line, not end in "…" (fold_long_words)."""
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from fleet.cli import app
+
+    def walk(cmd, path):
+        yield path
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    runner = CliRunner()
+    seen = 0
+    for path in walk(get_command(app), []):
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+        assert result.exit_code == 0, (path, result.output)
+        for line in result.output.splitlines():
+            assert "…" not in line, (path, line)
+            assert len(line) <= 80, (path, line)
+        seen += 1
+    assert seen > 30  # every command and group, not only the top level
