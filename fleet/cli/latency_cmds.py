@@ -130,7 +130,7 @@ def rtc_finetune_cmd(
     steps: Annotated[
         int, typer.Option(min=1, help="Training steps per head and round (cached backbone output).")
     ] = 1500,
-    rounds: Annotated[int, typer.Option(min=1, help="DAgger rounds: collect with the head so far, train again.")] = 2,
+    rounds: Annotated[int, typer.Option(min=1, help="DAgger rounds: collect with the head so far, train again.")] = 4,
     delays: Annotated[str, typer.Option("--delays", help="Delays in ticks, one drawn per episode.")] = "0,1,2,3",
     seed: Annotated[int, typer.Option(help="Collection seed (scenes apart from every eval block).")] = 92_000,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,

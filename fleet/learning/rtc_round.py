@@ -258,7 +258,7 @@ def rtc_finetune(
     seed: int = TRAIN_SEED,
     out: str | Path | None = None,
     log: Callable[[str], None] | None = None,
-    rounds: int = 2,
+    rounds: int = 4,
 ) -> dict:
     """Training-time RTC for each body in `names`: `rounds` DAgger rounds (each collects `episodes` rtc episodes
     with the head as it is now, adds them to the rows so far, and trains `steps` more steps on all of them; the

@@ -119,6 +119,21 @@ def test_rtc_trained_flow_head_clamps_the_committed_steps():
     assert not torch.allclose(clamped[:2], guided[:2])  # not the guided path
 
 
+def test_an_rtc_trained_flow_head_executes_its_first_sample_and_a_token_head_is_unchanged():
+    model = tiny()
+    head = model.head("aloha")
+    memory, pad = memory_for(model, 2)
+    prefix = GroupPrefix(targets(head, 2, seed=4), torch.tensor([4, 4]), torch.tensor([2, 1]))
+    before = head.predict(memory, pad, 4, 0.0, torch.Generator().manual_seed(0), prefix=prefix)
+    torch.testing.assert_close(before["chunk"], before["samples"].mean(1).clamp(-1, 1))  # the mean of K
+    model.mark_rtc_trained("aloha")
+    model.mark_rtc_trained("franka")  # a token head: nothing to pick
+    assert model.config.flow_execute_sample == ("aloha",) and head.config.flow_execute_sample == ("aloha",)
+    after = head.predict(memory, pad, 4, 0.0, torch.Generator().manual_seed(0), prefix=prefix)
+    torch.testing.assert_close(after["chunk"], after["samples"][:, 0].clamp(-1, 1))
+    assert not torch.allclose(after["chunk"], before["chunk"])
+
+
 def test_the_mark_survives_a_checkpoint_and_names_a_body(tmp_path):
     model = tiny()
     model.mark_rtc_trained("leap")
@@ -130,6 +145,7 @@ def test_the_mark_survives_a_checkpoint_and_names_a_body(tmp_path):
         "franka",
         "leap",
     )
+    assert loaded.config.flow_execute_sample == ("leap",)  # the flow head's; franka's is a token head
     with pytest.raises(ValueError, match="mark_rtc_trained: no embodiment 'ur5'"):
         model.mark_rtc_trained("ur5")
     with pytest.raises(ValueError, match="PolicyConfig.rtc_trained must be a tuple of embodiment names"):
