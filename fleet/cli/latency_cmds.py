@@ -129,7 +129,7 @@ def rtc_finetune_cmd(
     ] = 300,
     steps: Annotated[
         int, typer.Option(min=1, help="Training steps per head and round (cached backbone output).")
-    ] = 1500,
+    ] = 3000,
     rounds: Annotated[int, typer.Option(min=1, help="DAgger rounds: collect with the head so far, train again.")] = 4,
     delays: Annotated[str, typer.Option("--delays", help="Delays in ticks, one drawn per episode.")] = "0,1,2,3",
     seed: Annotated[int, typer.Option(help="Collection seed (scenes apart from every eval block).")] = 92_000,

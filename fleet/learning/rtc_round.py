@@ -253,7 +253,7 @@ def rtc_finetune(
     names: Sequence[str],
     episodes: int = 300,
     clean_episodes: int = 300,
-    steps: int = 1500,
+    steps: int = 3000,
     delays: Sequence[int] = (0, 1, 2, 3),
     seed: int = TRAIN_SEED,
     out: str | Path | None = None,
