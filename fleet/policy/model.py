@@ -163,9 +163,10 @@ class FleetPolicy(nn.Module):
         """Record that head `name` learned training-time RTC (fleet.learning.rtc_round): `PolicyConfig.rtc_trained`
         gains it, so checkpoints carry it and its flow head clamps committed steps from now on. A flow head also
         joins `PolicyConfig.flow_execute_sample`: it executes its first sample, not the mean of its K. Its samples
-        continue one committed prefix, but they disagree on when a gripper closes, and their mean closes it
-        slowly. aloha, 4 rounds, seed block 15, 100 episodes per delay: rtc 84 / 44 / 24 / 3 % with the mean and
-        95 / 83 / 48 / 15 % with the first sample, at 0 / 1 / 2 / 3 ticks (README, "Training-time RTC")."""
+        continue one committed prefix but can disagree on when a gripper closes (the gripper is where the head
+        errs most), and a mean of such samples closes it slowly. aloha, 4 rounds, seed block 15, 100 episodes per
+        delay: rtc 84 / 44 / 24 / 3 % with the mean and 95 / 83 / 48 / 15 % with the first sample, at 0 / 1 / 2 / 3
+        ticks (README, "Training-time RTC")."""
         if name not in self.specs:
             raise ValueError(f"mark_rtc_trained: no embodiment {name!r}; this model has {sorted(self.specs)}")
         execute = set(self.config.flow_execute_sample) | ({name} if self.specs[name].head == "flow" else set())
