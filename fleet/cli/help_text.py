@@ -58,7 +58,7 @@ def reflow_app(app: typer.Typer) -> None:
 def fold_long_words() -> bool:
     """Make typer's rich help fold a word too long for its table column onto the next line instead of ending
     it with "…" (option names and each option's help, default included). Idempotent. Returns False, and
-    changes nothing, where typer's help internals are not the ones this was written against (0.12-0.29):
+    changes nothing, where typer's help internals are not the ones it was checked on (typer 0.29):
     help then renders as typer renders it."""
     try:
         from rich.columns import Columns
