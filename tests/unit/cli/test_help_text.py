@@ -35,7 +35,8 @@ def test_prose_lines_join_and_examples_bullets_and_blank_lines_stay():
     assert reflow(None) is None and reflow("") == ""
 
 
-def test_every_command_help_has_its_prose_on_one_line():
+def commands():
+    """(argv path, click command) for the `fleet` app and every command and group under it."""
     from typer.main import get_command
 
     from fleet.cli import app
@@ -43,9 +44,13 @@ def test_every_command_help_has_its_prose_on_one_line():
     def walk(cmd, path):
         yield path, cmd
         for name, sub in getattr(cmd, "commands", {}).items():
-            yield from walk(sub, f"{path} {name}")
+            yield from walk(sub, [*path, name])
 
-    for path, cmd in walk(get_command(app), "fleet"):
+    return list(walk(get_command(app), []))
+
+
+def test_every_command_help_has_its_prose_on_one_line():
+    for path, cmd in commands():
         lines = (cmd.help or "").splitlines()
         for prev, line in zip(lines, lines[1:], strict=False):
             # a prose line right after another prose line that does not end a heading would have been joined
@@ -59,19 +64,13 @@ def test_every_command_help_has_its_prose_on_one_line():
 def test_no_help_at_80_columns_cuts_a_word():
     """At 80 columns the option table leaves an option's help about 20 columns; a path, a default or a long
     option name wider than that must wrap onto the next line, not end in "…" (fold_long_words)."""
-    from typer.main import get_command
     from typer.testing import CliRunner
 
     from fleet.cli import app
 
-    def walk(cmd, path):
-        yield path
-        for name, sub in getattr(cmd, "commands", {}).items():
-            yield from walk(sub, [*path, name])
-
     runner = CliRunner()
     seen = 0
-    for path in walk(get_command(app), []):
+    for path, _ in commands():
         result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
         assert result.exit_code == 0, (path, result.output)
         for line in result.output.splitlines():
