@@ -132,6 +132,13 @@ def rtc_finetune_cmd(
     ] = 3000,
     rounds: Annotated[int, typer.Option(min=1, help="DAgger rounds: collect with the head so far, train again.")] = 4,
     delays: Annotated[str, typer.Option("--delays", help="Delays in ticks, one drawn per episode.")] = "0,1,2,3",
+    replan: Annotated[
+        str,
+        typer.Option(
+            "--replan",
+            help="Replanning intervals in ticks, one drawn per episode; the robots' own (`recompute_every`) if unset.",
+        ),
+    ] = "",
     seed: Annotated[int, typer.Option(help="Collection seed (scenes apart from every eval block).")] = 92_000,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
     json_out: JsonOpt = False,
@@ -165,10 +172,13 @@ def rtc_finetune_cmd(
     if not names or unknown:
         fail(f"--embodiments: expected simulated bodies ({', '.join(sorted(EMBODIMENTS))}), got {embodiments!r}")
     delay_list = _ints("--delays", delays, 0)
+    replans = _ints("--replan", replan, 1) if replan.strip() else None
     log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
     try:
         model, meta = load_policy(checkpoint)
-        result = rtc_finetune(model, meta, names, episodes, clean_episodes, steps, delay_list, seed, out, log, rounds)
+        result = rtc_finetune(
+            model, meta, names, episodes, clean_episodes, steps, delay_list, seed, out, log, rounds, replans
+        )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     if json_out:

@@ -91,12 +91,13 @@ def collect_rtc_rows(
     n_envs: int = 50,
     generator_seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    replans: Sequence[int] | None = None,
 ) -> RtcRows:
     """Run the policy `model` in `rtc` mode on `episodes` scenes of body `name` (each with a delay drawn from
-    `delays`, replies exactly that many ticks late, the body's replanning interval) and turn every request into
-    a row; then add the states of `clean_episodes` expert episodes (a share `clean_keep` of them, nothing
-    committed). progress(episodes done, episodes) after each finished episode. Flow heads draw one sample per
-    request here (the states matter, not the confidence)."""
+    `delays`, replies exactly that many ticks late, and a replanning interval drawn from `replans`, None: the
+    body's own `recompute_every`) and turn every request into a row; then add the states of `clean_episodes`
+    expert episodes (a share `clean_keep` of them, nothing committed). progress(episodes done, episodes) after each
+    finished episode. Flow heads draw one sample per request here (the states matter, not the confidence)."""
     import torch
 
     from fleet.policy.batch import set_row_options
@@ -107,6 +108,9 @@ def collect_rtc_rows(
     spec = get_embodiment(name)
     for d in delays:
         check_int("delays", d, 0, spec.chunk_size - 1)
+    replans = [spec.recompute_every] if replans is None else list(replans)
+    for r in replans or [None]:
+        check_int("replans", r, 1, spec.chunk_size)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(generator_seed)
     rows = RtcRows(name)
@@ -115,8 +119,10 @@ def collect_rtc_rows(
         while len(robots) < n_envs and next_ep < episodes:
             env = make_env(name)
             obs, _ = env.reset(seed=seed * 100_003 + next_ep)
-            buf = ActionBuffer(spec.chunk_size, spec.recompute_every, aggregate="rtc")
-            robots.append(_Robot(env, obs, buf, SafetyLayer(spec), int(rng.choice(list(delays)))))
+            delay = int(rng.choice(list(delays)))
+            replan = replans[0] if len(replans) == 1 else int(rng.choice(replans))
+            buf = ActionBuffer(spec.chunk_size, replan, aggregate="rtc")
+            robots.append(_Robot(env, obs, buf, SafetyLayer(spec), delay))
             next_ep += 1
         for r in robots:
             r.deliver()
@@ -259,10 +265,12 @@ def rtc_finetune(
     out: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     rounds: int = 4,
+    replans: Sequence[int] | None = None,
 ) -> dict:
     """Training-time RTC for each body in `names`: `rounds` DAgger rounds (each collects `episodes` rtc episodes
     with the head as it is now, adds them to the rows so far, and trains `steps` more steps on all of them; the
-    clean expert states come once, in the first), then the checkpoint at `out` (policy.safetensors /
+    clean expert states come once, in the first; each episode replans at an interval drawn from `replans`, None:
+    the body's own), then the checkpoint at `out` (policy.safetensors /
     policy.json; the metadata's extras kept: the backbone, and with it the feature statistics, is unchanged).
     Returns {"bodies": {name: {rows, committed_rows, policy_success (per round), collect_s, train_s,
     final_loss}}, "seconds"}."""
@@ -285,7 +293,9 @@ def rtc_finetune(
                     say(f"{name} round {k + 1}: {done}/{total} rtc episodes ({time.perf_counter() - t0:.0f} s)")
 
             clean = clean_episodes if k == 0 else 0
-            new = collect_rtc_rows(model, name, episodes, seed + 10 * k, delays, clean, progress=collected)
+            new = collect_rtc_rows(
+                model, name, episodes, seed + 10 * k, delays, clean, progress=collected, replans=replans
+            )
             rows = new if rows is None else rows.extend(new)
             collect_s += time.perf_counter() - t0
             success.append(new.successes / max(1, new.episodes))
@@ -314,6 +324,8 @@ def rtc_finetune(
         out.mkdir(parents=True, exist_ok=True)
         extra = dict(meta.get("extra") or {})
         settings = {"episodes": episodes, "clean_episodes": clean_episodes, "steps": steps, "rounds": rounds}
+        if replans is not None:
+            settings["replans"] = [int(r) for r in replans]
         extra["rtc_finetune"] = settings | result
         save_checkpoint(model, out / "policy", extra_meta=extra)
         result["out"] = str(out)

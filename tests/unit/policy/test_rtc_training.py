@@ -169,3 +169,17 @@ def test_one_round_on_a_tiny_policy_changes_that_head_alone():
     assert model.config.rtc_trained == ("franka",)
     with pytest.raises(ValueError, match="rows: expected rows of 'aloha'"):
         train_rtc_head(model, "aloha", rows, steps=1)
+
+
+def test_rows_replan_at_an_interval_drawn_per_episode():
+    from fleet.learning.rtc_round import collect_rtc_rows
+
+    model = tiny()
+    every2 = collect_rtc_rows(model, "franka", episodes=1, delays=(0,), replans=(2,), n_envs=1)
+    every8 = collect_rtc_rows(model, "franka", episodes=1, delays=(0,), replans=(8,), n_envs=1)
+    own = collect_rtc_rows(model, "franka", episodes=1, delays=(0,), n_envs=1)  # franka's recompute_every, 4
+    assert len(every2) > len(own) > len(every8) > 0  # a request every 2, 4 or 8 ticks of the episode
+    with pytest.raises(ValueError, match="replans"):
+        collect_rtc_rows(model, "franka", episodes=1, replans=(0,))
+    with pytest.raises(ValueError, match="replans"):
+        collect_rtc_rows(model, "franka", episodes=1, replans=())
