@@ -136,7 +136,8 @@ def rtc_finetune_cmd(
         str,
         typer.Option(
             "--replan",
-            help="Replanning intervals in ticks, one drawn per episode; the robots' own (`recompute_every`) if unset.",
+            help="Replanning intervals in ticks, one drawn per episode (default: each body's own `recompute_every`"
+            " and half of it, 2,4 for the four sims).",
         ),
     ] = "",
     seed: Annotated[int, typer.Option(help="Collection seed (scenes apart from every eval block).")] = 92_000,
@@ -146,18 +147,19 @@ def rtc_finetune_cmd(
     """Teach heads to continue a committed prefix (training-time real-time chunking, arXiv 2512.05964) and
     write the result as a new checkpoint; the shipped one is unchanged.
 
-    Per body and round: the policy (as trained so far) runs `rtc` under a delay drawn per episode, and every
-    request becomes a row (the observation, the committed prefix as the safety layer sends it, the simulator
-    expert's chunk that starts with it); clean expert states come in the first round. The head alone trains on
-    all rows so far, the committed steps given, not predicted; the backbone and every other head stay
-    bit-identical. A flow head trained this way clamps the committed steps while sampling instead of guiding
-    (no vector-Jacobian product). The robots' default execution (`latest`, late chunks started on arrival)
-    gains most from the result; `fleet up --aggregate rtc` runs real-time chunking on it.
+    Per body and round: the policy (as trained so far) runs `rtc` under a delay and a replanning interval drawn per
+    episode, and every request becomes a row (the observation, the committed prefix as the safety layer sends it,
+    the simulator expert's chunk that starts with it); clean expert states come in the first round. The head alone
+    trains on all rows so far, the committed steps given, not predicted; the backbone and every other head stay
+    bit-identical. A flow head trained this way clamps the committed steps while sampling instead of guiding (no
+    vector-Jacobian product). The robots' default execution (`latest`, late chunks started on arrival) gains most
+    from the result; `fleet up --aggregate rtc` runs real-time chunking on it.
 
     Examples:
         fleet rtc-finetune --out runs/rtc
         fleet rtc-finetune --embodiments franka --episodes 100 --steps 500 \\
             --out runs/rtc-franka
+        fleet rtc-finetune --embodiments leap --replan 1,2,4 --out runs/rtc-leap
         fleet experiment latency --checkpoint runs/rtc --embodiments aloha,leap \\
             --modes rtc --align time --delays 0,1,2,3 --replan 4
     """
@@ -173,6 +175,9 @@ def rtc_finetune_cmd(
         fail(f"--embodiments: expected simulated bodies ({', '.join(sorted(EMBODIMENTS))}), got {embodiments!r}")
     delay_list = _ints("--delays", delays, 0)
     replans = _ints("--replan", replan, 1) if replan.strip() else None
+    for n in names if replans else ():
+        if max(replans) > EMBODIMENTS[n].chunk_size:
+            fail(f"--replan: expected intervals of at most {n}'s chunk size, {EMBODIMENTS[n].chunk_size}, got {replan}")
     log = (lambda m: typer.echo(m, err=True)) if json_out else typer.echo
     try:
         model, meta = load_policy(checkpoint)
@@ -186,11 +191,12 @@ def rtc_finetune_cmd(
 
         emit_json(result)
         return
-    typer.echo(f"{'body':8s} {'rows':>6s} {'committed':>9s} {'policy ok':>9s} {'collect s':>9s} {'train s':>8s}")
+    header = f"{'body':8s} {'rows':>6s} {'committed':>9s} {'policy ok':>9s} {'collect s':>9s} {'train s':>8s}"
+    typer.echo(f"{header} {'replan':>7s}")
     for name, b in result["bodies"].items():
         typer.echo(
             f"{name:8s} {b['rows']:6d} {b['committed_rows']:9d} {b['policy_success'][-1]:9.0%} "
-            f"{b['collect_s']:9.0f} {b['train_s']:8.0f}"
+            f"{b['collect_s']:9.0f} {b['train_s']:8.0f} {','.join(map(str, b['replans'])):>7s}"
         )
     typer.echo(f"wrote {out}/policy.safetensors in {result['seconds'] / 60:.1f} min")
 

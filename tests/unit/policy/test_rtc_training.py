@@ -183,3 +183,15 @@ def test_rows_replan_at_an_interval_drawn_per_episode():
         collect_rtc_rows(model, "franka", episodes=1, replans=(0,))
     with pytest.raises(ValueError, match="replans"):
         collect_rtc_rows(model, "franka", episodes=1, replans=())
+
+
+def test_finetuning_replans_at_the_bodys_own_interval_and_half_of_it_unless_told():
+    from fleet.learning.rtc_round import default_replans, rtc_finetune
+
+    assert default_replans(EMBODIMENTS["franka"]) == (2, 4)  # every simulated body replans every 4 ticks
+    assert default_replans(dataclasses.replace(EMBODIMENTS["franka"], recompute_every=1)) == (1,)
+    assert default_replans(dataclasses.replace(EMBODIMENTS["franka"], recompute_every=5)) == (2, 5)
+    result = rtc_finetune(tiny(), {}, ["franka"], episodes=2, clean_episodes=0, steps=1, rounds=1)
+    assert result["bodies"]["franka"]["replans"] == [2, 4]
+    result = rtc_finetune(tiny(), {}, ["franka"], episodes=2, clean_episodes=0, steps=1, rounds=1, replans=(3,))
+    assert result["bodies"]["franka"]["replans"] == [3]
