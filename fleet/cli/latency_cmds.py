@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -140,6 +141,9 @@ def rtc_finetune_cmd(
             " and half of it, 2,4 for the four sims).",
         ),
     ] = "",
+    lr: Annotated[
+        float, typer.Option("--lr", help="The head's peak learning rate each round (AdamW, decaying to a tenth).")
+    ] = 3e-4,  # rtc_round.RTC_LR (a test keeps the two equal; importing rtc_round here would slow every command)
     seed: Annotated[int, typer.Option(help="Collection seed (scenes apart from every eval block).")] = 92_000,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
     json_out: JsonOpt = False,
@@ -175,6 +179,8 @@ def rtc_finetune_cmd(
         fail(f"--embodiments: expected simulated bodies ({', '.join(sorted(EMBODIMENTS))}), got {embodiments!r}")
     delay_list = _ints("--delays", delays, 0)
     replans = _ints("--replan", replan, 1) if replan.strip() else None
+    if not (math.isfinite(lr) and lr > 0):
+        fail(f"--lr: expected a positive finite number, got {lr}")
     for n in names if replans else ():
         if max(replans) > EMBODIMENTS[n].chunk_size:
             fail(f"--replan: expected intervals of at most {n}'s chunk size, {EMBODIMENTS[n].chunk_size}, got {replan}")
@@ -182,7 +188,7 @@ def rtc_finetune_cmd(
     try:
         model, meta = load_policy(checkpoint)
         result = rtc_finetune(
-            model, meta, names, episodes, clean_episodes, steps, delay_list, seed, out, log, rounds, replans
+            model, meta, names, episodes, clean_episodes, steps, delay_list, seed, out, log, rounds, replans, lr
         )
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))

@@ -27,10 +27,11 @@ import numpy as np
 from fleet.control import ActionBuffer, SafetyLayer
 from fleet.embodiments import get_embodiment
 from fleet.sim import make_env
-from fleet.validate import check_int
+from fleet.validate import check_int, check_number
 
 ENCODE_BATCH = 256  # rows per frozen backbone call when caching the memory
 TRAIN_SEED = 92_000  # the collection's scenes: apart from every evaluation block (EVAL_SEED_BASE + block)
+RTC_LR = 3e-4  # the head's peak learning rate (AdamW; each round decays it linearly to a tenth)
 
 
 def default_replans(spec) -> tuple[int, ...]:
@@ -199,7 +200,7 @@ def train_rtc_head(
     rows: RtcRows,
     steps: int = 1500,
     batch_size: int | None = None,
-    lr: float = 3e-4,
+    lr: float = RTC_LR,
     seed: int = 0,
     log_every: int = 100,
     progress: Callable[[int, float], None] | None = None,
@@ -274,11 +275,13 @@ def rtc_finetune(
     log: Callable[[str], None] | None = None,
     rounds: int = 4,
     replans: Sequence[int] | None = None,
+    lr: float = RTC_LR,
 ) -> dict:
     """Training-time RTC for each body in `names`: `rounds` DAgger rounds (each collects `episodes` rtc episodes
     with the head as it is now, adds them to the rows so far, and trains `steps` more steps on all of them; the
     clean expert states come once, in the first; each episode replans at an interval drawn from `replans`, None:
-    `default_replans`, the body's own and half of it), then the checkpoint at `out` (policy.safetensors /
+    `default_replans`, the body's own and half of it; the head's learning rate peaks at `lr` each round), then
+    the checkpoint at `out` (policy.safetensors /
     policy.json; the metadata's extras kept: the backbone, and with it the feature statistics, is unchanged).
     Returns {"bodies": {name: {rows, committed_rows, policy_success (per round), collect_s, train_s,
     final_loss, replans}}, "seconds"}."""
@@ -291,6 +294,9 @@ def rtc_finetune(
     started = time.perf_counter()
     bodies = {}
     check_int("rounds", rounds, lo=1, expected="a positive int")
+    lr = check_number("lr", lr, expected="a positive finite number")
+    if lr <= 0:
+        raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
     for name in names:
         rows, success, collect_s, train_s, report = None, [], 0.0, 0.0, None
         body_replans = tuple(replans) if replans is not None else default_replans(model.specs[name])
@@ -317,7 +323,7 @@ def rtc_finetune(
                 if step % 300 == 0 or step == steps:
                     say(f"{name} round {k + 1}: step {step}/{steps} loss {loss:.4f}")
 
-            report = train_rtc_head(model, name, rows, steps, seed=seed + k, progress=trained)
+            report = train_rtc_head(model, name, rows, steps, lr=lr, seed=seed + k, progress=trained)
             train_s += report.seconds
         bodies[name] = {
             "rows": len(rows),
@@ -333,7 +339,7 @@ def rtc_finetune(
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         extra = dict(meta.get("extra") or {})
-        settings = {"episodes": episodes, "clean_episodes": clean_episodes, "steps": steps, "rounds": rounds}
+        settings = {"episodes": episodes, "clean_episodes": clean_episodes, "steps": steps, "rounds": rounds, "lr": lr}
         extra["rtc_finetune"] = settings | result
         save_checkpoint(model, out / "policy", extra_meta=extra)
         result["out"] = str(out)

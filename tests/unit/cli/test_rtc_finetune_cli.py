@@ -38,3 +38,16 @@ def test_rtc_finetune_names_a_bad_replanning_interval():
     for bad in ("0", "2,x", "4,17"):  # hello's chunk holds 16 actions
         res = CliRunner().invoke(app, ["rtc-finetune", "--out", "x", "--embodiments", "hello", "--replan", bad])
         assert res.exit_code == 2 and "--replan" in res.output, bad
+
+
+def test_rtc_finetune_lr_defaults_to_the_library_value_and_refuses_a_bad_one():
+    import inspect
+
+    from fleet.cli.latency_cmds import rtc_finetune_cmd
+    from fleet.learning.rtc_round import RTC_LR, rtc_finetune
+
+    assert inspect.signature(rtc_finetune_cmd).parameters["lr"].default == RTC_LR
+    assert inspect.signature(rtc_finetune).parameters["lr"].default == RTC_LR
+    for bad in ("0", "-1e-3", "nan", "inf"):
+        res = CliRunner().invoke(app, ["rtc-finetune", "--out", "x", "--embodiments", "hello", "--lr", bad])
+        assert res.exit_code == 2 and "--lr" in res.output, bad

@@ -195,3 +195,6 @@ def test_finetuning_replans_at_the_bodys_own_interval_and_half_of_it_unless_told
     assert result["bodies"]["franka"]["replans"] == [2, 4]
     result = rtc_finetune(tiny(), {}, ["franka"], episodes=2, clean_episodes=0, steps=1, rounds=1, replans=(3,))
     assert result["bodies"]["franka"]["replans"] == [3]
+    for bad in (0.0, -1.0, float("nan"), "1e-3"):
+        with pytest.raises(ValueError, match="lr: expected a positive finite number"):
+            rtc_finetune(tiny(), {}, ["franka"], episodes=1, clean_episodes=0, steps=1, rounds=1, lr=bad)
