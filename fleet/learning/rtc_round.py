@@ -31,7 +31,7 @@ from fleet.validate import check_int, check_number
 
 ENCODE_BATCH = 256  # rows per frozen backbone call when caching the memory
 TRAIN_SEED = 92_000  # the collection's scenes: apart from every evaluation block (EVAL_SEED_BASE + block)
-RTC_LR = 3e-4  # the head's peak learning rate (AdamW; each round decays it linearly to a tenth)
+RTC_LR = 1e-3  # the head's peak learning rate (AdamW; each round decays it linearly to a tenth)
 
 
 def default_replans(spec) -> tuple[int, ...]:
