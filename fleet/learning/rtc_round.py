@@ -118,7 +118,9 @@ def collect_rtc_rows(
     for d in delays:
         check_int("delays", d, 0, spec.chunk_size - 1)
     replans = [spec.recompute_every] if replans is None else list(replans)
-    for r in replans or [None]:
+    if not replans:
+        raise ValueError("replans: expected at least one interval, got none")
+    for r in replans:
         check_int("replans", r, 1, spec.chunk_size)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(generator_seed)
